@@ -1,0 +1,94 @@
+//! The `lessor.v1.Pool` service: `Lease` hands its stream to the lease pump
+//! at once (the checkout happens inside the stream, after the response
+//! headers, so a client that gives up while waiting cancels an open stream,
+//! which h2 tolerates: STACK.md), and `Stats` reads the pools' counters.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::pb::{self, LeaseRequest, LeaseResponse, StatsRequest, StatsResponse, UpstreamStats};
+use crate::lease::{LeaseContext, lease_stream};
+use crate::pool::PoolSnapshot;
+
+/// The service implementation; cheap to clone into tonic.
+#[derive(Clone)]
+pub struct PoolService {
+    ctx: Arc<LeaseContext>,
+}
+
+impl PoolService {
+    /// A service over the context's pools.
+    pub fn new(ctx: Arc<LeaseContext>) -> Self {
+        Self { ctx }
+    }
+
+    /// The tonic server wrapper, with the inbound message limit set just above
+    /// `grpc.max_frame` so an oversized Data is refused by size, not buffered.
+    pub fn into_server(self) -> pb::pool_server::PoolServer<Self> {
+        let limit = self.ctx.max_frame + 1024;
+        pb::pool_server::PoolServer::new(self).max_decoding_message_size(limit)
+    }
+}
+
+type LeaseStream = Pin<Box<dyn Stream<Item = Result<LeaseResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::pool_server::Pool for PoolService {
+    type LeaseStream = LeaseStream;
+
+    async fn lease(
+        &self,
+        request: Request<Streaming<LeaseRequest>>,
+    ) -> Result<Response<Self::LeaseStream>, Status> {
+        let stream = lease_stream(request.into_inner(), self.ctx.clone())
+            .map(|item| item.map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn stats(
+        &self,
+        request: Request<StatsRequest>,
+    ) -> Result<Response<StatsResponse>, Status> {
+        let want = request.into_inner().upstream;
+        let pools = &self.ctx.pools;
+        let upstreams = if want.is_empty() {
+            pools.iter().map(|p| to_pb(p.snapshot())).collect()
+        } else {
+            let pool = pools.get(&want).ok_or_else(|| {
+                Status::not_found(format!(
+                    "unknown upstream `{want}` (configured: {})",
+                    pools.names().join(", ")
+                ))
+            })?;
+            vec![to_pb(pool.snapshot())]
+        };
+        Ok(Response::new(StatsResponse { upstreams }))
+    }
+}
+
+fn to_pb(s: PoolSnapshot) -> UpstreamStats {
+    UpstreamStats {
+        name: s.name,
+        engine: s.engine.to_owned(),
+        max_size: s.max_size,
+        connections: s.connections,
+        idle: s.idle,
+        leased: s.leased,
+        waiting: s.waiting,
+        leases_granted: s.leases_granted,
+        connections_created: s.connections_created,
+        evictions: s
+            .evictions
+            .into_iter()
+            .map(|(reason, n)| (reason.as_str().to_owned(), n))
+            .collect(),
+        health_checks: s.health_checks,
+        health_check_failures: s.health_check_failures,
+        checkout_timeouts: s.checkout_timeouts,
+        ready: s.ready,
+        connect_errors: s.connect_errors,
+    }
+}

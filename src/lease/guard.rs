@@ -1,0 +1,104 @@
+//! The RAII guard that makes "every lease finishes its checkout exactly once"
+//! hold by construction: [`LeaseGuard::finish`] consumes the guard, and a guard
+//! dropped unfinished (client gone, task cancelled, panic) finishes as an abort.
+
+use std::time::Instant;
+
+use super::state::{self, Direction, End, Fate, Outcome};
+use crate::config::OnAbort;
+use crate::pool::{Conn, Leased, health};
+
+/// A live lease's connection and the traffic facts its end depends on.
+pub struct LeaseGuard {
+    /// `Some` until the lease finishes; taken exactly once.
+    leased: Option<Leased>,
+    last: Option<Direction>,
+    on_abort: OnAbort,
+    started: Instant,
+    bytes_to_upstream: u64,
+    bytes_to_client: u64,
+}
+
+/// What a finished lease did, for logs and (later) spans and metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Finished {
+    /// The decision taken.
+    pub outcome: Outcome,
+    /// Bytes written to the upstream.
+    pub bytes_to_upstream: u64,
+    /// Bytes delivered toward the client.
+    pub bytes_to_client: u64,
+    /// When the lease was granted.
+    pub started: Instant,
+}
+
+impl LeaseGuard {
+    /// Takes charge of a checked-out connection.
+    pub fn new(leased: Leased, on_abort: OnAbort) -> Self {
+        Self {
+            leased: Some(leased),
+            last: None,
+            on_abort,
+            started: Instant::now(),
+            bytes_to_upstream: 0,
+            bytes_to_client: 0,
+        }
+    }
+
+    /// The checked-out connection.
+    pub fn leased(&self) -> &Leased {
+        self.leased
+            .as_ref()
+            .expect("a guard holds its lease until finished")
+    }
+
+    /// The socket, for the byte pump.
+    pub fn conn_mut(&mut self) -> &mut Conn {
+        self.leased
+            .as_mut()
+            .expect("a guard holds its lease until finished")
+            .conn_mut()
+    }
+
+    /// Records bytes that went one way.
+    pub fn record(&mut self, direction: Direction, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        self.last = Some(direction);
+        match direction {
+            Direction::ToUpstream => self.bytes_to_upstream += bytes as u64,
+            Direction::ToClient => self.bytes_to_client += bytes as u64,
+        }
+    }
+
+    /// Ends the lease: decides, then returns or evicts the connection.
+    pub fn finish(mut self, end: End) -> Finished {
+        self.finish_once(end)
+            .expect("finish consumes the guard, so it runs once")
+    }
+
+    fn finish_once(&mut self, end: End) -> Option<Finished> {
+        let leased = self.leased.take()?;
+        let socket = health::peek(&leased.conn().stream);
+        let outcome = state::conclude(end, self.last, socket, self.on_abort);
+        match outcome.fate {
+            Fate::Return => leased.give_back(),
+            Fate::Evict(reason) => leased.evict(reason),
+        }
+        Some(Finished {
+            outcome,
+            bytes_to_upstream: self.bytes_to_upstream,
+            bytes_to_client: self.bytes_to_client,
+            started: self.started,
+        })
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if let Some(done) = self.finish_once(End::Abort) {
+            tracing::debug!(fate = ?done.outcome.fate, "lease aborted");
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! Leases: the protocol of one `Pool.Lease` stream, the byte pump between the
+//! stream and the upstream socket, and the rules for how a lease ends.
+//!
+//! - `state`: the lease-end table as a pure function;
+//! - `guard`: the RAII guard that finishes each checkout exactly once;
+//! - `pump`: the stream itself: Acquire, checkout, Granted, Data both ways,
+//!   Release or revocation, Ended.
+//!
+//! A lease needs no task of its own: its stream is polled by the HTTP/2
+//! stream task hyper already runs, and dropping the stream (client reset,
+//! connection lost) drops the guard, which finishes the lease.
+
+pub mod guard;
+pub mod pump;
+pub mod state;
+
+pub use guard::{Finished, LeaseGuard};
+pub use pump::{LeaseContext, lease_stream};
+pub use state::{Direction, End, Fate, Outcome};

@@ -1,0 +1,456 @@
+//! One lease stream: Acquire, checkout, Granted, then bytes both ways until
+//! the lease ends, then exactly one Ended.
+//!
+//! Backpressure both ways without buffers that grow: upstream bytes are read
+//! into one bounded buffer and handed to the response stream, which is polled
+//! again only when HTTP/2 flow control lets the previous message go, so a slow
+//! client stops the reads (and TCP stops the upstream); a client message is
+//! written to the upstream before the next one is read, so a slow upstream
+//! stops the reads from the client. Reading from the upstream and writing to
+//! it proceed together, so a large request cannot deadlock against its reply.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::{FutureExt, Stream, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::WriteHalf;
+use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+
+use super::guard::LeaseGuard;
+use super::state::{Direction, End};
+use crate::pb::{
+    Disposition, Ended, Granted, LeaseRequest, LeaseResponse, lease_request, lease_response,
+};
+use crate::pool::{CheckoutError, PoolSet};
+
+/// Upstream reads go into buffers of this size: one read, one Data message.
+const READ_CHUNK: usize = 32 * 1024;
+
+/// Why a lease stream ends with an error status instead of `Ended`.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// The first message was not `Acquire`.
+    #[error("the first message of a lease must be Acquire")]
+    FirstNotAcquire,
+    /// `Acquire.upstream` names no configured upstream.
+    #[error("unknown upstream `{name}` (configured: {known})")]
+    UnknownUpstream {
+        /// The name asked for.
+        name: String,
+        /// The configured names, comma-separated.
+        known: String,
+    },
+    /// No connection could be checked out.
+    #[error(transparent)]
+    Checkout(#[from] CheckoutError),
+    /// A second `Acquire` on a granted lease.
+    #[error("a lease takes exactly one Acquire")]
+    SecondAcquire,
+    /// A `LeaseRequest` with no message set.
+    #[error("empty LeaseRequest")]
+    EmptyRequest,
+    /// A `Data` message larger than `grpc.max_frame`.
+    #[error("Data of {len} bytes exceeds grpc.max_frame ({max} bytes)")]
+    FrameTooLarge {
+        /// The message's size.
+        len: usize,
+        /// The configured limit.
+        max: usize,
+    },
+    /// A message after `Release`.
+    #[error("no message may follow Release")]
+    AfterRelease,
+    /// The sidecar is shutting down.
+    #[error("lessor is shutting down")]
+    ShuttingDown,
+    /// tonic rejected the inbound stream (e.g. a message over its size limit).
+    #[error(transparent)]
+    Transport(#[from] tonic::Status),
+}
+
+/// What every lease stream shares.
+pub struct LeaseContext {
+    /// The upstreams, by name.
+    pub pools: Arc<PoolSet>,
+    /// `grpc.max_frame` in bytes.
+    pub max_frame: usize,
+    /// Fires when the shutdown grace is over: live leases end with SHUTDOWN
+    /// and checkouts fail.
+    pub revoke: CancellationToken,
+    next_id: AtomicU64,
+    id_salt: u64,
+}
+
+impl LeaseContext {
+    /// A context over `pools`.
+    pub fn new(pools: Arc<PoolSet>, max_frame: usize, revoke: CancellationToken) -> Self {
+        Self {
+            pools,
+            max_frame,
+            revoke,
+            next_id: AtomicU64::new(1),
+            id_salt: fastrand::u64(..),
+        }
+    }
+
+    /// Process-unique (a counter), and unlikely to repeat across restarts
+    /// (salted; XOR keeps it a bijection).
+    fn lease_id(&self) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{:016x}", n ^ self.id_salt)
+    }
+}
+
+/// The response stream of one `Lease` call.
+pub fn lease_stream(
+    inbound: Streaming<LeaseRequest>,
+    ctx: Arc<LeaseContext>,
+) -> impl Stream<Item = Result<LeaseResponse, LeaseError>> + Send + 'static {
+    let pump = Pump {
+        inbound,
+        ctx,
+        phase: Phase::Start,
+    };
+    futures::stream::unfold(pump, |mut pump| async move {
+        let item = pump.next().await?;
+        Some((item, pump))
+    })
+}
+
+struct Pump {
+    inbound: Streaming<LeaseRequest>,
+    ctx: Arc<LeaseContext>,
+    phase: Phase,
+}
+
+enum Phase {
+    Start,
+    Active(Box<Active>),
+    Done,
+}
+
+/// A granted lease.
+struct Active {
+    guard: LeaseGuard,
+    lease_id: String,
+    /// Client bytes not yet written upstream. While set, no further client
+    /// message is read.
+    pending: Option<Bytes>,
+    read_buf: BytesMut,
+    max_lease: Duration,
+    expiry: Pin<Box<Sleep>>,
+    idle_timeout: Duration,
+    /// Re-armed lazily: on firing it checks `last_activity` and moves itself,
+    /// so traffic costs no timer resets.
+    idle: Pin<Box<Sleep>>,
+    last_activity: Instant,
+}
+
+enum Step {
+    Data(Bytes),
+    End(End, String),
+    Violation(LeaseError),
+}
+
+enum Event {
+    Revoked,
+    Expired,
+    IdleTimer,
+    Read(io::Result<usize>),
+    Wrote(io::Result<usize>),
+    Message(Option<Result<LeaseRequest, tonic::Status>>),
+}
+
+impl Pump {
+    async fn next(&mut self) -> Option<Result<LeaseResponse, LeaseError>> {
+        // Until this call finishes, the phase is Done: if the stream is
+        // dropped mid-await, the Active moved out below drops with it and its
+        // guard finishes the lease as an abort.
+        match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Start => match self.start().await {
+                Ok((active, granted)) => {
+                    self.phase = Phase::Active(active);
+                    Some(Ok(response(lease_response::Msg::Granted(granted))))
+                }
+                Err(Some(e)) => Some(Err(e)),
+                Err(None) => None,
+            },
+            Phase::Active(mut active) => match active.step(&mut self.inbound, &self.ctx).await {
+                Step::Data(bytes) => {
+                    self.phase = Phase::Active(active);
+                    Some(Ok(response(lease_response::Msg::Data(bytes))))
+                }
+                Step::End(end, detail) => active.end(end, detail).map(Ok),
+                Step::Violation(e) => {
+                    active.end(End::Violation, e.to_string());
+                    Some(Err(e))
+                }
+            },
+            Phase::Done => None,
+        }
+    }
+
+    /// Reads Acquire, checks out, and builds Granted. `Err(None)`: the client
+    /// left before asking for anything.
+    async fn start(&mut self) -> Result<(Box<Active>, Granted), Option<LeaseError>> {
+        let acquire = match self.inbound.next().await {
+            None => return Err(None),
+            Some(Err(status)) => return Err(Some(status.into())),
+            Some(Ok(LeaseRequest {
+                msg: Some(lease_request::Msg::Acquire(acquire)),
+            })) => acquire,
+            Some(Ok(_)) => return Err(Some(LeaseError::FirstNotAcquire)),
+        };
+        let ctx = &self.ctx;
+        let pool = ctx
+            .pools
+            .get(&acquire.upstream)
+            .ok_or_else(|| LeaseError::UnknownUpstream {
+                name: acquire.upstream.clone(),
+                known: ctx.pools.names().join(", "),
+            })?;
+        let config = pool.config();
+        let checkout_timeout = clamp_ms(acquire.checkout_timeout_ms, config.pool.checkout_timeout);
+        let max_lease = clamp_ms(acquire.max_lease_ms, config.lease.max_duration);
+        let leased = tokio::select! {
+            got = pool.checkout(checkout_timeout) => got.map_err(LeaseError::from)?,
+            _ = ctx.revoke.cancelled() => return Err(Some(LeaseError::ShuttingDown)),
+        };
+        let lease_id = ctx.lease_id();
+        let conn = leased.conn();
+        let granted = Granted {
+            lease_id: lease_id.clone(),
+            upstream: pool.name().to_owned(),
+            endpoint: conn.endpoint().to_string(),
+            connection_id: conn.id(),
+            reused: leased.reused,
+            wait_us: leased.waited.as_micros().try_into().unwrap_or(u64::MAX),
+            connection_uses: conn.uses(),
+        };
+        tracing::debug!(
+            upstream = %pool.name(),
+            lease_id = %lease_id,
+            connection_id = conn.id(),
+            reused = leased.reused,
+            wait_us = granted.wait_us,
+            "lease granted"
+        );
+        let idle_timeout = config.lease.idle_timeout;
+        let now = tokio::time::Instant::now();
+        let active = Active {
+            guard: LeaseGuard::new(leased, config.lease.on_abort),
+            lease_id,
+            pending: None,
+            read_buf: BytesMut::with_capacity(READ_CHUNK),
+            max_lease,
+            expiry: Box::pin(tokio::time::sleep_until(now + max_lease)),
+            idle_timeout,
+            idle: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+            last_activity: Instant::now(),
+        };
+        Ok((Box::new(active), granted))
+    }
+}
+
+impl Active {
+    /// Pumps bytes until there is a message for the client or the lease ends.
+    async fn step(&mut self, inbound: &mut Streaming<LeaseRequest>, ctx: &LeaseContext) -> Step {
+        loop {
+            if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
+                self.read_buf.reserve(READ_CHUNK);
+            }
+            let pending = self.pending.is_some();
+            let (mut rd, mut wr) = self.guard.conn_mut().stream.split();
+            let event = tokio::select! {
+                biased;
+                _ = ctx.revoke.cancelled() => Event::Revoked,
+                _ = &mut self.expiry => Event::Expired,
+                _ = &mut self.idle => Event::IdleTimer,
+                read = rd.read_buf(&mut self.read_buf) => Event::Read(read),
+                wrote = write_some(&mut wr, &mut self.pending), if pending => Event::Wrote(wrote),
+                msg = inbound.next(), if !pending => Event::Message(msg),
+            };
+            match event {
+                Event::Revoked => {
+                    return Step::End(End::Shutdown, "lessor is shutting down".into());
+                }
+                Event::Expired => {
+                    return Step::End(
+                        End::Expired,
+                        format!("lease reached its maximum duration of {:?}", self.max_lease),
+                    );
+                }
+                Event::IdleTimer => {
+                    let quiet = self.last_activity.elapsed();
+                    if quiet >= self.idle_timeout {
+                        return Step::End(
+                            End::Idle,
+                            format!("no bytes either way for {:?}", self.idle_timeout),
+                        );
+                    }
+                    let at = tokio::time::Instant::now() + (self.idle_timeout - quiet);
+                    self.idle.as_mut().reset(at);
+                }
+                Event::Read(Ok(0)) => {
+                    return Step::End(End::UpstreamClosed, "upstream closed the connection".into());
+                }
+                Event::Read(Ok(n)) => {
+                    self.guard.record(Direction::ToClient, n);
+                    self.last_activity = Instant::now();
+                    return Step::Data(self.read_buf.split().freeze());
+                }
+                Event::Read(Err(e)) | Event::Wrote(Err(e)) => {
+                    let end = if closed_by_peer(&e) {
+                        End::UpstreamClosed
+                    } else {
+                        End::UpstreamError
+                    };
+                    return Step::End(end, e.to_string());
+                }
+                Event::Wrote(Ok(n)) => {
+                    self.guard.record(Direction::ToUpstream, n);
+                    self.last_activity = Instant::now();
+                }
+                Event::Message(msg) => {
+                    if let Some(step) = self.on_message(msg, inbound, ctx.max_frame) {
+                        return step;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one client message; `None` means keep pumping.
+    fn on_message(
+        &mut self,
+        msg: Option<Result<LeaseRequest, tonic::Status>>,
+        inbound: &mut Streaming<LeaseRequest>,
+        max_frame: usize,
+    ) -> Option<Step> {
+        let request = match msg {
+            // A polite half-close and a cancel look the same here (STACK.md).
+            None => {
+                return Some(Step::End(
+                    End::Abort,
+                    "client stream ended without Release".into(),
+                ));
+            }
+            Some(Err(status)) if status.code() == tonic::Code::OutOfRange => {
+                return Some(Step::Violation(status.into()));
+            }
+            Some(Err(status)) => return Some(Step::End(End::Abort, status.message().to_owned())),
+            Some(Ok(request)) => request,
+        };
+        match request.msg {
+            Some(lease_request::Msg::Data(data)) => {
+                if data.len() > max_frame {
+                    return Some(Step::Violation(LeaseError::FrameTooLarge {
+                        len: data.len(),
+                        max: max_frame,
+                    }));
+                }
+                if !data.is_empty() {
+                    self.pending = Some(data);
+                }
+                self.last_activity = Instant::now();
+                None
+            }
+            Some(lease_request::Msg::Release(release)) => {
+                // A message already queued behind Release breaks the protocol;
+                // one still in flight is never read (the stream ends).
+                if let Some(Some(Ok(_))) = inbound.next().now_or_never() {
+                    return Some(Step::Violation(LeaseError::AfterRelease));
+                }
+                let disposition =
+                    Disposition::try_from(release.disposition).unwrap_or(Disposition::Unspecified);
+                Some(Step::End(End::Release(disposition), String::new()))
+            }
+            Some(lease_request::Msg::Acquire(_)) => {
+                Some(Step::Violation(LeaseError::SecondAcquire))
+            }
+            None => Some(Step::Violation(LeaseError::EmptyRequest)),
+        }
+    }
+
+    /// Finishes the lease and builds its `Ended`, if its row sends one.
+    fn end(self, end: End, detail: String) -> Option<LeaseResponse> {
+        let upstream = self.guard.leased().pool().name().to_owned();
+        let done = self.guard.finish(end);
+        tracing::debug!(
+            upstream = %upstream,
+            lease_id = %self.lease_id,
+            end = ?end,
+            fate = ?done.outcome.fate,
+            bytes_to_upstream = done.bytes_to_upstream,
+            bytes_to_client = done.bytes_to_client,
+            detail = %detail,
+            "lease ended"
+        );
+        let (disposition, reason) = done.outcome.ended?;
+        Some(response(lease_response::Msg::Ended(Ended {
+            disposition: disposition.into(),
+            reason: reason.into(),
+            detail,
+        })))
+    }
+}
+
+fn response(msg: lease_response::Msg) -> LeaseResponse {
+    LeaseResponse { msg: Some(msg) }
+}
+
+/// Writes some of `pending`, dropping it once fully written. Cancel-safe: a
+/// write that did not complete wrote nothing.
+async fn write_some(wr: &mut WriteHalf<'_>, pending: &mut Option<Bytes>) -> io::Result<usize> {
+    let Some(buf) = pending.as_mut() else {
+        return Ok(0);
+    };
+    let n = wr.write(buf).await?;
+    if n == 0 {
+        return Err(io::ErrorKind::WriteZero.into());
+    }
+    buf.advance(n);
+    if buf.is_empty() {
+        *pending = None;
+    }
+    Ok(n)
+}
+
+fn closed_by_peer(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// A client's millisecond value, where 0 means "the configured one" and
+/// nothing may exceed it.
+fn clamp_ms(ms: u32, cap: Duration) -> Duration {
+    match ms {
+        0 => cap,
+        ms => Duration::from_millis(u64::from(ms)).min(cap),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_values_shorten_never_extend() {
+        let cap = Duration::from_secs(5);
+        assert_eq!(clamp_ms(0, cap), cap);
+        assert_eq!(clamp_ms(100, cap), Duration::from_millis(100));
+        assert_eq!(clamp_ms(u32::MAX, cap), cap);
+    }
+}

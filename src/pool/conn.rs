@@ -1,0 +1,116 @@
+//! A pooled upstream connection: the socket and the facts the pool's rules
+//! need about it (age, last use, last successful check).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+
+/// One upstream socket owned by a pool. Only the pool and the lease holding it
+/// ever touch the socket; nothing else can keep it alive.
+#[derive(Debug)]
+pub struct Conn {
+    /// The socket. Leases split it for their byte pump.
+    pub(crate) stream: TcpStream,
+    id: u64,
+    endpoint: SocketAddr,
+    created: Instant,
+    /// `created + max_lifetime - jitter`: closed at or after this instant.
+    expires_at: Instant,
+    /// When a lease last gave the connection back (creation before that).
+    /// Engines' own "last used" clocks count from checkout, not return
+    /// (STACK.md), so the idle timeout and the probe window use this one.
+    idle_since: Instant,
+    /// When a health check last succeeded (creation counts as one).
+    validated_at: Instant,
+    uses: u64,
+    /// Set just before an engine guard drops it: bb8 closes connections
+    /// whose `has_broken` says so, which is its only eviction path.
+    pub(crate) broken: bool,
+}
+
+impl Conn {
+    /// Wraps a freshly dialed socket.
+    pub fn new(stream: TcpStream, id: u64, endpoint: SocketAddr, max_lifetime: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            stream,
+            id,
+            endpoint,
+            created: now,
+            expires_at: now + jittered(max_lifetime),
+            idle_since: now,
+            validated_at: now,
+            uses: 0,
+            broken: false,
+        }
+    }
+
+    /// Process-unique id, stable for the connection's life.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The address the socket is connected to.
+    pub fn endpoint(&self) -> SocketAddr {
+        self.endpoint
+    }
+
+    /// How many leases this connection has been handed to.
+    pub fn uses(&self) -> u64 {
+        self.uses
+    }
+
+    /// Time since the connection was dialed.
+    pub fn age(&self) -> Duration {
+        self.created.elapsed()
+    }
+
+    /// Time since the connection last went idle (or was dialed).
+    pub fn idle_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.idle_since)
+    }
+
+    /// Time since a health check last passed.
+    pub fn unchecked_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.validated_at)
+    }
+
+    /// Whether `max_lifetime` (with its jitter) has passed.
+    pub fn expired(&self, now: Instant) -> bool {
+        now >= self.expires_at
+    }
+
+    pub(crate) fn mark_validated(&mut self, now: Instant) {
+        self.validated_at = now;
+    }
+
+    pub(crate) fn mark_leased(&mut self) {
+        self.uses += 1;
+    }
+
+    pub(crate) fn mark_idle(&mut self, now: Instant) {
+        self.idle_since = now;
+    }
+}
+
+/// Shortens a lifetime by up to 10%, so connections dialed together (a fleet
+/// rolling out, a pool warming up) do not all expire and redial together.
+fn jittered(lifetime: Duration) -> Duration {
+    let spread = lifetime / 10;
+    lifetime - spread.mul_f64(fastrand::f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        let base = Duration::from_secs(1000);
+        for _ in 0..1000 {
+            let j = jittered(base);
+            assert!(j <= base && j >= Duration::from_secs(900), "{j:?}");
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Health checks: a one-syscall liveness peek, then a send/expect probe when
+//! the connection has been quiet long enough to deserve one.
+//!
+//! The peek must be a direct `recv(MSG_PEEK)`: tokio's own `try_read`/`peek`
+//! trust cached readiness and report dead sockets as alive (STACK.md).
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::time::{Duration, Instant};
+
+use socket2::SockRef;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::conn::Conn;
+use crate::config::ProbeConfig;
+
+/// What a peek saw on an idle socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Nothing to read, no EOF: usable.
+    Alive,
+    /// The peer closed (FIN) or reset the connection.
+    Closed,
+    /// Bytes wait that nobody asked for: a late reply or a server notice.
+    Unsolicited,
+    /// The socket reported another error.
+    Failed(io::ErrorKind),
+}
+
+/// Looks at the socket without consuming or waiting.
+pub fn peek(stream: &TcpStream) -> Liveness {
+    let mut buf = [MaybeUninit::<u8>::uninit(); 1];
+    match SockRef::from(stream).peek(&mut buf) {
+        Ok(0) => Liveness::Closed,
+        Ok(_) => Liveness::Unsolicited,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Liveness::Alive,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Liveness::Alive,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            Liveness::Closed
+        }
+        Err(e) => Liveness::Failed(e.kind()),
+    }
+}
+
+/// Why a connection failed its check.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    /// The peer closed the connection while it sat idle.
+    #[error("peer closed the connection")]
+    Closed,
+    /// Bytes arrived that no lease asked for.
+    #[error("unsolicited bytes on an idle connection")]
+    Unsolicited,
+    /// The socket reported an error.
+    #[error("socket error: {0}")]
+    Socket(io::ErrorKind),
+    /// The probe got no full answer in time.
+    #[error("probe timed out after {0:?}")]
+    ProbeTimeout(Duration),
+    /// The probe's write or read failed.
+    #[error("probe I/O failed: {0}")]
+    ProbeIo(io::Error),
+    /// The probe's answer differed from `expect`.
+    #[error("probe answered {got:?}, expected {expected:?}")]
+    ProbeMismatch {
+        /// What came back (lossy UTF-8).
+        got: String,
+        /// The configured answer.
+        expected: String,
+    },
+}
+
+/// Peek, then probe when `probe` is set and the connection has been quiet
+/// (neither used nor checked) for at least `probe_if_quiet_for`.
+pub async fn check(
+    conn: &mut Conn,
+    probe: Option<&ProbeConfig>,
+    probe_if_quiet_for: Duration,
+) -> Result<(), HealthError> {
+    liveness(conn)?;
+    let now = Instant::now();
+    let quiet = conn.idle_for(now).min(conn.unchecked_for(now));
+    if let Some(probe) = probe.filter(|_| quiet >= probe_if_quiet_for) {
+        run_probe(&mut conn.stream, probe).await?;
+        // Anything beyond the expected answer is a reply nobody will read.
+        liveness(conn)?;
+    }
+    conn.mark_validated(Instant::now());
+    Ok(())
+}
+
+/// The peek alone, as an error.
+pub fn liveness(conn: &Conn) -> Result<(), HealthError> {
+    match peek(&conn.stream) {
+        Liveness::Alive => Ok(()),
+        Liveness::Closed => Err(HealthError::Closed),
+        Liveness::Unsolicited => Err(HealthError::Unsolicited),
+        Liveness::Failed(kind) => Err(HealthError::Socket(kind)),
+    }
+}
+
+async fn run_probe(stream: &mut TcpStream, probe: &ProbeConfig) -> Result<(), HealthError> {
+    let round_trip = async {
+        stream.write_all(probe.send.as_bytes()).await?;
+        let mut got = vec![0u8; probe.expect.len()];
+        stream.read_exact(&mut got).await?;
+        Ok::<_, io::Error>(got)
+    };
+    let got = tokio::time::timeout(probe.timeout, round_trip)
+        .await
+        .map_err(|_| HealthError::ProbeTimeout(probe.timeout))?
+        .map_err(HealthError::ProbeIo)?;
+    if got != probe.expect.as_bytes() {
+        return Err(HealthError::ProbeMismatch {
+            got: String::from_utf8_lossy(&got).into_owned(),
+            expected: probe.expect.clone(),
+        });
+    }
+    Ok(())
+}

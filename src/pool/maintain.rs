@@ -1,0 +1,170 @@
+//! The per-upstream background loop: keeps `min_idle` warm, and every
+//! `health.interval` sweeps the idle connections (lifetime, idle timeout,
+//! liveness peek, probe).
+//!
+//! Neither engine can be trusted with this (bb8's reaper also closes
+//! `min_idle` connections and cannot reach idle ones otherwise; deadpool has
+//! no `min_idle`), so the sweep takes every idle connection out at once,
+//! decides, and puts the survivors back in their original order. Holding them
+//! all is what makes a LIFO idle list walkable; peeks are one syscall each and
+//! probes run concurrently, so the list is empty for microseconds.
+//!
+//! Even with `min_idle: 0` the loop keeps one connection: readiness means
+//! "reached", and a pool with no connection cannot tell a dead upstream from a
+//! quiet one without dialing.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use tokio_util::sync::CancellationToken;
+
+use super::{EvictReason, Pool, PoolConn, health};
+
+impl Pool {
+    /// Runs until `cancel` fires. Owned by the server's task tracker.
+    pub async fn maintain(self: Arc<Self>, cancel: CancellationToken) {
+        let interval = self.config.health.interval;
+        let mut next_sweep = tokio::time::Instant::now() + interval;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                () = self.refill() => {}
+            }
+            let gate = self
+                .dialer
+                .gate_closed_until()
+                .map(tokio::time::Instant::from_std);
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.maintain.notified() => {}
+                _ = tokio::time::sleep_until(gate.unwrap_or(next_sweep)), if gate.is_some() => {}
+                _ = tokio::time::sleep_until(next_sweep) => {
+                    self.sweep().await;
+                    next_sweep = tokio::time::Instant::now() + interval;
+                }
+            }
+        }
+    }
+
+    /// Idle connections to add now: up to `min_idle`, and one when the pool
+    /// has none at all; never past `max_size`.
+    fn wanted(&self) -> u32 {
+        if self.closed.load(Ordering::Acquire) {
+            return 0;
+        }
+        let size = self.engine.size();
+        let floor = u32::from(size == 0);
+        let want = self
+            .config
+            .pool
+            .min_idle()
+            .saturating_sub(self.idle())
+            .max(floor);
+        want.min(self.config.pool.max_size.saturating_sub(size))
+    }
+
+    /// Dials what [`Pool::wanted`] asks for, concurrently, unless the dial
+    /// backoff gate is closed.
+    async fn refill(&self) {
+        loop {
+            let want = self.wanted();
+            if want == 0 || self.dialer.gate_closed_until().is_some() {
+                return;
+            }
+            let dials = join_all((0..want).map(|_| self.dialer.dial())).await;
+            let mut failed = false;
+            for dialed in dials {
+                match dialed {
+                    // A full pool (checkouts dialed meanwhile) drops the extra.
+                    Ok(conn) => drop(self.engine.add(conn)),
+                    Err(_) => failed = true,
+                }
+            }
+            if failed {
+                return;
+            }
+        }
+    }
+
+    /// One pass over the idle connections.
+    pub(super) async fn sweep(&self) {
+        let now = Instant::now();
+        let cfg = &self.config;
+        let mut held = Vec::new();
+        while held.len() < cfg.pool.max_size as usize {
+            match self.engine.try_get_idle(&self.counters) {
+                Some(conn) => held.push(conn),
+                None => break,
+            }
+        }
+        // Most recently used first (LIFO): the oldest idle ones are the ones
+        // beyond min_idle that the idle timeout closes.
+        let floor = cfg.pool.min_idle().max(1);
+        let probe_due = cfg.health.interval / 2;
+        let mut kept = 0;
+        let mut keep = Vec::new();
+        let mut to_probe = Vec::new();
+        for mut conn in held {
+            if conn.expired(now) {
+                self.evict(conn, EvictReason::MaxLifetime);
+                continue;
+            }
+            if kept >= floor && conn.idle_for(now) >= cfg.pool.idle_timeout {
+                self.evict(conn, EvictReason::IdleTimeout);
+                continue;
+            }
+            let quiet = conn.idle_for(now).min(conn.unchecked_for(now));
+            if cfg.health.probe.is_some() && quiet >= probe_due {
+                kept += 1;
+                to_probe.push(conn);
+                continue;
+            }
+            self.counters.health_checks.fetch_add(1, Ordering::Relaxed);
+            match health::liveness(&conn) {
+                Ok(()) => {
+                    kept += 1;
+                    conn.mark_validated(now);
+                    keep.push(conn);
+                }
+                Err(e) => self.failed_check(conn, &e),
+            }
+        }
+        put_back_in_order(keep);
+        if to_probe.is_empty() {
+            return;
+        }
+        let probe = cfg.health.probe.as_ref();
+        let probed = join_all(to_probe.into_iter().map(|mut conn| async move {
+            let result = health::check(&mut conn, probe, Duration::ZERO).await;
+            (conn, result)
+        }))
+        .await;
+        let mut keep = Vec::new();
+        for (conn, result) in probed {
+            self.counters.health_checks.fetch_add(1, Ordering::Relaxed);
+            match result {
+                Ok(()) => keep.push(conn),
+                Err(e) => self.failed_check(conn, &e),
+            }
+        }
+        put_back_in_order(keep);
+    }
+
+    fn failed_check(&self, conn: PoolConn, error: &health::HealthError) {
+        tracing::debug!(upstream = %self.name(), connection_id = conn.id(), error = %error, "idle connection failed its health check");
+        self.counters
+            .health_check_failures
+            .fetch_add(1, Ordering::Relaxed);
+        self.evict(conn, EvictReason::HealthCheck);
+    }
+}
+
+/// `conns` is most recently used first; the engines' LIFO lists get the last
+/// one put back on top, so put back oldest first.
+fn put_back_in_order(conns: Vec<PoolConn>) {
+    for conn in conns.into_iter().rev() {
+        conn.put_back();
+    }
+}

@@ -1,0 +1,387 @@
+//! One upstream's pool: checkout with health checks under one deadline, the
+//! leased-connection guard, and the background maintenance loop.
+//!
+//! The engines (bb8, deadpool) keep the idle list and count slots; every rule
+//! users see lives here, identical for both:
+//!
+//! - a checkout is bounded by its deadline, whatever the engine does;
+//! - `max_waiters` checkouts may be in progress; more fail at once;
+//! - every checkout peeks the socket and probes it when it was quiet for
+//!   `skip_if_used_within`; a failure evicts and the checkout moves on;
+//! - a connection no lease has used yet is peeked but never probed on
+//!   checkout (a broken probe cannot turn into a dial storm);
+//! - `leased` counts [`Leased`] guards, so it equals the live leases.
+
+mod bb8;
+mod conn;
+mod connect;
+mod deadpool;
+mod engine;
+pub mod health;
+mod maintain;
+mod set;
+mod stats;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+pub use self::conn::Conn;
+pub use self::connect::{DialError, Dialer};
+pub use self::engine::{Engine, EngineError, PoolConn};
+pub use self::set::PoolSet;
+pub use self::stats::{Counters, EvictReason};
+use crate::config::UpstreamConfig;
+
+/// Why a checkout produced no connection. Mapped to gRPC statuses in `grpc/`.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    /// Every slot stayed leased until the deadline.
+    #[error(
+        "pool exhausted: no connection came free within {waited:?} ({leased} of {max_size} leased)"
+    )]
+    Exhausted {
+        /// How long the checkout waited.
+        waited: Duration,
+        /// Leased connections at the deadline.
+        leased: u32,
+        /// The pool's `max_size`.
+        max_size: u32,
+    },
+    /// `max_waiters` checkouts were already waiting.
+    #[error("pool exhausted: {0} checkouts already waiting (pool.max_waiters)")]
+    TooManyWaiters(u32),
+    /// Dials failed, or did not finish before the deadline.
+    #[error("upstream unavailable: {0}")]
+    Unavailable(String),
+    /// The pool is shutting down.
+    #[error("pool is shutting down")]
+    Closed,
+}
+
+/// A point-in-time view of a pool, for `Stats`, metrics and readiness.
+#[derive(Debug, Clone)]
+pub struct PoolSnapshot {
+    /// The upstream's name.
+    pub name: String,
+    /// `bb8` or `deadpool`.
+    pub engine: &'static str,
+    /// Configured `max_size`.
+    pub max_size: u32,
+    /// Open connections.
+    pub connections: u32,
+    /// Idle connections.
+    pub idle: u32,
+    /// Connections held by live leases.
+    pub leased: u32,
+    /// Checkouts in progress.
+    pub waiting: u32,
+    /// Leases granted so far.
+    pub leases_granted: u64,
+    /// Dials that succeeded.
+    pub connections_created: u64,
+    /// Dials that failed.
+    pub connect_errors: u64,
+    /// Closed connections by reason (every reason present, zeros included).
+    pub evictions: Vec<(EvictReason, u64)>,
+    /// Checks run.
+    pub health_checks: u64,
+    /// Checks failed.
+    pub health_check_failures: u64,
+    /// Checkouts that hit their deadline.
+    pub checkout_timeouts: u64,
+    /// Whether the upstream can serve a lease now.
+    pub ready: bool,
+}
+
+/// One upstream's pool. Shared as `Arc<Pool>` by the gRPC service, leases and
+/// the maintenance loop.
+pub struct Pool {
+    config: UpstreamConfig,
+    engine: Engine,
+    dialer: Arc<Dialer>,
+    counters: Arc<Counters>,
+    /// Wakes the maintenance loop after a checkout or eviction, so `min_idle`
+    /// refills within a scheduler tick instead of a sweep interval.
+    maintain: Notify,
+    closed: AtomicBool,
+}
+
+/// A connection checked out for a lease. Counts as `leased` until finished;
+/// dropping it unfinished evicts it as `client_abort`.
+pub struct Leased {
+    conn: Option<PoolConn>,
+    pool: Arc<Pool>,
+    /// Whether the connection served an earlier lease.
+    pub reused: bool,
+    /// Time spent in the checkout.
+    pub waited: Duration,
+}
+
+impl Pool {
+    /// Builds the pool. Connections are dialed by the maintenance loop
+    /// ([`Pool::maintain`]) and by checkouts, never here.
+    pub fn new(config: UpstreamConfig, next_conn_id: Arc<AtomicU64>) -> Arc<Self> {
+        let counters = Arc::new(Counters::default());
+        let dialer = Arc::new(Dialer::new(
+            config.address.clone(),
+            config.pool.connect_timeout,
+            config.pool.max_lifetime,
+            next_conn_id,
+            counters.clone(),
+        ));
+        let engine = Engine::new(config.engine, dialer.clone(), config.pool.max_size);
+        Arc::new(Self {
+            config,
+            engine,
+            dialer,
+            counters,
+            maintain: Notify::new(),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// The upstream's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The upstream's configuration.
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.config
+    }
+
+    /// The live counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Checks a connection out for a lease, waiting at most `timeout`.
+    pub async fn checkout(self: &Arc<Self>, timeout: Duration) -> Result<Leased, CheckoutError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(CheckoutError::Closed);
+        }
+        let max_waiters = self.config.pool.max_waiters;
+        let waiting = WaitingGuard::enter(&self.counters);
+        if waiting.before >= max_waiters {
+            return Err(CheckoutError::TooManyWaiters(max_waiters));
+        }
+        let start = Instant::now();
+        let outcome = tokio::time::timeout(timeout, self.checkout_loop()).await;
+        drop(waiting);
+        self.maintain.notify_one();
+        let mut conn = match outcome {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                self.counters
+                    .checkout_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(self.timeout_error(start.elapsed()));
+            }
+        };
+        let reused = conn.uses() > 0;
+        conn.mark_leased();
+        self.counters.leased.fetch_add(1, Ordering::Relaxed);
+        self.counters.leases_granted.fetch_add(1, Ordering::Relaxed);
+        Ok(Leased {
+            conn: Some(conn),
+            pool: self.clone(),
+            reused,
+            waited: start.elapsed(),
+        })
+    }
+
+    /// What a deadline means depends on why the checkout was waiting: with
+    /// every slot taken, the pool is exhausted; with room left, a dial was
+    /// under way and did not finish.
+    fn timeout_error(&self, waited: Duration) -> CheckoutError {
+        let max_size = self.config.pool.max_size;
+        if self.engine.size() < max_size {
+            let why = match self.dialer.last_error() {
+                Some(e) => format!("no connection within {waited:?} (last dial: {e})"),
+                None => format!("dial did not finish within {waited:?}"),
+            };
+            CheckoutError::Unavailable(why)
+        } else {
+            CheckoutError::Exhausted {
+                waited,
+                leased: self.counters.leased.load(Ordering::Relaxed),
+                max_size,
+            }
+        }
+    }
+
+    async fn checkout_loop(&self) -> Result<PoolConn, CheckoutError> {
+        // bb8 dials in tasks of its own and hides their errors; a failure
+        // seen here while waiting means the upstream is not answering.
+        let mut failures = self.dialer.subscribe_failures();
+        let health = &self.config.health;
+        loop {
+            let mut conn = tokio::select! {
+                biased;
+                got = self.engine.get(&self.counters) => match got {
+                    Ok(conn) => conn,
+                    Err(EngineError::Dial(e)) => return Err(CheckoutError::Unavailable(e.to_string())),
+                    Err(EngineError::Closed) => return Err(CheckoutError::Closed),
+                },
+                Ok(()) = failures.changed() => {
+                    let last = self.dialer.last_error().unwrap_or_else(|| "dial failed".into());
+                    return Err(CheckoutError::Unavailable(last));
+                }
+            };
+            let now = Instant::now();
+            if conn.expired(now) {
+                self.evict(conn, EvictReason::MaxLifetime);
+                continue;
+            }
+            // A connection no lease has used yet is peeked but not probed: it
+            // was validated by its dial, and idle ones are probed by the
+            // sweep. Probing it here is how a failing probe becomes a dial
+            // storm (each fresh dial probed, failed, evicted, redialed).
+            let probe = health.probe.as_ref().filter(|_| conn.uses() > 0);
+            let checked = health::check(&mut conn, probe, health.skip_if_used_within).await;
+            self.counters.health_checks.fetch_add(1, Ordering::Relaxed);
+            match checked {
+                Ok(()) => return Ok(conn),
+                Err(e) => {
+                    tracing::debug!(upstream = %self.name(), connection_id = conn.id(), error = %e, "checkout health check failed");
+                    self.counters
+                        .health_check_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.evict(conn, EvictReason::HealthCheck);
+                }
+            }
+        }
+    }
+
+    /// Closes a connection and counts why.
+    pub fn evict(&self, conn: PoolConn, reason: EvictReason) {
+        self.counters.evicted(reason);
+        conn.discard();
+        self.maintain.notify_one();
+    }
+
+    /// Open connections right now.
+    pub fn connections(&self) -> u32 {
+        self.engine.size()
+    }
+
+    /// Idle connections right now.
+    pub fn idle(&self) -> u32 {
+        self.engine
+            .size()
+            .saturating_sub(self.counters.out.load(Ordering::Relaxed))
+    }
+
+    /// Whether the upstream can serve a lease: its last dial succeeded, or it
+    /// holds a connection that has not failed a check since. Saturation plays
+    /// no part.
+    pub fn ready(&self) -> bool {
+        !self.closed.load(Ordering::Acquire)
+            && match self.dialer.last_dial_ok() {
+                Some(ok) => ok || self.engine.size() > 0,
+                None => false,
+            }
+    }
+
+    /// Counters and gauges for `Stats`.
+    pub fn snapshot(&self) -> PoolSnapshot {
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        PoolSnapshot {
+            name: self.config.name.clone(),
+            engine: self.config.engine.as_str(),
+            max_size: self.config.pool.max_size,
+            connections: self.connections(),
+            idle: self.idle(),
+            leased: c.leased.load(Ordering::Relaxed),
+            waiting: c.waiting.load(Ordering::Relaxed),
+            leases_granted: load(&c.leases_granted),
+            connections_created: load(&c.connections_created),
+            connect_errors: load(&c.connect_errors),
+            evictions: EvictReason::ALL
+                .iter()
+                .map(|r| (*r, c.evictions(*r)))
+                .collect(),
+            health_checks: load(&c.health_checks),
+            health_check_failures: load(&c.health_check_failures),
+            checkout_timeouts: load(&c.checkout_timeouts),
+            ready: self.ready(),
+        }
+    }
+
+    /// Refuses new checkouts and closes idle connections. Leased connections
+    /// close as their leases end.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let idle = self.idle();
+        self.engine.close(&self.counters);
+        for _ in 0..idle {
+            self.counters.evicted(EvictReason::Shutdown);
+        }
+    }
+}
+
+impl Leased {
+    /// The connection.
+    pub fn conn(&self) -> &Conn {
+        self.conn.as_ref().expect("held until finished")
+    }
+
+    /// The connection, for the byte pump.
+    pub fn conn_mut(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("held until finished")
+    }
+
+    /// The pool the connection belongs to.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Gives the connection back to the idle list.
+    pub fn give_back(mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            conn.mark_idle(Instant::now());
+            conn.put_back();
+        }
+    }
+
+    /// Closes the connection, counted under `reason`.
+    pub fn evict(mut self, reason: EvictReason) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.evict(conn, reason);
+        }
+    }
+}
+
+impl Drop for Leased {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.evict(conn, EvictReason::ClientAbort);
+        }
+        self.pool.counters.leased.fetch_sub(1, Ordering::Relaxed);
+        self.pool.maintain.notify_one();
+    }
+}
+
+/// Counts a checkout as waiting for exactly as long as it exists.
+struct WaitingGuard<'a> {
+    counters: &'a Counters,
+    before: u32,
+}
+
+impl<'a> WaitingGuard<'a> {
+    fn enter(counters: &'a Counters) -> Self {
+        let before = counters.waiting.fetch_add(1, Ordering::Relaxed);
+        Self { counters, before }
+    }
+}
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}

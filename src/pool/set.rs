@@ -1,0 +1,65 @@
+//! Every configured upstream's pool, looked up by name on each Acquire.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::Pool;
+use crate::config::UpstreamConfig;
+
+/// The pools, in configuration order. Immutable after start.
+pub struct PoolSet {
+    pools: Vec<Arc<Pool>>,
+    by_name: HashMap<String, usize>,
+}
+
+impl PoolSet {
+    /// Builds one pool per upstream; connection ids are unique across them.
+    /// Must run inside a tokio runtime. Dials nothing until [`PoolSet::start`].
+    pub fn new(upstreams: &[UpstreamConfig]) -> Self {
+        let next_conn_id = Arc::new(AtomicU64::new(1));
+        let pools: Vec<_> = upstreams
+            .iter()
+            .map(|u| Pool::new(u.clone(), next_conn_id.clone()))
+            .collect();
+        let by_name = pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name().to_owned(), i))
+            .collect();
+        Self { pools, by_name }
+    }
+
+    /// Starts each pool's maintenance loop (which also makes the startup
+    /// dial) on `tracker`, stopped by `cancel`.
+    pub fn start(&self, tracker: &TaskTracker, cancel: &CancellationToken) {
+        for pool in &self.pools {
+            tracker.spawn(pool.clone().maintain(cancel.clone()));
+        }
+    }
+
+    /// The pool named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.by_name.get(name).map(|&i| &self.pools[i])
+    }
+
+    /// All pools, in configuration order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        self.pools.iter()
+    }
+
+    /// The configured names, in order.
+    pub fn names(&self) -> Vec<&str> {
+        self.pools.iter().map(|p| p.name()).collect()
+    }
+
+    /// Closes every pool (shutdown).
+    pub fn close(&self) {
+        for pool in &self.pools {
+            pool.close();
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The sidecar: binds the gRPC API, starts the pools, and drains on shutdown.
+//!
+//! [`run`] takes its listener and its shutdown future from the caller, so the
+//! binary passes a bound socket and the signal handler, and tests pass
+//! `127.0.0.1:0` and a future of their own.
+//!
+//! Drain (PgBouncer's WAIT_FOR_CLIENTS): when `shutdown` resolves, the
+//! listener closes (new clients are refused) but the accept stream never
+//! ends, because tonic treats its end as "GOAWAY everyone" (STACK.md).
+//! Connected clients keep working, new streams included. Each accepted socket
+//! holds a `watch` receiver, so the sender's `closed()` fires when the last
+//! client connection is gone; or, at the latest, after `shutdown.grace`, live
+//! leases are revoked (Ended SHUTDOWN) and waiting checkouts fail UNAVAILABLE.
+//! Then tonic shuts the connections down, the pools close, and `run` returns.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::server::Connected;
+
+use crate::config::{Config, ListenAddr};
+use crate::grpc::{PoolService, pb};
+use crate::lease::LeaseContext;
+use crate::pool::PoolSet;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: String,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// The reflection service could not load the descriptor set.
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The HTTP/2 server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A bound gRPC listener: TCP, or a Unix socket shared with the app container.
+pub enum Listener {
+    /// `host:port`.
+    Tcp(TcpListener),
+    /// `unix:///path`; the file is removed when the listener drops.
+    Unix(UnixListener, UnixSocketFile),
+}
+
+/// Removes the socket file when the listener goes away, so a restart can bind.
+pub struct UnixSocketFile(PathBuf);
+
+impl Drop for UnixSocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Listener {
+    /// Binds `addr`. A stale Unix socket file from an earlier run is removed
+    /// first (binding would fail on it).
+    pub async fn bind(addr: &ListenAddr) -> Result<Self, ServerError> {
+        let bind_err = |source| ServerError::Bind {
+            addr: addr.to_string(),
+            source,
+        };
+        match addr {
+            ListenAddr::Tcp(sock) => {
+                Ok(Self::Tcp(TcpListener::bind(sock).await.map_err(bind_err)?))
+            }
+            ListenAddr::Unix(path) => {
+                if std::fs::symlink_metadata(path).is_ok() {
+                    std::fs::remove_file(path).map_err(bind_err)?;
+                }
+                let listener = UnixListener::bind(path).map_err(bind_err)?;
+                Ok(Self::Unix(listener, UnixSocketFile(path.clone())))
+            }
+        }
+    }
+
+    /// The bound address, as clients should dial it.
+    pub fn local_addr(&self) -> String {
+        match self {
+            Self::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into()),
+            Self::Unix(_, file) => format!("unix://{}", file.0.display()),
+        }
+    }
+
+    async fn accept(&self) -> io::Result<Io> {
+        match self {
+            Self::Tcp(l) => {
+                let (stream, peer) = l.accept().await?;
+                // Lease traffic is small request/response messages.
+                stream.set_nodelay(true)?;
+                Ok(Io::Tcp(stream, peer))
+            }
+            Self::Unix(l, _) => Ok(Io::Unix(l.accept().await?.0)),
+        }
+    }
+}
+
+enum Io {
+    Tcp(TcpStream, SocketAddr),
+    Unix(UnixStream),
+}
+
+/// An accepted client connection. Holding `_open` is what counts it as open
+/// for the drain.
+pub struct ClientIo {
+    io: Io,
+    _open: watch::Receiver<()>,
+}
+
+/// What tonic records about a client connection.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    /// The peer's address (TCP only).
+    pub peer: Option<SocketAddr>,
+}
+
+impl Connected for ClientIo {
+    type ConnectInfo = ClientInfo;
+
+    fn connect_info(&self) -> ClientInfo {
+        ClientInfo {
+            peer: match &self.io {
+                Io::Tcp(_, peer) => Some(*peer),
+                Io::Unix(_) => None,
+            },
+        }
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Tcp(s, _) => Pin::new(s).poll_read(cx, buf),
+            Io::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            Io::Tcp(s, _) => Pin::new(s).poll_write(cx, buf),
+            Io::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            Io::Tcp(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Tcp(s, _) => Pin::new(s).poll_flush(cx),
+            Io::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Tcp(s, _) => Pin::new(s).poll_shutdown(cx),
+            Io::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Accepted connections until `stop` fires; then the listener is dropped (new
+/// clients are refused) and the stream stays pending forever. Accept errors
+/// (EMFILE under a connection flood) are logged and retried after a pause.
+fn incoming(
+    listener: Listener,
+    open: watch::Sender<()>,
+    stop: CancellationToken,
+) -> impl Stream<Item = io::Result<ClientIo>> {
+    let accepted = futures::stream::unfold((listener, open), |(listener, open)| async move {
+        loop {
+            match listener.accept().await {
+                Ok(io) => {
+                    let client = ClientIo {
+                        io,
+                        _open: open.subscribe(),
+                    };
+                    return Some((Ok(client), (listener, open)));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a gRPC client failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    accepted
+        .take_until(stop.cancelled_owned())
+        .chain(futures::stream::pending())
+}
+
+/// Runs the sidecar until `shutdown` resolves and the drain completes.
+pub async fn run(
+    config: Config,
+    listener: Listener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let tracker = TaskTracker::new();
+    let background = CancellationToken::new();
+    let revoke = CancellationToken::new();
+    let pools = Arc::new(PoolSet::new(&config.upstreams));
+    pools.start(&tracker, &background);
+
+    let max_frame = usize::try_from(config.grpc.max_frame.as_u64()).unwrap_or(usize::MAX);
+    let ctx = Arc::new(LeaseContext::new(pools.clone(), max_frame, revoke.clone()));
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let (open_tx, open_rx) = watch::channel(());
+    drop(open_rx);
+    let stop_accepting = CancellationToken::new();
+    tracing::info!(listen = %listener.local_addr(), upstreams = ?pools.names(), "lessor serving");
+    let incoming = incoming(listener, open_tx.clone(), stop_accepting.clone());
+    let grace = config.shutdown.grace;
+    let drain = async {
+        shutdown.await;
+        tracing::info!(grace = ?grace, "shutdown: refusing new clients, waiting for connected ones");
+        stop_accepting.cancel();
+        tokio::select! {
+            () = open_tx.closed() => tracing::info!("shutdown: every client is gone"),
+            () = tokio::time::sleep(grace) => {
+                tracing::info!("shutdown: grace period over, revoking leases");
+                revoke.cancel();
+            }
+        }
+    };
+
+    let served = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .http2_max_pending_accept_reset_streams(Some(1000))
+        .add_service(PoolService::new(ctx).into_server())
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, drain)
+        .await;
+
+    revoke.cancel();
+    background.cancel();
+    pools.close();
+    tracker.close();
+    tracker.wait().await;
+    tracing::info!("lessor stopped");
+    served.map_err(ServerError::from)
+}

@@ -1,0 +1,9 @@
+//! lessor's integration tests: one crate (linking the dependency tree once),
+//! a module per behaviour. Real sockets and real servers only.
+
+mod conformance;
+mod proto_golden;
+mod protocol;
+mod redis;
+mod server;
+mod support;

@@ -1,0 +1,130 @@
+//! The server around the pools: Unix-socket listener, gRPC reflection, and
+//! the WAIT_FOR_CLIENTS drain.
+
+use std::time::{Duration, Instant};
+
+use lessor::client::Client;
+use lessor::config::EngineKind;
+use lessor::pb::{Disposition, EndReason};
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+use crate::support::{Lessor, TestUpstream, config_one};
+
+#[tokio::test]
+async fn server_listens_on_a_unix_socket() {
+    let up = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lessor.sock");
+    let listen = format!("unix://{}", path.display());
+    let lessor = Lessor::start_on(&config_one(&up.addr(), EngineKind::Bb8, &[]), &listen).await;
+    assert_eq!(lessor.addr, listen);
+    let mut lease = lessor.lease().await.unwrap();
+    lease.send("over a unix socket").await.unwrap();
+    assert_eq!(lease.recv_at_least(18).await.unwrap(), "over a unix socket");
+    lease.release(Disposition::Return).await.unwrap();
+    lessor.shutdown().await.unwrap();
+    assert!(!path.exists(), "the socket file is removed on exit");
+}
+
+#[tokio::test]
+async fn server_reflection_lists_the_pool_service() {
+    let up = TestUpstream::start().await;
+    let lessor = Lessor::start(&config_one(&up.addr(), EngineKind::Bb8, &[])).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", lessor.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer: {response:?}");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"lessor.v1.Pool"), "{names:?}");
+}
+
+#[tokio::test]
+async fn server_without_clients_stops_at_once() {
+    let up = TestUpstream::start().await;
+    let lessor = Lessor::start(&config_one(&up.addr(), EngineKind::Bb8, &[])).await;
+    let started = Instant::now();
+    lessor.shutdown().await.unwrap();
+    // The grace period is 20s; nothing holds the drain open.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn server_drain_serves_connected_clients_and_refuses_new_ones() {
+    let up = TestUpstream::start().await;
+    let mut lessor = Lessor::start(&config_one(&up.addr(), EngineKind::Bb8, &[])).await;
+    let held = lessor.lease().await.unwrap();
+    lessor.begin_shutdown();
+    // The listener closes: a new client connection is refused.
+    let addr = lessor.addr.clone();
+    crate::support::eventually("new clients refused", || {
+        let addr = addr.clone();
+        async move { Client::connect(&addr).await.is_err() }
+    })
+    .await;
+    // A connected client keeps leasing, new streams included.
+    let mut second = lessor
+        .lease()
+        .await
+        .expect("connected clients keep leasing during the drain");
+    second.send("still here").await.unwrap();
+    assert_eq!(second.recv_at_least(10).await.unwrap(), "still here");
+    assert_eq!(
+        second.release(Disposition::Return).await.unwrap().reason(),
+        EndReason::ClientRelease
+    );
+    assert_eq!(
+        held.release(Disposition::Return).await.unwrap().reason(),
+        EndReason::ClientRelease
+    );
+    // The last client leaves: lessor stops long before its 20s grace.
+    let started = Instant::now();
+    lessor.stopped().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn server_grace_over_revokes_leases_with_shutdown() {
+    let up = TestUpstream::start().await;
+    let yaml = format!(
+        "shutdown: {{ grace: 200ms }}\n{}",
+        config_one(&up.addr(), EngineKind::Bb8, &[])
+    );
+    let mut lessor = Lessor::start(&yaml).await;
+    let held = lessor.lease().await.unwrap();
+    lessor.begin_shutdown();
+    let ended = held
+        .finish()
+        .await
+        .unwrap()
+        .expect("an Ended for the revoked lease");
+    assert_eq!(ended.disposition(), Disposition::Evict);
+    assert_eq!(ended.reason(), EndReason::Shutdown);
+    lessor.stopped().await.unwrap();
+    crate::support::eventually("every upstream socket closed", || async { up.open() == 0 }).await;
+}

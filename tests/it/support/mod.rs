@@ -1,0 +1,186 @@
+//! Shared fixtures: real upstream servers, an in-process lessor on a free
+//! port, and condition waits (never bare sleeps).
+
+pub mod redis;
+pub mod upstream;
+
+/// Generates `bb8::NAME` and `deadpool::NAME` tests from `async fn NAME(EngineKind)`.
+#[macro_export]
+macro_rules! for_both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod bb8 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(lessor::config::EngineKind::Bb8).await
+                }
+            )*
+        }
+        mod deadpool {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(lessor::config::EngineKind::Deadpool).await
+                }
+            )*
+        }
+    };
+}
+
+use std::future::Future;
+use std::time::Duration;
+
+use lessor::client::{Client, ClientError, Lease, LeaseOptions};
+use lessor::config::{Config, EngineKind};
+use lessor::pb::UpstreamStats;
+use lessor::server::{self, Listener, ServerError};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use upstream::{Mode, TestUpstream};
+
+/// How long a condition may take before a test fails. Generous: a busy
+/// two-core CI machine must not flake; a broken build fails anyway.
+pub const PATIENCE: Duration = Duration::from_secs(15);
+
+/// One upstream's YAML, with extra keys (`pool: {...}` lines) indented under it.
+pub fn upstream_yaml(name: &str, addr: &str, engine: EngineKind, extra: &[&str]) -> String {
+    let mut y = format!(
+        "  - name: {name}\n    address: \"{addr}\"\n    engine: {}\n",
+        engine.as_str()
+    );
+    for line in extra {
+        y.push_str("    ");
+        y.push_str(line);
+        y.push('\n');
+    }
+    y
+}
+
+/// A whole config with one upstream named `up`.
+pub fn config_one(addr: &str, engine: EngineKind, extra: &[&str]) -> String {
+    format!("upstreams:\n{}", upstream_yaml("up", addr, engine, extra))
+}
+
+/// lessor running in this process on a free loopback port.
+pub struct Lessor {
+    /// `127.0.0.1:port`.
+    pub addr: String,
+    /// A client connected to it.
+    pub client: Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: AbortOnDrop,
+}
+
+/// Stops an in-process lessor when its test ends, however it ends.
+struct AbortOnDrop(Option<JoinHandle<Result<(), ServerError>>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
+impl Lessor {
+    /// Starts lessor with this YAML config on a free loopback port.
+    pub async fn start(yaml: &str) -> Self {
+        Self::start_on(yaml, "127.0.0.1:0").await
+    }
+
+    /// Starts lessor with this YAML config, listening on `listen`.
+    pub async fn start_on(yaml: &str, listen: &str) -> Self {
+        let config = Config::from_yaml(yaml).unwrap_or_else(|e| panic!("test config: {e}\n{yaml}"));
+        let listener = Listener::bind(&listen.parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(config, listener, async {
+            let _ = stopped.await;
+        }));
+        let client = Client::connect(&addr).await.expect("connect to lessor");
+        Self {
+            addr,
+            client,
+            stop: Some(stop),
+            task: AbortOnDrop(Some(task)),
+        }
+    }
+
+    /// Stats of one upstream.
+    pub async fn stats(&self, name: &str) -> UpstreamStats {
+        let mut all = self.client.stats(name).await.expect("stats");
+        assert_eq!(all.len(), 1);
+        all.remove(0)
+    }
+
+    /// Polls `Stats` of `up` until `pred` holds; panics with the last stats.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        pred: impl Fn(&UpstreamStats) -> bool,
+    ) -> UpstreamStats {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let s = self.stats("up").await;
+            if pred(&s) {
+                return s;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("timed out waiting for {what}; last stats: {s:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A lease on `up` with default options.
+    pub async fn lease(&self) -> Result<Lease, ClientError> {
+        self.client.lease("up", &LeaseOptions::default()).await
+    }
+
+    /// Starts the drain (as a signal would) without waiting for it.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Signals shutdown, drops this handle's client, and waits for `run` to
+    /// return.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        self.begin_shutdown();
+        self.stopped().await
+    }
+
+    /// Drops this handle's client and waits for `run` to return (after a
+    /// drain begun with [`Lessor::begin_shutdown`]).
+    pub async fn stopped(mut self) -> Result<(), ServerError> {
+        let task = self.task.0.take().expect("running");
+        drop(self.client);
+        tokio::time::timeout(PATIENCE, task)
+            .await
+            .expect("lessor stops within the test's patience")
+            .expect("server task")
+    }
+}
+
+/// Waits for `cond` to become true, polling.
+pub async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Eviction count for one reason.
+pub fn evictions(s: &UpstreamStats, reason: &str) -> u64 {
+    s.evictions.get(reason).copied().unwrap_or(0)
+}
