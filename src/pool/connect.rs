@@ -8,7 +8,7 @@
 //! checkouts waiting on an engine that hides dial errors (bb8) can fail fast.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -80,6 +80,9 @@ pub struct Dialer {
     gate: Mutex<Gate>,
     /// Bumped on every failed dial; checkouts subscribe to fail fast.
     failures: watch::Sender<u64>,
+    /// Dials on the network now. Engines do not count a connection until its
+    /// dial ends, so the `min_idle` refill needs this not to overshoot.
+    in_flight: AtomicU32,
 }
 
 impl Dialer {
@@ -100,6 +103,7 @@ impl Dialer {
             counters,
             gate: Mutex::new(Gate::default()),
             failures: watch::Sender::new(0),
+            in_flight: AtomicU32::new(0),
         }
     }
 
@@ -116,6 +120,11 @@ impl Dialer {
     /// `Some(true)` when the last dial that reached the network succeeded.
     pub fn last_dial_ok(&self) -> Option<bool> {
         self.gate().last_ok
+    }
+
+    /// Dials under way right now.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     /// When the backoff gate reopens, if it is closed.
@@ -148,7 +157,13 @@ impl Dialer {
                 gate.not_before = Some(now + backoff(gate.failures));
             }
         }
-        match self.connect().await {
+        let dialed = {
+            // A guard, not a pair of calls: deadpool cancels dials mid-way
+            // when a checkout's deadline passes.
+            let _dialing = InFlight::enter(&self.in_flight);
+            self.connect().await
+        };
+        match dialed {
             Ok(conn) => {
                 let mut gate = self.gate();
                 *gate = Gate {
@@ -216,6 +231,22 @@ impl Dialer {
         })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         Ok(Conn::new(stream, id, addr, self.max_lifetime))
+    }
+}
+
+/// Counts one dial for as long as it exists.
+struct InFlight<'a>(&'a AtomicU32);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicU32) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

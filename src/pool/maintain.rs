@@ -54,13 +54,20 @@ impl Pool {
         if self.closed.load(Ordering::Acquire) {
             return 0;
         }
-        let size = self.engine.size();
+        // Dials under way (a checkout's, or bb8's own) will add connections.
+        let dialing = self.dialer.in_flight();
+        let size = self.engine.size() + dialing;
         let floor = u32::from(size == 0);
+        // Checkouts waiting dial for themselves; a refill dial racing them
+        // finds the pool full and is wasted.
+        if self.counters.waiting.load(Ordering::Relaxed) > 0 {
+            return floor;
+        }
         let want = self
             .config
             .pool
             .min_idle()
-            .saturating_sub(self.idle())
+            .saturating_sub(self.idle() + dialing)
             .max(floor);
         want.min(self.config.pool.max_size.saturating_sub(size))
     }

@@ -2,6 +2,7 @@
 //! a module per behaviour. Real sockets and real servers only.
 
 mod conformance;
+mod leak;
 mod proto_golden;
 mod protocol;
 mod redis;
