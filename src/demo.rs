@@ -221,7 +221,11 @@ async fn drive(client: &Client, leases: usize) -> Result<Tally, DemoError> {
 async fn one_lease(client: &Client, i: usize, tally: &mut Tally) -> Result<(), ClientError> {
     let way = Way::pick(i);
     // Alternate engines per ten leases, so each sees every way of ending.
-    let upstream = if (i / 10) % 2 == 0 { "echo" } else { "echo-dp" };
+    let upstream = if (i / 10).is_multiple_of(2) {
+        "echo"
+    } else {
+        "echo-dp"
+    };
     let options = LeaseOptions {
         max_lease: (way == Way::Expire).then_some(Duration::from_millis(20)),
         ..Default::default()
