@@ -22,6 +22,11 @@ pub enum Mode {
     Silent,
     /// Echo after a pause.
     Delay(Duration),
+    /// On the first read, write this many bytes back (as fast as the peer
+    /// takes them).
+    Blast(usize),
+    /// Never read: the peer's writes back up into its socket buffers.
+    Deaf,
 }
 
 #[derive(Debug)]
@@ -36,6 +41,8 @@ struct Shared {
     conns: Mutex<Vec<mpsc::UnboundedSender<Cmd>>>,
     accepted: AtomicUsize,
     open: AtomicUsize,
+    /// Bytes written to peers in Blast mode.
+    blasted: AtomicUsize,
 }
 
 /// The upstream server. Stops everything when dropped.
@@ -83,6 +90,11 @@ impl TestUpstream {
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.shared.open.load(Ordering::SeqCst)
+    }
+
+    /// Bytes written so far in `Mode::Blast`.
+    pub fn blasted(&self) -> usize {
+        self.shared.blasted.load(Ordering::SeqCst)
     }
 
     /// Changes how every connection answers from now on.
@@ -147,8 +159,8 @@ impl TestUpstream {
                 let all = all.clone();
                 tracker.spawn(async move {
                     tokio::select! {
-                        _ = all.cancelled() => {}
-                        _ = connection(stream, rx, mode) => {}
+                            _ = all.cancelled() => {}
+                        _ = connection(stream, rx, mode, &shared) => {}
                     }
                     shared.open.fetch_sub(1, Ordering::SeqCst);
                 });
@@ -166,11 +178,14 @@ impl Drop for TestUpstream {
 async fn connection(
     mut stream: TcpStream,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
-    mode: watch::Receiver<Mode>,
+    mut mode: watch::Receiver<Mode>,
+    shared: &Shared,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
+        let deaf = *mode.borrow() == Mode::Deaf;
         tokio::select! {
+            Ok(()) = mode.changed() => continue,
             cmd = cmds.recv() => match cmd {
                 None | Some(Cmd::Close) => return,
                 Some(Cmd::Reset) => {
@@ -183,16 +198,29 @@ async fn connection(
                     }
                 }
             },
-            read = stream.read(&mut buf) => {
+            read = stream.read(&mut buf), if !deaf => {
                 let n = match read {
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
                 let current = *mode.borrow();
                 match current {
-                    Mode::Echo => {}
+                    Mode::Echo | Mode::Deaf => {}
                     Mode::Silent => continue,
                     Mode::Delay(d) => tokio::time::sleep(d).await,
+                    Mode::Blast(total) => {
+                        let block = vec![b'b'; 16 * 1024];
+                        let mut left = total;
+                        while left > 0 {
+                            let n = left.min(block.len());
+                            if stream.write_all(&block[..n]).await.is_err() {
+                                return;
+                            }
+                            shared.blasted.fetch_add(n, Ordering::SeqCst);
+                            left -= n;
+                        }
+                        continue;
+                    }
                 }
                 if stream.write_all(&buf[..n]).await.is_err() {
                     return;
