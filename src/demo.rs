@@ -19,7 +19,7 @@ use crate::cli;
 use crate::client::{Client, ClientError, LeaseOptions};
 use crate::config::Config;
 use crate::pb::{Disposition, EndReason};
-use crate::server::{self, Listener, ServerError};
+use crate::server::{self, Listener, Listeners, ServerError};
 
 /// Why the demo could not run.
 #[derive(Debug, thiserror::Error)]
@@ -90,10 +90,14 @@ pub async fn run(leases: usize) -> Result<String, DemoError> {
     ));
 
     let config = Config::from_yaml(&demo_config(&upstream_addr.to_string()))?;
-    let listener = Listener::bind(&"127.0.0.1:0".parse().expect("a literal address")).await?;
-    let lessor_addr = listener.local_addr();
+    let listeners = Listeners {
+        grpc: Listener::bind(&"127.0.0.1:0".parse().expect("a literal address")).await?,
+        admin: TcpListener::bind("127.0.0.1:0").await?,
+    };
+    let lessor_addr = listeners.grpc.local_addr();
+    let admin_addr = listeners.admin_addr();
     let (stop_lessor, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(server::run(config, listener, async {
+    let served = tokio::spawn(server::run(config, listeners, async {
         let _ = stopped.await;
     }));
 
@@ -105,6 +109,8 @@ pub async fn run(leases: usize) -> Result<String, DemoError> {
     // Let the pools finish with the last leases (aborts finish server-side).
     tokio::time::sleep(Duration::from_millis(50)).await;
     let stats = client.stats("").await?;
+    let readyz = crate::admin::fetch(&admin_addr, "/readyz?verbose", None).await?;
+    let metrics = crate::admin::fetch(&admin_addr, "/metrics", None).await?;
 
     drop(client);
     let _ = stop_lessor.send(());
@@ -155,6 +161,25 @@ pub async fn run(leases: usize) -> Result<String, DemoError> {
         "\nPool statistics at the end (what `lessor stats` prints)"
     );
     for line in cli::stats_table(&stats).lines() {
+        let _ = writeln!(out, "  {line}");
+    }
+    let _ = writeln!(
+        out,
+        "\nReadiness (GET /readyz?verbose on the admin port {admin_addr}: {})",
+        readyz.status
+    );
+    for line in readyz.body.lines() {
+        let _ = writeln!(out, "  {line}");
+    }
+    let _ = writeln!(out, "\nA few metrics (GET /metrics)");
+    for line in metrics.body.lines().filter(|l| {
+        !l.starts_with('#')
+            && (l.starts_with("lessor_leases_total")
+                || l.starts_with("lessor_evictions_total") && !l.ends_with(" 0")
+                || l.starts_with("lessor_pool_connections{")
+                || l.starts_with("lessor_runtime_alive_tasks")
+                || l.starts_with("lessor_process_open_fds"))
+    }) {
         let _ = writeln!(out, "  {line}");
     }
     let _ = writeln!(

@@ -141,11 +141,11 @@ fn serve(config: Config) -> ExitCode {
     };
     runtime.block_on(async {
         telemetry::init();
-        let listener = match server::Listener::bind(&config.grpc.listen).await {
+        let listeners = match server::Listeners::bind(&config).await {
             Ok(l) => l,
             Err(e) => return fail(&e),
         };
-        match server::run(config, listener, shutdown::first_signal()).await {
+        match server::run(config, listeners, shutdown::first_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         }

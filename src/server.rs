@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::Connected;
 
+use crate::admin::{self, AdminState, Readiness};
 use crate::config::{Config, ListenAddr};
 use crate::grpc::{PoolService, pb};
 use crate::lease::LeaseContext;
@@ -52,6 +53,38 @@ pub enum ServerError {
     /// The HTTP/2 server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+/// Both listening sockets, bound before anything else starts so a taken port
+/// fails fast and tests can bind port 0.
+pub struct Listeners {
+    /// The gRPC API.
+    pub grpc: Listener,
+    /// The admin HTTP server.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `grpc.listen` and `admin.listen`.
+    pub async fn bind(config: &Config) -> Result<Self, ServerError> {
+        let grpc = Listener::bind(&config.grpc.listen).await?;
+        let addr = config.admin.listen;
+        let admin = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: addr.to_string(),
+                source,
+            })?;
+        Ok(Self { grpc, admin })
+    }
+
+    /// The admin server's bound address.
+    pub fn admin_addr(&self) -> String {
+        self.admin
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into())
+    }
 }
 
 /// A bound gRPC listener: TCP, or a Unix socket shared with the app container.
@@ -237,33 +270,64 @@ fn incoming(
 /// Runs the sidecar until `shutdown` resolves and the drain completes.
 pub async fn run(
     config: Config,
-    listener: Listener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    // One cancellation tree: `background` stops the pools' loops and the
+    // health updater, `revoke` ends leases, checkouts and health watches,
+    // `admin_stop` ends the admin server last. Every task is on `tracker`.
     let tracker = TaskTracker::new();
     let background = CancellationToken::new();
     let revoke = CancellationToken::new();
+    let admin_stop = CancellationToken::new();
     let pools = Arc::new(PoolSet::new(&config.upstreams));
+    let readiness = Readiness::new(pools.clone());
     pools.start(&tracker, &background);
+
+    let (health, reporter) = admin::health::service(&readiness, revoke.clone()).await;
+    tracker.spawn(admin::health::keep_updated(
+        reporter,
+        readiness.clone(),
+        background.clone(),
+    ));
+    let admin_state = AdminState {
+        readiness: readiness.clone(),
+        registry: Arc::new(admin::metrics::registry(pools.clone())),
+    };
+    let admin_addr = listeners.admin_addr();
+    let admin_done = admin_stop.clone().cancelled_owned();
+    tracker.spawn(async move {
+        if let Err(e) = admin::serve(listeners.admin, admin_state, admin_done).await {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
 
     let max_frame = usize::try_from(config.grpc.max_frame.as_u64()).unwrap_or(usize::MAX);
     let ctx = Arc::new(LeaseContext::new(pools.clone(), max_frame, revoke.clone()));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
     let (open_tx, open_rx) = watch::channel(());
     drop(open_rx);
     let stop_accepting = CancellationToken::new();
-    tracing::info!(listen = %listener.local_addr(), upstreams = ?pools.names(), "lessor serving");
-    let incoming = incoming(listener, open_tx.clone(), stop_accepting.clone());
+    tracing::info!(
+        listen = %listeners.grpc.local_addr(),
+        admin = %admin_addr,
+        upstreams = ?pools.names(),
+        "lessor serving"
+    );
+    let incoming = incoming(listeners.grpc, open_tx.clone(), stop_accepting.clone());
     let grace = config.shutdown.grace;
     let drain = async {
         shutdown.await;
-        tracing::info!(grace = ?grace, "shutdown: refusing new clients, waiting for connected ones");
+        readiness.drain();
+        tracing::info!(grace = ?grace, "shutdown: not ready; refusing new clients, waiting for connected ones");
         stop_accepting.cancel();
         tokio::select! {
             () = open_tx.closed() => tracing::info!("shutdown: every client is gone"),
@@ -279,6 +343,7 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .http2_max_pending_accept_reset_streams(Some(1000))
         .add_service(PoolService::new(ctx).into_server())
+        .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, drain)
@@ -287,6 +352,7 @@ pub async fn run(
     revoke.cancel();
     background.cancel();
     pools.close();
+    admin_stop.cancel();
     tracker.close();
     tracker.wait().await;
     tracing::info!("lessor stopped");

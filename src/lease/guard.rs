@@ -2,6 +2,7 @@
 //! hold by construction: [`LeaseGuard::finish`] consumes the guard, and a guard
 //! dropped unfinished (client gone, task cancelled, panic) finishes as an abort.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::state::{self, Direction, End, Fate, Outcome};
@@ -66,9 +67,20 @@ impl LeaseGuard {
             return;
         }
         self.last = Some(direction);
+        let n = bytes as u64;
+        let Some(leased) = &self.leased else {
+            return;
+        };
+        let counters = leased.pool().counters();
         match direction {
-            Direction::ToUpstream => self.bytes_to_upstream += bytes as u64,
-            Direction::ToClient => self.bytes_to_client += bytes as u64,
+            Direction::ToUpstream => {
+                self.bytes_to_upstream += n;
+                counters.bytes_to_upstream.fetch_add(n, Ordering::Relaxed);
+            }
+            Direction::ToClient => {
+                self.bytes_to_client += n;
+                counters.bytes_to_client.fetch_add(n, Ordering::Relaxed);
+            }
         }
     }
 
@@ -82,9 +94,17 @@ impl LeaseGuard {
         let leased = self.leased.take()?;
         let socket = health::peek(&leased.conn().stream);
         let outcome = state::conclude(end, self.last, socket, self.on_abort);
+        let counters = leased.pool().counters();
+        let held = self.started.elapsed();
         match outcome.fate {
-            Fate::Return => leased.give_back(),
-            Fate::Evict(reason) => leased.evict(reason),
+            Fate::Return => {
+                counters.lease_returned.observe(held);
+                leased.give_back();
+            }
+            Fate::Evict(reason) => {
+                counters.lease_evicted.observe(held);
+                leased.evict(reason);
+            }
         }
         Some(Finished {
             outcome,

@@ -32,7 +32,7 @@ pub use self::conn::Conn;
 pub use self::connect::{DialError, Dialer};
 pub use self::engine::{Engine, EngineError, PoolConn};
 pub use self::set::PoolSet;
-pub use self::stats::{Counters, EvictReason};
+pub use self::stats::{Counters, EvictReason, Histogram, HistogramSnapshot};
 use crate::config::UpstreamConfig;
 
 /// Why a checkout produced no connection. Mapped to gRPC statuses in `grpc/`.
@@ -171,6 +171,7 @@ impl Pool {
         let start = Instant::now();
         let outcome = tokio::time::timeout(timeout, self.checkout_loop()).await;
         drop(waiting);
+        self.counters.checkout_wait.observe(start.elapsed());
         self.maintain.notify_one();
         let mut conn = match outcome {
             Ok(Ok(conn)) => conn,
@@ -285,6 +286,33 @@ impl Pool {
                 Some(ok) => ok || self.engine.size() > 0,
                 None => false,
             }
+    }
+
+    /// Whether the upstream can serve a lease, and why, for `/readyz?verbose`.
+    pub fn readiness(&self) -> (bool, String) {
+        let ready = self.ready();
+        let size = self.engine.size();
+        let detail = if self.closed.load(Ordering::Acquire) {
+            "pool closed (shutting down)".to_owned()
+        } else if ready {
+            format!(
+                "{size} connections ({} idle, {} leased)",
+                self.idle(),
+                self.counters.leased.load(Ordering::Relaxed)
+            )
+        } else {
+            match self.dialer.last_error() {
+                Some(e) if size == 0 => format!("no connection; last dial failed: {e}"),
+                Some(e) => format!("last dial failed: {e}"),
+                None => "not dialed yet".to_owned(),
+            }
+        };
+        (ready, detail)
+    }
+
+    /// Dials under way now (connections the pool is opening).
+    pub fn connecting(&self) -> u32 {
+        self.dialer.in_flight()
     }
 
     /// Counters and gauges for `Stats`.

@@ -2,6 +2,7 @@
 //! the engine adapters and the maintenance loop.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 /// Why a connection was closed. The names are the keys of
 /// `UpstreamStats.evictions` and of the `reason` metric label.
@@ -71,7 +72,7 @@ impl EvictReason {
 
 /// Monotonic counters and live gauges. Relaxed ordering throughout: each
 /// value is independent and read only for reporting.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Counters {
     /// Leases handed a connection.
     pub leases_granted: AtomicU64,
@@ -93,6 +94,113 @@ pub struct Counters {
     /// Connections currently out of the engine's idle list, for any reason:
     /// leased, being checked, held by a sweep (gauge).
     pub out: AtomicU32,
+    /// Bytes written to the upstream by leases.
+    pub bytes_to_upstream: AtomicU64,
+    /// Bytes read from the upstream and handed to clients.
+    pub bytes_to_client: AtomicU64,
+    /// Lease durations of leases whose connection went back to the pool.
+    pub lease_returned: Histogram,
+    /// Lease durations of leases whose connection was closed.
+    pub lease_evicted: Histogram,
+    /// Time checkouts took, successful or not.
+    pub checkout_wait: Histogram,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            leases_granted: AtomicU64::new(0),
+            connections_created: AtomicU64::new(0),
+            connect_errors: AtomicU64::new(0),
+            health_checks: AtomicU64::new(0),
+            health_check_failures: AtomicU64::new(0),
+            checkout_timeouts: AtomicU64::new(0),
+            evictions: Default::default(),
+            leased: AtomicU32::new(0),
+            waiting: AtomicU32::new(0),
+            out: AtomicU32::new(0),
+            bytes_to_upstream: AtomicU64::new(0),
+            bytes_to_client: AtomicU64::new(0),
+            lease_returned: Histogram::new(LEASE_BUCKETS),
+            lease_evicted: Histogram::new(LEASE_BUCKETS),
+            checkout_wait: Histogram::new(WAIT_BUCKETS),
+        }
+    }
+}
+
+/// Upper bounds (seconds) for lease durations: from a pipelined request to a
+/// lease held for minutes.
+pub const LEASE_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0,
+];
+
+/// Upper bounds (seconds) for checkout waits: from a warm idle connection to
+/// a checkout timeout.
+pub const WAIT_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0,
+];
+
+/// A lock-free fixed-bucket histogram: one atomic add per bucket, count and
+/// sum on the hot path; the exporter reads it on scrape.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// One slot per bound, plus one for `+Inf`.
+    buckets: Box<[AtomicU64]>,
+    sum_nanos: AtomicU64,
+    count: AtomicU64,
+}
+
+/// A histogram read out: per-bucket (not cumulative) counts with their upper
+/// bounds, the last being `+Inf`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    /// Sum of observations, in seconds.
+    pub sum: f64,
+    /// Number of observations.
+    pub count: u64,
+    /// `(upper bound, observations in this bucket)`.
+    pub buckets: Vec<(f64, u64)>,
+}
+
+impl Histogram {
+    /// An empty histogram over `bounds` (ascending, in seconds).
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_nanos: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = self.bounds.partition_point(|b| *b < secs);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads the histogram.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let buckets = self
+            .bounds
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(self.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
+            .collect();
+        HistogramSnapshot {
+            sum: self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            count: self.count.load(Ordering::Relaxed),
+            buckets,
+        }
+    }
 }
 
 impl Counters {
@@ -124,5 +232,18 @@ mod tests {
         let names: std::collections::HashSet<_> =
             EvictReason::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(names.len(), EvictReason::ALL.len());
+    }
+
+    #[test]
+    fn histogram_buckets_by_upper_bound() {
+        let h = Histogram::new(&[0.001, 0.01]);
+        h.observe(Duration::from_micros(500));
+        h.observe(Duration::from_millis(1));
+        h.observe(Duration::from_millis(5));
+        h.observe(Duration::from_secs(1));
+        let s = h.snapshot();
+        assert_eq!(s.count, 4);
+        assert_eq!(s.buckets, vec![(0.001, 2), (0.01, 1), (f64::INFINITY, 1)]);
+        assert!((s.sum - 1.0065).abs() < 1e-9, "{}", s.sum);
     }
 }

@@ -57,7 +57,7 @@ async fn backpressure_slow_client_stalls_the_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backpressure_deaf_upstream_stalls_the_client() {
     let up = TestUpstream::start().await;
-    let idle = "lease: { idle_timeout: 500ms }";
+    let idle = "lease: { idle_timeout: 2s }";
     let lessor = Lessor::start(&config_one(&up.addr(), EngineKind::Bb8, &[idle])).await;
     up.set_mode(Mode::Deaf);
     let mut lease = lessor.lease().await.unwrap();
@@ -65,7 +65,7 @@ async fn backpressure_deaf_upstream_stalls_the_client() {
     let mut sent = 0;
     // Sends complete while buffers have room, then block.
     while let Ok(result) =
-        tokio::time::timeout(Duration::from_millis(500), lease.send(chunk.clone())).await
+        tokio::time::timeout(Duration::from_millis(200), lease.send(chunk.clone())).await
     {
         result.unwrap();
         sent += chunk.len();

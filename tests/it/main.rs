@@ -1,6 +1,7 @@
 //! lessor's integration tests: one crate (linking the dependency tree once),
 //! a module per behaviour. Real sockets and real servers only.
 
+mod admin;
 mod backpressure;
 mod cli;
 mod conformance;

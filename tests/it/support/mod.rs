@@ -1,6 +1,7 @@
 //! Shared fixtures: real upstream servers, an in-process lessor on a free
 //! port, and condition waits (never bare sleeps).
 
+pub mod process;
 pub mod redis;
 pub mod upstream;
 
@@ -33,7 +34,7 @@ use std::time::Duration;
 use lessor::client::{Client, ClientError, Lease, LeaseOptions};
 use lessor::config::{Config, EngineKind};
 use lessor::pb::UpstreamStats;
-use lessor::server::{self, Listener, ServerError};
+use lessor::server::{self, Listener, Listeners, ServerError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -64,8 +65,10 @@ pub fn config_one(addr: &str, engine: EngineKind, extra: &[&str]) -> String {
 
 /// lessor running in this process on a free loopback port.
 pub struct Lessor {
-    /// `127.0.0.1:port`.
+    /// `127.0.0.1:port` (or `unix:///path`).
     pub addr: String,
+    /// The admin HTTP server's `127.0.0.1:port`.
+    pub admin: String,
     /// A client connected to it.
     pub client: Client,
     stop: Option<oneshot::Sender<()>>,
@@ -92,15 +95,20 @@ impl Lessor {
     /// Starts lessor with this YAML config, listening on `listen`.
     pub async fn start_on(yaml: &str, listen: &str) -> Self {
         let config = Config::from_yaml(yaml).unwrap_or_else(|e| panic!("test config: {e}\n{yaml}"));
-        let listener = Listener::bind(&listen.parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr();
+        let listeners = Listeners {
+            grpc: Listener::bind(&listen.parse().unwrap()).await.unwrap(),
+            admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let addr = listeners.grpc.local_addr();
+        let admin = listeners.admin_addr();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(config, listener, async {
+        let task = tokio::spawn(server::run(config, listeners, async {
             let _ = stopped.await;
         }));
         let client = Client::connect(&addr).await.expect("connect to lessor");
         Self {
             addr,
+            admin,
             client,
             stop: Some(stop),
             task: AbortOnDrop(Some(task)),
@@ -179,6 +187,31 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The `grpc.health.v1` status of `service` (`""` for the whole server).
+pub async fn grpc_health(addr: &str, service: &str) -> Result<i32, tonic::Status> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let uri = format!("http://{addr}");
+    let channel = tonic::transport::Endpoint::from_shared(uri)
+        .expect("a valid uri")
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let request = HealthCheckRequest {
+        service: service.to_owned(),
+    };
+    Ok(HealthClient::new(channel)
+        .check(request)
+        .await?
+        .into_inner()
+        .status)
+}
+
+/// `grpc.health.v1` SERVING.
+pub const SERVING: i32 = 1;
+/// `grpc.health.v1` NOT_SERVING.
+pub const NOT_SERVING: i32 = 2;
 
 /// Eviction count for one reason.
 pub fn evictions(s: &UpstreamStats, reason: &str) -> u64 {

@@ -1,0 +1,357 @@
+//! `/metrics`: Prometheus text 0.0.4 or OpenMetrics 1.0, by the scraper's
+//! `Accept` header, encoded by `prometheus-client`.
+//!
+//! Pool figures are read from the pools' own counters at scrape time (a
+//! collector), so there is one count of everything and the exposition can
+//! never drift from `Stats`. Labels are bounded: `upstream`, and small fixed
+//! sets (`state`, `reason`, `result`, `direction`, `disposition`); never a
+//! lease or connection id.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::pool::{EvictReason, HistogramSnapshot, PoolSet};
+
+/// Exposition formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `text/plain; version=0.0.4`.
+    Prometheus,
+    /// `application/openmetrics-text; version=1.0.0`.
+    OpenMetrics,
+}
+
+impl Format {
+    /// OpenMetrics when the scraper asks for it, Prometheus text otherwise.
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        match accept {
+            Some(a) if a.contains("application/openmetrics-text") => Self::OpenMetrics,
+            _ => Self::Prometheus,
+        }
+    }
+
+    /// The matching `Content-Type`.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// The registry behind `/metrics`.
+pub fn registry(pools: Arc<PoolSet>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(PoolCollector { pools }));
+    registry.register_collector(Box::new(ProcessCollector));
+    registry
+}
+
+/// Renders the registry in `format`.
+pub fn render(registry: &Registry, format: Format) -> Result<String, std::fmt::Error> {
+    let mut out = String::new();
+    match format {
+        Format::Prometheus => {
+            prometheus_client::encoding::prometheus_text::encode(&mut out, registry)?
+        }
+        Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, registry)?,
+    }
+    Ok(out)
+}
+
+struct PoolCollector {
+    pools: Arc<PoolSet>,
+}
+
+impl std::fmt::Debug for PoolCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolCollector")
+            .field("upstreams", &self.pools.names())
+            .finish()
+    }
+}
+
+/// Writes one metric family, one sample per label set.
+fn family<L, M>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, M)>,
+) -> Result<(), std::fmt::Error>
+where
+    L: prometheus_client::encoding::EncodeLabelSet,
+    M: EncodeMetric,
+{
+    let mut samples = samples.into_iter().peekable();
+    let Some((_, first)) = samples.peek() else {
+        return Ok(());
+    };
+    let mut metric = encoder.encode_descriptor(name, help, None, first.metric_type())?;
+    for (labels, value) in samples {
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn histogram(
+    metric: &mut MetricEncoder,
+    labels: &[(&str, &str)],
+    h: &HistogramSnapshot,
+) -> Result<(), std::fmt::Error> {
+    metric
+        .encode_family(&labels)?
+        .encode_histogram::<NoLabelSet>(h.sum, h.count, &h.buckets, None)
+}
+
+impl Collector for PoolCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let pools: Vec<_> = self.pools.iter().collect();
+        let up = |name: &str| [("upstream", name.to_owned())];
+        let counter = |v: u64| ConstCounter::new(v);
+        let gauge = |v: i64| ConstGauge::new(v);
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+
+        let mut states = Vec::new();
+        for p in &pools {
+            let c = p.counters();
+            let leased = c.leased.load(Ordering::Relaxed);
+            let checking = c.out.load(Ordering::Relaxed).saturating_sub(leased);
+            for (state, v) in [
+                ("idle", p.idle()),
+                ("leased", leased),
+                ("checking", checking),
+                ("connecting", p.connecting()),
+            ] {
+                let labels = vec![
+                    ("upstream", p.name().to_owned()),
+                    ("state", state.to_owned()),
+                ];
+                states.push((labels, gauge(i64::from(v))));
+            }
+        }
+        family(
+            &mut e,
+            "lessor_pool_connections",
+            "Connections the pool owns, by state (connecting: dials under way).",
+            states,
+        )?;
+        family(
+            &mut e,
+            "lessor_pool_max_connections",
+            "The pool's max_size.",
+            pools
+                .iter()
+                .map(|p| (up(p.name()), gauge(i64::from(p.config().pool.max_size)))),
+        )?;
+        family(
+            &mut e,
+            "lessor_pool_waiters",
+            "Checkouts in progress.",
+            pools.iter().map(|p| {
+                (
+                    up(p.name()),
+                    gauge(i64::from(p.counters().waiting.load(Ordering::Relaxed))),
+                )
+            }),
+        )?;
+        family(
+            &mut e,
+            "lessor_upstream_ready",
+            "1 when the upstream can serve a lease.",
+            pools
+                .iter()
+                .map(|p| (up(p.name()), gauge(i64::from(p.ready())))),
+        )?;
+        family(
+            &mut e,
+            "lessor_leases",
+            "Leases granted.",
+            pools
+                .iter()
+                .map(|p| (up(p.name()), counter(load(&p.counters().leases_granted)))),
+        )?;
+        family(
+            &mut e,
+            "lessor_connections_created",
+            "Dials that produced a connection.",
+            pools.iter().map(|p| {
+                (
+                    up(p.name()),
+                    counter(load(&p.counters().connections_created)),
+                )
+            }),
+        )?;
+        family(
+            &mut e,
+            "lessor_connect_errors",
+            "Dials that failed.",
+            pools
+                .iter()
+                .map(|p| (up(p.name()), counter(load(&p.counters().connect_errors)))),
+        )?;
+        family(
+            &mut e,
+            "lessor_checkout_timeouts",
+            "Checkouts that reached their deadline.",
+            pools
+                .iter()
+                .map(|p| (up(p.name()), counter(load(&p.counters().checkout_timeouts)))),
+        )?;
+
+        let evictions = pools.iter().flat_map(|p| {
+            EvictReason::ALL.iter().map(move |r| {
+                let labels = vec![
+                    ("upstream", p.name().to_owned()),
+                    ("reason", r.as_str().to_owned()),
+                ];
+                (labels, ConstCounter::new(p.counters().evictions(*r)))
+            })
+        });
+        family(
+            &mut e,
+            "lessor_evictions",
+            "Connections closed, by reason.",
+            evictions,
+        )?;
+
+        let checks = pools.iter().flat_map(|p| {
+            let c = p.counters();
+            let total = load(&c.health_checks);
+            let failed = load(&c.health_check_failures);
+            [("ok", total.saturating_sub(failed)), ("failed", failed)].map(|(result, v)| {
+                let labels = vec![
+                    ("upstream", p.name().to_owned()),
+                    ("result", result.to_owned()),
+                ];
+                (labels, ConstCounter::new(v))
+            })
+        });
+        family(
+            &mut e,
+            "lessor_health_checks",
+            "Health checks run (peek, and probe when due).",
+            checks,
+        )?;
+
+        let bytes = pools.iter().flat_map(|p| {
+            let c = p.counters();
+            [
+                ("to_upstream", load(&c.bytes_to_upstream)),
+                ("to_client", load(&c.bytes_to_client)),
+            ]
+            .map(|(direction, v)| {
+                let labels = vec![
+                    ("upstream", p.name().to_owned()),
+                    ("direction", direction.to_owned()),
+                ];
+                (labels, ConstCounter::new(v))
+            })
+        });
+        family(
+            &mut e,
+            "lessor_lease_bytes",
+            "Bytes moved by leases.",
+            bytes,
+        )?;
+
+        if !pools.is_empty() {
+            let mut m = e.encode_descriptor(
+                "lessor_lease_duration_seconds",
+                "How long leases lasted, by what happened to their connection.",
+                None,
+                MetricType::Histogram,
+            )?;
+            for p in &pools {
+                let c = p.counters();
+                histogram(
+                    &mut m,
+                    &[("upstream", p.name()), ("disposition", "return")],
+                    &c.lease_returned.snapshot(),
+                )?;
+                histogram(
+                    &mut m,
+                    &[("upstream", p.name()), ("disposition", "evict")],
+                    &c.lease_evicted.snapshot(),
+                )?;
+            }
+            let mut m = e.encode_descriptor(
+                "lessor_checkout_wait_seconds",
+                "How long checkouts took, successful or not.",
+                None,
+                MetricType::Histogram,
+            )?;
+            for p in &pools {
+                histogram(
+                    &mut m,
+                    &[("upstream", p.name())],
+                    &p.counters().checkout_wait.snapshot(),
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The figures that expose a leak early: tasks, descriptors, memory.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let none: [(&str, &str); 0] = [];
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let tasks = i64::try_from(handle.metrics().num_alive_tasks()).unwrap_or(i64::MAX);
+            family(
+                &mut e,
+                "lessor_runtime_alive_tasks",
+                "Tokio tasks alive now.",
+                [(none, ConstGauge::new(tasks))],
+            )?;
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            let fds = i64::try_from(dir.count()).unwrap_or(i64::MAX);
+            family(
+                &mut e,
+                "lessor_process_open_fds",
+                "Open file descriptors.",
+                [(none, ConstGauge::new(fds))],
+            )?;
+        }
+        if let Some(rss) = resident_bytes() {
+            family(
+                &mut e,
+                "lessor_process_resident_memory_bytes",
+                "Resident set size.",
+                [(none, ConstGauge::new(rss))],
+            )?;
+        }
+        let version = [("version", env!("CARGO_PKG_VERSION"))];
+        family(
+            &mut e,
+            "lessor_build_info",
+            "Always 1; the labels describe the build.",
+            [(version, ConstGauge::new(1i64))],
+        )?;
+        Ok(())
+    }
+}
+
+/// VmRSS from /proc/self/status (Linux only; absent elsewhere).
+fn resident_bytes() -> Option<i64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: i64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}

@@ -1,0 +1,137 @@
+//! The admin HTTP server, on `admin.listen` (default `0.0.0.0:9090`, the pod
+//! IP, where the kubelet probes), separate from the gRPC port:
+//!
+//! - `/livez`: 200 while the process and its runtime answer; never depends on
+//!   an upstream;
+//! - `/readyz`: 200 when ready, 503 otherwise; `/readyz?verbose` lists each
+//!   upstream, its state and why;
+//! - `/metrics`: Prometheus text, or OpenMetrics when asked for.
+//!
+//! Also here: readiness itself, and `grpc.health.v1`, which mirrors it.
+
+pub mod health;
+pub mod metrics;
+pub mod readiness;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+pub use readiness::Readiness;
+
+/// What the handlers read.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The readiness verdict.
+    pub readiness: Arc<Readiness>,
+    /// The metrics registry.
+    pub registry: Arc<Registry>,
+}
+
+/// Serves the admin endpoints until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn livez() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<AdminState>, RawQuery(query): RawQuery) -> Response {
+    let report = state.readiness.report();
+    let verbose = query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .any(|p| p == "verbose" || p.starts_with("verbose="));
+    let code = if report.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = if verbose {
+        report.verbose()
+    } else if report.ready {
+        "ok\n".to_owned()
+    } else {
+        "not ready\n".to_owned()
+    };
+    (code, body).into_response()
+}
+
+async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = metrics::Format::negotiate(accept);
+    match metrics::render(&state.registry, format) {
+        Ok(body) => ([(header::CONTENT_TYPE, format.content_type())], body).into_response(),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding metrics failed\n",
+        )
+            .into_response(),
+    }
+}
+
+/// An admin endpoint's answer, as [`fetch`] reads it.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// The HTTP status code.
+    pub status: u16,
+    /// The `Content-Type` header, if any.
+    pub content_type: Option<String>,
+    /// The body.
+    pub body: String,
+}
+
+/// A minimal HTTP/1.0 GET of our own admin endpoints, for `lessor demo` and
+/// the tests: reading three plain-text endpoints needs no HTTP client
+/// dependency. `accept` sets the `Accept` header.
+pub async fn fetch(addr: &str, path: &str, accept: Option<&str>) -> std::io::Result<Fetched> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{accept}\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    let text = String::from_utf8(raw).map_err(|_| bad("response is not UTF-8"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("no header end"))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad("no status line"))?;
+    let content_type = lines.find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("content-type")
+            .then(|| value.trim().to_owned())
+    });
+    Ok(Fetched {
+        status,
+        content_type,
+        body: body.to_owned(),
+    })
+}

@@ -1,0 +1,123 @@
+//! Readiness as a value, not a flag scattered around: lessor is ready when it
+//! is not draining and every `readiness: required` upstream can serve a lease
+//! (it holds a connection that passed its checks, or its last dial
+//! succeeded). Saturation plays no part: taking every replica out under load
+//! is how outages spread.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::Notify;
+
+use crate::config::Readiness as Requirement;
+use crate::pool::PoolSet;
+
+/// The sidecar's readiness, shared by `/readyz` and gRPC health.
+pub struct Readiness {
+    pools: Arc<PoolSet>,
+    draining: AtomicBool,
+    /// Wakes the gRPC health updater the moment draining starts.
+    changed: Notify,
+}
+
+/// One upstream's part in readiness.
+#[derive(Debug, Clone)]
+pub struct UpstreamReadiness {
+    /// The upstream's name.
+    pub name: String,
+    /// Whether it gates readiness.
+    pub required: bool,
+    /// Whether it can serve a lease now.
+    pub ready: bool,
+    /// Why (connection counts, or the last dial error).
+    pub detail: String,
+}
+
+/// Readiness and its reasons at one instant.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The verdict.
+    pub ready: bool,
+    /// Whether a drain has begun.
+    pub draining: bool,
+    /// Every upstream, required or not.
+    pub upstreams: Vec<UpstreamReadiness>,
+}
+
+impl Readiness {
+    /// Readiness over these pools; not draining.
+    pub fn new(pools: Arc<PoolSet>) -> Arc<Self> {
+        Arc::new(Self {
+            pools,
+            draining: AtomicBool::new(false),
+            changed: Notify::new(),
+        })
+    }
+
+    /// Turns readiness off for good: the drain has begun.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// Whether the drain has begun.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Resolves when draining starts (for watchers that also poll).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// The verdict and its reasons.
+    pub fn report(&self) -> Report {
+        let upstreams: Vec<_> = self
+            .pools
+            .iter()
+            .map(|pool| {
+                let (ready, detail) = pool.readiness();
+                UpstreamReadiness {
+                    name: pool.name().to_owned(),
+                    required: pool.config().readiness == Requirement::Required,
+                    ready,
+                    detail,
+                }
+            })
+            .collect();
+        let draining = self.draining();
+        let ready = !draining && upstreams.iter().all(|u| u.ready || !u.required);
+        Report {
+            ready,
+            draining,
+            upstreams,
+        }
+    }
+}
+
+impl Report {
+    /// The `/readyz?verbose` body, in the Kubernetes API server's style.
+    pub fn verbose(&self) -> String {
+        let mut out = String::new();
+        for u in &self.upstreams {
+            let mark = if u.ready { '+' } else { '-' };
+            let optional = if u.required { "" } else { " (optional)" };
+            let verdict = if u.ready { "ok" } else { "failed" };
+            out.push_str(&format!(
+                "[{mark}]upstream {}{optional} {verdict}: {}\n",
+                u.name, u.detail
+            ));
+        }
+        if self.draining {
+            out.push_str("[-]draining failed: shutting down, refusing new clients\n");
+        } else {
+            out.push_str("[+]draining ok\n");
+        }
+        out.push_str(if self.ready {
+            "readyz check passed\n"
+        } else {
+            "readyz check failed\n"
+        });
+        out
+    }
+}

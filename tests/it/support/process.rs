@@ -1,0 +1,107 @@
+//! `lessor serve` as a child process, for what only a real process shows:
+//! signals, exit codes, its own file descriptors.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use lessor::client::Client;
+
+/// A running `lessor serve`, killed on drop.
+pub struct Served {
+    child: Child,
+    /// gRPC `127.0.0.1:port`.
+    pub grpc: String,
+    /// Admin HTTP `127.0.0.1:port`.
+    pub admin: String,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Served {
+    /// Starts `lessor serve` with `yaml` (which must not set the listen
+    /// addresses) on free ports, and waits until `/livez` answers.
+    pub async fn start(yaml: &str) -> Self {
+        let (grpc, admin) = (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lessor.yaml");
+        let full =
+            format!("grpc: {{ listen: \"{grpc}\" }}\nadmin: {{ listen: \"{admin}\" }}\n{yaml}");
+        std::fs::write(&path, full).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_lessor"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn lessor serve");
+        let served = Self {
+            child,
+            grpc,
+            admin,
+            _dir: dir,
+        };
+        for _ in 0..1000 {
+            if lessor::admin::fetch(&served.admin, "/livez", None)
+                .await
+                .is_ok()
+            {
+                return served;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("lessor serve did not come up");
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A client on a new connection.
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.grpc)
+            .await
+            .expect("connect to lessor serve")
+    }
+
+    /// Sends a signal (`TERM`, `INT`) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; its exit code, or `None` if it is
+    /// still running after `within`.
+    pub async fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
