@@ -1,6 +1,6 @@
 //! `lessor demo`: the README's first command. Starts a small TCP upstream in
-//! this process (an echo server that delays replies to lines starting with
-//! `SLOW`), a lessor server in front of it on both engines, and clients that
+//! this process (`echo`: it delays replies to lines starting with `SLOW`), a
+//! lessor server in front of it on both engines, and clients that
 //! take leases ending every way; then reports what happened, in the words a
 //! newcomer needs to understand lessor.
 
@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::cli;
 use crate::client::{Client, ClientError, LeaseOptions};
 use crate::config::Config;
+use crate::echo::EchoServer;
 use crate::pb::{Disposition, EndReason};
 use crate::server::{self, Listener, Listeners, ServerError};
 
@@ -81,13 +81,9 @@ struct Tally {
 pub async fn run(leases: usize) -> Result<String, DemoError> {
     let tracker = TaskTracker::new();
     let stop_upstream = CancellationToken::new();
-    let upstream = TcpListener::bind("127.0.0.1:0").await?;
-    let upstream_addr = upstream.local_addr()?;
-    tracker.spawn(echo_upstream(
-        upstream,
-        tracker.clone(),
-        stop_upstream.clone(),
-    ));
+    let upstream_addr = EchoServer::start(SLOW_REPLY, &tracker, stop_upstream.clone())
+        .await?
+        .addr;
 
     let config = Config::from_yaml(&demo_config(&upstream_addr.to_string()))?;
     let listeners = Listeners {
@@ -324,39 +320,5 @@ fn report_ends(out: &mut String, tally: &Tally) {
             ),
         };
         let _ = writeln!(out, "  {n:>5}  {what:<28} {why}");
-    }
-}
-
-/// The demo's upstream: echoes each read; a read starting with `SLOW` is
-/// answered after [`SLOW_REPLY`], so a client that releases at once leaves a
-/// reply in flight.
-async fn echo_upstream(listener: TcpListener, tracker: TaskTracker, stop: CancellationToken) {
-    loop {
-        let (mut stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(_) => continue,
-            },
-        };
-        let stop = stop.clone();
-        tracker.spawn(async move {
-            let mut buf = vec![0u8; 16 * 1024];
-            loop {
-                let n = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    read = stream.read(&mut buf) => match read {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    },
-                };
-                if buf[..n].starts_with(b"SLOW") {
-                    tokio::time::sleep(SLOW_REPLY).await;
-                }
-                if stream.write_all(&buf[..n]).await.is_err() {
-                    return;
-                }
-            }
-        });
     }
 }

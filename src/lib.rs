@@ -22,10 +22,12 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod echo;
 pub mod grpc;
 pub mod lease;
 pub mod pool;

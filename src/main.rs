@@ -57,6 +57,9 @@ enum Command {
         #[arg(long, default_value = "")]
         upstream: String,
     },
+    /// Measure lessor: load against a running sidecar, or `--compare` for a
+    /// self-contained side-by-side run against a gRPC and TCP baseline.
+    Bench(BenchArgs),
     /// Start an in-process upstream and lessor, take a few hundred leases
     /// ending every way, and report what happened.
     Demo {
@@ -64,6 +67,52 @@ enum Command {
         #[arg(long, default_value_t = 400)]
         leases: usize,
     },
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Self-contained comparison: starts its own upstream, baseline and lessor.
+    #[arg(long)]
+    compare: bool,
+    /// With --compare: fewer samples and shorter phases (CI).
+    #[arg(long)]
+    quick: bool,
+    /// With --compare: a real redis-server (PING) as the upstream.
+    #[arg(long)]
+    redis: bool,
+    /// With --compare: also write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// With --compare: lessor's runtime.worker_threads.
+    #[arg(long, default_value_t = 1)]
+    lessor_workers: usize,
+    /// With --compare: lease cycles for the memory-stability phase.
+    #[arg(long)]
+    cycles: Option<u64>,
+    /// lessor's gRPC address.
+    #[arg(long, env = "LESSOR_ADDR", default_value = "127.0.0.1:7070")]
+    target: String,
+    /// The upstream to lease from.
+    #[arg(long, default_value = "")]
+    upstream: String,
+    /// Concurrent lease loops.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// How long to run.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Request size in bytes, for an echo upstream.
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Send the request right behind Acquire, without waiting for Granted.
+    #[arg(long)]
+    pipeline: bool,
+    /// The request to send instead of a payload (escapes as in `lease --send`).
+    #[arg(long)]
+    request: Option<String>,
+    /// Reply bytes to wait for (default: the request's length, as from an echo).
+    #[arg(long)]
+    reply_bytes: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -118,6 +167,7 @@ fn main() -> ExitCode {
             print!("{}", cli::stats_table(&client.stats(&upstream).await?));
             Ok(())
         }),
+        Command::Bench(args) => bench(args),
         Command::Demo { leases } => {
             let runtime = match small_runtime(2) {
                 Ok(rt) => rt,
@@ -131,6 +181,62 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+    }
+}
+
+fn bench(args: BenchArgs) -> ExitCode {
+    let runtime = match small_runtime(lessor::bench::compare::CLIENT_WORKERS) {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e),
+    };
+    if args.compare {
+        let opts = lessor::bench::compare::CompareOptions {
+            quick: args.quick,
+            redis: args.redis,
+            payload: args.payload,
+            lessor_workers: args.lessor_workers,
+            cycles: args
+                .cycles
+                .unwrap_or(if args.quick { 20_000 } else { 1_000_000 }),
+            json: args.json,
+        };
+        return match runtime.block_on(lessor::bench::compare::run(&opts)) {
+            Ok(report) => {
+                print!("{}", report.render());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        };
+    }
+    if args.upstream.is_empty() {
+        eprintln!("lessor: bench: --upstream NAME is required (or use --compare)");
+        return ExitCode::from(2);
+    }
+    let request = match &args.request {
+        Some(text) => match cli::unescape(text) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                eprintln!("lessor: --request: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => vec![b'x'; args.payload.max(1)],
+    };
+    let opts = lessor::bench::LoadOptions {
+        target: args.target,
+        upstream: args.upstream,
+        concurrency: args.concurrency,
+        duration: args.duration,
+        reply_bytes: args.reply_bytes.unwrap_or(request.len()),
+        request: request.into(),
+        pipeline: args.pipeline,
+    };
+    match runtime.block_on(lessor::bench::load(&opts)) {
+        Ok(report) => {
+            print!("{}", report.render(&opts));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
     }
 }
 

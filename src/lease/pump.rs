@@ -13,14 +13,14 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::WriteHalf;
 use tokio::time::Sleep;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Streaming;
 
 use super::guard::LeaseGuard;
@@ -30,8 +30,12 @@ use crate::pb::{
 };
 use crate::pool::{CheckoutError, PoolSet};
 
-/// Upstream reads go into buffers of this size: one read, one Data message.
-const READ_CHUNK: usize = 32 * 1024;
+/// The first read buffer of a lease: enough for most replies, small enough
+/// that a lease costs little memory.
+const READ_FIRST: usize = 4 * 1024;
+/// The largest read (one read, one Data message): reads that fill their
+/// buffer double it up to this.
+const READ_MAX: usize = 64 * 1024;
 
 /// Why a lease stream ends with an error status instead of `Ended`.
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +107,12 @@ impl LeaseContext {
     /// Process-unique (a counter), and unlikely to repeat across restarts
     /// (salted; XOR keeps it a bijection).
     fn lease_id(&self) -> String {
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        format!("{:016x}", n ^ self.id_salt)
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed) ^ self.id_salt;
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        (0..16)
+            .rev()
+            .map(|i| char::from(HEX[((n >> (i * 4)) & 0xf) as usize]))
+            .collect()
     }
 }
 
@@ -144,13 +152,19 @@ struct Active {
     /// message is read.
     pending: Option<Bytes>,
     read_buf: BytesMut,
+    /// Size of the next read buffer; grows while reads fill it.
+    read_size: usize,
     max_lease: Duration,
-    expiry: Pin<Box<Sleep>>,
+    expires_at: tokio::time::Instant,
     idle_timeout: Duration,
-    /// Re-armed lazily: on firing it checks `last_activity` and moves itself,
-    /// so traffic costs no timer resets.
-    idle: Pin<Box<Sleep>>,
-    last_activity: Instant,
+    /// One timer for both limits, at the earlier of expiry and idle
+    /// deadline. Re-armed lazily: traffic only moves `last_activity`, and a
+    /// firing timer that finds the lease active moves itself.
+    timer: Pin<Box<Sleep>>,
+    last_activity: tokio::time::Instant,
+    /// Registered once per lease: creating `cancelled()` anew on every loop
+    /// turn would lock the token's tree each time.
+    revoked: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 enum Step {
@@ -161,8 +175,7 @@ enum Step {
 
 enum Event {
     Revoked,
-    Expired,
-    IdleTimer,
+    Timer,
     Read(io::Result<usize>),
     Wrote(io::Result<usize>),
     Message(Option<Result<LeaseRequest, tonic::Status>>),
@@ -228,7 +241,7 @@ impl Pump {
         let granted = Granted {
             lease_id: lease_id.clone(),
             upstream: pool.name().to_owned(),
-            endpoint: conn.endpoint().to_string(),
+            endpoint: conn.endpoint_str().to_owned(),
             connection_id: conn.id(),
             reused: leased.reused,
             wait_us: leased.waited.as_micros().try_into().unwrap_or(u64::MAX),
@@ -244,16 +257,19 @@ impl Pump {
         );
         let idle_timeout = config.lease.idle_timeout;
         let now = tokio::time::Instant::now();
+        let expires_at = now + max_lease;
         let active = Active {
             guard: LeaseGuard::new(leased, config.lease.on_abort),
             lease_id,
             pending: None,
-            read_buf: BytesMut::with_capacity(READ_CHUNK),
+            read_buf: BytesMut::new(),
+            read_size: READ_FIRST,
             max_lease,
-            expiry: Box::pin(tokio::time::sleep_until(now + max_lease)),
+            expires_at,
             idle_timeout,
-            idle: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
-            last_activity: Instant::now(),
+            timer: Box::pin(tokio::time::sleep_until(expires_at.min(now + idle_timeout))),
+            last_activity: now,
+            revoked: Box::pin(ctx.revoke.clone().cancelled_owned()),
         };
         Ok((Box::new(active), granted))
     }
@@ -263,16 +279,15 @@ impl Active {
     /// Pumps bytes until there is a message for the client or the lease ends.
     async fn step(&mut self, inbound: &mut Streaming<LeaseRequest>, ctx: &LeaseContext) -> Step {
         loop {
-            if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
-                self.read_buf.reserve(READ_CHUNK);
+            if self.read_buf.capacity() - self.read_buf.len() < self.read_size / 4 {
+                self.read_buf.reserve(self.read_size);
             }
             let pending = self.pending.is_some();
             let (mut rd, mut wr) = self.guard.conn_mut().stream.split();
             let event = tokio::select! {
                 biased;
-                _ = ctx.revoke.cancelled() => Event::Revoked,
-                _ = &mut self.expiry => Event::Expired,
-                _ = &mut self.idle => Event::IdleTimer,
+                _ = &mut self.revoked => Event::Revoked,
+                _ = &mut self.timer => Event::Timer,
                 read = rd.read_buf(&mut self.read_buf) => Event::Read(read),
                 wrote = write_some(&mut wr, &mut self.pending), if pending => Event::Wrote(wrote),
                 msg = inbound.next(), if !pending => Event::Message(msg),
@@ -281,29 +296,34 @@ impl Active {
                 Event::Revoked => {
                     return Step::End(End::Shutdown, "lessor is shutting down".into());
                 }
-                Event::Expired => {
-                    return Step::End(
-                        End::Expired,
-                        format!("lease reached its maximum duration of {:?}", self.max_lease),
-                    );
-                }
-                Event::IdleTimer => {
-                    let quiet = self.last_activity.elapsed();
-                    if quiet >= self.idle_timeout {
+                Event::Timer => {
+                    let now = tokio::time::Instant::now();
+                    if now >= self.expires_at {
+                        return Step::End(
+                            End::Expired,
+                            format!("lease reached its maximum duration of {:?}", self.max_lease),
+                        );
+                    }
+                    let idle_deadline = self.last_activity + self.idle_timeout;
+                    if now >= idle_deadline {
                         return Step::End(
                             End::Idle,
                             format!("no bytes either way for {:?}", self.idle_timeout),
                         );
                     }
-                    let at = tokio::time::Instant::now() + (self.idle_timeout - quiet);
-                    self.idle.as_mut().reset(at);
+                    self.timer
+                        .as_mut()
+                        .reset(self.expires_at.min(idle_deadline));
                 }
                 Event::Read(Ok(0)) => {
                     return Step::End(End::UpstreamClosed, "upstream closed the connection".into());
                 }
                 Event::Read(Ok(n)) => {
                     self.guard.record(Direction::ToClient, n);
-                    self.last_activity = Instant::now();
+                    self.last_activity = tokio::time::Instant::now();
+                    if n >= self.read_size {
+                        self.read_size = (self.read_size * 2).min(READ_MAX);
+                    }
                     return Step::Data(self.read_buf.split().freeze());
                 }
                 Event::Read(Err(e)) | Event::Wrote(Err(e)) => {
@@ -316,7 +336,7 @@ impl Active {
                 }
                 Event::Wrote(Ok(n)) => {
                     self.guard.record(Direction::ToUpstream, n);
-                    self.last_activity = Instant::now();
+                    self.last_activity = tokio::time::Instant::now();
                 }
                 Event::Message(msg) => {
                     if let Some(step) = self.on_message(msg, inbound, ctx.max_frame) {
@@ -359,7 +379,7 @@ impl Active {
                 if !data.is_empty() {
                     self.pending = Some(data);
                 }
-                self.last_activity = Instant::now();
+                self.last_activity = tokio::time::Instant::now();
                 None
             }
             Some(lease_request::Msg::Release(release)) => {

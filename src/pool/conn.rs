@@ -14,6 +14,8 @@ pub struct Conn {
     pub(crate) stream: TcpStream,
     id: u64,
     endpoint: SocketAddr,
+    /// `endpoint` formatted once: every lease's Granted carries it.
+    endpoint_str: String,
     created: Instant,
     /// `created + max_lifetime - jitter`: closed at or after this instant.
     expires_at: Instant,
@@ -37,6 +39,7 @@ impl Conn {
             stream,
             id,
             endpoint,
+            endpoint_str: endpoint.to_string(),
             created: now,
             expires_at: now + jittered(max_lifetime),
             idle_since: now,
@@ -54,6 +57,11 @@ impl Conn {
     /// The address the socket is connected to.
     pub fn endpoint(&self) -> SocketAddr {
         self.endpoint
+    }
+
+    /// The endpoint as text.
+    pub fn endpoint_str(&self) -> &str {
+        &self.endpoint_str
     }
 
     /// How many leases this connection has been handed to.

@@ -78,19 +78,12 @@ pub enum HealthError {
     },
 }
 
-/// Peek, then probe when `probe` is set and the connection has been quiet
-/// (neither used nor checked) for at least `probe_if_quiet_for`.
-pub async fn check(
-    conn: &mut Conn,
-    probe: Option<&ProbeConfig>,
-    probe_if_quiet_for: Duration,
-) -> Result<(), HealthError> {
+/// Peek, then the probe (when configured), then peek again: bytes beyond the
+/// expected answer are a reply nobody will read.
+pub async fn check(conn: &mut Conn, probe: Option<&ProbeConfig>) -> Result<(), HealthError> {
     liveness(conn)?;
-    let now = Instant::now();
-    let quiet = conn.idle_for(now).min(conn.unchecked_for(now));
-    if let Some(probe) = probe.filter(|_| quiet >= probe_if_quiet_for) {
+    if let Some(probe) = probe {
         run_probe(&mut conn.stream, probe).await?;
-        // Anything beyond the expected answer is a reply nobody will read.
         liveness(conn)?;
     }
     conn.mark_validated(Instant::now());

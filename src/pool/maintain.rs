@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
@@ -144,7 +144,7 @@ impl Pool {
         }
         let probe = cfg.health.probe.as_ref();
         let probed = join_all(to_probe.into_iter().map(|mut conn| async move {
-            let result = health::check(&mut conn, probe, Duration::ZERO).await;
+            let result = health::check(&mut conn, probe).await;
             (conn, result)
         }))
         .await;
@@ -157,14 +157,6 @@ impl Pool {
             }
         }
         put_back_in_order(keep);
-    }
-
-    fn failed_check(&self, conn: PoolConn, error: &health::HealthError) {
-        tracing::debug!(upstream = %self.name(), connection_id = conn.id(), error = %error, "idle connection failed its health check");
-        self.counters
-            .health_check_failures
-            .fetch_add(1, Ordering::Relaxed);
-        self.evict(conn, EvictReason::HealthCheck);
     }
 }
 

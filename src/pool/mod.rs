@@ -169,10 +169,24 @@ impl Pool {
             return Err(CheckoutError::TooManyWaiters(max_waiters));
         }
         let start = Instant::now();
-        let outcome = tokio::time::timeout(timeout, self.checkout_loop()).await;
+        // Fast path: a warm idle connection that needs no probe is vetted
+        // with one peek, without arming a timer or subscribing to anything.
+        let outcome = match self
+            .engine
+            .try_get_idle(&self.counters)
+            .map(|c| self.vet_now(c))
+        {
+            Some(Vetted::Ready(conn)) => Ok(Ok(conn)),
+            Some(Vetted::NeedsProbe(conn)) => {
+                tokio::time::timeout(timeout, self.checkout_loop(Some(conn))).await
+            }
+            Some(Vetted::Evicted) | None => {
+                tokio::time::timeout(timeout, self.checkout_loop(None)).await
+            }
+        };
         drop(waiting);
         self.counters.checkout_wait.observe(start.elapsed());
-        self.maintain.notify_one();
+        self.poke();
         let mut conn = match outcome {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => return Err(e),
@@ -215,46 +229,87 @@ impl Pool {
         }
     }
 
-    async fn checkout_loop(&self) -> Result<PoolConn, CheckoutError> {
+    /// Waits for connections (idle, or dialed) and vets them until one
+    /// passes. `first` is a connection the fast path already holds.
+    async fn checkout_loop(&self, mut first: Option<PoolConn>) -> Result<PoolConn, CheckoutError> {
         // bb8 dials in tasks of its own and hides their errors; a failure
         // seen here while waiting means the upstream is not answering.
         let mut failures = self.dialer.subscribe_failures();
-        let health = &self.config.health;
         loop {
-            let mut conn = tokio::select! {
-                biased;
-                got = self.engine.get(&self.counters) => match got {
-                    Ok(conn) => conn,
-                    Err(EngineError::Dial(e)) => return Err(CheckoutError::Unavailable(e.to_string())),
-                    Err(EngineError::Closed) => return Err(CheckoutError::Closed),
+            let conn = match first.take() {
+                Some(conn) => conn,
+                None => tokio::select! {
+                    biased;
+                    got = self.engine.get(&self.counters) => match got {
+                        Ok(conn) => conn,
+                        Err(EngineError::Dial(e)) => return Err(CheckoutError::Unavailable(e.to_string())),
+                        Err(EngineError::Closed) => return Err(CheckoutError::Closed),
+                    },
+                    Ok(()) = failures.changed() => {
+                        let last = self.dialer.last_error().unwrap_or_else(|| "dial failed".into());
+                        return Err(CheckoutError::Unavailable(last));
+                    }
                 },
-                Ok(()) = failures.changed() => {
-                    let last = self.dialer.last_error().unwrap_or_else(|| "dial failed".into());
-                    return Err(CheckoutError::Unavailable(last));
-                }
             };
-            let now = Instant::now();
-            if conn.expired(now) {
-                self.evict(conn, EvictReason::MaxLifetime);
-                continue;
-            }
-            // A connection no lease has used yet is peeked but not probed: it
-            // was validated by its dial, and idle ones are probed by the
-            // sweep. Probing it here is how a failing probe becomes a dial
-            // storm (each fresh dial probed, failed, evicted, redialed).
-            let probe = health.probe.as_ref().filter(|_| conn.uses() > 0);
-            let checked = health::check(&mut conn, probe, health.skip_if_used_within).await;
+            let mut conn = match self.vet_now(conn) {
+                Vetted::Ready(conn) => return Ok(conn),
+                Vetted::Evicted => continue,
+                Vetted::NeedsProbe(conn) => conn,
+            };
+            let probe = self.config.health.probe.as_ref();
+            let probed = health::check(&mut conn, probe).await;
             self.counters.health_checks.fetch_add(1, Ordering::Relaxed);
-            match checked {
+            match probed {
                 Ok(()) => return Ok(conn),
-                Err(e) => {
-                    tracing::debug!(upstream = %self.name(), connection_id = conn.id(), error = %e, "checkout health check failed");
-                    self.counters
-                        .health_check_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.evict(conn, EvictReason::HealthCheck);
-                }
+                Err(e) => self.failed_check(conn, &e),
             }
+        }
+    }
+
+    /// The synchronous part of a checkout's checks: lifetime, then the
+    /// liveness peek. Counts the check unless a probe must follow (the probe
+    /// counts then).
+    fn vet_now(&self, conn: PoolConn) -> Vetted {
+        if conn.expired(Instant::now()) {
+            self.evict(conn, EvictReason::MaxLifetime);
+            return Vetted::Evicted;
+        }
+        let health = &self.config.health;
+        if let Err(e) = health::liveness(&conn) {
+            self.counters.health_checks.fetch_add(1, Ordering::Relaxed);
+            self.failed_check(conn, &e);
+            return Vetted::Evicted;
+        }
+        // A connection no lease has used yet is peeked but not probed: it
+        // was validated by its dial, and idle ones are probed by the sweep.
+        // Probing it here is how a failing probe becomes a dial storm (each
+        // fresh dial probed, failed, evicted, redialed).
+        let now = Instant::now();
+        let quiet = conn.idle_for(now).min(conn.unchecked_for(now));
+        if health.probe.is_some() && conn.uses() > 0 && quiet >= health.skip_if_used_within {
+            return Vetted::NeedsProbe(conn);
+        }
+        self.counters.health_checks.fetch_add(1, Ordering::Relaxed);
+        Vetted::Ready(conn)
+    }
+
+    /// Counts a failed check and evicts its connection.
+    pub(crate) fn failed_check(&self, conn: PoolConn, error: &health::HealthError) {
+        tracing::debug!(upstream = %self.name(), connection_id = conn.id(), error = %error, "health check failed");
+        self.counters
+            .health_check_failures
+            .fetch_add(1, Ordering::Relaxed);
+        self.evict(conn, EvictReason::HealthCheck);
+    }
+
+    /// Wakes the maintenance loop when the pool is below what it keeps warm.
+    /// Checked here, not there: a wake-up per lease would cost more than the
+    /// lease.
+    fn poke(&self) {
+        let size = self.engine.size();
+        let idle = size.saturating_sub(self.counters.out.load(Ordering::Relaxed));
+        if size == 0 || idle < self.config.pool.min_idle() {
+            self.maintain.notify_one();
         }
     }
 
@@ -262,7 +317,7 @@ impl Pool {
     pub fn evict(&self, conn: PoolConn, reason: EvictReason) {
         self.counters.evicted(reason);
         conn.discard();
-        self.maintain.notify_one();
+        self.poke();
     }
 
     /// Open connections right now.
@@ -391,8 +446,17 @@ impl Drop for Leased {
             self.pool.evict(conn, EvictReason::ClientAbort);
         }
         self.pool.counters.leased.fetch_sub(1, Ordering::Relaxed);
-        self.pool.maintain.notify_one();
     }
+}
+
+/// What the synchronous checks made of a connection.
+enum Vetted {
+    /// Passed: hand it out.
+    Ready(PoolConn),
+    /// Failed and closed.
+    Evicted,
+    /// Alive, but quiet long enough that the probe must run.
+    NeedsProbe(PoolConn),
 }
 
 /// Counts a checkout as waiting for exactly as long as it exists.

@@ -1,0 +1,839 @@
+//! `lessor bench --compare`: one self-contained run on this machine. It
+//! starts an upstream (the in-process echo server, or `redis-server` with
+//! `--redis`), a bare tonic echo server as the gRPC baseline, and a
+//! `lessor serve` child process, then measures side by side:
+//!
+//! - U: a unary gRPC echo (the floor for a lease: one loopback gRPC round trip)
+//! - T: a request/response on a kept-alive TCP socket to the upstream
+//! - N: a new TCP connection per request (an application without a pool)
+//! - A: lease acquire (Acquire → Granted), warm pool
+//! - R: a request/response through a held lease
+//! - C: a whole pipelined lease cycle (Acquire+Data → Granted+reply → Release
+//!   → Ended and the end of the stream)
+//!
+//! plus C's throughput at several concurrencies against U's, bb8 against
+//! deadpool, and lessor's RSS and CPU time from `/proc`. The servers run on a
+//! runtime of their own and lessor on `runtime.worker_threads` (both
+//! reported), so runs on the same machine compare.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+
+use super::{BenchError, Percentiles, histogram, lease_cycle, read_reply, record};
+use crate::client::{Client, LeaseOptions};
+use crate::echo::EchoServer;
+use crate::pb::Disposition;
+
+/// The baseline's generated code.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("lessor.bench.v1");
+}
+
+/// What `--compare` does.
+#[derive(Debug, Clone)]
+pub struct CompareOptions {
+    /// Fewer samples and shorter phases (CI).
+    pub quick: bool,
+    /// Use a real `redis-server` (PING) instead of the echo upstream.
+    pub redis: bool,
+    /// Request size for the echo upstream.
+    pub payload: usize,
+    /// lessor's `runtime.worker_threads`.
+    pub lessor_workers: usize,
+    /// Lease cycles for the memory-stability phase.
+    pub cycles: u64,
+    /// Where to write the JSON report.
+    pub json: Option<PathBuf>,
+}
+
+/// One measured operation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Measure {
+    /// `U`, `T`, `N`, `A`, `R` or `C`, with the engine for lessor's.
+    pub name: String,
+    /// What it is.
+    pub what: String,
+    /// Latency, one operation at a time.
+    pub latency: Percentiles,
+}
+
+/// Throughput at one concurrency.
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    /// Concurrent loops on one HTTP/2 connection.
+    pub concurrency: usize,
+    /// Unary echoes per second.
+    pub u_per_sec: f64,
+    /// Pipelined lease cycles per second on bb8.
+    pub c_bb8_per_sec: f64,
+    /// Pipelined lease cycles per second on deadpool.
+    pub c_deadpool_per_sec: f64,
+}
+
+/// Everything one `--compare` run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompareReport {
+    /// `echo` or `redis`.
+    pub upstream: String,
+    /// Request size in bytes.
+    pub payload: usize,
+    /// lessor's worker threads.
+    pub lessor_workers: usize,
+    /// The bench's client runtime worker threads.
+    pub client_workers: usize,
+    /// The baseline and upstream servers' runtime worker threads.
+    pub server_workers: usize,
+    /// Online CPUs on this machine.
+    pub cpus: usize,
+    /// Sequential latencies.
+    pub measures: Vec<Measure>,
+    /// Throughput by concurrency.
+    pub throughput: Vec<Throughput>,
+    /// lessor's RSS once warm (KiB).
+    pub rss_idle_kib: u64,
+    /// lessor's RSS with 4 upstreams × 32 idle connections (KiB).
+    pub rss_idle_4x32_kib: u64,
+    /// lessor's RSS after the first 10k cycles of the stability phase (KiB).
+    pub rss_after_10k_kib: u64,
+    /// lessor's RSS after all cycles of the stability phase (KiB).
+    pub rss_after_all_kib: u64,
+    /// Cycles in the stability phase.
+    pub stability_cycles: u64,
+    /// lessor's CPU time (user+system) per 1000 lease cycles, in ms.
+    pub cpu_ms_per_1k_cycles: f64,
+    /// A p50 / U p50.
+    pub ratio_a_over_u: f64,
+    /// R p50 / (U p50 + T p50).
+    pub ratio_r_over_u_plus_t: f64,
+    /// C throughput / U throughput at concurrency 32.
+    pub ratio_c_over_u_throughput_32: f64,
+}
+
+const SERVER_WORKERS: usize = 1;
+/// The bench's own client runtime: one worker, so runs compare.
+pub const CLIENT_WORKERS: usize = 1;
+
+/// The upstream the run uses.
+enum Upstream {
+    Echo {
+        addr: String,
+        _stop: CancellationToken,
+    },
+    Redis {
+        addr: String,
+        _child: ChildGuard,
+    },
+}
+
+impl Upstream {
+    fn addr(&self) -> &str {
+        match self {
+            Self::Echo { addr, .. } | Self::Redis { addr, .. } => addr,
+        }
+    }
+}
+
+/// The baseline and upstream servers' runtime. Dropping a runtime inside
+/// another one's async context panics, so this shuts it down in the
+/// background instead, on every path out of `run`.
+struct ServerRuntime(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for ServerRuntime {
+    type Target = tokio::runtime::Runtime;
+
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for ServerRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Kills its child process on drop.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The baseline: a unary echo with nothing in the way.
+struct EchoService;
+
+#[tonic::async_trait]
+impl pb::echo_server::Echo for EchoService {
+    async fn echo(
+        &self,
+        request: Request<pb::EchoMessage>,
+    ) -> Result<Response<pb::EchoMessage>, Status> {
+        Ok(Response::new(request.into_inner()))
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Runs the comparison. Call from a runtime with [`CLIENT_WORKERS`] workers;
+/// it starts its own server runtime.
+pub async fn run(opts: &CompareOptions) -> Result<CompareReport, BenchError> {
+    let servers = ServerRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(SERVER_WORKERS)
+            .thread_name("bench-servers")
+            .enable_all()
+            .build()?,
+    ));
+    let tracker = TaskTracker::new();
+    let stop = CancellationToken::new();
+
+    let upstream = if opts.redis {
+        start_redis().await?
+    } else {
+        let echo = {
+            let (tracker, stop) = (tracker.clone(), stop.clone());
+            servers
+                .spawn(async move { EchoServer::start(Duration::from_millis(1), &tracker, stop).await })
+                .await
+                .map_err(std::io::Error::other)??
+        };
+        Upstream::Echo {
+            addr: echo.addr.to_string(),
+            _stop: stop.clone(),
+        }
+    };
+    let (request, reply_len) = if opts.redis {
+        (Bytes::from_static(b"PING\r\n"), 7)
+    } else {
+        (
+            Bytes::from(vec![b'x'; opts.payload.max(1)]),
+            opts.payload.max(1),
+        )
+    };
+
+    let baseline_addr = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let stop = stop.clone();
+        servers.spawn(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                return;
+            };
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let _ = tonic::transport::Server::builder()
+                .add_service(pb::echo_server::EchoServer::new(EchoService))
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await;
+        });
+        addr.to_string()
+    };
+
+    let lessor = Lessor::spawn(
+        &one_upstream_config(upstream.addr(), opts),
+        opts.lessor_workers,
+    )
+    .await?;
+    let client = Client::connect(&lessor.grpc).await?;
+    wait_warm(&client, 8).await?;
+    let rss_idle_kib = lessor.rss_kib();
+    let cpu_start = lessor.cpu_ms();
+
+    let n = if opts.quick { 2_000 } else { 20_000 };
+    let mut measures = Vec::new();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{baseline_addr}"))
+        .map_err(|e| BenchError::Baseline(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| BenchError::Baseline(e.to_string()))?;
+    let echo = pb::echo_client::EchoClient::new(channel);
+    let u = {
+        let echo = echo.clone();
+        let request = request.clone();
+        sample(n, move || {
+            let mut echo = echo.clone();
+            let payload = request.clone();
+            async move {
+                echo.echo(pb::EchoMessage { payload })
+                    .await
+                    .map_err(|e| BenchError::Baseline(e.to_string()))?;
+                Ok(())
+            }
+        })
+        .await?
+    };
+    measures.push(Measure {
+        name: "U".into(),
+        what: "unary gRPC echo (baseline)".into(),
+        latency: u,
+    });
+
+    let mut kept = TcpStream::connect(upstream.addr()).await?;
+    kept.set_nodelay(true)?;
+    let t = {
+        let mut buf = vec![0u8; reply_len];
+        let mut hist = histogram();
+        for i in 0..n + 200 {
+            let start = Instant::now();
+            kept.write_all(&request).await?;
+            kept.read_exact(&mut buf).await?;
+            if i >= 200 {
+                record(&mut hist, start.elapsed());
+            }
+        }
+        Percentiles::of(&hist)
+    };
+    measures.push(Measure {
+        name: "T".into(),
+        what: "TCP request/response, kept-alive socket".into(),
+        latency: t,
+    });
+
+    let fresh = {
+        let mut buf = vec![0u8; reply_len];
+        let mut hist = histogram();
+        // New connections leave TIME_WAIT sockets behind: fewer samples.
+        for _ in 0..(n / 4).max(200) {
+            let start = Instant::now();
+            let mut s = TcpStream::connect(upstream.addr()).await?;
+            s.set_nodelay(true)?;
+            s.write_all(&request).await?;
+            s.read_exact(&mut buf).await?;
+            record(&mut hist, start.elapsed());
+        }
+        Percentiles::of(&hist)
+    };
+    measures.push(Measure {
+        name: "N".into(),
+        what: "new TCP connection per request".into(),
+        latency: fresh,
+    });
+
+    for engine in ["bb8", "deadpool"] {
+        let a = {
+            let mut hist = histogram();
+            for i in 0..n + 200 {
+                let start = Instant::now();
+                let lease = client.lease(engine, &LeaseOptions::default()).await?;
+                if i >= 200 {
+                    record(&mut hist, start.elapsed());
+                }
+                lease.release(Disposition::Return).await?;
+            }
+            Percentiles::of(&hist)
+        };
+        measures.push(Measure {
+            name: format!("A {engine}"),
+            what: "lease acquire, warm pool".into(),
+            latency: a,
+        });
+        let r = {
+            let mut lease = client.lease(engine, &LeaseOptions::default()).await?;
+            let mut hist = histogram();
+            for i in 0..n + 200 {
+                let start = Instant::now();
+                lease.send(request.clone()).await?;
+                read_reply(&mut lease, reply_len).await?;
+                if i >= 200 {
+                    record(&mut hist, start.elapsed());
+                }
+            }
+            lease.release(Disposition::Return).await?;
+            Percentiles::of(&hist)
+        };
+        measures.push(Measure {
+            name: format!("R {engine}"),
+            what: "request/response through a held lease".into(),
+            latency: r,
+        });
+        let c = {
+            let client = client.clone();
+            let request = request.clone();
+            sample(n, move || {
+                let client = client.clone();
+                let request = request.clone();
+                async move {
+                    lease_cycle(&client, engine, &request, reply_len, true)
+                        .await
+                        .map(|_| ())
+                }
+            })
+            .await?
+        };
+        measures.push(Measure {
+            name: format!("C {engine}"),
+            what: "whole pipelined lease cycle".into(),
+            latency: c,
+        });
+    }
+
+    let phase = if opts.quick {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_secs(3)
+    };
+    let mut throughput = Vec::new();
+    for concurrency in [1, 8, 32, 128] {
+        let u_rate = {
+            let echo = echo.clone();
+            let request = request.clone();
+            rate(concurrency, phase, move || {
+                let mut echo = echo.clone();
+                let payload = request.clone();
+                async move {
+                    echo.echo(pb::EchoMessage { payload })
+                        .await
+                        .map_err(|e| BenchError::Baseline(e.to_string()))
+                        .map(|_| ())
+                }
+            })
+            .await?
+        };
+        let mut c_rates = Vec::new();
+        for engine in ["bb8", "deadpool"] {
+            let client = client.clone();
+            let request = request.clone();
+            c_rates.push(
+                rate(concurrency, phase, move || {
+                    let client = client.clone();
+                    let request = request.clone();
+                    async move {
+                        lease_cycle(&client, engine, &request, reply_len, true)
+                            .await
+                            .map(|_| ())
+                    }
+                })
+                .await?,
+            );
+        }
+        throughput.push(Throughput {
+            concurrency,
+            u_per_sec: u_rate,
+            c_bb8_per_sec: c_rates[0],
+            c_deadpool_per_sec: c_rates[1],
+        });
+    }
+
+    // Memory stability: RSS after the first 10k cycles against after all.
+    let stability_cycles = opts.cycles.max(20_000);
+    let run_cycles = |count: u64| {
+        let client = client.clone();
+        let request = request.clone();
+        async move { cycles(&client, &request, reply_len, count, 32).await }
+    };
+    run_cycles(10_000).await?;
+    let rss_after_10k_kib = lessor.rss_kib();
+    run_cycles(stability_cycles - 10_000).await?;
+    let rss_after_all_kib = lessor.rss_kib();
+
+    let total_cycles: u64 = stability_cycles
+        + throughput
+            .iter()
+            .map(|t| ((t.c_bb8_per_sec + t.c_deadpool_per_sec) * phase.as_secs_f64()) as u64)
+            .sum::<u64>()
+        + 2 * (n as u64 + 200);
+    let cpu_ms = lessor.cpu_ms().saturating_sub(cpu_start);
+    drop(client);
+    lessor.stop().await;
+
+    let idle_4x32 = Lessor::spawn(
+        &four_upstreams_config(upstream.addr(), opts),
+        opts.lessor_workers,
+    )
+    .await?;
+    let idle_client = Client::connect(&idle_4x32.grpc).await?;
+    wait_warm(&idle_client, 32).await?;
+    drop(idle_client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rss_idle_4x32_kib = idle_4x32.rss_kib();
+    idle_4x32.stop().await;
+
+    stop.cancel();
+    tracker.close();
+    drop(upstream);
+    drop(servers);
+
+    let p50 = |name: &str| {
+        measures
+            .iter()
+            .find(|m| m.name == name)
+            .map_or(0, |m| m.latency.p50) as f64
+    };
+    let at32 = throughput.iter().find(|t| t.concurrency == 32);
+    let report = CompareReport {
+        upstream: if opts.redis { "redis" } else { "echo" }.into(),
+        payload: request.len(),
+        lessor_workers: opts.lessor_workers,
+        client_workers: CLIENT_WORKERS,
+        server_workers: SERVER_WORKERS,
+        cpus: std::thread::available_parallelism().map_or(1, usize::from),
+        ratio_a_over_u: p50("A bb8") / p50("U").max(1.0),
+        ratio_r_over_u_plus_t: p50("R bb8") / (p50("U") + p50("T")).max(1.0),
+        ratio_c_over_u_throughput_32: at32.map_or(0.0, |t| t.c_bb8_per_sec / t.u_per_sec.max(1e-9)),
+        measures,
+        throughput,
+        rss_idle_kib,
+        rss_idle_4x32_kib,
+        rss_after_10k_kib,
+        rss_after_all_kib,
+        stability_cycles,
+        cpu_ms_per_1k_cycles: cpu_ms as f64 * 1000.0 / total_cycles.max(1) as f64,
+    };
+    if let Some(path) = &opts.json {
+        let json = serde_json::to_string_pretty(&report).map_err(std::io::Error::other)?;
+        std::fs::write(path, json)?;
+    }
+    Ok(report)
+}
+
+async fn sample<F, Fut>(n: usize, mut op: F) -> Result<Percentiles, BenchError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), BenchError>>,
+{
+    let mut hist = histogram();
+    for i in 0..n + 200 {
+        let start = Instant::now();
+        op().await?;
+        if i >= 200 {
+            record(&mut hist, start.elapsed());
+        }
+    }
+    Ok(Percentiles::of(&hist))
+}
+
+/// Operations per second with `concurrency` loops for `phase`.
+async fn rate<F, Fut>(concurrency: usize, phase: Duration, op: F) -> Result<f64, BenchError>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BenchError>> + Send,
+{
+    let op = Arc::new(op);
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + phase;
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (op, done) = (op.clone(), done.clone());
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    op().await?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok::<_, BenchError>(())
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.map_err(std::io::Error::other)??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn cycles(
+    client: &Client,
+    request: &Bytes,
+    reply_len: usize,
+    count: u64,
+    concurrency: u64,
+) -> Result<(), BenchError> {
+    let left = Arc::new(AtomicU64::new(count));
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, request, left) = (client.clone(), request.clone(), left.clone());
+            tokio::spawn(async move {
+                while left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    lease_cycle(&client, "bb8", &request, reply_len, true).await?;
+                }
+                Ok::<_, BenchError>(())
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.map_err(std::io::Error::other)??;
+    }
+    Ok(())
+}
+
+async fn wait_warm(client: &Client, idle: u32) -> Result<(), BenchError> {
+    for _ in 0..1000 {
+        if client.stats("").await?.iter().all(|s| s.idle >= idle) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err(BenchError::Reply("lessor's pools did not warm up".into()))
+}
+
+async fn start_redis() -> Result<Upstream, BenchError> {
+    let port = free_port()?;
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| std::io::Error::other(format!("--redis needs redis-server: {e}")))?;
+    let guard = ChildGuard(child);
+    let addr = format!("127.0.0.1:{port}");
+    for _ in 0..500 {
+        if let Ok(mut s) = TcpStream::connect(&addr).await {
+            let mut buf = [0u8; 7];
+            if s.write_all(b"PING\r\n").await.is_ok() && s.read_exact(&mut buf).await.is_ok() {
+                return Ok(Upstream::Redis {
+                    addr,
+                    _child: guard,
+                });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err(BenchError::Reply("redis-server did not answer PING".into()))
+}
+
+fn health(opts: &CompareOptions) -> &'static str {
+    if opts.redis {
+        "    health: { probe: { send: \"PING\\r\\n\", expect: \"+PONG\\r\\n\" } }\n"
+    } else {
+        ""
+    }
+}
+
+fn one_upstream_config(addr: &str, opts: &CompareOptions) -> String {
+    let mut yaml = String::from("upstreams:\n");
+    for engine in ["bb8", "deadpool"] {
+        let _ = write!(
+            yaml,
+            "  - name: {engine}\n    address: \"{addr}\"\n    engine: {engine}\n    pool: {{ max_size: 160, min_idle: 8 }}\n{}",
+            health(opts)
+        );
+    }
+    yaml
+}
+
+fn four_upstreams_config(addr: &str, opts: &CompareOptions) -> String {
+    let mut yaml = String::from("upstreams:\n");
+    for i in 0..4 {
+        let engine = if i % 2 == 0 { "bb8" } else { "deadpool" };
+        let _ = write!(
+            yaml,
+            "  - name: up{i}\n    address: \"{addr}\"\n    engine: {engine}\n    pool: {{ max_size: 32, min_idle: 32 }}\n{}",
+            health(opts)
+        );
+    }
+    yaml
+}
+
+/// A `lessor serve` child process (this same binary).
+struct Lessor {
+    child: ChildGuard,
+    grpc: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Lessor {
+    async fn spawn(upstreams_yaml: &str, workers: usize) -> Result<Self, BenchError> {
+        let dir = tempfile::tempdir()?;
+        let grpc = format!("127.0.0.1:{}", free_port()?);
+        let admin = format!("127.0.0.1:{}", free_port()?);
+        let path = dir.path().join("lessor.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "grpc: {{ listen: \"{grpc}\" }}\nadmin: {{ listen: \"{admin}\" }}\nruntime: {{ worker_threads: {workers} }}\nshutdown: {{ grace: 1s }}\n{upstreams_yaml}"
+            ),
+        )?;
+        let child = Command::new(std::env::current_exe()?)
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?;
+        let lessor = Self {
+            child: ChildGuard(child),
+            grpc,
+            _dir: dir,
+        };
+        for _ in 0..1000 {
+            if let Ok(r) = crate::admin::fetch(&admin, "/readyz", None).await
+                && r.status == 200
+            {
+                return Ok(lessor);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(BenchError::Reply(
+            "lessor serve did not become ready".into(),
+        ))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// User plus system CPU time, in milliseconds (from clock ticks).
+    fn cpu_ms(&self) -> u64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the `(comm)`, which may hold spaces.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // utime and stime are fields 14 and 15 of stat(5): 11 and 12 here.
+        (ticks(11) + ticks(12)) * 10
+    }
+
+    async fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+        for _ in 0..300 {
+            if let Ok(Some(_)) = self.child.0.try_wait() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl CompareReport {
+    /// The Markdown report.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "lessor bench --compare: upstream `{}`, {}-byte requests; {} CPUs; lessor runtime.worker_threads={}, bench client runtime {} worker, baseline+upstream runtime {} worker\n",
+            self.upstream,
+            self.payload,
+            self.cpus,
+            self.lessor_workers,
+            self.client_workers,
+            self.server_workers
+        );
+        let _ = writeln!(out, "| | operation | p50 µs | p90 µs | p99 µs | p99.9 µs |");
+        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|");
+        for m in &self.measures {
+            let l = &m.latency;
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                m.name, m.what, l.p50, l.p90, l.p99, l.p999
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n| concurrency | U echoes/s | C bb8 leases/s | C deadpool leases/s | C bb8 / U |"
+        );
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|");
+        for t in &self.throughput {
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} | {:.0} | {:.0} | {:.2} |",
+                t.concurrency,
+                t.u_per_sec,
+                t.c_bb8_per_sec,
+                t.c_deadpool_per_sec,
+                t.c_bb8_per_sec / t.u_per_sec.max(1e-9)
+            );
+        }
+        let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+        let growth =
+            (self.rss_after_all_kib as f64 / self.rss_after_10k_kib.max(1) as f64 - 1.0) * 100.0;
+        let _ = writeln!(out, "\n| figure | value | target | |");
+        let _ = writeln!(out, "|---|---:|---:|---|");
+        let _ = writeln!(
+            out,
+            "| A p50 / U p50 | {:.2} | ≤ 1.30 | {} |",
+            self.ratio_a_over_u,
+            verdict(self.ratio_a_over_u <= 1.3)
+        );
+        let _ = writeln!(
+            out,
+            "| R p50 / (U + T) p50 | {:.2} | ≤ 1.30 | {} |",
+            self.ratio_r_over_u_plus_t,
+            verdict(self.ratio_r_over_u_plus_t <= 1.3)
+        );
+        let _ = writeln!(
+            out,
+            "| C throughput / U throughput at 32 | {:.2} | ≥ 0.50 | {} |",
+            self.ratio_c_over_u_throughput_32,
+            verdict(self.ratio_c_over_u_throughput_32 >= 0.5)
+        );
+        let _ = writeln!(
+            out,
+            "| idle RSS, 4 upstreams × 32 connections | {:.1} MiB | ≤ 20 MiB | {} |",
+            self.rss_idle_4x32_kib as f64 / 1024.0,
+            verdict(self.rss_idle_4x32_kib <= 20 * 1024)
+        );
+        let _ = writeln!(
+            out,
+            "| RSS after {} cycles vs after 10k | {:+.1}% ({} → {} KiB) | within 10% | {} |",
+            self.stability_cycles,
+            growth,
+            self.rss_after_10k_kib,
+            self.rss_after_all_kib,
+            verdict(growth.abs() <= 10.0)
+        );
+        let _ = writeln!(
+            out,
+            "| idle RSS, 2 upstreams × 8 connections | {:.1} MiB | | |",
+            self.rss_idle_kib as f64 / 1024.0
+        );
+        let _ = writeln!(
+            out,
+            "| lessor CPU per 1000 lease cycles | {:.1} ms | | |",
+            self.cpu_ms_per_1k_cycles
+        );
+        out
+    }
+}
