@@ -52,6 +52,9 @@ pub enum ClientError {
     /// The lease stream is over; nothing more can be sent.
     #[error("the lease has ended")]
     Closed,
+    /// A metadata key or value is not valid ASCII gRPC metadata.
+    #[error("invalid metadata `{0}`")]
+    Metadata(String),
 }
 
 impl ClientError {
@@ -78,6 +81,9 @@ pub struct LeaseOptions {
     pub checkout_timeout: Option<Duration>,
     /// Shortens the upstream's maximum lease duration (never extends it).
     pub max_lease: Option<Duration>,
+    /// gRPC metadata to send with the call, e.g. a W3C `traceparent` so the
+    /// lease joins the caller's trace.
+    pub metadata: Vec<(String, String)>,
 }
 
 impl Client {
@@ -156,12 +162,14 @@ impl Client {
         if let Some(first) = first {
             let _ = tx.try_send(request(lease_request::Msg::Data(first)));
         }
-        let mut inbound = self
-            .inner
-            .clone()
-            .lease(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        for (key, value) in &options.metadata {
+            let bad = || ClientError::Metadata(format!("{key}: {value}"));
+            let key: tonic::metadata::MetadataKey<tonic::metadata::Ascii> = key.parse().map_err(|_| bad())?;
+            let value = value.parse().map_err(|_| bad())?;
+            request.metadata_mut().insert(key, value);
+        }
+        let mut inbound = self.inner.clone().lease(request).await?.into_inner();
         let granted = match inbound.message().await? {
             Some(LeaseResponse {
                 msg: Some(lease_response::Msg::Granted(granted)),

@@ -24,6 +24,9 @@ enum Command {
         /// Configuration file (YAML).
         #[arg(long, env = "LESSOR_CONFIG")]
         config: PathBuf,
+        /// Log format on stdout: text or json.
+        #[arg(long, env = "LESSOR_LOG_FORMAT", default_value = "text", value_parser = parse_log_format)]
+        log_format: telemetry::LogFormat,
     },
     /// Validate a configuration file: exit 0 when valid, 2 when not.
     CheckConfig {
@@ -129,8 +132,8 @@ fn main() -> ExitCode {
             }
             Err(e) => invalid_config(&e),
         },
-        Command::Serve { config } => match Config::load(&config) {
-            Ok(config) => serve(config),
+        Command::Serve { config, log_format } => match Config::load(&config) {
+            Ok(config) => serve(config, log_format),
             Err(e) => invalid_config(&e),
         },
         Command::Lease {
@@ -240,18 +243,34 @@ fn bench(args: BenchArgs) -> ExitCode {
     }
 }
 
-fn serve(config: Config) -> ExitCode {
+fn parse_log_format(s: &str) -> Result<telemetry::LogFormat, String> {
+    telemetry::LogFormat::parse(s).ok_or_else(|| format!("`{s}`: expected text or json"))
+}
+
+fn serve(config: Config, log_format: telemetry::LogFormat) -> ExitCode {
     let runtime = match small_runtime(config.runtime.worker_threads) {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
     };
     runtime.block_on(async {
-        telemetry::init();
+        let telemetry = match telemetry::init(&config.telemetry, log_format) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("lessor: invalid telemetry settings: {e}");
+                return ExitCode::from(2);
+            }
+        };
         let listeners = match server::Listeners::bind(&config).await {
             Ok(l) => l,
             Err(e) => return fail(&e),
         };
-        match server::run(config, listeners, shutdown::first_signal()).await {
+        let flush_within = config.shutdown.grace.clamp(Duration::from_secs(1), Duration::from_secs(5));
+        let options = server::RunOptions {
+            spans: telemetry.spans.clone(),
+        };
+        let served = server::run_with(config, listeners, shutdown::first_signal(), options).await;
+        telemetry.shutdown(flush_within).await;
+        match served {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         }

@@ -35,6 +35,7 @@ use crate::config::{Config, ListenAddr};
 use crate::grpc::{PoolService, pb};
 use crate::lease::LeaseContext;
 use crate::pool::PoolSet;
+use crate::telemetry::SpanCounters;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -267,11 +268,28 @@ fn incoming(
         .chain(futures::stream::pending())
 }
 
+/// What `run_with` takes beyond the config: handles owned by the caller.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Span export accounting from `telemetry::init`, shown in `/metrics`.
+    pub spans: Arc<SpanCounters>,
+}
+
 /// Runs the sidecar until `shutdown` resolves and the drain completes.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    run_with(config, listeners, shutdown, RunOptions::default()).await
+}
+
+/// [`run`], with caller-owned handles.
+pub async fn run_with(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+    options: RunOptions,
 ) -> Result<(), ServerError> {
     // One cancellation tree: `background` stops the pools' loops and the
     // health updater, `revoke` ends leases, checkouts and health watches,
@@ -292,7 +310,7 @@ pub async fn run(
     ));
     let admin_state = AdminState {
         readiness: readiness.clone(),
-        registry: Arc::new(admin::metrics::registry(pools.clone())),
+        registry: Arc::new(admin::metrics::registry(pools.clone(), options.spans)),
     };
     let admin_addr = listeners.admin_addr();
     let admin_done = admin_stop.clone().cancelled_owned();

@@ -18,6 +18,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::pool::{EvictReason, HistogramSnapshot, PoolSet};
+use crate::telemetry::SpanCounters;
 
 /// Exposition formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,11 +48,33 @@ impl Format {
 }
 
 /// The registry behind `/metrics`.
-pub fn registry(pools: Arc<PoolSet>) -> Registry {
+pub fn registry(pools: Arc<PoolSet>, spans: Arc<SpanCounters>) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(PoolCollector { pools }));
     registry.register_collector(Box::new(ProcessCollector));
+    registry.register_collector(Box::new(SpanCollector { spans }));
     registry
+}
+
+/// Trace export accounting: a collector that is slow or down shows here as
+/// `failed` and `dropped`, never as slower leases.
+#[derive(Debug)]
+struct SpanCollector {
+    spans: Arc<SpanCounters>,
+}
+
+impl Collector for SpanCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.spans;
+        let samples = [
+            ("queued", &s.queued),
+            ("exported", &s.exported),
+            ("failed", &s.failed),
+            ("dropped", &s.dropped),
+        ]
+        .map(|(outcome, v)| ([("outcome", outcome)], ConstCounter::new(v.load(Ordering::Relaxed))));
+        family(&mut e, "lessor_trace_spans", "Trace spans by outcome (dropped: the export queue was full).", samples)
+    }
 }
 
 /// Renders the registry in `format`.

@@ -10,7 +10,9 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::pb::{self, LeaseRequest, LeaseResponse, StatsRequest, StatsResponse, UpstreamStats};
-use crate::lease::{LeaseContext, lease_stream};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::lease::{LeaseContext, lease_span, lease_stream};
 use crate::pool::PoolSnapshot;
 
 /// The service implementation; cheap to clone into tonic.
@@ -43,7 +45,12 @@ impl pb::pool_server::Pool for PoolService {
         &self,
         request: Request<Streaming<LeaseRequest>>,
     ) -> Result<Response<Self::LeaseStream>, Status> {
-        let stream = lease_stream(request.into_inner(), self.ctx.clone())
+        let span = lease_span();
+        if !span.is_disabled() {
+            let parent = crate::telemetry::propagation::extract(request.metadata());
+            let _ = span.set_parent(parent);
+        }
+        let stream = lease_stream(request.into_inner(), self.ctx.clone(), span)
             .map(|item| item.map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
     }

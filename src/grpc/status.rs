@@ -7,30 +7,41 @@ use tonic::{Code, Status};
 use crate::lease::pump::LeaseError;
 use crate::pool::CheckoutError;
 
+/// The status code a checkout error ends a lease with.
+pub fn checkout_code(e: &CheckoutError) -> Code {
+    match e {
+        CheckoutError::Exhausted { .. } | CheckoutError::TooManyWaiters(_) => Code::ResourceExhausted,
+        CheckoutError::Unavailable(_) | CheckoutError::Closed => Code::Unavailable,
+    }
+}
+
+/// The status code a lease error ends its stream with (also recorded on the
+/// lease's trace span).
+pub fn code(e: &LeaseError) -> Code {
+    match e {
+        LeaseError::Checkout(e) => checkout_code(e),
+        LeaseError::Transport(status) => status.code(),
+        LeaseError::UnknownUpstream { .. } => Code::NotFound,
+        LeaseError::ShuttingDown => Code::Unavailable,
+        LeaseError::FirstNotAcquire
+        | LeaseError::SecondAcquire
+        | LeaseError::EmptyRequest
+        | LeaseError::FrameTooLarge { .. }
+        | LeaseError::AfterRelease => Code::InvalidArgument,
+    }
+}
+
 impl From<CheckoutError> for Status {
     fn from(e: CheckoutError) -> Self {
-        let code = match e {
-            CheckoutError::Exhausted { .. } | CheckoutError::TooManyWaiters(_) => {
-                Code::ResourceExhausted
-            }
-            CheckoutError::Unavailable(_) | CheckoutError::Closed => Code::Unavailable,
-        };
-        Status::new(code, e.to_string())
+        Status::new(checkout_code(&e), e.to_string())
     }
 }
 
 impl From<LeaseError> for Status {
     fn from(e: LeaseError) -> Self {
         match e {
-            LeaseError::Checkout(e) => e.into(),
             LeaseError::Transport(status) => status,
-            LeaseError::UnknownUpstream { .. } => Status::not_found(e.to_string()),
-            LeaseError::ShuttingDown => Status::unavailable(e.to_string()),
-            LeaseError::FirstNotAcquire
-            | LeaseError::SecondAcquire
-            | LeaseError::EmptyRequest
-            | LeaseError::FrameTooLarge { .. }
-            | LeaseError::AfterRelease => Status::invalid_argument(e.to_string()),
+            other => Status::new(code(&other), other.to_string()),
         }
     }
 }

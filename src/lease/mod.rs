@@ -15,5 +15,5 @@ pub mod pump;
 pub mod state;
 
 pub use guard::{Finished, LeaseGuard};
-pub use pump::{LeaseContext, lease_stream};
+pub use pump::{LeaseContext, lease_span, lease_stream};
 pub use state::{Direction, End, Fate, Outcome};

@@ -22,6 +22,8 @@ use tokio::net::tcp::WriteHalf;
 use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Streaming;
+use tracing::field::Empty;
+use tracing::{Instrument, Span};
 
 use super::guard::LeaseGuard;
 use super::state::{Direction, End};
@@ -29,6 +31,7 @@ use crate::pb::{
     Disposition, Ended, Granted, LeaseRequest, LeaseResponse, lease_request, lease_response,
 };
 use crate::pool::{CheckoutError, PoolSet};
+use crate::telemetry::TARGET;
 
 /// The first read buffer of a lease: enough for most replies, small enough
 /// that a lease costs little memory.
@@ -116,26 +119,67 @@ impl LeaseContext {
     }
 }
 
-/// The response stream of one `Lease` call.
+/// The response stream of one `Lease` call. `span` is the lease's trace
+/// span (disabled when no exporter is configured); every poll runs in it.
 pub fn lease_stream(
     inbound: Streaming<LeaseRequest>,
     ctx: Arc<LeaseContext>,
+    span: Span,
 ) -> impl Stream<Item = Result<LeaseResponse, LeaseError>> + Send + 'static {
     let pump = Pump {
         inbound,
         ctx,
         phase: Phase::Start,
+        span,
     };
     futures::stream::unfold(pump, |mut pump| async move {
-        let item = pump.next().await?;
+        let span = pump.span.clone();
+        let item = pump.next().instrument(span).await?;
         Some((item, pump))
     })
+}
+
+/// The lease span, with every attribute it will carry declared up front
+/// (`tracing` records only declared fields). OpenTelemetry semantic
+/// convention names where one exists, `lessor.*` otherwise.
+pub fn lease_span() -> Span {
+    tracing::info_span!(
+        target: TARGET,
+        "lease",
+        otel.kind = "server",
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+        rpc.system = "grpc",
+        rpc.service = "lessor.v1.Pool",
+        rpc.method = "Lease",
+        rpc.grpc.status_code = Empty,
+        server.address = Empty,
+        server.port = Empty,
+        lessor.upstream = Empty,
+        lessor.lease.id = Empty,
+        lessor.connection.id = Empty,
+        lessor.connection.reused = Empty,
+        lessor.connection.uses = Empty,
+        lessor.checkout.wait_us = Empty,
+        lessor.bytes.to_upstream = Empty,
+        lessor.bytes.to_client = Empty,
+        lessor.disposition = Empty,
+        lessor.end_reason = Empty,
+    )
+}
+
+/// Marks `span` failed with `error`, and the gRPC status it ends with.
+fn fail_span(span: &Span, error: &LeaseError) {
+    span.record("otel.status_code", "ERROR");
+    span.record("otel.status_description", error.to_string());
+    span.record("rpc.grpc.status_code", crate::grpc::status::code(error) as i64);
 }
 
 struct Pump {
     inbound: Streaming<LeaseRequest>,
     ctx: Arc<LeaseContext>,
     phase: Phase,
+    span: Span,
 }
 
 enum Phase {
@@ -192,7 +236,10 @@ impl Pump {
                     self.phase = Phase::Active(active);
                     Some(Ok(response(lease_response::Msg::Granted(granted))))
                 }
-                Err(Some(e)) => Some(Err(e)),
+                Err(Some(e)) => {
+                    fail_span(&self.span, &e);
+                    Some(Err(e))
+                }
                 Err(None) => None,
             },
             Phase::Active(mut active) => match active.step(&mut self.inbound, &self.ctx).await {
@@ -200,9 +247,10 @@ impl Pump {
                     self.phase = Phase::Active(active);
                     Some(Ok(response(lease_response::Msg::Data(bytes))))
                 }
-                Step::End(end, detail) => active.end(end, detail).map(Ok),
+                Step::End(end, detail) => active.end(end, detail, &self.span).map(Ok),
                 Step::Violation(e) => {
-                    active.end(End::Violation, e.to_string());
+                    fail_span(&self.span, &e);
+                    active.end(End::Violation, e.to_string(), &self.span);
                     Some(Err(e))
                 }
             },
@@ -232,9 +280,26 @@ impl Pump {
         let config = pool.config();
         let checkout_timeout = clamp_ms(acquire.checkout_timeout_ms, config.pool.checkout_timeout);
         let max_lease = clamp_ms(acquire.max_lease_ms, config.lease.max_duration);
-        let leased = tokio::select! {
-            got = pool.checkout(checkout_timeout) => got.map_err(LeaseError::from)?,
+        self.span.record("lessor.upstream", pool.name());
+        let checkout_span = tracing::info_span!(
+            target: TARGET,
+            "checkout",
+            lessor.upstream = pool.name(),
+            lessor.checkout.wait_us = Empty,
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+        );
+        let checked_out = tokio::select! {
+            got = pool.checkout(checkout_timeout).instrument(checkout_span.clone()) => got,
             _ = ctx.revoke.cancelled() => return Err(Some(LeaseError::ShuttingDown)),
+        };
+        let leased = match checked_out {
+            Ok(leased) => leased,
+            Err(e) => {
+                checkout_span.record("otel.status_code", "ERROR");
+                checkout_span.record("otel.status_description", e.to_string());
+                return Err(Some(e.into()));
+            }
         };
         let lease_id = ctx.lease_id();
         let conn = leased.conn();
@@ -247,6 +312,17 @@ impl Pump {
             wait_us: leased.waited.as_micros().try_into().unwrap_or(u64::MAX),
             connection_uses: conn.uses(),
         };
+        checkout_span.record("lessor.checkout.wait_us", granted.wait_us);
+        let span = &self.span;
+        if !span.is_disabled() {
+            span.record("lessor.lease.id", lease_id.as_str());
+            span.record("server.address", conn.endpoint().ip().to_string());
+            span.record("server.port", i64::from(conn.endpoint().port()));
+            span.record("lessor.connection.id", conn.id());
+            span.record("lessor.connection.reused", leased.reused);
+            span.record("lessor.connection.uses", conn.uses());
+            span.record("lessor.checkout.wait_us", granted.wait_us);
+        }
         tracing::debug!(
             upstream = %pool.name(),
             lease_id = %lease_id,
@@ -399,10 +475,30 @@ impl Active {
         }
     }
 
-    /// Finishes the lease and builds its `Ended`, if its row sends one.
-    fn end(self, end: End, detail: String) -> Option<LeaseResponse> {
+    /// Finishes the lease, records how on its span, and builds its `Ended`,
+    /// if its row sends one.
+    fn end(self, end: End, detail: String, span: &Span) -> Option<LeaseResponse> {
         let upstream = self.guard.leased().pool().name().to_owned();
+        if matches!(end, End::Expired | End::Idle | End::Shutdown) {
+            tracing::info!(target: TARGET, { lessor.revoke.reason = ?end, lessor.revoke.detail = %detail }, "revoked");
+        }
         let done = self.guard.finish(end);
+        if !span.is_disabled() {
+            span.record("lessor.bytes.to_upstream", done.bytes_to_upstream);
+            span.record("lessor.bytes.to_client", done.bytes_to_client);
+            let disposition = match done.outcome.fate {
+                super::Fate::Return => "RETURN",
+                super::Fate::Evict(_) => "EVICT",
+            };
+            span.record("lessor.disposition", disposition);
+            if let Some((_, reason)) = done.outcome.ended {
+                span.record("lessor.end_reason", reason.as_str_name());
+            }
+            if end == End::UpstreamError {
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_description", detail.as_str());
+            }
+        }
         tracing::debug!(
             upstream = %upstream,
             lease_id = %self.lease_id,

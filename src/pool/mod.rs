@@ -33,7 +33,10 @@ pub use self::connect::{DialError, Dialer};
 pub use self::engine::{Engine, EngineError, PoolConn};
 pub use self::set::PoolSet;
 pub use self::stats::{Counters, EvictReason, Histogram, HistogramSnapshot};
+use tracing::Instrument;
+
 use crate::config::UpstreamConfig;
+use crate::telemetry::TARGET;
 
 /// Why a checkout produced no connection. Mapped to gRPC statuses in `grpc/`.
 #[derive(Debug, thiserror::Error)]
@@ -240,7 +243,7 @@ impl Pool {
                 Some(conn) => conn,
                 None => tokio::select! {
                     biased;
-                    got = self.engine.get(&self.counters) => match got {
+                    got = self.engine.get(&self.counters).instrument(self.dial_span()) => match got {
                         Ok(conn) => conn,
                         Err(EngineError::Dial(e)) => return Err(CheckoutError::Unavailable(e.to_string())),
                         Err(EngineError::Closed) => return Err(CheckoutError::Closed),
@@ -257,7 +260,18 @@ impl Pool {
                 Vetted::NeedsProbe(conn) => conn,
             };
             let probe = self.config.health.probe.as_ref();
-            let probed = health::check(&mut conn, probe).await;
+            let span = tracing::info_span!(
+                target: TARGET,
+                "health_check",
+                lessor.connection.id = conn.id(),
+                otel.status_code = tracing::field::Empty,
+                otel.status_description = tracing::field::Empty,
+            );
+            let probed = health::check(&mut conn, probe).instrument(span.clone()).await;
+            if let Err(e) = &probed {
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_description", e.to_string());
+            }
             self.counters.health_checks.fetch_add(1, Ordering::Relaxed);
             match probed {
                 Ok(()) => return Ok(conn),
@@ -302,6 +316,26 @@ impl Pool {
         self.evict(conn, EvictReason::HealthCheck);
     }
 
+    /// When a checkout will wait on a dial (nothing idle, room left), a
+    /// `connect` span around the wait, so the dial shows in the lease's
+    /// trace. deadpool dials inside `get`, in this span; bb8 dials in a task
+    /// of its own (its errors and timing still land here: the checkout waits
+    /// for exactly that dial). Disabled otherwise, and without an exporter.
+    fn dial_span(&self) -> tracing::Span {
+        if tracing::Span::current().is_none()
+            || self.idle() > 0
+            || self.engine.size() >= self.config.pool.max_size
+        {
+            return tracing::Span::none();
+        }
+        tracing::info_span!(
+            target: TARGET,
+            "connect",
+            server.address = %self.config.address,
+            lessor.upstream = self.name(),
+        )
+    }
+
     /// Wakes the maintenance loop when the pool is below what it keeps warm.
     /// Checked here, not there: a wake-up per lease would cost more than the
     /// lease.
@@ -315,6 +349,13 @@ impl Pool {
 
     /// Closes a connection and counts why.
     pub fn evict(&self, conn: PoolConn, reason: EvictReason) {
+        // A span event on the lease or checkout this happens in (none in the
+        // background sweep).
+        tracing::info!(
+            target: TARGET,
+            { lessor.evict.reason = reason.as_str(), lessor.connection.id = conn.id() },
+            "eviction"
+        );
         self.counters.evicted(reason);
         conn.discard();
         self.poke();
