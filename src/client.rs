@@ -165,7 +165,8 @@ impl Client {
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         for (key, value) in &options.metadata {
             let bad = || ClientError::Metadata(format!("{key}: {value}"));
-            let key: tonic::metadata::MetadataKey<tonic::metadata::Ascii> = key.parse().map_err(|_| bad())?;
+            let key: tonic::metadata::MetadataKey<tonic::metadata::Ascii> =
+                key.parse().map_err(|_| bad())?;
             let value = value.parse().map_err(|_| bad())?;
             request.metadata_mut().insert(key, value);
         }

@@ -264,7 +264,10 @@ fn serve(config: Config, log_format: telemetry::LogFormat) -> ExitCode {
             Ok(l) => l,
             Err(e) => return fail(&e),
         };
-        let flush_within = config.shutdown.grace.clamp(Duration::from_secs(1), Duration::from_secs(5));
+        let flush_within = config
+            .shutdown
+            .grace
+            .clamp(Duration::from_secs(1), Duration::from_secs(5));
         let options = server::RunOptions {
             spans: telemetry.spans.clone(),
         };

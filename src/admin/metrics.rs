@@ -72,8 +72,18 @@ impl Collector for SpanCollector {
             ("failed", &s.failed),
             ("dropped", &s.dropped),
         ]
-        .map(|(outcome, v)| ([("outcome", outcome)], ConstCounter::new(v.load(Ordering::Relaxed))));
-        family(&mut e, "lessor_trace_spans", "Trace spans by outcome (dropped: the export queue was full).", samples)
+        .map(|(outcome, v)| {
+            (
+                [("outcome", outcome)],
+                ConstCounter::new(v.load(Ordering::Relaxed)),
+            )
+        });
+        family(
+            &mut e,
+            "lessor_trace_spans",
+            "Trace spans by outcome (dropped: the export queue was full).",
+            samples,
+        )
     }
 }
 

@@ -172,7 +172,10 @@ pub fn lease_span() -> Span {
 fn fail_span(span: &Span, error: &LeaseError) {
     span.record("otel.status_code", "ERROR");
     span.record("otel.status_description", error.to_string());
-    span.record("rpc.grpc.status_code", crate::grpc::status::code(error) as i64);
+    span.record(
+        "rpc.grpc.status_code",
+        crate::grpc::status::code(error) as i64,
+    );
 }
 
 struct Pump {
@@ -312,16 +315,16 @@ impl Pump {
             wait_us: leased.waited.as_micros().try_into().unwrap_or(u64::MAX),
             connection_uses: conn.uses(),
         };
-        checkout_span.record("lessor.checkout.wait_us", granted.wait_us);
+        checkout_span.record("lessor.checkout.wait_us", granted.wait_us as i64);
         let span = &self.span;
         if !span.is_disabled() {
             span.record("lessor.lease.id", lease_id.as_str());
             span.record("server.address", conn.endpoint().ip().to_string());
             span.record("server.port", i64::from(conn.endpoint().port()));
-            span.record("lessor.connection.id", conn.id());
+            span.record("lessor.connection.id", conn.id() as i64);
             span.record("lessor.connection.reused", leased.reused);
-            span.record("lessor.connection.uses", conn.uses());
-            span.record("lessor.checkout.wait_us", granted.wait_us);
+            span.record("lessor.connection.uses", conn.uses() as i64);
+            span.record("lessor.checkout.wait_us", granted.wait_us as i64);
         }
         tracing::debug!(
             upstream = %pool.name(),
@@ -484,8 +487,8 @@ impl Active {
         }
         let done = self.guard.finish(end);
         if !span.is_disabled() {
-            span.record("lessor.bytes.to_upstream", done.bytes_to_upstream);
-            span.record("lessor.bytes.to_client", done.bytes_to_client);
+            span.record("lessor.bytes.to_upstream", done.bytes_to_upstream as i64);
+            span.record("lessor.bytes.to_client", done.bytes_to_client as i64);
             let disposition = match done.outcome.fate {
                 super::Fate::Return => "RETURN",
                 super::Fate::Evict(_) => "EVICT",

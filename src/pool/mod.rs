@@ -263,11 +263,13 @@ impl Pool {
             let span = tracing::info_span!(
                 target: TARGET,
                 "health_check",
-                lessor.connection.id = conn.id(),
+                lessor.connection.id = conn.id() as i64,
                 otel.status_code = tracing::field::Empty,
                 otel.status_description = tracing::field::Empty,
             );
-            let probed = health::check(&mut conn, probe).instrument(span.clone()).await;
+            let probed = health::check(&mut conn, probe)
+                .instrument(span.clone())
+                .await;
             if let Err(e) = &probed {
                 span.record("otel.status_code", "ERROR");
                 span.record("otel.status_description", e.to_string());
@@ -353,7 +355,7 @@ impl Pool {
         // background sweep).
         tracing::info!(
             target: TARGET,
-            { lessor.evict.reason = reason.as_str(), lessor.connection.id = conn.id() },
+            { lessor.evict.reason = reason.as_str(), lessor.connection.id = conn.id() as i64 },
             "eviction"
         );
         self.counters.evicted(reason);

@@ -7,7 +7,7 @@ use std::fmt;
 use opentelemetry::trace::TraceContextExt;
 use tracing::{Event, Subscriber};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::fmt::format::{Format, Json, Full, Writer};
+use tracing_subscriber::fmt::format::{Format, Full, Json, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
@@ -29,7 +29,12 @@ impl WithTraceId {
     /// The JSON format, with the current span list left out (spans never
     /// reach the log layer).
     pub fn json() -> Self {
-        Self::Json(Format::default().json().with_current_span(false).with_span_list(false))
+        Self::Json(
+            Format::default()
+                .json()
+                .with_current_span(false)
+                .with_span_list(false),
+        )
     }
 }
 
@@ -49,7 +54,12 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'w> FormatFields<'w> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         let trace_id = current_trace_id();
         match self {
             Self::Text(inner) => {

@@ -26,10 +26,10 @@ use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::resource::{EnvResourceDetector, TelemetryResourceDetector};
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
+use tracing_subscriber::Layer;
 use tracing_subscriber::filter::{EnvFilter, FilterExt, Targets, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::Layer;
 
 pub use export::SpanCounters;
 
@@ -94,7 +94,9 @@ pub fn resolve(
     {
         return Ok(None);
     }
-    let protocol = match set("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| set("OTEL_EXPORTER_OTLP_PROTOCOL")) {
+    let protocol = match set("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        .or_else(|| set("OTEL_EXPORTER_OTLP_PROTOCOL"))
+    {
         Some(p) => match p.trim() {
             "grpc" => OtlpProtocol::Grpc,
             "http/protobuf" => OtlpProtocol::HttpProtobuf,
@@ -102,7 +104,9 @@ pub fn resolve(
         },
         None => config.protocol,
     };
-    if set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some() || set("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
+    if set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
+        || set("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+    {
         return Ok(Some(ExportTarget {
             protocol,
             endpoint: None,
@@ -128,7 +132,8 @@ pub fn resolve(
 
 fn has_path(url: &str) -> bool {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    rest.split_once('/').is_some_and(|(_, path)| !path.is_empty())
+    rest.split_once('/')
+        .is_some_and(|(_, path)| !path.is_empty())
 }
 
 /// The installed telemetry; keep it until shutdown, then call
@@ -224,9 +229,14 @@ pub fn init(config: &TelemetryConfig, format: LogFormat) -> Result<Telemetry, Te
             .with_tracer(tracer)
             .with_location(false)
             .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
             .with_filter(Targets::new().with_target(TARGET, tracing::Level::TRACE))
     });
-    let _ = tracing_subscriber::registry().with(fmt).with(otel).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init();
     if provider.is_some() {
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
@@ -235,7 +245,10 @@ pub fn init(config: &TelemetryConfig, format: LogFormat) -> Result<Telemetry, Te
     Ok(Telemetry { provider, spans })
 }
 
-fn provider(target: &ExportTarget, spans: Arc<SpanCounters>) -> Result<SdkTracerProvider, TelemetryError> {
+fn provider(
+    target: &ExportTarget,
+    spans: Arc<SpanCounters>,
+) -> Result<SdkTracerProvider, TelemetryError> {
     let exporter = match target.protocol {
         OtlpProtocol::Grpc => {
             let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
@@ -261,9 +274,10 @@ fn provider(target: &ExportTarget, spans: Arc<SpanCounters>) -> Result<SdkTracer
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(opentelemetry_sdk::trace::OTEL_BSP_MAX_QUEUE_SIZE_DEFAULT);
-    let processor = BatchSpanProcessor::builder(export::CountingExporter::new(exporter, spans.clone()))
-        .with_batch_config(batch)
-        .build();
+    let processor =
+        BatchSpanProcessor::builder(export::CountingExporter::new(exporter, spans.clone()))
+            .with_batch_config(batch)
+            .build();
     let env = |name: &str| std::env::var(name).ok();
     // The SDK's default config reads OTEL_TRACES_SAMPLER(_ARG); its default
     // is ParentBased(AlwaysOn): a sampled caller's trace is always joined.
@@ -279,7 +293,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn with(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| map.get(k).cloned()
     }
 
@@ -292,47 +309,124 @@ mod tests {
 
     #[test]
     fn no_endpoint_no_export() {
-        assert_eq!(resolve(&TelemetryConfig::default(), with(&[])).unwrap(), None);
+        assert_eq!(
+            resolve(&TelemetryConfig::default(), with(&[])).unwrap(),
+            None
+        );
     }
 
     #[test]
     fn file_endpoint_is_a_base_url() {
-        let grpc = resolve(&file("http://collector:4317", OtlpProtocol::Grpc), with(&[])).unwrap().unwrap();
+        let grpc = resolve(
+            &file("http://collector:4317", OtlpProtocol::Grpc),
+            with(&[]),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(grpc.endpoint.as_deref(), Some("http://collector:4317"));
-        let http = resolve(&file("http://collector:4318/", OtlpProtocol::HttpProtobuf), with(&[])).unwrap().unwrap();
-        assert_eq!(http.endpoint.as_deref(), Some("http://collector:4318/v1/traces"));
-        let custom = resolve(&file("http://c:4318/otlp/traces", OtlpProtocol::HttpProtobuf), with(&[])).unwrap().unwrap();
-        assert_eq!(custom.endpoint.as_deref(), Some("http://c:4318/otlp/traces"));
+        let http = resolve(
+            &file("http://collector:4318/", OtlpProtocol::HttpProtobuf),
+            with(&[]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            http.endpoint.as_deref(),
+            Some("http://collector:4318/v1/traces")
+        );
+        let custom = resolve(
+            &file("http://c:4318/otlp/traces", OtlpProtocol::HttpProtobuf),
+            with(&[]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            custom.endpoint.as_deref(),
+            Some("http://c:4318/otlp/traces")
+        );
     }
 
     #[test]
     fn environment_wins_over_the_file() {
         let config = file("http://file:4317", OtlpProtocol::Grpc);
-        let t = resolve(&config, with(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4318"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]))
-            .unwrap()
-            .unwrap();
-        assert_eq!(t, ExportTarget { protocol: OtlpProtocol::HttpProtobuf, endpoint: None });
-        let t = resolve(&TelemetryConfig::default(), with(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://env:4317")])).unwrap().unwrap();
-        assert_eq!(t.protocol, OtlpProtocol::Grpc, "grpc is the default protocol");
-        let t = resolve(&config, with(&[("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")])).unwrap().unwrap();
-        assert_eq!(t.protocol, OtlpProtocol::HttpProtobuf, "the per-signal variable wins");
+        let t = resolve(
+            &config,
+            with(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4318"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            t,
+            ExportTarget {
+                protocol: OtlpProtocol::HttpProtobuf,
+                endpoint: None
+            }
+        );
+        let t = resolve(
+            &TelemetryConfig::default(),
+            with(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://env:4317")]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            t.protocol,
+            OtlpProtocol::Grpc,
+            "grpc is the default protocol"
+        );
+        let t = resolve(
+            &config,
+            with(&[
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            t.protocol,
+            OtlpProtocol::HttpProtobuf,
+            "the per-signal variable wins"
+        );
     }
 
     #[test]
     fn disabled_and_unsupported() {
         let config = file("http://file:4317", OtlpProtocol::Grpc);
-        assert_eq!(resolve(&config, with(&[("OTEL_SDK_DISABLED", "true")])).unwrap(), None);
-        assert_eq!(resolve(&config, with(&[("OTEL_TRACES_EXPORTER", "none")])).unwrap(), None);
-        let err = resolve(&config, with(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")])).unwrap_err();
+        assert_eq!(
+            resolve(&config, with(&[("OTEL_SDK_DISABLED", "true")])).unwrap(),
+            None
+        );
+        assert_eq!(
+            resolve(&config, with(&[("OTEL_TRACES_EXPORTER", "none")])).unwrap(),
+            None
+        );
+        let err = resolve(
+            &config,
+            with(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("http/json"));
     }
 
     #[test]
     fn resource_defaults_and_overrides() {
-        let get = |r: &Resource, k: &str| r.get(&opentelemetry::Key::from(k.to_owned())).map(|v| v.to_string());
-        let r = resource(with(&[("POD_NAME", "app-7d9f"), ("POD_NAMESPACE", "shop"), ("NODE_NAME", "node-3")]));
+        let get = |r: &Resource, k: &str| {
+            r.get(&opentelemetry::Key::from(k.to_owned()))
+                .map(|v| v.to_string())
+        };
+        let r = resource(with(&[
+            ("POD_NAME", "app-7d9f"),
+            ("POD_NAMESPACE", "shop"),
+            ("NODE_NAME", "node-3"),
+        ]));
         assert_eq!(get(&r, "service.name").as_deref(), Some("lessor"));
-        assert_eq!(get(&r, "service.version").as_deref(), Some(env!("CARGO_PKG_VERSION")));
+        assert_eq!(
+            get(&r, "service.version").as_deref(),
+            Some(env!("CARGO_PKG_VERSION"))
+        );
         assert_eq!(get(&r, "k8s.pod.name").as_deref(), Some("app-7d9f"));
         assert_eq!(get(&r, "k8s.namespace.name").as_deref(), Some("shop"));
         assert_eq!(get(&r, "k8s.node.name").as_deref(), Some("node-3"));

@@ -11,3 +11,4 @@ mod protocol;
 mod redis;
 mod server;
 mod support;
+mod telemetry;

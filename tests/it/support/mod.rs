@@ -1,6 +1,7 @@
 //! Shared fixtures: real upstream servers, an in-process lessor on a free
 //! port, and condition waits (never bare sleeps).
 
+pub mod otlp;
 pub mod process;
 pub mod redis;
 pub mod upstream;

@@ -13,7 +13,7 @@ pub struct Served {
     pub grpc: String,
     /// Admin HTTP `127.0.0.1:port`.
     pub admin: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn free_port() -> u16 {
@@ -27,6 +27,12 @@ impl Served {
     /// Starts `lessor serve` with `yaml` (which must not set the listen
     /// addresses) on free ports, and waits until `/livez` answers.
     pub async fn start(yaml: &str) -> Self {
+        Self::start_with(yaml, &[]).await
+    }
+
+    /// [`Served::start`] with extra environment variables; stdout is kept
+    /// for [`Served::stdout`].
+    pub async fn start_with(yaml: &str, env: &[(&str, &str)]) -> Self {
         let (grpc, admin) = (
             format!("127.0.0.1:{}", free_port()),
             format!("127.0.0.1:{}", free_port()),
@@ -36,18 +42,28 @@ impl Served {
         let full =
             format!("grpc: {{ listen: \"{grpc}\" }}\nadmin: {{ listen: \"{admin}\" }}\n{yaml}");
         std::fs::write(&path, full).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_lessor"))
+        let stdout = std::fs::File::create(dir.path().join("stdout")).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_lessor"));
+        command
             .args(["serve", "--config"])
             .arg(&path)
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn lessor serve");
+            .stdout(Stdio::from(stdout));
+        for var in std::env::vars()
+            .map(|(k, _)| k)
+            .filter(|k| k.starts_with("OTEL_"))
+        {
+            command.env_remove(var);
+        }
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("spawn lessor serve");
         let served = Self {
             child,
             grpc,
             admin,
-            _dir: dir,
+            dir,
         };
         for _ in 0..1000 {
             if lessor::admin::fetch(&served.admin, "/livez", None)
@@ -59,6 +75,11 @@ impl Served {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("lessor serve did not come up");
+    }
+
+    /// What the process wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
     }
 
     /// The process id.
