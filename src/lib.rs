@@ -27,6 +27,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod echo;
 pub mod grpc;
 pub mod lease;

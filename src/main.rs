@@ -270,6 +270,7 @@ fn serve(config: Config, log_format: telemetry::LogFormat) -> ExitCode {
             .clamp(Duration::from_secs(1), Duration::from_secs(5));
         let options = server::RunOptions {
             spans: telemetry.spans.clone(),
+            ..Default::default()
         };
         let served = server::run_with(config, listeners, shutdown::first_signal(), options).await;
         telemetry.shutdown(flush_within).await;

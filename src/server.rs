@@ -32,6 +32,7 @@ use tonic::transport::server::Connected;
 
 use crate::admin::{self, AdminState, Readiness};
 use crate::config::{Config, ListenAddr};
+use crate::discovery::{Resolver, SystemResolver};
 use crate::grpc::{PoolService, pb};
 use crate::lease::LeaseContext;
 use crate::pool::PoolSet;
@@ -269,10 +270,21 @@ fn incoming(
 }
 
 /// What `run_with` takes beyond the config: handles owned by the caller.
-#[derive(Default)]
 pub struct RunOptions {
     /// Span export accounting from `telemetry::init`, shown in `/metrics`.
     pub spans: Arc<SpanCounters>,
+    /// Name resolution for DNS discovery (the system's by default; tests
+    /// substitute their own answers).
+    pub resolver: Arc<dyn Resolver>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            spans: Arc::default(),
+            resolver: Arc::new(SystemResolver),
+        }
+    }
 }
 
 /// Runs the sidecar until `shutdown` resolves and the drain completes.
@@ -300,7 +312,7 @@ pub async fn run_with(
     let admin_stop = CancellationToken::new();
     let pools = Arc::new(PoolSet::new(&config.upstreams));
     let readiness = Readiness::new(pools.clone());
-    pools.start(&tracker, &background);
+    pools.start(&tracker, &background, options.resolver.clone());
 
     let (health, reporter) = admin::health::service(&readiness, revoke.clone()).await;
     tracker.spawn(admin::health::keep_updated(

@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use super::state::{self, Direction, End, Fate, Outcome};
 use crate::config::OnAbort;
-use crate::pool::{Conn, Leased, health};
+use crate::pb::Disposition;
+use crate::pool::{Conn, EvictReason, Leased, health};
 
 /// A live lease's connection and the traffic facts its end depends on.
 pub struct LeaseGuard {
@@ -93,13 +94,20 @@ impl LeaseGuard {
     fn finish_once(&mut self, end: End) -> Option<Finished> {
         let leased = self.leased.take()?;
         let socket = health::peek(&leased.conn().stream);
-        let outcome = state::conclude(end, self.last, socket, self.on_abort);
+        let mut outcome = state::conclude(end, self.last, socket, self.on_abort);
         let counters = leased.pool().counters();
         let held = self.started.elapsed();
         match outcome.fate {
             Fate::Return => {
                 counters.lease_returned.observe(held);
-                leased.give_back();
+                if !leased.give_back() {
+                    // Discovery retired its endpoint during the lease: it was
+                    // closed, and Ended must say so.
+                    outcome.fate = Fate::Evict(EvictReason::EndpointRemoved);
+                    if let Some((disposition, _)) = outcome.ended.as_mut() {
+                        *disposition = Disposition::Evict;
+                    }
+                }
             }
             Fate::Evict(reason) => {
                 counters.lease_evicted.observe(held);

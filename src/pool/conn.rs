@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
+use crate::discovery::EndpointRef;
+
 /// One upstream socket owned by a pool. Only the pool and the lease holding it
 /// ever touch the socket; nothing else can keep it alive.
 #[derive(Debug)]
@@ -26,6 +28,8 @@ pub struct Conn {
     /// When a health check last succeeded (creation counts as one).
     validated_at: Instant,
     uses: u64,
+    /// Counts this connection against its endpoint while it lives.
+    endpoint_ref: EndpointRef,
     /// Set just before an engine guard drops it: bb8 closes connections
     /// whose `has_broken` says so, which is its only eviction path.
     pub(crate) broken: bool,
@@ -33,7 +37,13 @@ pub struct Conn {
 
 impl Conn {
     /// Wraps a freshly dialed socket.
-    pub fn new(stream: TcpStream, id: u64, endpoint: SocketAddr, max_lifetime: Duration) -> Self {
+    pub fn new(
+        stream: TcpStream,
+        id: u64,
+        endpoint: SocketAddr,
+        max_lifetime: Duration,
+        endpoint_ref: EndpointRef,
+    ) -> Self {
         let now = Instant::now();
         Self {
             stream,
@@ -45,8 +55,20 @@ impl Conn {
             idle_since: now,
             validated_at: now,
             uses: 0,
+            endpoint_ref,
             broken: false,
         }
+    }
+
+    /// The discovered endpoint this connection belongs to.
+    pub fn endpoint_ref(&self) -> &EndpointRef {
+        &self.endpoint_ref
+    }
+
+    /// Its endpoint is gone, not ready or terminating: the connection must
+    /// leave the pool.
+    pub fn retired(&self) -> bool {
+        self.endpoint_ref.endpoint().retired()
     }
 
     /// Process-unique id, stable for the connection's life.

@@ -1,16 +1,20 @@
-//! Dialing upstream connections: resolution, connect timeout, socket options,
-//! and a backoff gate so a dead upstream cannot cause a dial storm.
+//! Dialing upstream connections: endpoint choice, resolution, connect
+//! timeout, socket options, and per-endpoint backoff so a dead upstream (or a
+//! dead pod behind it) cannot cause a dial storm.
 //!
-//! Invariant: while the gate is closed (after a failed dial, for a backoff that
-//! doubles from 25ms to 1s) no dial reaches the network; callers get
-//! [`DialError::Backoff`] at once. One dial passes when the gate reopens; its
-//! success resets the backoff. Every failure bumps a `watch` generation so
-//! checkouts waiting on an engine that hides dial errors (bb8) can fail fast.
+//! The endpoint comes from the upstream's [`EndpointSet`]: the ready one with
+//! the fewest connections, skipping ejected and backing-off endpoints. After
+//! a failed dial an endpoint backs off (25ms doubling to 1s) and the dials it
+//! would have taken go elsewhere, or fail at once with
+//! [`DialError::Backoff`] when no endpoint is left; one dial passes when the
+//! backoff ends and its success resets it. Every failure bumps a `watch`
+//! generation so checkouts waiting on an engine that hides dial errors (bb8)
+//! can fail fast.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
@@ -18,9 +22,7 @@ use tokio::sync::watch;
 
 use super::conn::Conn;
 use super::stats::Counters;
-
-const BACKOFF_BASE: Duration = Duration::from_millis(25);
-const BACKOFF_CAP: Duration = Duration::from_secs(1);
+use crate::discovery::{EndpointRef, EndpointSet, NoEndpoint};
 
 /// Why a dial produced no connection.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -28,7 +30,7 @@ pub enum DialError {
     /// The host name did not resolve.
     #[error("cannot resolve {address}: {reason}")]
     Resolve {
-        /// The configured `host:port`.
+        /// The `host:port` dialed.
         address: String,
         /// What the resolver said.
         reason: String,
@@ -44,40 +46,34 @@ pub enum DialError {
     /// No address answered within `connect_timeout`.
     #[error("connect to {address} timed out after {after:?}")]
     Timeout {
-        /// The configured `host:port`.
+        /// The `host:port` dialed.
         address: String,
         /// The configured `connect_timeout`.
         after: Duration,
     },
-    /// Recent dials failed and the backoff gate is closed; nothing was sent.
+    /// Recent dials failed and every endpoint is backing off; nothing was sent.
     #[error("upstream unreachable, not redialing for {retry_in:?} (last dial: {last})")]
     Backoff {
-        /// Time until the gate reopens.
+        /// Time until the first endpoint reopens.
         retry_in: Duration,
-        /// The failure that closed the gate.
+        /// The failure that started the backoff.
         last: String,
     },
-}
-
-/// Gate state; guarded by a mutex held only for arithmetic, never across I/O.
-#[derive(Debug, Default)]
-struct Gate {
-    failures: u32,
-    not_before: Option<Instant>,
-    last_error: Option<String>,
-    /// Outcome of the most recent dial that reached the network.
-    last_ok: Option<bool>,
+    /// Discovery knows no endpoint that may take connections.
+    #[error("no ready endpoint ({0})")]
+    NoEndpoints(String),
 }
 
 /// Dials one upstream. Shared by the engine adapters and the maintenance loop.
 #[derive(Debug)]
 pub struct Dialer {
-    address: String,
+    endpoints: Arc<EndpointSet>,
     connect_timeout: Duration,
     max_lifetime: Duration,
     next_id: Arc<AtomicU64>,
     counters: Arc<Counters>,
-    gate: Mutex<Gate>,
+    /// The most recent dial that reached the network: `(ok, error)`.
+    last: Mutex<(Option<bool>, Option<String>)>,
     /// Bumped on every failed dial; checkouts subscribe to fail fast.
     failures: watch::Sender<u64>,
     /// Dials on the network now. Engines do not count a connection until its
@@ -89,22 +85,27 @@ impl Dialer {
     /// `next_id` is shared by every pool of the process, so connection ids are
     /// unique across upstreams.
     pub fn new(
-        address: String,
+        endpoints: Arc<EndpointSet>,
         connect_timeout: Duration,
         max_lifetime: Duration,
         next_id: Arc<AtomicU64>,
         counters: Arc<Counters>,
     ) -> Self {
         Self {
-            address,
+            endpoints,
             connect_timeout,
             max_lifetime,
             next_id,
             counters,
-            gate: Mutex::new(Gate::default()),
+            last: Mutex::new((None, None)),
             failures: watch::Sender::new(0),
             in_flight: AtomicU32::new(0),
         }
+    }
+
+    /// The endpoints this dialer picks from.
+    pub fn endpoints(&self) -> &Arc<EndpointSet> {
+        &self.endpoints
     }
 
     /// A receiver whose `changed()` fires on the next failed dial.
@@ -112,14 +113,20 @@ impl Dialer {
         self.failures.subscribe()
     }
 
+    fn last(&self) -> std::sync::MutexGuard<'_, (Option<bool>, Option<String>)> {
+        // A poisoned lock only means a panic elsewhere mid-assignment; the
+        // values are still usable.
+        self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The most recent failure, for error details.
     pub fn last_error(&self) -> Option<String> {
-        self.gate().last_error.clone()
+        self.last().1.clone()
     }
 
     /// `Some(true)` when the last dial that reached the network succeeded.
     pub fn last_dial_ok(&self) -> Option<bool> {
-        self.gate().last_ok
+        self.last().0
     }
 
     /// Dials under way right now.
@@ -127,80 +134,65 @@ impl Dialer {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// When the backoff gate reopens, if it is closed.
-    pub fn gate_closed_until(&self) -> Option<Instant> {
-        self.gate().not_before.filter(|t| *t > Instant::now())
-    }
-
-    fn gate(&self) -> std::sync::MutexGuard<'_, Gate> {
-        // A poisoned gate only means a panic elsewhere mid-arithmetic; the
-        // numbers are still usable.
-        self.gate.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Dials once, through the backoff gate.
+    /// Dials once: picks an endpoint, connects, counts.
     pub async fn dial(&self) -> Result<Conn, DialError> {
-        {
-            let mut gate = self.gate();
-            let now = Instant::now();
-            if let Some(until) = gate.not_before.filter(|t| *t > now) {
-                let err = DialError::Backoff {
-                    retry_in: until - now,
-                    last: gate.last_error.clone().unwrap_or_default(),
+        let dialing = match self.endpoints.choose() {
+            Ok(d) => d,
+            Err(no) => {
+                let err = match no {
+                    NoEndpoint::NoneReady => DialError::NoEndpoints(self.endpoints.status().detail),
+                    NoEndpoint::Backoff { retry_in, last } => DialError::Backoff { retry_in, last },
                 };
-                drop(gate);
                 self.failures.send_modify(|g| *g += 1);
                 return Err(err);
             }
-            if gate.failures > 0 {
-                // Half-open: this dial is the one probe; others wait it out.
-                gate.not_before = Some(now + backoff(gate.failures));
-            }
-        }
-        let dialed = {
+        };
+        let endpoint = dialing.endpoint().clone();
+        let connected = {
             // A guard, not a pair of calls: deadpool cancels dials mid-way
             // when a checkout's deadline passes.
             let _dialing = InFlight::enter(&self.in_flight);
-            self.connect().await
+            self.connect(endpoint.target()).await
         };
-        match dialed {
-            Ok(conn) => {
-                let mut gate = self.gate();
-                *gate = Gate {
-                    last_ok: Some(true),
-                    ..Gate::default()
-                };
-                drop(gate);
+        drop(dialing);
+        match connected {
+            Ok((stream, addr)) => {
+                endpoint.record_success();
+                *self.last() = (Some(true), None);
                 self.counters
                     .connections_created
                     .fetch_add(1, Ordering::Relaxed);
-                Ok(conn)
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                Ok(Conn::new(
+                    stream,
+                    id,
+                    addr,
+                    self.max_lifetime,
+                    EndpointRef::new(endpoint),
+                ))
             }
             Err(err) => {
-                let mut gate = self.gate();
-                gate.failures = gate.failures.saturating_add(1);
-                gate.not_before = Some(Instant::now() + backoff(gate.failures));
-                gate.last_error = Some(err.to_string());
-                gate.last_ok = Some(false);
-                drop(gate);
+                let message = err.to_string();
+                if endpoint.record_failure(&message, self.endpoints.outlier(), true) {
+                    tracing::warn!(endpoint = %endpoint.target(), error = %message, "endpoint ejected after repeated failures");
+                }
+                *self.last() = (Some(false), Some(message));
                 self.counters.connect_errors.fetch_add(1, Ordering::Relaxed);
                 self.failures.send_modify(|g| *g += 1);
-                tracing::debug!(address = %self.address, error = %err, "dial failed");
+                tracing::debug!(endpoint = %endpoint.target(), error = %err, "dial failed");
                 Err(err)
             }
         }
     }
 
-    async fn connect(&self) -> Result<Conn, DialError> {
-        let address = self.address.clone();
+    async fn connect(&self, address: &str) -> Result<(TcpStream, SocketAddr), DialError> {
         let attempt = async {
-            let addrs =
-                tokio::net::lookup_host(&address)
-                    .await
-                    .map_err(|e| DialError::Resolve {
-                        address: address.clone(),
-                        reason: e.to_string(),
-                    })?;
+            let addrs = tokio::net::lookup_host(address)
+                .await
+                .map_err(|e| DialError::Resolve {
+                    address: address.to_owned(),
+                    reason: e.to_string(),
+                })?;
             let mut last = None;
             for addr in addrs {
                 match TcpStream::connect(addr).await {
@@ -214,7 +206,7 @@ impl Dialer {
                     reason: e.to_string(),
                 },
                 None => DialError::Resolve {
-                    address: address.clone(),
+                    address: address.to_owned(),
                     reason: "no addresses".to_owned(),
                 },
             })
@@ -222,15 +214,14 @@ impl Dialer {
         let (stream, addr) = tokio::time::timeout(self.connect_timeout, attempt)
             .await
             .map_err(|_| DialError::Timeout {
-                address: self.address.clone(),
+                address: address.to_owned(),
                 after: self.connect_timeout,
             })??;
         tune(&stream).map_err(|e| DialError::Connect {
             addr,
             reason: format!("setting socket options: {e}"),
         })?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        Ok(Conn::new(stream, id, addr, self.max_lifetime))
+        Ok((stream, addr))
     }
 }
 
@@ -258,23 +249,4 @@ fn tune(stream: &TcpStream) -> std::io::Result<()> {
         .with_time(Duration::from_secs(30))
         .with_interval(Duration::from_secs(10));
     SockRef::from(stream).set_tcp_keepalive(&keepalive)
-}
-
-fn backoff(failures: u32) -> Duration {
-    let exp = failures.saturating_sub(1).min(16);
-    BACKOFF_BASE.saturating_mul(1 << exp).min(BACKOFF_CAP)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_to_a_cap() {
-        assert_eq!(backoff(1), Duration::from_millis(25));
-        assert_eq!(backoff(2), Duration::from_millis(50));
-        assert_eq!(backoff(3), Duration::from_millis(100));
-        assert_eq!(backoff(7), Duration::from_secs(1));
-        assert_eq!(backoff(u32::MAX), Duration::from_secs(1));
-    }
 }

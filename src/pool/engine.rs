@@ -131,20 +131,24 @@ impl Engine {
 impl PoolConn {
     fn new(guard: Guard, counters: &Arc<Counters>) -> Self {
         counters.out.fetch_add(1, Ordering::Relaxed);
-        Self {
+        let conn = Self {
             guard: Some(guard),
             counters: counters.clone(),
-        }
+        };
+        conn.endpoint_ref().endpoint().checked_out();
+        conn
     }
 
     /// Back to the idle list.
     pub fn put_back(mut self) {
+        self.endpoint_ref().endpoint().checked_in();
         // Plain drops return to both engines (bb8: `broken` is false).
         drop(self.guard.take());
     }
 
     /// Closes the connection and frees its slot.
     pub fn discard(mut self) {
+        self.endpoint_ref().endpoint().checked_in();
         self.close_now();
     }
 
@@ -164,6 +168,9 @@ impl PoolConn {
 
 impl Drop for PoolConn {
     fn drop(&mut self) {
+        if self.guard.is_some() {
+            self.endpoint_ref().endpoint().checked_in();
+        }
         self.close_now();
         self.counters.out.fetch_sub(1, Ordering::Relaxed);
     }

@@ -27,25 +27,42 @@ impl Pool {
     pub async fn maintain(self: Arc<Self>, cancel: CancellationToken) {
         let interval = self.config.health.interval;
         let mut next_sweep = tokio::time::Instant::now() + interval;
+        let endpoints = self.dialer.endpoints().clone();
         loop {
-            tokio::select! {
+            let retry = tokio::select! {
                 _ = cancel.cancelled() => return,
-                () = self.refill() => {}
-            }
-            let gate = self
-                .dialer
-                .gate_closed_until()
-                .map(tokio::time::Instant::from_std);
+                retry = self.refill() => retry.map(tokio::time::Instant::from_std),
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = self.maintain.notified() => {}
-                _ = tokio::time::sleep_until(gate.unwrap_or(next_sweep)), if gate.is_some() => {}
+                // Discovery changed the endpoints: retired ones lose their
+                // idle connections now, not at the next sweep.
+                _ = endpoints.changed() => self.purge_retired(),
+                _ = tokio::time::sleep_until(retry.unwrap_or(next_sweep)), if retry.is_some() => {}
                 _ = tokio::time::sleep_until(next_sweep) => {
                     self.sweep().await;
                     next_sweep = tokio::time::Instant::now() + interval;
                 }
             }
         }
+    }
+
+    /// Closes the idle connections of retired endpoints (gone, not ready,
+    /// terminating).
+    fn purge_retired(&self) {
+        let mut keep = Vec::new();
+        while let Some(conn) = self.engine.try_get_idle(&self.counters) {
+            if conn.retired() {
+                self.evict(conn, EvictReason::EndpointRemoved);
+            } else {
+                keep.push(conn);
+            }
+            if keep.len() >= self.config.pool.max_size as usize {
+                break;
+            }
+        }
+        put_back_in_order(keep);
     }
 
     /// Idle connections to add now: up to `min_idle`, and one when the pool
@@ -72,13 +89,13 @@ impl Pool {
         want.min(self.config.pool.max_size.saturating_sub(size))
     }
 
-    /// Dials what [`Pool::wanted`] asks for, concurrently, unless the dial
-    /// backoff gate is closed.
-    async fn refill(&self) {
+    /// Dials what [`Pool::wanted`] asks for, concurrently. When dials fail,
+    /// returns when to try again (the endpoints' backoff).
+    async fn refill(&self) -> Option<std::time::Instant> {
         loop {
             let want = self.wanted();
-            if want == 0 || self.dialer.gate_closed_until().is_some() {
-                return;
+            if want == 0 {
+                return None;
             }
             let dials = join_all((0..want).map(|_| self.dialer.dial())).await;
             let mut failed = false;
@@ -90,7 +107,14 @@ impl Pool {
                 }
             }
             if failed {
-                return;
+                let soon = std::time::Instant::now() + std::time::Duration::from_millis(25);
+                return Some(
+                    self.dialer
+                        .endpoints()
+                        .next_reopen()
+                        .unwrap_or(soon)
+                        .max(soon),
+                );
             }
         }
     }
@@ -114,6 +138,10 @@ impl Pool {
         let mut keep = Vec::new();
         let mut to_probe = Vec::new();
         for mut conn in held {
+            if conn.retired() {
+                self.evict(conn, EvictReason::EndpointRemoved);
+                continue;
+            }
             if conn.expired(now) {
                 self.evict(conn, EvictReason::MaxLifetime);
                 continue;

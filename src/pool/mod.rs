@@ -36,6 +36,7 @@ pub use self::stats::{Counters, EvictReason, Histogram, HistogramSnapshot};
 use tracing::Instrument;
 
 use crate::config::UpstreamConfig;
+use crate::discovery::EndpointSnapshot;
 use crate::telemetry::TARGET;
 
 /// Why a checkout produced no connection. Mapped to gRPC statuses in `grpc/`.
@@ -97,6 +98,8 @@ pub struct PoolSnapshot {
     pub checkout_timeouts: u64,
     /// Whether the upstream can serve a lease now.
     pub ready: bool,
+    /// Every endpoint (one for a static address).
+    pub endpoints: Vec<EndpointSnapshot>,
 }
 
 /// One upstream's pool. Shared as `Arc<Pool>` by the gRPC service, leases and
@@ -129,7 +132,7 @@ impl Pool {
     pub fn new(config: UpstreamConfig, next_conn_id: Arc<AtomicU64>) -> Arc<Self> {
         let counters = Arc::new(Counters::default());
         let dialer = Arc::new(Dialer::new(
-            config.address.clone(),
+            crate::discovery::endpoint_set(&config),
             config.pool.connect_timeout,
             config.pool.max_lifetime,
             next_conn_id,
@@ -154,6 +157,11 @@ impl Pool {
     /// The upstream's configuration.
     pub fn config(&self) -> &UpstreamConfig {
         &self.config
+    }
+
+    /// The upstream's endpoints.
+    pub fn endpoints(&self) -> &Arc<crate::discovery::EndpointSet> {
+        self.dialer.endpoints()
     }
 
     /// The live counters.
@@ -270,9 +278,12 @@ impl Pool {
             let probed = health::check(&mut conn, probe)
                 .instrument(span.clone())
                 .await;
-            if let Err(e) = &probed {
-                span.record("otel.status_code", "ERROR");
-                span.record("otel.status_description", e.to_string());
+            match &probed {
+                Ok(()) => conn.endpoint_ref().endpoint().record_success(),
+                Err(e) => {
+                    span.record("otel.status_code", "ERROR");
+                    span.record("otel.status_description", e.to_string());
+                }
             }
             self.counters.health_checks.fetch_add(1, Ordering::Relaxed);
             match probed {
@@ -286,6 +297,10 @@ impl Pool {
     /// liveness peek. Counts the check unless a probe must follow (the probe
     /// counts then).
     fn vet_now(&self, conn: PoolConn) -> Vetted {
+        if conn.retired() {
+            self.evict(conn, EvictReason::EndpointRemoved);
+            return Vetted::Evicted;
+        }
         if conn.expired(Instant::now()) {
             self.evict(conn, EvictReason::MaxLifetime);
             return Vetted::Evicted;
@@ -312,6 +327,10 @@ impl Pool {
     /// Counts a failed check and evicts its connection.
     pub(crate) fn failed_check(&self, conn: PoolConn, error: &health::HealthError) {
         tracing::debug!(upstream = %self.name(), connection_id = conn.id(), error = %error, "health check failed");
+        let endpoint = conn.endpoint_ref().endpoint();
+        if endpoint.record_failure(&error.to_string(), &self.config.outlier, false) {
+            tracing::warn!(upstream = %self.name(), endpoint = %endpoint.target(), error = %error, "endpoint ejected after repeated failures");
+        }
         self.counters
             .health_check_failures
             .fetch_add(1, Ordering::Relaxed);
@@ -333,7 +352,7 @@ impl Pool {
         tracing::info_span!(
             target: TARGET,
             "connect",
-            server.address = %self.config.address,
+            server.address = %self.config.source(),
             lessor.upstream = self.name(),
         )
     }
@@ -380,6 +399,7 @@ impl Pool {
     /// no part.
     pub fn ready(&self) -> bool {
         !self.closed.load(Ordering::Acquire)
+            && self.dialer.endpoints().status().synced
             && match self.dialer.last_dial_ok() {
                 Some(ok) => ok || self.engine.size() > 0,
                 None => false,
@@ -390,8 +410,11 @@ impl Pool {
     pub fn readiness(&self) -> (bool, String) {
         let ready = self.ready();
         let size = self.engine.size();
+        let source = self.dialer.endpoints().status();
         let detail = if self.closed.load(Ordering::Acquire) {
             "pool closed (shutting down)".to_owned()
+        } else if !source.synced {
+            source.detail.clone()
         } else if ready {
             format!(
                 "{size} connections ({} idle, {} leased)",
@@ -404,6 +427,11 @@ impl Pool {
                 Some(e) => format!("last dial failed: {e}"),
                 None => "not dialed yet".to_owned(),
             }
+        };
+        let detail = if self.config.discovery.is_some() && source.synced {
+            format!("{detail}; {}", source.detail)
+        } else {
+            detail
         };
         (ready, detail)
     }
@@ -436,6 +464,7 @@ impl Pool {
             health_check_failures: load(&c.health_check_failures),
             checkout_timeouts: load(&c.checkout_timeouts),
             ready: self.ready(),
+            endpoints: self.dialer.endpoints().snapshot(),
         }
     }
 
@@ -467,12 +496,20 @@ impl Leased {
         &self.pool
     }
 
-    /// Gives the connection back to the idle list.
-    pub fn give_back(mut self) {
-        if let Some(mut conn) = self.conn.take() {
-            conn.mark_idle(Instant::now());
-            conn.put_back();
+    /// Gives the connection back to the idle list, unless its endpoint has
+    /// retired meanwhile (then it is closed as `endpoint_removed`); returns
+    /// whether it went back.
+    pub fn give_back(mut self) -> bool {
+        let Some(mut conn) = self.conn.take() else {
+            return false;
+        };
+        if conn.retired() {
+            self.pool.evict(conn, EvictReason::EndpointRemoved);
+            return false;
         }
+        conn.mark_idle(Instant::now());
+        conn.put_back();
+        true
     }
 
     /// Closes the connection, counted under `reason`.

@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use super::Pool;
 use crate::config::UpstreamConfig;
+use crate::discovery::Resolver;
 
 /// The pools, in configuration order. Immutable after start.
 pub struct PoolSet {
@@ -33,10 +34,23 @@ impl PoolSet {
         Self { pools, by_name }
     }
 
-    /// Starts each pool's maintenance loop (which also makes the startup
-    /// dial) on `tracker`, stopped by `cancel`.
-    pub fn start(&self, tracker: &TaskTracker, cancel: &CancellationToken) {
+    /// Starts each pool's discovery source and maintenance loop (which also
+    /// makes the startup dial) on `tracker`, stopped by `cancel`. `resolver`
+    /// serves DNS discovery.
+    pub fn start(
+        &self,
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+        resolver: Arc<dyn Resolver>,
+    ) {
         for pool in &self.pools {
+            crate::discovery::start(
+                pool.config(),
+                pool.endpoints().clone(),
+                resolver.clone(),
+                tracker,
+                cancel,
+            );
             tracker.spawn(pool.clone().maintain(cancel.clone()));
         }
     }

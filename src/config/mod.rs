@@ -198,8 +198,16 @@ pub enum OnAbort {
 pub struct UpstreamConfig {
     /// What clients put in `Acquire.upstream`; also a metric label.
     pub name: String,
-    /// `host:port`; a DNS name resolves at dial time.
-    pub address: String,
+    /// `host:port`; a DNS name resolves at dial time. Exactly one of
+    /// `address` and `discovery` is set.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Where the upstream's endpoints come from, instead of `address`.
+    #[serde(default)]
+    pub discovery: Option<DiscoveryConfig>,
+    /// Ejection of endpoints that keep failing.
+    #[serde(default)]
+    pub outlier: OutlierConfig,
     /// Pool implementation. Default `bb8`.
     #[serde(default)]
     pub engine: EngineKind,
@@ -215,6 +223,93 @@ pub struct UpstreamConfig {
     /// Whether this upstream gates readiness. Default `required`.
     #[serde(default)]
     pub readiness: Readiness,
+}
+
+/// An upstream's endpoint source: exactly one of its keys.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// Every A/AAAA record of a name (a headless Service), re-resolved.
+    pub dns: Option<DnsDiscovery>,
+    /// The EndpointSlices of a Kubernetes Service, watched.
+    pub kubernetes: Option<KubernetesDiscovery>,
+}
+
+/// DNS discovery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsDiscovery {
+    /// The name to resolve (`redis-headless.shop.svc.cluster.local`).
+    pub name: String,
+    /// The port every address gets.
+    pub port: u16,
+    /// How often to re-resolve. Default 10s.
+    #[serde(default = "default_dns_refresh", with = "humantime_serde")]
+    pub refresh: Duration,
+}
+
+fn default_dns_refresh() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Kubernetes EndpointSlice discovery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesDiscovery {
+    /// The Service whose slices (`kubernetes.io/service-name=SERVICE`) are watched.
+    pub service: String,
+    /// Its namespace; default the pod's own (`POD_NAMESPACE`, else the
+    /// service account's namespace file).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// The EndpointSlice port: its name (the Service port's name) or its
+    /// number (the target port).
+    pub port: PortRef,
+}
+
+/// A port by name or number.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum PortRef {
+    /// The target port number.
+    Number(u16),
+    /// The port's name.
+    Name(String),
+}
+
+impl fmt::Display for PortRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Number(n) => write!(f, "{n}"),
+            Self::Name(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// Outlier ejection: an endpoint whose dials or probes fail
+/// `consecutive_failures` times in a row gets no new connections for
+/// `base_ejection`, doubling while it keeps failing, up to `max_ejection`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierConfig {
+    /// Failures in a row that eject. Default 3.
+    pub consecutive_failures: u32,
+    /// First ejection. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub base_ejection: Duration,
+    /// Longest ejection. Default 5m.
+    #[serde(with = "humantime_serde")]
+    pub max_ejection: Duration,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(300),
+        }
+    }
 }
 
 /// Sizes and timeouts of one upstream's pool.
@@ -473,6 +568,32 @@ fn positive(field: String, d: Duration) -> Result<(), ConfigError> {
 }
 
 impl UpstreamConfig {
+    /// Where the endpoints come from, for logs and `/readyz?verbose`.
+    pub fn source(&self) -> String {
+        match (&self.address, &self.discovery) {
+            (Some(a), _) => a.clone(),
+            (None, Some(DiscoveryConfig { dns: Some(d), .. })) => {
+                format!("dns {}:{}", d.name, d.port)
+            }
+            (
+                None,
+                Some(DiscoveryConfig {
+                    kubernetes: Some(k),
+                    ..
+                }),
+            ) => format!(
+                "kubernetes service {}{} port {}",
+                k.namespace
+                    .as_deref()
+                    .map(|n| format!("{n}/"))
+                    .unwrap_or_default(),
+                k.service,
+                k.port
+            ),
+            _ => "?".to_owned(),
+        }
+    }
+
     fn validate(&self, at: &str) -> Result<(), ConfigError> {
         let name_ok = !self.name.is_empty()
             && self.name.len() <= 63
@@ -489,7 +610,72 @@ impl UpstreamConfig {
                 ),
             ));
         }
-        validate_host_port(&self.address).map_err(|p| invalid(format!("{at}.address"), p))?;
+        let dns = self.discovery.as_ref().and_then(|d| d.dns.as_ref());
+        let kube = self.discovery.as_ref().and_then(|d| d.kubernetes.as_ref());
+        let sources = usize::from(self.address.is_some())
+            + usize::from(dns.is_some())
+            + usize::from(kube.is_some());
+        if sources != 1 {
+            let field = if self.discovery.is_some() {
+                format!("{at}.discovery")
+            } else {
+                format!("{at}.address")
+            };
+            return Err(invalid(
+                field,
+                "set exactly one of address, discovery.dns and discovery.kubernetes",
+            ));
+        }
+        if let Some(address) = &self.address {
+            validate_host_port(address).map_err(|p| invalid(format!("{at}.address"), p))?;
+        }
+        if let Some(dns) = dns {
+            if dns.name.is_empty() || dns.name.contains(':') {
+                return Err(invalid(
+                    format!("{at}.discovery.dns.name"),
+                    "must be a host name, without a port",
+                ));
+            }
+            if dns.port == 0 {
+                return Err(invalid(
+                    format!("{at}.discovery.dns.port"),
+                    "must be between 1 and 65535",
+                ));
+            }
+            positive(format!("{at}.discovery.dns.refresh"), dns.refresh)?;
+        }
+        if let Some(kube) = kube {
+            if kube.service.is_empty() {
+                return Err(invalid(
+                    format!("{at}.discovery.kubernetes.service"),
+                    "must not be empty",
+                ));
+            }
+            if matches!(kube.port, PortRef::Number(0))
+                || matches!(&kube.port, PortRef::Name(n) if n.is_empty())
+            {
+                return Err(invalid(
+                    format!("{at}.discovery.kubernetes.port"),
+                    "must be a port name or a number 1-65535",
+                ));
+            }
+        }
+        if self.outlier.consecutive_failures == 0 {
+            return Err(invalid(
+                format!("{at}.outlier.consecutive_failures"),
+                "must be at least 1",
+            ));
+        }
+        positive(
+            format!("{at}.outlier.base_ejection"),
+            self.outlier.base_ejection,
+        )?;
+        if self.outlier.max_ejection < self.outlier.base_ejection {
+            return Err(invalid(
+                format!("{at}.outlier.max_ejection"),
+                "must not be shorter than outlier.base_ejection",
+            ));
+        }
 
         let pool = &self.pool;
         if pool.max_size == 0 {
@@ -565,189 +751,4 @@ fn validate_host_port(s: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINIMAL: &str = "upstreams:\n  - name: redis\n    address: 127.0.0.1:6379\n";
-
-    fn err(yaml: &str) -> String {
-        Config::from_yaml(yaml).unwrap_err().to_string()
-    }
-
-    #[test]
-    fn minimal_config_gets_documented_defaults() {
-        let c = Config::from_yaml(MINIMAL).unwrap();
-        let up = &c.upstreams[0];
-        assert_eq!(c.grpc.listen.to_string(), "127.0.0.1:7070");
-        assert_eq!(c.grpc.max_frame, ByteSize::mib(1));
-        assert_eq!(c.admin.listen.to_string(), "0.0.0.0:9090");
-        assert_eq!(up.engine, EngineKind::Bb8);
-        assert_eq!(up.pool.max_size, 32);
-        assert_eq!(up.pool.min_idle(), 4);
-        assert_eq!(up.pool.checkout_timeout, Duration::from_secs(2));
-        assert_eq!(up.pool.max_waiters, 1024);
-        assert_eq!(up.health.interval, Duration::from_secs(5));
-        assert!(up.health.probe.is_none());
-        assert_eq!(up.lease.on_abort, OnAbort::Evict);
-        assert_eq!(up.readiness, Readiness::Required);
-        assert_eq!(c.shutdown.grace, Duration::from_secs(20));
-        assert_eq!(c.runtime.worker_threads, 2);
-        assert_eq!(c.telemetry.protocol, OtlpProtocol::Grpc);
-    }
-
-    #[test]
-    fn design_sample_parses() {
-        let yaml = r#"
-grpc:   { listen: "127.0.0.1:7070", max_frame: 1MiB }
-admin:  { listen: "0.0.0.0:9090" }
-upstreams:
-  - name: redis
-    address: "127.0.0.1:6379"
-    engine: bb8
-    pool:   { max_size: 32, min_idle: 4, connect_timeout: 1s, checkout_timeout: 2s,
-              max_waiters: 1024, idle_timeout: 5m, max_lifetime: 30m }
-    health: { interval: 5s, skip_if_used_within: 500ms,
-              probe: { send: "PING\r\n", expect: "+PONG\r\n", timeout: 200ms } }
-    lease:  { max_duration: 5m, idle_timeout: 60s, on_abort: evict }
-    readiness: required
-shutdown: { grace: 20s }
-runtime:  { worker_threads: 2 }
-telemetry: { endpoint: "", protocol: grpc }
-"#;
-        let c = Config::from_yaml(yaml).unwrap();
-        let probe = c.upstreams[0].health.probe.as_ref().unwrap();
-        assert_eq!(probe.send, "PING\r\n");
-        assert_eq!(probe.expect, "+PONG\r\n");
-        assert_eq!(c.upstreams[0].pool.idle_timeout, Duration::from_secs(300));
-    }
-
-    #[test]
-    fn small_pool_clamps_default_min_idle() {
-        let c = Config::from_yaml(&format!("{MINIMAL}    pool: {{ max_size: 2 }}\n")).unwrap();
-        assert_eq!(c.upstreams[0].pool.min_idle(), 2);
-    }
-
-    #[test]
-    fn errors_name_the_field() {
-        let cases = [
-            (
-                "    pool: { max_size: 0 }\n",
-                "upstreams[0].pool.max_size: must be at least 1",
-            ),
-            (
-                "    pool: { max_size: 2, min_idle: 3 }\n",
-                "upstreams[0].pool.min_idle: must not exceed",
-            ),
-            (
-                "    pool: { max_size: -1 }\n",
-                "upstreams[0].pool.max_size: ",
-            ),
-            (
-                "    pool: { checkout_timeout: 2 }\n",
-                "upstreams[0].pool.checkout_timeout: ",
-            ),
-            (
-                "    pool: { checkout_timeout: 2 parsecs }\n",
-                "upstreams[0].pool.checkout_timeout: `2 parsecs`",
-            ),
-            (
-                "    pool: { checkout_timeout: 0s }\n",
-                "must be greater than zero",
-            ),
-            (
-                "    engine: r2d2\n",
-                "upstreams[0].engine: unknown variant `r2d2`",
-            ),
-            (
-                "    lease: { on_abort: keep }\n",
-                "upstreams[0].lease.on_abort",
-            ),
-            ("    readiness: maybe\n", "upstreams[0].readiness"),
-            ("    colour: blue\n", "unknown field `colour`"),
-            (
-                "    pool: { maxsize: 3 }\n",
-                "upstreams[0].pool.maxsize: unknown field `maxsize`",
-            ),
-            (
-                "    health: { probe: { send: \"\", expect: x } }\n",
-                "upstreams[0].health.probe.send: must not be empty",
-            ),
-        ];
-        for (extra, want) in cases {
-            let got = err(&format!("{MINIMAL}{extra}"));
-            assert!(
-                got.contains(want),
-                "for {extra:?}: got {got:?}, want {want:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn top_level_errors_name_the_field() {
-        let cases = [
-            ("{}", "upstreams: at least one upstream is required"),
-            ("grpc: { listen: nowhere }\n", "grpc.listen: `nowhere`"),
-            ("grpc: { listen: \"unix://rel.sock\" }\n", "absolute path"),
-            (
-                "grpc: { max_frame: 10 }\n",
-                "grpc.max_frame: must be between",
-            ),
-            ("admin: { listen: 9090 }\n", "admin.listen"),
-            ("runtime: { worker_threads: 0 }\n", "runtime.worker_threads"),
-            ("telemetry: { protocol: thrift }\n", "telemetry.protocol"),
-            ("bogus: 1\n", "unknown field `bogus`"),
-            ("upstreams:\n  - name: a\n", "missing field `address`"),
-            (
-                "upstreams:\n  - name: \"a b\"\n    address: x:1\n",
-                "upstreams[0].name",
-            ),
-            (
-                "upstreams:\n  - name: a\n    address: nohost\n",
-                "upstreams[0].address",
-            ),
-            (
-                "upstreams:\n  - name: a\n    address: h:0\n",
-                "upstreams[0].address",
-            ),
-            (
-                "upstreams:\n  - { name: a, address: 'h:1' }\n  - { name: a, address: 'h:2' }\n",
-                "upstreams[1].name: `a` is already the name of upstreams[0]",
-            ),
-            ("upstreams: [", "upstreams: did not find expected node"),
-            ("- 1\n", "config: invalid type: sequence"),
-        ];
-        for (yaml, want) in cases {
-            let got = err(yaml);
-            assert!(
-                got.contains(want),
-                "for {yaml:?}: got {got:?}, want {want:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn listen_addresses() {
-        let c = Config::from_yaml(&format!(
-            "grpc: {{ listen: \"unix:///run/lessor/l.sock\" }}\n{MINIMAL}"
-        ))
-        .unwrap();
-        assert_eq!(
-            c.grpc.listen,
-            ListenAddr::Unix(PathBuf::from("/run/lessor/l.sock"))
-        );
-        assert_eq!(c.grpc.listen.to_string(), "unix:///run/lessor/l.sock");
-        for ok in ["redis:6379", "10.0.0.1:5432", "[::1]:6379", "a.b-c_d.svc:1"] {
-            assert!(validate_host_port(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "redis",
-            ":6379",
-            "redis:",
-            "redis:70000",
-            "::1:6379",
-            "a b:1",
-        ] {
-            assert!(validate_host_port(bad).is_err(), "{bad}");
-        }
-    }
-}
+mod tests;

@@ -1,0 +1,273 @@
+//! Config parsing and validation: defaults, the DESIGN.md sample, and
+//! error messages that name the field.
+
+use super::*;
+
+const MINIMAL: &str = "upstreams:\n  - name: redis\n    address: 127.0.0.1:6379\n";
+
+fn err(yaml: &str) -> String {
+    Config::from_yaml(yaml).unwrap_err().to_string()
+}
+
+#[test]
+fn minimal_config_gets_documented_defaults() {
+    let c = Config::from_yaml(MINIMAL).unwrap();
+    let up = &c.upstreams[0];
+    assert_eq!(c.grpc.listen.to_string(), "127.0.0.1:7070");
+    assert_eq!(c.grpc.max_frame, ByteSize::mib(1));
+    assert_eq!(c.admin.listen.to_string(), "0.0.0.0:9090");
+    assert_eq!(up.engine, EngineKind::Bb8);
+    assert_eq!(up.pool.max_size, 32);
+    assert_eq!(up.pool.min_idle(), 4);
+    assert_eq!(up.pool.checkout_timeout, Duration::from_secs(2));
+    assert_eq!(up.pool.max_waiters, 1024);
+    assert_eq!(up.health.interval, Duration::from_secs(5));
+    assert!(up.health.probe.is_none());
+    assert_eq!(up.lease.on_abort, OnAbort::Evict);
+    assert_eq!(up.readiness, Readiness::Required);
+    assert_eq!(c.shutdown.grace, Duration::from_secs(20));
+    assert_eq!(c.runtime.worker_threads, 2);
+    assert_eq!(c.telemetry.protocol, OtlpProtocol::Grpc);
+}
+
+#[test]
+fn design_sample_parses() {
+    let yaml = r#"
+grpc:   { listen: "127.0.0.1:7070", max_frame: 1MiB }
+admin:  { listen: "0.0.0.0:9090" }
+upstreams:
+  - name: redis
+    address: "127.0.0.1:6379"
+    engine: bb8
+    pool:   { max_size: 32, min_idle: 4, connect_timeout: 1s, checkout_timeout: 2s,
+              max_waiters: 1024, idle_timeout: 5m, max_lifetime: 30m }
+    health: { interval: 5s, skip_if_used_within: 500ms,
+              probe: { send: "PING\r\n", expect: "+PONG\r\n", timeout: 200ms } }
+    lease:  { max_duration: 5m, idle_timeout: 60s, on_abort: evict }
+    readiness: required
+shutdown: { grace: 20s }
+runtime:  { worker_threads: 2 }
+telemetry: { endpoint: "", protocol: grpc }
+"#;
+    let c = Config::from_yaml(yaml).unwrap();
+    let probe = c.upstreams[0].health.probe.as_ref().unwrap();
+    assert_eq!(probe.send, "PING\r\n");
+    assert_eq!(probe.expect, "+PONG\r\n");
+    assert_eq!(c.upstreams[0].pool.idle_timeout, Duration::from_secs(300));
+}
+
+#[test]
+fn small_pool_clamps_default_min_idle() {
+    let c = Config::from_yaml(&format!("{MINIMAL}    pool: {{ max_size: 2 }}\n")).unwrap();
+    assert_eq!(c.upstreams[0].pool.min_idle(), 2);
+}
+
+#[test]
+fn errors_name_the_field() {
+    let cases = [
+        (
+            "    pool: { max_size: 0 }\n",
+            "upstreams[0].pool.max_size: must be at least 1",
+        ),
+        (
+            "    pool: { max_size: 2, min_idle: 3 }\n",
+            "upstreams[0].pool.min_idle: must not exceed",
+        ),
+        (
+            "    pool: { max_size: -1 }\n",
+            "upstreams[0].pool.max_size: ",
+        ),
+        (
+            "    pool: { checkout_timeout: 2 }\n",
+            "upstreams[0].pool.checkout_timeout: ",
+        ),
+        (
+            "    pool: { checkout_timeout: 2 parsecs }\n",
+            "upstreams[0].pool.checkout_timeout: `2 parsecs`",
+        ),
+        (
+            "    pool: { checkout_timeout: 0s }\n",
+            "must be greater than zero",
+        ),
+        (
+            "    engine: r2d2\n",
+            "upstreams[0].engine: unknown variant `r2d2`",
+        ),
+        (
+            "    lease: { on_abort: keep }\n",
+            "upstreams[0].lease.on_abort",
+        ),
+        ("    readiness: maybe\n", "upstreams[0].readiness"),
+        ("    colour: blue\n", "unknown field `colour`"),
+        (
+            "    pool: { maxsize: 3 }\n",
+            "upstreams[0].pool.maxsize: unknown field `maxsize`",
+        ),
+        (
+            "    health: { probe: { send: \"\", expect: x } }\n",
+            "upstreams[0].health.probe.send: must not be empty",
+        ),
+    ];
+    for (extra, want) in cases {
+        let got = err(&format!("{MINIMAL}{extra}"));
+        assert!(
+            got.contains(want),
+            "for {extra:?}: got {got:?}, want {want:?}"
+        );
+    }
+}
+
+#[test]
+fn top_level_errors_name_the_field() {
+    let cases = [
+        ("{}", "upstreams: at least one upstream is required"),
+        ("grpc: { listen: nowhere }\n", "grpc.listen: `nowhere`"),
+        ("grpc: { listen: \"unix://rel.sock\" }\n", "absolute path"),
+        (
+            "grpc: { max_frame: 10 }\n",
+            "grpc.max_frame: must be between",
+        ),
+        ("admin: { listen: 9090 }\n", "admin.listen"),
+        ("runtime: { worker_threads: 0 }\n", "runtime.worker_threads"),
+        ("telemetry: { protocol: thrift }\n", "telemetry.protocol"),
+        ("bogus: 1\n", "unknown field `bogus`"),
+        (
+            "upstreams:\n  - name: a\n",
+            "upstreams[0].address: set exactly one of address, discovery.dns and discovery.kubernetes",
+        ),
+        (
+            "upstreams:\n  - name: \"a b\"\n    address: x:1\n",
+            "upstreams[0].name",
+        ),
+        (
+            "upstreams:\n  - name: a\n    address: nohost\n",
+            "upstreams[0].address",
+        ),
+        (
+            "upstreams:\n  - name: a\n    address: h:0\n",
+            "upstreams[0].address",
+        ),
+        (
+            "upstreams:\n  - { name: a, address: 'h:1' }\n  - { name: a, address: 'h:2' }\n",
+            "upstreams[1].name: `a` is already the name of upstreams[0]",
+        ),
+        ("upstreams: [", "upstreams: did not find expected node"),
+        ("- 1\n", "config: invalid type: sequence"),
+    ];
+    for (yaml, want) in cases {
+        let got = err(yaml);
+        assert!(
+            got.contains(want),
+            "for {yaml:?}: got {got:?}, want {want:?}"
+        );
+    }
+}
+
+#[test]
+fn listen_addresses() {
+    let c = Config::from_yaml(&format!(
+        "grpc: {{ listen: \"unix:///run/lessor/l.sock\" }}\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.grpc.listen,
+        ListenAddr::Unix(PathBuf::from("/run/lessor/l.sock"))
+    );
+    assert_eq!(c.grpc.listen.to_string(), "unix:///run/lessor/l.sock");
+    for ok in ["redis:6379", "10.0.0.1:5432", "[::1]:6379", "a.b-c_d.svc:1"] {
+        assert!(validate_host_port(ok).is_ok(), "{ok}");
+    }
+    for bad in [
+        "redis",
+        ":6379",
+        "redis:",
+        "redis:70000",
+        "::1:6379",
+        "a b:1",
+    ] {
+        assert!(validate_host_port(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn discovery_sources() {
+    let c = Config::from_yaml(
+        "upstreams:\n  - name: a\n    discovery: { dns: { name: redis-headless, port: 6379 } }\n  - name: b\n    discovery: { kubernetes: { service: redis, port: redis } }\n  - name: c\n    discovery: { kubernetes: { service: pg, namespace: data, port: 5432 } }\n    outlier: { consecutive_failures: 5, base_ejection: 1s, max_ejection: 1m }\n",
+    )
+    .unwrap();
+    let dns = c.upstreams[0]
+        .discovery
+        .as_ref()
+        .unwrap()
+        .dns
+        .as_ref()
+        .unwrap();
+    assert_eq!(dns.refresh, Duration::from_secs(10));
+    let k = c.upstreams[1]
+        .discovery
+        .as_ref()
+        .unwrap()
+        .kubernetes
+        .as_ref()
+        .unwrap();
+    assert_eq!(k.port, PortRef::Name("redis".into()));
+    assert_eq!(k.namespace, None);
+    let k = c.upstreams[2]
+        .discovery
+        .as_ref()
+        .unwrap()
+        .kubernetes
+        .as_ref()
+        .unwrap();
+    assert_eq!(k.port, PortRef::Number(5432));
+    assert_eq!(c.upstreams[2].outlier.consecutive_failures, 5);
+    assert_eq!(
+        c.upstreams[1].outlier.base_ejection,
+        Duration::from_secs(10)
+    );
+    assert_eq!(
+        c.upstreams[2].source(),
+        "kubernetes service data/pg port 5432"
+    );
+    let bad = [
+        (
+            "  - name: a\n    address: h:1\n    discovery: { dns: { name: x, port: 1 } }\n",
+            "upstreams[0].discovery: set exactly one",
+        ),
+        (
+            "  - name: a\n    discovery: {}\n",
+            "upstreams[0].discovery: set exactly one",
+        ),
+        (
+            "  - name: a\n    discovery: { dns: { name: \"x:1\", port: 1 } }\n",
+            "discovery.dns.name",
+        ),
+        (
+            "  - name: a\n    discovery: { dns: { name: x, port: 0 } }\n",
+            "discovery.dns.port",
+        ),
+        (
+            "  - name: a\n    discovery: { kubernetes: { service: s, port: 0 } }\n",
+            "discovery.kubernetes.port",
+        ),
+        (
+            "  - name: a\n    discovery: { consul: {} }\n",
+            "unknown field `consul`",
+        ),
+        (
+            "  - name: a\n    address: h:1\n    outlier: { consecutive_failures: 0 }\n",
+            "outlier.consecutive_failures",
+        ),
+        (
+            "  - name: a\n    address: h:1\n    outlier: { base_ejection: 1m, max_ejection: 1s }\n",
+            "outlier.max_ejection",
+        ),
+    ];
+    for (yaml, want) in bad {
+        let got = err(&format!("upstreams:\n{yaml}"));
+        assert!(
+            got.contains(want),
+            "for {yaml:?}: got {got:?}, want {want:?}"
+        );
+    }
+}

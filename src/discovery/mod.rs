@@ -1,0 +1,84 @@
+//! Where an upstream's endpoints come from: a static `address` (one
+//! endpoint, resolved at dial time), DNS (every A/AAAA record of a name,
+//! re-resolved every `refresh`), or Kubernetes EndpointSlices (watched). Each
+//! source feeds the upstream's [`EndpointSet`], which the pool dials from.
+//!
+//! A source that fails keeps the last known endpoints, retries with backoff,
+//! and says so in `/readyz?verbose`; an upstream is not ready before its
+//! source's first successful sync.
+
+mod dns;
+mod endpoints;
+pub mod kubernetes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use endpoints::{
+    Dialing, Discovered, Endpoint, EndpointRef, EndpointSet, EndpointSnapshot, NoEndpoint,
+    SourceStatus,
+};
+
+use crate::config::UpstreamConfig;
+
+/// Name resolution for DNS discovery, behind a trait so tests can change the
+/// answers between refreshes.
+pub trait Resolver: Send + Sync + 'static {
+    /// Every address of `name`, with `port`.
+    fn resolve(
+        &self,
+        name: &str,
+        port: u16,
+    ) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>>;
+}
+
+/// The system resolver (`getaddrinfo`, through tokio).
+#[derive(Debug, Default)]
+pub struct SystemResolver;
+
+impl Resolver for SystemResolver {
+    fn resolve(
+        &self,
+        name: &str,
+        port: u16,
+    ) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> {
+        let host = format!("{name}:{port}");
+        Box::pin(async move { Ok(tokio::net::lookup_host(host).await?.collect()) })
+    }
+}
+
+/// The endpoint set an upstream starts with: its one endpoint for a static
+/// address, an empty set waiting for its source otherwise.
+pub fn endpoint_set(config: &UpstreamConfig) -> Arc<EndpointSet> {
+    match &config.address {
+        Some(address) => EndpointSet::fixed(address, config.outlier.clone()),
+        None => EndpointSet::discovered(
+            config.outlier.clone(),
+            &format!("{}: waiting for the first sync", config.source()),
+        ),
+    }
+}
+
+/// Starts the upstream's discovery source (nothing for a static address) on
+/// `tracker`, until `cancel`.
+pub fn start(
+    config: &UpstreamConfig,
+    set: Arc<EndpointSet>,
+    resolver: Arc<dyn Resolver>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) {
+    let Some(discovery) = &config.discovery else {
+        return;
+    };
+    let upstream = config.name.clone();
+    if let Some(dns) = discovery.dns.clone() {
+        tracker.spawn(dns::run(upstream, dns, set, resolver, cancel.clone()));
+    } else if let Some(kube) = discovery.kubernetes.clone() {
+        tracker.spawn(kubernetes::run(upstream, kube, set, cancel.clone()));
+    }
+}
