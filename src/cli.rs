@@ -210,6 +210,28 @@ pub fn stats_table(stats: &[UpstreamStats]) -> String {
     for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
+    // Endpoints, for upstreams with more than one (discovery) or a problem.
+    for s in stats {
+        let show = s.endpoints.len() > 1 || s.endpoints.iter().any(|e| !e.ready || e.ejected);
+        for e in s.endpoints.iter().filter(|_| show) {
+            let mut state = if e.terminating {
+                "terminating"
+            } else if e.ready {
+                "ready"
+            } else {
+                "not-ready"
+            }
+            .to_owned();
+            if e.ejected {
+                state.push_str(",ejected");
+            }
+            let _ = writeln!(
+                out,
+                "  {} endpoint {}  {state}  conns={} idle={}",
+                s.name, e.address, e.connections, e.idle
+            );
+        }
+    }
     out
 }
 

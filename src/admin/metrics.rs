@@ -294,6 +294,46 @@ impl Collector for PoolCollector {
             bytes,
         )?;
 
+        // Per endpoint: bounded by the endpoints discovery reports.
+        let mut endpoint_conns = Vec::new();
+        let mut endpoint_ready = Vec::new();
+        let mut endpoint_ejected = Vec::new();
+        for p in &pools {
+            for ep in p.endpoints().snapshot() {
+                let labels = vec![
+                    ("upstream", p.name().to_owned()),
+                    ("endpoint", ep.target.clone()),
+                ];
+                let mut with_state = |state: &str, v: u32| {
+                    let mut l = labels.clone();
+                    l.push(("state", state.to_owned()));
+                    endpoint_conns.push((l, gauge(i64::from(v))));
+                };
+                with_state("idle", ep.idle);
+                with_state("in_use", ep.connections.saturating_sub(ep.idle));
+                endpoint_ready.push((labels.clone(), gauge(i64::from(ep.ready))));
+                endpoint_ejected.push((labels, gauge(i64::from(ep.ejected))));
+            }
+        }
+        family(
+            &mut e,
+            "lessor_endpoint_connections",
+            "Open connections per endpoint (in_use: leased or being checked).",
+            endpoint_conns,
+        )?;
+        family(
+            &mut e,
+            "lessor_endpoint_ready",
+            "1 when the endpoint may get new connections.",
+            endpoint_ready,
+        )?;
+        family(
+            &mut e,
+            "lessor_endpoint_ejected",
+            "1 while the endpoint is ejected for failing.",
+            endpoint_ejected,
+        )?;
+
         if !pools.is_empty() {
             let mut m = e.encode_descriptor(
                 "lessor_lease_duration_seconds",

@@ -10,11 +10,13 @@
 //! watcher retries with kube's default backoff and the last endpoints stay.
 
 use std::collections::BTreeMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::ListParams;
 use kube::runtime::watcher::{self, Event, InitialListStrategy};
 use kube::runtime::{WatchStreamExt, reflector};
 use kube::{Api, Client};
@@ -112,26 +114,43 @@ pub async fn run(
         }
     };
     let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
-    let mut watch_config = watcher::Config::default()
-        .labels(&format!("kubernetes.io/service-name={}", config.service));
+    let selector = format!("kubernetes.io/service-name={}", config.service);
+    let mut watch_config = watcher::Config::default().labels(&selector);
     watch_config.initial_list_strategy = InitialListStrategy::ListWatch;
     let (store, writer) = reflector::store();
-    let stream = reflector(writer, watcher::watcher(api, watch_config)).default_backoff();
+    let stream = reflector(writer, watcher::watcher(api.clone(), watch_config)).default_backoff();
     tokio::pin!(stream);
+    // After an error, a resumed watch says nothing until something changes;
+    // a small list (one item) now and then tells when the API is back.
+    let probe = ListParams::default().labels(&selector).limit(1);
+    let mut recheck: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let healthy = |set: &EndpointSet| {
+        let found = set.snapshot();
+        let ready = found.iter().filter(|e| e.ready).count();
+        format!("{what}: {} endpoints, {ready} ready", found.len())
+    };
     loop {
         let event = tokio::select! {
             _ = cancel.cancelled() => return,
             event = stream.next() => event,
+            () = async { recheck.as_mut().expect("guarded").await }, if recheck.is_some() => {
+                recheck = match api.list_metadata(&probe).await {
+                    Ok(_) if set.status().synced => {
+                        set.set_status(false, healthy(&set));
+                        None
+                    }
+                    _ => Some(Box::pin(tokio::time::sleep(Duration::from_secs(2)))),
+                };
+                continue;
+            }
         };
         match event {
             None => return,
             Some(Ok(Event::Init | Event::InitApply(_))) => {}
             Some(Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_))) => {
-                let found = endpoints_from_slices(&store.state(), &config.port);
-                let ready = found.iter().filter(|d| d.ready).count();
-                let total = found.len();
-                set.update(found);
-                set.set_status(false, format!("{what}: {total} endpoints, {ready} ready"));
+                set.update(endpoints_from_slices(&store.state(), &config.port));
+                set.set_status(false, healthy(&set));
+                recheck = None;
             }
             Some(Err(e)) => {
                 let kept = set.snapshot().len();
@@ -143,6 +162,9 @@ pub async fn run(
                     format!("{what}: API unreachable ({e}); no endpoints yet")
                 };
                 set.set_status(true, detail);
+                if recheck.is_none() {
+                    recheck = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
+                }
             }
         }
     }

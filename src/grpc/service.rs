@@ -97,5 +97,17 @@ fn to_pb(s: PoolSnapshot) -> UpstreamStats {
         checkout_timeouts: s.checkout_timeouts,
         ready: s.ready,
         connect_errors: s.connect_errors,
+        endpoints: s
+            .endpoints
+            .into_iter()
+            .map(|e| pb::EndpointStats {
+                address: e.target,
+                ready: e.ready,
+                ejected: e.ejected,
+                connections: e.connections,
+                idle: e.idle,
+                terminating: e.terminating,
+            })
+            .collect(),
     }
 }

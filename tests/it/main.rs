@@ -5,6 +5,7 @@ mod admin;
 mod backpressure;
 mod cli;
 mod conformance;
+mod discovery;
 mod leak;
 mod proto_golden;
 mod protocol;

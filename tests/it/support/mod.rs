@@ -1,6 +1,7 @@
 //! Shared fixtures: real upstream servers, an in-process lessor on a free
 //! port, and condition waits (never bare sleeps).
 
+pub mod kube_api;
 pub mod otlp;
 pub mod process;
 pub mod redis;
@@ -95,6 +96,11 @@ impl Lessor {
 
     /// Starts lessor with this YAML config, listening on `listen`.
     pub async fn start_on(yaml: &str, listen: &str) -> Self {
+        Self::start_with(yaml, listen, server::RunOptions::default()).await
+    }
+
+    /// Starts lessor with this YAML config and run options.
+    pub async fn start_with(yaml: &str, listen: &str, options: server::RunOptions) -> Self {
         let config = Config::from_yaml(yaml).unwrap_or_else(|e| panic!("test config: {e}\n{yaml}"));
         let listeners = Listeners {
             grpc: Listener::bind(&listen.parse().unwrap()).await.unwrap(),
@@ -103,9 +109,14 @@ impl Lessor {
         let addr = listeners.grpc.local_addr();
         let admin = listeners.admin_addr();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(config, listeners, async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(server::run_with(
+            config,
+            listeners,
+            async {
+                let _ = stopped.await;
+            },
+            options,
+        ));
         let client = Client::connect(&addr).await.expect("connect to lessor");
         Self {
             addr,

@@ -60,9 +60,13 @@ pub struct TestUpstream {
 impl TestUpstream {
     /// An echo server on a free loopback port.
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind upstream");
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    /// An echo server on `addr` (e.g. `127.0.0.2:PORT`: the loopback network
+    /// is a /8, so several endpoints can share a port).
+    pub async fn start_on(addr: &str) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind upstream");
         let addr = listener.local_addr().unwrap();
         let all = CancellationToken::new();
         let up = Self {
