@@ -295,16 +295,14 @@ pub async fn run(opts: &CompareOptions) -> Result<CompareReport, BenchError> {
     kept.set_nodelay(true)?;
     let t = {
         let mut buf = vec![0u8; reply_len];
-        let mut hist = histogram();
-        for i in 0..n + 200 {
+        let mut samples = Samples::new();
+        for _ in 0..n + WARMUP {
             let start = Instant::now();
             kept.write_all(&request).await?;
             kept.read_exact(&mut buf).await?;
-            if i >= 200 {
-                record(&mut hist, start.elapsed());
-            }
+            samples.record(start.elapsed());
         }
-        Percentiles::of(&hist)
+        samples.percentiles()
     };
     measures.push(Measure {
         name: "T".into(),
@@ -334,16 +332,14 @@ pub async fn run(opts: &CompareOptions) -> Result<CompareReport, BenchError> {
 
     for engine in ["bb8", "deadpool"] {
         let a = {
-            let mut hist = histogram();
-            for i in 0..n + 200 {
+            let mut samples = Samples::new();
+            for _ in 0..n + WARMUP {
                 let start = Instant::now();
                 let lease = client.lease(engine, &LeaseOptions::default()).await?;
-                if i >= 200 {
-                    record(&mut hist, start.elapsed());
-                }
+                samples.record(start.elapsed());
                 lease.release(Disposition::Return).await?;
             }
-            Percentiles::of(&hist)
+            samples.percentiles()
         };
         measures.push(Measure {
             name: format!("A {engine}"),
@@ -352,17 +348,15 @@ pub async fn run(opts: &CompareOptions) -> Result<CompareReport, BenchError> {
         });
         let r = {
             let mut lease = client.lease(engine, &LeaseOptions::default()).await?;
-            let mut hist = histogram();
-            for i in 0..n + 200 {
+            let mut samples = Samples::new();
+            for _ in 0..n + WARMUP {
                 let start = Instant::now();
                 lease.send(request.clone()).await?;
                 read_reply(&mut lease, reply_len).await?;
-                if i >= 200 {
-                    record(&mut hist, start.elapsed());
-                }
+                samples.record(start.elapsed());
             }
             lease.release(Disposition::Return).await?;
-            Percentiles::of(&hist)
+            samples.percentiles()
         };
         measures.push(Measure {
             name: format!("R {engine}"),
@@ -454,7 +448,7 @@ pub async fn run(opts: &CompareOptions) -> Result<CompareReport, BenchError> {
             .iter()
             .map(|t| ((t.c_bb8_per_sec + t.c_deadpool_per_sec) * phase.as_secs_f64()) as u64)
             .sum::<u64>()
-        + 2 * (n as u64 + 200);
+        + 2 * (n + WARMUP) as u64;
     let cpu_ms = lessor.cpu_ms().saturating_sub(cpu_start);
     drop(client);
     lessor.stop().await;
@@ -514,15 +508,43 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), BenchError>>,
 {
-    let mut hist = histogram();
-    for i in 0..n + 200 {
+    let mut samples = Samples::new();
+    for _ in 0..n + WARMUP {
         let start = Instant::now();
         op().await?;
-        if i >= 200 {
-            record(&mut hist, start.elapsed());
+        samples.record(start.elapsed());
+    }
+    Ok(samples.percentiles())
+}
+
+/// Operations run before any is recorded: connections, caches and the
+/// allocator settle first.
+const WARMUP: usize = 200;
+
+/// A latency histogram that ignores its first [`WARMUP`] samples.
+struct Samples {
+    hist: hdrhistogram::Histogram<u64>,
+    seen: usize,
+}
+
+impl Samples {
+    fn new() -> Self {
+        Self {
+            hist: histogram(),
+            seen: 0,
         }
     }
-    Ok(Percentiles::of(&hist))
+
+    fn record(&mut self, d: Duration) {
+        if self.seen >= WARMUP {
+            record(&mut self.hist, d);
+        }
+        self.seen += 1;
+    }
+
+    fn percentiles(&self) -> Percentiles {
+        Percentiles::of(&self.hist)
+    }
 }
 
 /// Operations per second with `concurrency` loops for `phase`.
