@@ -527,44 +527,10 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks ranges and consistency that the types cannot express.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let frame = self.grpc.max_frame.as_u64();
-        if !(1024..=64 * 1024 * 1024).contains(&frame) {
-            return Err(invalid("grpc.max_frame", "must be between 1KiB and 64MiB"));
-        }
-        if !(1..=1024).contains(&self.runtime.worker_threads) {
-            return Err(invalid(
-                "runtime.worker_threads",
-                "must be between 1 and 1024",
-            ));
-        }
-        if self.upstreams.is_empty() {
-            return Err(invalid("upstreams", "at least one upstream is required"));
-        }
-        for (i, up) in self.upstreams.iter().enumerate() {
-            up.validate(&format!("upstreams[{i}]"))?;
-            if let Some(j) = self.upstreams[..i].iter().position(|u| u.name == up.name) {
-                return Err(invalid(
-                    format!("upstreams[{i}].name"),
-                    format!("`{}` is already the name of upstreams[{j}]", up.name),
-                ));
-            }
-        }
-        Ok(())
-    }
-
     /// The upstream with this name.
     pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
         self.upstreams.iter().find(|u| u.name == name)
     }
-}
-
-fn positive(field: String, d: Duration) -> Result<(), ConfigError> {
-    if d.is_zero() {
-        return Err(invalid(field, "must be greater than zero"));
-    }
-    Ok(())
 }
 
 impl UpstreamConfig {
@@ -593,162 +559,9 @@ impl UpstreamConfig {
             _ => "?".to_owned(),
         }
     }
-
-    fn validate(&self, at: &str) -> Result<(), ConfigError> {
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= 63
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !name_ok {
-            return Err(invalid(
-                format!("{at}.name"),
-                format!(
-                    "`{}`: must be 1-63 characters of letters, digits, `-`, `_` or `.`",
-                    self.name
-                ),
-            ));
-        }
-        let dns = self.discovery.as_ref().and_then(|d| d.dns.as_ref());
-        let kube = self.discovery.as_ref().and_then(|d| d.kubernetes.as_ref());
-        let sources = usize::from(self.address.is_some())
-            + usize::from(dns.is_some())
-            + usize::from(kube.is_some());
-        if sources != 1 {
-            let field = if self.discovery.is_some() {
-                format!("{at}.discovery")
-            } else {
-                format!("{at}.address")
-            };
-            return Err(invalid(
-                field,
-                "set exactly one of address, discovery.dns and discovery.kubernetes",
-            ));
-        }
-        if let Some(address) = &self.address {
-            validate_host_port(address).map_err(|p| invalid(format!("{at}.address"), p))?;
-        }
-        if let Some(dns) = dns {
-            if dns.name.is_empty() || dns.name.contains(':') {
-                return Err(invalid(
-                    format!("{at}.discovery.dns.name"),
-                    "must be a host name, without a port",
-                ));
-            }
-            if dns.port == 0 {
-                return Err(invalid(
-                    format!("{at}.discovery.dns.port"),
-                    "must be between 1 and 65535",
-                ));
-            }
-            positive(format!("{at}.discovery.dns.refresh"), dns.refresh)?;
-        }
-        if let Some(kube) = kube {
-            if kube.service.is_empty() {
-                return Err(invalid(
-                    format!("{at}.discovery.kubernetes.service"),
-                    "must not be empty",
-                ));
-            }
-            if matches!(kube.port, PortRef::Number(0))
-                || matches!(&kube.port, PortRef::Name(n) if n.is_empty())
-            {
-                return Err(invalid(
-                    format!("{at}.discovery.kubernetes.port"),
-                    "must be a port name or a number 1-65535",
-                ));
-            }
-        }
-        if self.outlier.consecutive_failures == 0 {
-            return Err(invalid(
-                format!("{at}.outlier.consecutive_failures"),
-                "must be at least 1",
-            ));
-        }
-        positive(
-            format!("{at}.outlier.base_ejection"),
-            self.outlier.base_ejection,
-        )?;
-        if self.outlier.max_ejection < self.outlier.base_ejection {
-            return Err(invalid(
-                format!("{at}.outlier.max_ejection"),
-                "must not be shorter than outlier.base_ejection",
-            ));
-        }
-
-        let pool = &self.pool;
-        if pool.max_size == 0 {
-            return Err(invalid(format!("{at}.pool.max_size"), "must be at least 1"));
-        }
-        if pool.max_size > 10_000 {
-            return Err(invalid(
-                format!("{at}.pool.max_size"),
-                "must be at most 10000",
-            ));
-        }
-        if pool.min_idle() > pool.max_size {
-            return Err(invalid(
-                format!("{at}.pool.min_idle"),
-                format!("must not exceed pool.max_size ({})", pool.max_size),
-            ));
-        }
-        if pool.max_waiters == 0 {
-            return Err(invalid(
-                format!("{at}.pool.max_waiters"),
-                "must be at least 1",
-            ));
-        }
-        positive(format!("{at}.pool.connect_timeout"), pool.connect_timeout)?;
-        positive(format!("{at}.pool.checkout_timeout"), pool.checkout_timeout)?;
-        positive(format!("{at}.pool.idle_timeout"), pool.idle_timeout)?;
-        positive(format!("{at}.pool.max_lifetime"), pool.max_lifetime)?;
-        positive(format!("{at}.health.interval"), self.health.interval)?;
-        if let Some(probe) = &self.health.probe {
-            if probe.send.is_empty() {
-                return Err(invalid(
-                    format!("{at}.health.probe.send"),
-                    "must not be empty",
-                ));
-            }
-            if probe.expect.is_empty() {
-                return Err(invalid(
-                    format!("{at}.health.probe.expect"),
-                    "must not be empty",
-                ));
-            }
-            if probe.expect.len() > 4096 {
-                return Err(invalid(
-                    format!("{at}.health.probe.expect"),
-                    "must be at most 4096 bytes",
-                ));
-            }
-            positive(format!("{at}.health.probe.timeout"), probe.timeout)?;
-        }
-        positive(format!("{at}.lease.max_duration"), self.lease.max_duration)?;
-        positive(format!("{at}.lease.idle_timeout"), self.lease.idle_timeout)?;
-        Ok(())
-    }
 }
 
-/// Accepts `host:port` and `[v6]:port`, where host may be a DNS name.
-fn validate_host_port(s: &str) -> Result<(), String> {
-    let bad = || format!("`{s}`: expected host:port (redis:6379, 10.0.0.5:5432, [::1]:6379)");
-    if s.parse::<SocketAddr>().is_ok() {
-        return Ok(());
-    }
-    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    let host_ok = !host.is_empty()
-        && !host.contains(':')
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
-    if port == 0 || !host_ok {
-        return Err(bad());
-    }
-    Ok(())
-}
+mod validate;
 
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,7 @@
 //! Config parsing and validation: defaults, the DESIGN.md sample, and
 //! error messages that name the field.
 
+use super::validate::validate_host_port;
 use super::*;
 
 const MINIMAL: &str = "upstreams:\n  - name: redis\n    address: 127.0.0.1:6379\n";

@@ -16,10 +16,9 @@
 //! runtime of their own and lessor on `runtime.worker_threads` (both
 //! reported), so runs on the same machine compare.
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -36,6 +35,11 @@ use super::{BenchError, Percentiles, histogram, lease_cycle, read_reply, record}
 use crate::client::{Client, LeaseOptions};
 use crate::echo::EchoServer;
 use crate::pb::Disposition;
+
+mod report;
+mod setup;
+
+use setup::{Lessor, Upstream, four_upstreams_config, one_upstream_config, start_redis};
 
 /// The baseline's generated code.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -127,26 +131,6 @@ const SERVER_WORKERS: usize = 1;
 /// The bench's own client runtime: one worker, so runs compare.
 pub const CLIENT_WORKERS: usize = 1;
 
-/// The upstream the run uses.
-enum Upstream {
-    Echo {
-        addr: String,
-        _stop: CancellationToken,
-    },
-    Redis {
-        addr: String,
-        _child: ChildGuard,
-    },
-}
-
-impl Upstream {
-    fn addr(&self) -> &str {
-        match self {
-            Self::Echo { addr, .. } | Self::Redis { addr, .. } => addr,
-        }
-    }
-}
-
 /// The baseline and upstream servers' runtime. Dropping a runtime inside
 /// another one's async context panics, so this shuts it down in the
 /// background instead, on every path out of `run`.
@@ -168,16 +152,6 @@ impl Drop for ServerRuntime {
     }
 }
 
-/// Kills its child process on drop.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The baseline: a unary echo with nothing in the way.
 struct EchoService;
 
@@ -189,12 +163,6 @@ impl pb::echo_server::Echo for EchoService {
     ) -> Result<Response<pb::EchoMessage>, Status> {
         Ok(Response::new(request.into_inner()))
     }
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// Runs the comparison. Call from a runtime with [`CLIENT_WORKERS`] workers;
@@ -611,251 +579,4 @@ async fn wait_warm(client: &Client, idle: u32) -> Result<(), BenchError> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Err(BenchError::Reply("lessor's pools did not warm up".into()))
-}
-
-async fn start_redis() -> Result<Upstream, BenchError> {
-    let port = free_port()?;
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| std::io::Error::other(format!("--redis needs redis-server: {e}")))?;
-    let guard = ChildGuard(child);
-    let addr = format!("127.0.0.1:{port}");
-    for _ in 0..500 {
-        if let Ok(mut s) = TcpStream::connect(&addr).await {
-            let mut buf = [0u8; 7];
-            if s.write_all(b"PING\r\n").await.is_ok() && s.read_exact(&mut buf).await.is_ok() {
-                return Ok(Upstream::Redis {
-                    addr,
-                    _child: guard,
-                });
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Err(BenchError::Reply("redis-server did not answer PING".into()))
-}
-
-fn health(opts: &CompareOptions) -> &'static str {
-    if opts.redis {
-        "    health: { probe: { send: \"PING\\r\\n\", expect: \"+PONG\\r\\n\" } }\n"
-    } else {
-        ""
-    }
-}
-
-fn one_upstream_config(addr: &str, opts: &CompareOptions) -> String {
-    let mut yaml = String::from("upstreams:\n");
-    for engine in ["bb8", "deadpool"] {
-        let _ = write!(
-            yaml,
-            "  - name: {engine}\n    address: \"{addr}\"\n    engine: {engine}\n    pool: {{ max_size: 160, min_idle: 8 }}\n{}",
-            health(opts)
-        );
-    }
-    yaml
-}
-
-fn four_upstreams_config(addr: &str, opts: &CompareOptions) -> String {
-    let mut yaml = String::from("upstreams:\n");
-    for i in 0..4 {
-        let engine = if i % 2 == 0 { "bb8" } else { "deadpool" };
-        let _ = write!(
-            yaml,
-            "  - name: up{i}\n    address: \"{addr}\"\n    engine: {engine}\n    pool: {{ max_size: 32, min_idle: 32 }}\n{}",
-            health(opts)
-        );
-    }
-    yaml
-}
-
-/// A `lessor serve` child process (this same binary).
-struct Lessor {
-    child: ChildGuard,
-    grpc: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Lessor {
-    async fn spawn(upstreams_yaml: &str, workers: usize) -> Result<Self, BenchError> {
-        let dir = tempfile::tempdir()?;
-        let grpc = format!("127.0.0.1:{}", free_port()?);
-        let admin = format!("127.0.0.1:{}", free_port()?);
-        let path = dir.path().join("lessor.yaml");
-        std::fs::write(
-            &path,
-            format!(
-                "grpc: {{ listen: \"{grpc}\" }}\nadmin: {{ listen: \"{admin}\" }}\nruntime: {{ worker_threads: {workers} }}\nshutdown: {{ grace: 1s }}\n{upstreams_yaml}"
-            ),
-        )?;
-        let child = Command::new(std::env::current_exe()?)
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()?;
-        let lessor = Self {
-            child: ChildGuard(child),
-            grpc,
-            _dir: dir,
-        };
-        for _ in 0..1000 {
-            if let Ok(r) = crate::admin::fetch(&admin, "/readyz", None).await
-                && r.status == 200
-            {
-                return Ok(lessor);
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Err(BenchError::Reply(
-            "lessor serve did not become ready".into(),
-        ))
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.0.id()
-    }
-
-    fn rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// User plus system CPU time, in milliseconds (from clock ticks).
-    fn cpu_ms(&self) -> u64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the `(comm)`, which may hold spaces.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        // utime and stime are fields 14 and 15 of stat(5): 11 and 12 here.
-        (ticks(11) + ticks(12)) * 10
-    }
-
-    async fn stop(mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid().to_string())
-            .status();
-        for _ in 0..300 {
-            if let Ok(Some(_)) = self.child.0.try_wait() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl CompareReport {
-    /// The Markdown report.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "lessor bench --compare: upstream `{}`, {}-byte requests; {} CPUs; lessor runtime.worker_threads={}, bench client runtime {} worker, baseline+upstream runtime {} worker\n",
-            self.upstream,
-            self.payload,
-            self.cpus,
-            self.lessor_workers,
-            self.client_workers,
-            self.server_workers
-        );
-        let _ = writeln!(out, "| | operation | p50 µs | p90 µs | p99 µs | p99.9 µs |");
-        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|");
-        for m in &self.measures {
-            let l = &m.latency;
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} | {} |",
-                m.name, m.what, l.p50, l.p90, l.p99, l.p999
-            );
-        }
-        let _ = writeln!(
-            out,
-            "\n| concurrency | U echoes/s | C bb8 leases/s | C deadpool leases/s | C bb8 / U |"
-        );
-        let _ = writeln!(out, "|---:|---:|---:|---:|---:|");
-        for t in &self.throughput {
-            let _ = writeln!(
-                out,
-                "| {} | {:.0} | {:.0} | {:.0} | {:.2} |",
-                t.concurrency,
-                t.u_per_sec,
-                t.c_bb8_per_sec,
-                t.c_deadpool_per_sec,
-                t.c_bb8_per_sec / t.u_per_sec.max(1e-9)
-            );
-        }
-        let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
-        let growth =
-            (self.rss_after_all_kib as f64 / self.rss_after_10k_kib.max(1) as f64 - 1.0) * 100.0;
-        let _ = writeln!(out, "\n| figure | value | target | |");
-        let _ = writeln!(out, "|---|---:|---:|---|");
-        let _ = writeln!(
-            out,
-            "| A p50 / U p50 | {:.2} | ≤ 1.30 | {} |",
-            self.ratio_a_over_u,
-            verdict(self.ratio_a_over_u <= 1.3)
-        );
-        let _ = writeln!(
-            out,
-            "| R p50 / (U + T) p50 | {:.2} | ≤ 1.30 | {} |",
-            self.ratio_r_over_u_plus_t,
-            verdict(self.ratio_r_over_u_plus_t <= 1.3)
-        );
-        let _ = writeln!(
-            out,
-            "| C throughput / U throughput at 32 | {:.2} | ≥ 0.50 | {} |",
-            self.ratio_c_over_u_throughput_32,
-            verdict(self.ratio_c_over_u_throughput_32 >= 0.5)
-        );
-        let _ = writeln!(
-            out,
-            "| idle RSS, 4 upstreams × 32 connections | {:.1} MiB | ≤ 20 MiB | {} |",
-            self.rss_idle_4x32_kib as f64 / 1024.0,
-            verdict(self.rss_idle_4x32_kib <= 20 * 1024)
-        );
-        let _ = writeln!(
-            out,
-            "| RSS after {} cycles vs after 10k | {:+.1}% ({} → {} KiB) | within 10% | {} |",
-            self.stability_cycles,
-            growth,
-            self.rss_after_10k_kib,
-            self.rss_after_all_kib,
-            verdict(growth.abs() <= 10.0)
-        );
-        let _ = writeln!(
-            out,
-            "| idle RSS, 2 upstreams × 8 connections | {:.1} MiB | | |",
-            self.rss_idle_kib as f64 / 1024.0
-        );
-        let _ = writeln!(
-            out,
-            "| lessor CPU per 1000 lease cycles | {:.1} ms | | |",
-            self.cpu_ms_per_1k_cycles
-        );
-        out
-    }
 }

@@ -1,0 +1,205 @@
+//! What `--compare` runs against: its upstream (the echo server, or a
+//! `redis-server` child), and `lessor serve` children of this same binary,
+//! measured from `/proc`.
+
+use std::fmt::Write as _;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::CompareOptions;
+use crate::bench::BenchError;
+
+/// The upstream the run uses.
+pub(super) enum Upstream {
+    Echo {
+        addr: String,
+        _stop: CancellationToken,
+    },
+    Redis {
+        addr: String,
+        _child: ChildGuard,
+    },
+}
+
+impl Upstream {
+    pub(super) fn addr(&self) -> &str {
+        match self {
+            Self::Echo { addr, .. } | Self::Redis { addr, .. } => addr,
+        }
+    }
+}
+
+/// Kills its child process on drop.
+pub(super) struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub(super) fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub(super) async fn start_redis() -> Result<Upstream, BenchError> {
+    let port = free_port()?;
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| std::io::Error::other(format!("--redis needs redis-server: {e}")))?;
+    let guard = ChildGuard(child);
+    let addr = format!("127.0.0.1:{port}");
+    for _ in 0..500 {
+        if let Ok(mut s) = TcpStream::connect(&addr).await {
+            let mut buf = [0u8; 7];
+            if s.write_all(b"PING\r\n").await.is_ok() && s.read_exact(&mut buf).await.is_ok() {
+                return Ok(Upstream::Redis {
+                    addr,
+                    _child: guard,
+                });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err(BenchError::Reply("redis-server did not answer PING".into()))
+}
+
+fn health(opts: &CompareOptions) -> &'static str {
+    if opts.redis {
+        "    health: { probe: { send: \"PING\\r\\n\", expect: \"+PONG\\r\\n\" } }\n"
+    } else {
+        ""
+    }
+}
+
+pub(super) fn one_upstream_config(addr: &str, opts: &CompareOptions) -> String {
+    let mut yaml = String::from("upstreams:\n");
+    for engine in ["bb8", "deadpool"] {
+        let _ = write!(
+            yaml,
+            "  - name: {engine}\n    address: \"{addr}\"\n    engine: {engine}\n    pool: {{ max_size: 160, min_idle: 8 }}\n{}",
+            health(opts)
+        );
+    }
+    yaml
+}
+
+pub(super) fn four_upstreams_config(addr: &str, opts: &CompareOptions) -> String {
+    let mut yaml = String::from("upstreams:\n");
+    for i in 0..4 {
+        let engine = if i % 2 == 0 { "bb8" } else { "deadpool" };
+        let _ = write!(
+            yaml,
+            "  - name: up{i}\n    address: \"{addr}\"\n    engine: {engine}\n    pool: {{ max_size: 32, min_idle: 32 }}\n{}",
+            health(opts)
+        );
+    }
+    yaml
+}
+
+/// A `lessor serve` child process (this same binary).
+pub(super) struct Lessor {
+    child: ChildGuard,
+    pub(super) grpc: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Lessor {
+    pub(super) async fn spawn(upstreams_yaml: &str, workers: usize) -> Result<Self, BenchError> {
+        let dir = tempfile::tempdir()?;
+        let grpc = format!("127.0.0.1:{}", free_port()?);
+        let admin = format!("127.0.0.1:{}", free_port()?);
+        let path = dir.path().join("lessor.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "grpc: {{ listen: \"{grpc}\" }}\nadmin: {{ listen: \"{admin}\" }}\nruntime: {{ worker_threads: {workers} }}\nshutdown: {{ grace: 1s }}\n{upstreams_yaml}"
+            ),
+        )?;
+        let child = Command::new(std::env::current_exe()?)
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?;
+        let lessor = Self {
+            child: ChildGuard(child),
+            grpc,
+            _dir: dir,
+        };
+        for _ in 0..1000 {
+            if let Ok(r) = crate::admin::fetch(&admin, "/readyz", None).await
+                && r.status == 200
+            {
+                return Ok(lessor);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(BenchError::Reply(
+            "lessor serve did not become ready".into(),
+        ))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    pub(super) fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// User plus system CPU time, in milliseconds (from clock ticks).
+    pub(super) fn cpu_ms(&self) -> u64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the `(comm)`, which may hold spaces.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // utime and stime are fields 14 and 15 of stat(5): 11 and 12 here.
+        (ticks(11) + ticks(12)) * 10
+    }
+
+    pub(super) async fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+        for _ in 0..300 {
+            if let Ok(Some(_)) = self.child.0.try_wait() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
