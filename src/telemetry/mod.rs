@@ -208,7 +208,10 @@ pub fn init(config: &TelemetryConfig, format: LogFormat) -> Result<Telemetry, Te
     let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Logs never see spans (a span per lease would cost an allocation per
     // lease even with no exporter) nor trace-only events.
-    let logs_only = filter_fn(|meta| !meta.is_span() && meta.target() != TARGET);
+    let logs_only = filter_fn(|meta| !meta.is_span() && meta.target() != TARGET)
+        // Without a hint the combined filter's hint is unknown, and every
+        // `trace!` callsite of every dependency would be checked at runtime.
+        .with_max_level_hint(tracing::level_filters::LevelFilter::TRACE);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let fmt = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
@@ -223,20 +226,27 @@ pub fn init(config: &TelemetryConfig, format: LogFormat) -> Result<Telemetry, Te
             .with_filter(log_filter.and(logs_only))
             .boxed(),
     };
-    let otel = provider.as_ref().map(|p| {
-        let tracer = p.tracer("lessor");
-        tracing_opentelemetry::layer()
-            .with_tracer(tracer)
-            .with_location(false)
-            .with_threads(false)
-            .with_target(false)
-            .with_tracked_inactivity(false)
-            .with_filter(Targets::new().with_target(TARGET, tracing::Level::TRACE))
-    });
-    let _ = tracing_subscriber::registry()
-        .with(fmt)
-        .with(otel)
-        .try_init();
+    // Two stacks, not an `Option` layer: a `None` layer reports interest in
+    // every callsite, which would make the registry build every span of
+    // every dependency (h2's included) and double a lease's CPU cost.
+    match &provider {
+        Some(p) => {
+            let otel = tracing_opentelemetry::layer()
+                .with_tracer(p.tracer("lessor"))
+                .with_location(false)
+                .with_threads(false)
+                .with_target(false)
+                .with_tracked_inactivity(false)
+                .with_filter(Targets::new().with_target(TARGET, tracing::Level::TRACE));
+            let _ = tracing_subscriber::registry()
+                .with(fmt)
+                .with(otel)
+                .try_init();
+        }
+        None => {
+            let _ = tracing_subscriber::registry().with(fmt).try_init();
+        }
+    }
     if provider.is_some() {
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
