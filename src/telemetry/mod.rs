@@ -29,7 +29,6 @@ use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracer
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::{EnvFilter, FilterExt, Targets, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 
 pub use export::SpanCounters;
 
@@ -205,6 +204,18 @@ pub fn init(config: &TelemetryConfig, format: LogFormat) -> Result<Telemetry, Te
         None => None,
     };
 
+    let _ = tracing::dispatcher::set_global_default(dispatch(format, provider.as_ref()));
+    if provider.is_some() {
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+    }
+    Ok(Telemetry { provider, spans })
+}
+
+/// The subscriber stack: logs (filtered by `RUST_LOG`, never spans), plus
+/// the OpenTelemetry layer (only lessor's trace target) when exporting.
+fn dispatch(format: LogFormat, provider: Option<&SdkTracerProvider>) -> tracing::Dispatch {
     let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Logs never see spans (a span per lease would cost an allocation per
     // lease even with no exporter) nor trace-only events.
@@ -229,7 +240,7 @@ pub fn init(config: &TelemetryConfig, format: LogFormat) -> Result<Telemetry, Te
     // Two stacks, not an `Option` layer: a `None` layer reports interest in
     // every callsite, which would make the registry build every span of
     // every dependency (h2's included) and double a lease's CPU cost.
-    match &provider {
+    match provider {
         Some(p) => {
             let otel = tracing_opentelemetry::layer()
                 .with_tracer(p.tracer("lessor"))
@@ -238,21 +249,10 @@ pub fn init(config: &TelemetryConfig, format: LogFormat) -> Result<Telemetry, Te
                 .with_target(false)
                 .with_tracked_inactivity(false)
                 .with_filter(Targets::new().with_target(TARGET, tracing::Level::TRACE));
-            let _ = tracing_subscriber::registry()
-                .with(fmt)
-                .with(otel)
-                .try_init();
+            tracing::Dispatch::new(tracing_subscriber::registry().with(fmt).with(otel))
         }
-        None => {
-            let _ = tracing_subscriber::registry().with(fmt).try_init();
-        }
+        None => tracing::Dispatch::new(tracing_subscriber::registry().with(fmt)),
     }
-    if provider.is_some() {
-        opentelemetry::global::set_text_map_propagator(
-            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
-        );
-    }
-    Ok(Telemetry { provider, spans })
 }
 
 fn provider(
@@ -419,6 +419,18 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("http/json"));
+    }
+
+    #[test]
+    fn without_an_exporter_no_span_is_built() {
+        let dispatch = dispatch(LogFormat::Text, None);
+        tracing::dispatcher::with_default(&dispatch, || {
+            // Lease spans, and any dependency's spans at any level, are
+            // disabled at their callsite: no registry work per lease.
+            assert!(tracing::info_span!(target: TARGET, "lease").is_disabled());
+            assert!(tracing::info_span!("a dependency's span").is_disabled());
+            assert!(tracing::trace_span!("a dependency's trace span").is_disabled());
+        });
     }
 
     #[test]
