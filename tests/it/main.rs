@@ -7,6 +7,7 @@ mod cli;
 mod conformance;
 mod discovery;
 mod leak;
+mod pool;
 mod proto_golden;
 mod protocol;
 mod redis;

@@ -1,0 +1,161 @@
+//! The pool's background behaviour, on both engines: `min_idle` kept,
+//! idle connections beyond it closed, lifetimes enforced, dead idle
+//! connections swept, readiness following the upstream, and the pool's
+//! invariants under concurrent churn.
+
+use std::time::Duration;
+
+use lessor::client::LeaseOptions;
+use lessor::config::EngineKind;
+use lessor::pb::Disposition;
+
+use crate::conformance::{FAST_SWEEP, start};
+use crate::for_both_engines;
+use crate::support::evictions;
+
+for_both_engines!(
+    pool_keeps_min_idle,
+    pool_closes_idle_beyond_min_idle,
+    pool_replaces_connections_past_max_lifetime,
+    pool_sweep_evicts_dead_idle_connections,
+    pool_readiness_follows_upstream,
+    pool_invariants_hold_under_concurrency,
+);
+
+async fn pool_keeps_min_idle(engine: EngineKind) {
+    let (up, lessor) = start(engine, &["pool: { max_size: 8, min_idle: 3 }"]).await;
+    lessor
+        .wait_for("min_idle warm-up", |s| s.idle == 3 && s.connections == 3)
+        .await;
+    // Taking two leaves one idle; the pool refills to three idle.
+    let a = lessor.lease().await.unwrap();
+    let b = lessor.lease().await.unwrap();
+    let s = lessor
+        .wait_for("refill to min_idle", |s| s.idle == 3 && s.leased == 2)
+        .await;
+    assert_eq!(s.connections, 5);
+    a.release(Disposition::Evict).await.unwrap();
+    b.release(Disposition::Evict).await.unwrap();
+    lessor
+        .wait_for("back to min_idle", |s| s.idle == 3 && s.connections == 3)
+        .await;
+    crate::support::eventually("upstream agrees", || async { up.open() == 3 }).await;
+}
+
+async fn pool_closes_idle_beyond_min_idle(engine: EngineKind) {
+    let (up, lessor) = start(
+        engine,
+        &[
+            "pool: { max_size: 8, min_idle: 1, idle_timeout: 200ms }",
+            FAST_SWEEP,
+        ],
+    )
+    .await;
+    let leases = futures::future::join_all((0..4).map(|_| lessor.lease())).await;
+    for lease in leases {
+        lease.unwrap().release(Disposition::Return).await.unwrap();
+    }
+    let s = lessor.stats("up").await;
+    assert!(s.idle >= 4, "{s:#?}");
+    let s = lessor
+        .wait_for("idle connections beyond min_idle to close", |s| {
+            s.idle == 1 && s.connections == 1
+        })
+        .await;
+    assert!(evictions(&s, "idle_timeout") >= 3, "{s:#?}");
+    crate::support::eventually("upstream agrees", || async { up.open() == 1 }).await;
+}
+
+async fn pool_replaces_connections_past_max_lifetime(engine: EngineKind) {
+    let (_up, lessor) = start(
+        engine,
+        &["pool: { min_idle: 2, max_lifetime: 150ms }", FAST_SWEEP],
+    )
+    .await;
+    lessor
+        .wait_for("connections replaced after max_lifetime", |s| {
+            evictions(s, "max_lifetime") >= 2 && s.connections_created >= 4 && s.idle >= 2
+        })
+        .await;
+}
+
+async fn pool_sweep_evicts_dead_idle_connections(engine: EngineKind) {
+    let (up, lessor) = start(engine, &["pool: { min_idle: 2 }", FAST_SWEEP]).await;
+    lessor.wait_for("min_idle", |s| s.idle == 2).await;
+    let created = lessor.stats("up").await.connections_created;
+    up.close_all();
+    let s = lessor
+        .wait_for("the sweep replaces dead idle connections", |s| {
+            evictions(s, "health_check") >= 2 && s.idle == 2 && s.connections_created >= created + 2
+        })
+        .await;
+    assert!(s.health_check_failures >= 2);
+}
+
+async fn pool_readiness_follows_upstream(engine: EngineKind) {
+    let (up, lessor) = start(engine, &["pool: { min_idle: 1 }", FAST_SWEEP]).await;
+    lessor
+        .wait_for("ready after the startup dial", |s| s.ready)
+        .await;
+    up.stop();
+    lessor
+        .wait_for("not ready once the upstream is down", |s| !s.ready)
+        .await;
+    up.restart().await;
+    lessor
+        .wait_for("ready again when it returns", |s| s.ready && s.idle == 1)
+        .await;
+}
+
+async fn pool_invariants_hold_under_concurrency(engine: EngineKind) {
+    let (_up, lessor) = start(
+        engine,
+        &["pool: { max_size: 4, min_idle: 1, checkout_timeout: 10s }"],
+    )
+    .await;
+    let workers = (0..16).map(|w| {
+        let client = lessor.client.clone();
+        tokio::spawn(async move {
+            for i in 0..20 {
+                let mut lease = client.lease("up", &LeaseOptions::default()).await.unwrap();
+                let msg = format!("w{w}-{i}");
+                lease.send(msg.clone()).await.unwrap();
+                assert_eq!(
+                    lease.recv_at_least(msg.len()).await.unwrap(),
+                    msg.as_bytes()
+                );
+                match i % 3 {
+                    0 => drop(lease),
+                    1 => {
+                        lease.release(Disposition::Evict).await.unwrap();
+                    }
+                    _ => {
+                        lease.release(Disposition::Return).await.unwrap();
+                    }
+                }
+            }
+        })
+    });
+    let all = futures::future::join_all(workers);
+    tokio::pin!(all);
+    loop {
+        tokio::select! {
+            done = &mut all => {
+                for r in done {
+                    r.unwrap();
+                }
+                break;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {
+                let s = lessor.stats("up").await;
+                assert!(s.connections <= 4, "connections over max_size: {s:#?}");
+                assert!(s.leased <= 4, "{s:#?}");
+            }
+        }
+    }
+    let s = lessor
+        .wait_for("every lease finished", |s| s.leased == 0 && s.waiting == 0)
+        .await;
+    assert_eq!(s.leases_granted, 16 * 20);
+    assert!(s.connections <= 4);
+}
