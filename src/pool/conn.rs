@@ -18,8 +18,7 @@ pub struct Conn {
     endpoint: SocketAddr,
     /// `endpoint` formatted once: every lease's Granted carries it.
     endpoint_str: String,
-    created: Instant,
-    /// `created + max_lifetime - jitter`: closed at or after this instant.
+    /// Dial time `+ max_lifetime - jitter`: closed at or after this instant.
     expires_at: Instant,
     /// When a lease last gave the connection back (creation before that).
     /// Engines' own "last used" clocks count from checkout, not return
@@ -50,7 +49,6 @@ impl Conn {
             id,
             endpoint,
             endpoint_str: endpoint.to_string(),
-            created: now,
             expires_at: now + jittered(max_lifetime),
             idle_since: now,
             validated_at: now,
@@ -89,11 +87,6 @@ impl Conn {
     /// How many leases this connection has been handed to.
     pub fn uses(&self) -> u64 {
         self.uses
-    }
-
-    /// Time since the connection was dialed.
-    pub fn age(&self) -> Duration {
-        self.created.elapsed()
     }
 
     /// Time since the connection last went idle (or was dialed).
