@@ -105,15 +105,29 @@ pub fn conclude(end: End, last: Option<Direction>, socket: Liveness, on_abort: O
 mod tests {
     use super::*;
 
-    const LASTS: [Option<Direction>; 3] =
-        [None, Some(Direction::ToUpstream), Some(Direction::ToClient)];
-    const SOCKETS: [Liveness; 4] = [
-        Liveness::Alive,
-        Liveness::Closed,
-        Liveness::Unsolicited,
-        Liveness::Failed(std::io::ErrorKind::Other),
+    const FAILED: Liveness = Liveness::Failed(std::io::ErrorKind::Other);
+    const UP: Option<Direction> = Some(Direction::ToUpstream);
+    const DOWN: Option<Direction> = Some(Direction::ToClient);
+
+    /// `clean`'s whole domain, written out rather than computed: only a live
+    /// socket whose last bytes were not a request is clean.
+    const CLEAN: [(Option<Direction>, Liveness, bool); 12] = [
+        (None, Liveness::Alive, true),
+        (None, Liveness::Closed, false),
+        (None, Liveness::Unsolicited, false),
+        (None, FAILED, false),
+        (UP, Liveness::Alive, false),
+        (UP, Liveness::Closed, false),
+        (UP, Liveness::Unsolicited, false),
+        (UP, FAILED, false),
+        (DOWN, Liveness::Alive, true),
+        (DOWN, Liveness::Closed, false),
+        (DOWN, Liveness::Unsolicited, false),
+        (DOWN, FAILED, false),
     ];
-    const ENDS: [End; 11] = [
+
+    /// Every way a lease ends, each once.
+    const ENDS: [End; 10] = [
         End::Release(Disposition::Unspecified),
         End::Release(Disposition::Return),
         End::Release(Disposition::Evict),
@@ -124,43 +138,61 @@ mod tests {
         End::Expired,
         End::Idle,
         End::Shutdown,
-        End::Abort,
     ];
 
-    /// Every combination: the connection returns only when the row allows it
-    /// and the connection is clean; every other combination evicts.
+    /// The lease-end table: the outcome each end must have, given whether
+    /// the connection is clean. Spelled out row by row, independent of
+    /// `conclude`'s own structure.
+    fn expected(end: End, is_clean: bool, on_abort: OnAbort) -> Outcome {
+        use Disposition::{Evict, Return};
+        let evicted = |reason, why| Outcome {
+            ended: Some((Evict, reason)),
+            fate: Fate::Evict(why),
+        };
+        match (end, is_clean, on_abort) {
+            (End::Release(Return | Disposition::Unspecified), true, _) => Outcome {
+                ended: Some((Return, EndReason::ClientRelease)),
+                fate: Fate::Return,
+            },
+            (End::Release(Return | Disposition::Unspecified), false, _) => {
+                evicted(EndReason::Dirty, EvictReason::Dirty)
+            }
+            (End::Release(Evict), _, _) => {
+                evicted(EndReason::ClientRelease, EvictReason::ClientEvict)
+            }
+            (End::Abort, true, OnAbort::Return) => Outcome {
+                ended: None,
+                fate: Fate::Return,
+            },
+            (End::Abort | End::Violation, _, _) => Outcome {
+                ended: None,
+                fate: Fate::Evict(EvictReason::ClientAbort),
+            },
+            (End::UpstreamClosed, _, _) => {
+                evicted(EndReason::UpstreamClosed, EvictReason::UpstreamClosed)
+            }
+            (End::UpstreamError, _, _) => {
+                evicted(EndReason::UpstreamError, EvictReason::UpstreamClosed)
+            }
+            (End::Expired, _, _) => evicted(EndReason::LeaseExpired, EvictReason::LeaseExpired),
+            (End::Idle, _, _) => evicted(EndReason::LeaseIdle, EvictReason::LeaseIdle),
+            (End::Shutdown, _, _) => evicted(EndReason::Shutdown, EvictReason::Shutdown),
+        }
+    }
+
+    /// Every combination of end, traffic, socket and `on_abort` against the
+    /// table above.
     #[test]
-    fn only_clean_returns_or_clean_aborts_with_on_abort_return_give_back() {
+    fn every_combination_matches_the_lease_end_table() {
         for end in ENDS {
-            for last in LASTS {
-                for socket in SOCKETS {
-                    for on_abort in [OnAbort::Evict, OnAbort::Return] {
-                        let out = conclude(end, last, socket, on_abort);
-                        let may_return = match end {
-                            End::Release(Disposition::Return | Disposition::Unspecified) => true,
-                            End::Abort => on_abort == OnAbort::Return,
-                            _ => false,
-                        };
-                        let want_return = may_return && clean(last, socket);
-                        assert_eq!(
-                            out.fate == Fate::Return,
-                            want_return,
-                            "{end:?} {last:?} {socket:?} {on_abort:?}: {out:?}"
-                        );
-                        // Ended is sent on every row but abort and violation.
-                        assert_eq!(
-                            out.ended.is_none(),
-                            matches!(end, End::Abort | End::Violation),
-                            "{end:?}"
-                        );
-                        // The disposition in Ended always tells the truth.
-                        if let Some((disposition, _)) = out.ended {
-                            assert_eq!(
-                                disposition == Disposition::Return,
-                                out.fate == Fate::Return
-                            );
-                        }
-                    }
+            for (last, socket, is_clean) in CLEAN {
+                assert_eq!(clean(last, socket), is_clean, "{last:?} {socket:?}");
+                for on_abort in [OnAbort::Evict, OnAbort::Return] {
+                    assert_eq!(
+                        conclude(end, last, socket, on_abort),
+                        expected(end, is_clean, on_abort),
+                        "{end:?} {last:?} {socket:?} {on_abort:?}"
+                    );
                 }
             }
         }

@@ -39,6 +39,11 @@ use crate::config::UpstreamConfig;
 use crate::discovery::EndpointSnapshot;
 use crate::telemetry::TARGET;
 
+/// Bounds of a checkout's pause between a dial it could not use and its next
+/// request to the engine.
+const REDIAL_MIN: Duration = Duration::from_millis(5);
+const REDIAL_MAX: Duration = Duration::from_millis(250);
+
 /// Why a checkout produced no connection. Mapped to gRPC statuses in `grpc/`.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckoutError {
@@ -249,18 +254,33 @@ impl Pool {
         loop {
             let conn = match first.take() {
                 Some(conn) => conn,
-                None => tokio::select! {
-                    biased;
-                    got = self.engine.get(&self.counters).instrument(self.dial_span()) => match got {
+                None => {
+                    let failed = tokio::select! {
+                        biased;
+                        got = self.engine.get(&self.counters).instrument(self.dial_span()) => match got {
+                            Ok(conn) => Ok(conn),
+                            Err(EngineError::Dial(e)) => Err(e.to_string()),
+                            Err(EngineError::Closed) => return Err(CheckoutError::Closed),
+                        },
+                        Ok(()) = failures.changed() => {
+                            Err(self.dialer.last_error().unwrap_or_else(|| "dial failed".into()))
+                        }
+                    };
+                    match failed {
                         Ok(conn) => conn,
-                        Err(EngineError::Dial(e)) => return Err(CheckoutError::Unavailable(e.to_string())),
-                        Err(EngineError::Closed) => return Err(CheckoutError::Closed),
-                    },
-                    Ok(()) = failures.changed() => {
-                        let last = self.dialer.last_error().unwrap_or_else(|| "dial failed".into());
-                        return Err(CheckoutError::Unavailable(last));
+                        Err(error) => {
+                            if self.hopeless() {
+                                return Err(CheckoutError::Unavailable(error));
+                            }
+                            // A dial was held back (backoff after failed
+                            // checks) or failed while a lease may still
+                            // return its connection: ask again once the
+                            // endpoint reopens, inside the same deadline.
+                            tokio::time::sleep(self.redial_delay()).await;
+                            continue;
+                        }
                     }
-                },
+                }
             };
             let mut conn = match self.vet_now(conn) {
                 Vetted::Ready(conn) => return Ok(conn),
@@ -291,6 +311,28 @@ impl Pool {
                 Err(e) => self.failed_check(conn, &e),
             }
         }
+    }
+
+    /// Whether a checkout that saw a dial fail should give up before its
+    /// deadline: only when the last dial that reached the network failed and
+    /// no lease holds a connection that could come back. A dial refused by
+    /// backoff after failed health checks, or a failure while leases are
+    /// out, is no reason to fail every waiter.
+    fn hopeless(&self) -> bool {
+        self.dialer.last_dial_ok() == Some(false)
+            && self.counters.leased.load(Ordering::Relaxed) == 0
+    }
+
+    /// How long a checkout waits before asking the engine again after a
+    /// dial it could not use: until the first endpoint's backoff ends, within
+    /// bounds that neither spin nor oversleep a returned connection.
+    fn redial_delay(&self) -> Duration {
+        let now = Instant::now();
+        self.dialer
+            .endpoints()
+            .next_reopen()
+            .map_or(REDIAL_MIN, |t| t.saturating_duration_since(now))
+            .clamp(REDIAL_MIN, REDIAL_MAX)
     }
 
     /// The synchronous part of a checkout's checks: lifetime, then the
@@ -500,7 +542,7 @@ impl Leased {
     /// retired meanwhile (then it is closed as `endpoint_removed`); returns
     /// whether it went back.
     pub fn give_back(mut self) -> bool {
-        let Some(mut conn) = self.conn.take() else {
+        let Some(mut conn) = self.take_conn() else {
             return false;
         };
         if conn.retired() {
@@ -514,18 +556,27 @@ impl Leased {
 
     /// Closes the connection, counted under `reason`.
     pub fn evict(mut self, reason: EvictReason) {
-        if let Some(conn) = self.conn.take() {
+        if let Some(conn) = self.take_conn() {
             self.pool.evict(conn, reason);
         }
+    }
+
+    /// Ends the lease's claim on the connection. `leased` drops here, before
+    /// the connection goes back or its slot frees: a checkout that takes it
+    /// next counts it again, so `leased` never exceeds `max_size`, not even
+    /// for an instant between the two.
+    fn take_conn(&mut self) -> Option<PoolConn> {
+        let conn = self.conn.take()?;
+        self.pool.counters.leased.fetch_sub(1, Ordering::Relaxed);
+        Some(conn)
     }
 }
 
 impl Drop for Leased {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
+        if let Some(conn) = self.take_conn() {
             self.pool.evict(conn, EvictReason::ClientAbort);
         }
-        self.pool.counters.leased.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

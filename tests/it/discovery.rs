@@ -22,11 +22,7 @@ use crate::support::{Lessor, PATIENCE, TestUpstream, evictions, upstream_yaml};
 /// Three echo servers on one port of three loopback addresses, like three
 /// pods behind one Service.
 async fn three_pods() -> (u16, Vec<TestUpstream>) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::ports::reserve();
     let mut pods = Vec::new();
     for ip in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
         pods.push(TestUpstream::start_on(&format!("{ip}:{port}")).await);
@@ -349,11 +345,7 @@ async fn discovery_kubernetes_api_down_keeps_the_last_endpoints() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_dead_endpoint_is_ejected_then_readmitted() {
     let api = FakeApi::start().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::ports::reserve();
     let live = TestUpstream::start_on(&format!("127.0.0.1:{port}")).await;
     // 127.0.0.4: nothing listens there yet.
     api.apply(

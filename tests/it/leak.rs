@@ -186,6 +186,21 @@ fn leak_tasks_return_to_baseline(engine: EngineKind) {
             if alive <= baseline {
                 return alive;
             }
+            if tokio::time::Instant::now() >= deadline {
+                let port = addr.rsplit(':').next().unwrap();
+                let out = std::process::Command::new("ss")
+                    .args([
+                        "-tnoi",
+                        "state",
+                        "all",
+                        &format!("( sport = :{port} or dport = :{port} )"),
+                    ])
+                    .output()
+                    .unwrap();
+                eprintln!("DEBUG ss:\n{}", String::from_utf8_lossy(&out.stdout));
+                let s = observer.stats("up").await.unwrap().remove(0);
+                eprintln!("DEBUG stats {s:#?}");
+            }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "lessor's alive tasks stayed at {alive}, baseline {baseline}"

@@ -1,18 +1,16 @@
 //! Against a real redis-server started per test on a free port, on both
 //! engines: the PING probe, connections killed behind lessor's back
 //! (`CLIENT KILL`), the upstream closing mid-lease (`QUIT`), a late reply
-//! (`BLPOP` with a timeout) that must never reach the next lease, and
+//! (a blocked `BLPOP`) that must never reach the next lease, and
 //! readiness through a kill and restart. Skipped with a message where
 //! redis-server is missing, unless `LESSOR_REQUIRE_REDIS=1`.
-
-use std::time::Duration;
 
 use lessor::config::EngineKind;
 use lessor::pb::{Disposition, EndReason};
 
 use crate::for_both_engines;
 use crate::support::redis::Redis;
-use crate::support::{Lessor, config_one, evictions};
+use crate::support::{CLOSE_WAIT, Lessor, config_one, eventually, evictions, port_of, sockets_to};
 
 for_both_engines!(
     redis_commands_through_a_lease_with_ping_probe,
@@ -40,7 +38,7 @@ async fn start(engine: EngineKind, pool: &str, interval: &str) -> Option<(Redis,
 }
 
 async fn redis_commands_through_a_lease_with_ping_probe(engine: EngineKind) {
-    let Some((_redis, lessor)) = start(engine, "pool: { min_idle: 1 }", "50ms").await else {
+    let Some((redis, lessor)) = start(engine, "pool: { min_idle: 1 }", "50ms").await else {
         return;
     };
     let mut lease = lessor.lease().await.unwrap();
@@ -50,10 +48,14 @@ async fn redis_commands_through_a_lease_with_ping_probe(engine: EngineKind) {
     assert_eq!(lease.recv_at_least(8).await.unwrap(), "$2\r\nv1\r\n");
     let ended = lease.release(Disposition::Return).await.unwrap();
     assert_eq!(ended.disposition(), Disposition::Return);
-    // The background sweep probes the idle connection with PING.
-    let s = lessor
-        .wait_for("background PING probes", |s| s.health_checks >= 3)
-        .await;
+    // The background sweep probes the idle connection with PING, as
+    // redis-server itself counts (the client sent none).
+    let before = redis.calls("ping").await;
+    eventually("background PING probes reach redis", || async {
+        redis.calls("ping").await >= before + 2
+    })
+    .await;
+    let s = lessor.stats("up").await;
     assert_eq!(s.health_check_failures, 0, "{s:#?}");
 }
 
@@ -68,8 +70,16 @@ async fn redis_client_kill_is_caught_on_checkout(engine: EngineKind) {
         .await
         .unwrap();
     assert_eq!(reply, b":2\r\n", "{}", String::from_utf8_lossy(&reply));
-    // Give the FINs a moment to land; the checkout must then skip both.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Once the FINs have landed, the checkout must skip both.
+    let port = port_of(&redis.addr());
+    eventually("redis's FINs reached lessor's sockets", || async {
+        sockets_to(port)
+            .iter()
+            .filter(|s| s.state == CLOSE_WAIT)
+            .count()
+            >= 2
+    })
+    .await;
     let mut lease = lessor.lease().await.unwrap();
     lease.send("PING\r\n").await.unwrap();
     assert_eq!(lease.recv_at_least(7).await.unwrap(), "+PONG\r\n");
@@ -98,13 +108,18 @@ async fn redis_quit_mid_lease_ends_with_upstream_closed(engine: EngineKind) {
 }
 
 async fn redis_late_reply_never_leaks_into_next_lease(engine: EngineKind) {
-    let Some((_redis, lessor)) = start(engine, "pool: { max_size: 1, min_idle: 1 }", "1h").await
+    let Some((redis, lessor)) = start(engine, "pool: { max_size: 1, min_idle: 1 }", "1h").await
     else {
         return;
     };
     let mut lease = lessor.lease().await.unwrap();
-    // BLPOP answers `*-1` after 300ms; the client releases before that.
-    lease.send("BLPOP lessor:empty 0.3\r\n").await.unwrap();
+    // BLPOP blocks until the list gets an element: its reply is late for as
+    // long as the test wants. The client releases while it is blocked.
+    lease.send("BLPOP lessor:late 0\r\n").await.unwrap();
+    eventually("redis has the BLPOP blocked", || async {
+        redis.info_field("clients", "blocked_clients").await == Some(1)
+    })
+    .await;
     let ended = lease.release(Disposition::Return).await.unwrap();
     assert_eq!(ended.disposition(), Disposition::Evict);
     assert_eq!(ended.reason(), EndReason::Dirty);
@@ -112,9 +127,17 @@ async fn redis_late_reply_never_leaks_into_next_lease(engine: EngineKind) {
     let mut lease = lessor.lease().await.unwrap();
     lease.send("PING\r\n").await.unwrap();
     assert_eq!(lease.recv_at_least(7).await.unwrap(), "+PONG\r\n");
-    // Past the BLPOP timeout, nothing else arrives on this lease.
-    let extra = tokio::time::timeout(Duration::from_millis(500), lease.recv()).await;
-    assert!(extra.is_err(), "unexpected bytes: {extra:?}");
+    // Now the BLPOP's reply exists; it must not arrive on this lease. The
+    // evicted connection is gone from redis, so no client is blocked and
+    // the element stays in the list.
+    eventually("the evicted connection left redis", || async {
+        redis.info_field("clients", "blocked_clients").await == Some(0)
+    })
+    .await;
+    let pushed = redis.command(b"LPUSH lessor:late x\r\n").await.unwrap();
+    assert_eq!(pushed, b":1\r\n", "{}", String::from_utf8_lossy(&pushed));
+    lease.send("LLEN lessor:late\r\n").await.unwrap();
+    assert_eq!(lease.recv_at_least(4).await.unwrap(), ":1\r\n");
     lease.release(Disposition::Return).await.unwrap();
     assert_eq!(evictions(&lessor.stats("up").await, "dirty"), 1);
 }

@@ -4,8 +4,6 @@
 //! never notice; JSON logs carrying the trace id; and, when `LESSOR_ROTEL`
 //! names a `rotel-agent` binary, the same through a real collector.
 
-use std::time::Duration;
-
 use lessor::client::{Client, LeaseOptions};
 use lessor::config::EngineKind;
 use lessor::pb::Disposition;
@@ -227,11 +225,8 @@ async fn telemetry_config_file_endpoint_and_env_precedence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telemetry_dead_collector_leaves_leases_alone() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let endpoint = format!("http://{dead}");
+    // A reserved port nothing listens on: connections are refused.
+    let endpoint = format!("http://127.0.0.1:{}", crate::support::ports::reserve());
     let up = TestUpstream::start().await;
     let env = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
@@ -316,21 +311,13 @@ async fn telemetry_dead_collector_leaves_leases_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telemetry_through_a_real_collector() {
     let Ok(rotel) = std::env::var("LESSOR_ROTEL") else {
-        eprintln!("SKIPPED: set LESSOR_ROTEL to a rotel-agent binary to run the collector test");
+        crate::support::skip("set LESSOR_ROTEL to a rotel-agent binary to run the collector test");
         return;
     };
     let receiver = Receiver::grpc().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let http_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let agent = std::process::Command::new(&rotel)
+    let port = crate::support::ports::reserve();
+    let http_port = crate::support::ports::reserve();
+    let agent = crate::support::process::command(&rotel)
         .args([
             "start",
             "--otlp-grpc-endpoint",
@@ -349,15 +336,12 @@ async fn telemetry_through_a_real_collector() {
         .spawn()
         .expect("start rotel-agent");
     let _agent = KillOnDrop(agent);
-    for _ in 0..500 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+    crate::support::eventually("rotel listening", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
     let up = TestUpstream::start().await;
     let endpoint = format!("http://127.0.0.1:{port}");
     let env = [

@@ -3,6 +3,7 @@
 
 pub mod kube_api;
 pub mod otlp;
+pub mod ports;
 pub mod process;
 pub mod redis;
 pub mod upstream;
@@ -225,7 +226,59 @@ pub const SERVING: i32 = 1;
 /// `grpc.health.v1` NOT_SERVING.
 pub const NOT_SERVING: i32 = 2;
 
+/// Says on the terminal that a test is skipped and why. Written to the
+/// process's stderr directly, past the harness's output capture, so the skip
+/// shows in every run, not only in a failing test's output.
+pub fn skip(why: &str) {
+    use std::io::Write;
+    let test = std::thread::current().name().unwrap_or("a test").to_owned();
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {why}");
+}
+
 /// Eviction count for one reason.
 pub fn evictions(s: &UpstreamStats, reason: &str) -> u64 {
     s.evictions.get(reason).copied().unwrap_or(0)
+}
+
+/// One IPv4 TCP socket as the kernel lists it in `/proc/net/tcp`.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpSocket {
+    /// The kernel's state number (`ESTABLISHED` = 1, `CLOSE_WAIT` = 8).
+    pub state: u8,
+    /// Bytes received and not yet read by the owner.
+    pub rx_queue: u64,
+}
+
+/// `/proc/net/tcp`'s `CLOSE_WAIT`: the peer's FIN arrived, the owner has not
+/// closed yet.
+pub const CLOSE_WAIT: u8 = 8;
+
+/// Every socket on this machine connected to remote port `port`: for an
+/// upstream's port, lessor's pooled sockets (and a test's own connections).
+/// What the kernel knows, so a test can wait for a FIN or stray bytes to
+/// arrive instead of sleeping.
+pub fn sockets_to(port: u16) -> Vec<TcpSocket> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = fields.get(2)?.rsplit(':').next()?;
+            if u16::from_str_radix(remote_port, 16).ok()? != port {
+                return None;
+            }
+            let state = u8::from_str_radix(fields.get(3)?, 16).ok()?;
+            let rx_queue = u64::from_str_radix(fields.get(4)?.rsplit(':').next()?, 16).ok()?;
+            Some(TcpSocket { state, rx_queue })
+        })
+        .collect()
+}
+
+/// The port of a `host:port` address.
+pub fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {addr}"))
 }

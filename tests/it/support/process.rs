@@ -16,11 +16,24 @@ pub struct Served {
     dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+/// A command whose process dies with the test process, however that ends
+/// (a panic, `cargo test` killed): the kernel sends it SIGKILL when the
+/// thread that spawned it exits. Every server a test starts goes through
+/// here, so no redis-server or `lessor serve` outlives a run.
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(program);
+    // SAFETY: prctl is async-signal-safe and touches only the child's own
+    // attributes, which is all that may run between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
 }
 
 impl Served {
@@ -34,8 +47,8 @@ impl Served {
     /// for [`Served::stdout`].
     pub async fn start_with(yaml: &str, env: &[(&str, &str)]) -> Self {
         let (grpc, admin) = (
-            format!("127.0.0.1:{}", free_port()),
-            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", super::ports::reserve()),
+            format!("127.0.0.1:{}", super::ports::reserve()),
         );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lessor.yaml");
@@ -43,7 +56,7 @@ impl Served {
             format!("grpc: {{ listen: \"{grpc}\" }}\nadmin: {{ listen: \"{admin}\" }}\n{yaml}");
         std::fs::write(&path, full).unwrap();
         let stdout = std::fs::File::create(dir.path().join("stdout")).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_lessor"));
+        let mut command = command(env!("CARGO_BIN_EXE_lessor"));
         command
             .args(["serve", "--config"])
             .arg(&path)
@@ -59,22 +72,29 @@ impl Served {
             command.env(k, v);
         }
         let child = command.spawn().expect("spawn lessor serve");
-        let served = Self {
+        let mut served = Self {
             child,
             grpc,
             admin,
             dir,
         };
-        for _ in 0..1000 {
+        let deadline = tokio::time::Instant::now() + super::PATIENCE;
+        while tokio::time::Instant::now() < deadline {
             if lessor::admin::fetch(&served.admin, "/livez", None)
                 .await
                 .is_ok()
             {
                 return served;
             }
+            if let Some(status) = served.child.try_wait().expect("try_wait") {
+                panic!(
+                    "lessor serve exited before it was live ({status}):\n{}",
+                    served.stdout()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("lessor serve did not come up");
+        panic!("lessor serve did not come up:\n{}", served.stdout());
     }
 
     /// What the process wrote to stdout so far.

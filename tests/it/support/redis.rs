@@ -1,15 +1,19 @@
-//! A real `redis-server` on a free port, started per test. Where the binary is
-//! missing the suite is skipped with a message, unless `LESSOR_REQUIRE_REDIS=1`
-//! (CI), where that is a failure.
+//! A real `redis-server` on a port of its own, started per test. Where the
+//! binary is missing the test is skipped, saying so on the terminal (not in
+//! captured output), unless `LESSOR_REQUIRE_REDIS=1` (CI), where that is a
+//! failure.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A running redis-server, killed on drop.
+use super::PATIENCE;
+use super::ports;
+use super::process::command;
+
+/// A running redis-server, killed on drop (and with the test process).
 pub struct Redis {
     child: Child,
     port: u16,
@@ -22,32 +26,18 @@ impl Redis {
     pub async fn start() -> Option<Self> {
         let binary = std::env::var("LESSOR_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let required = std::env::var("LESSOR_REQUIRE_REDIS").is_ok_and(|v| v == "1");
-        let port = free_port();
-        let spawned = Command::new(&binary)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let child = match spawned {
+        let port = ports::reserve();
+        let child = match spawn(&binary, port) {
             Ok(c) => c,
             Err(e) if !required => {
-                eprintln!(
-                    "SKIPPED: redis-server not available ({e}); set LESSOR_REQUIRE_REDIS=1 to fail instead"
-                );
+                super::skip(&format!(
+                    "redis-server not available ({e}); set LESSOR_REQUIRE_REDIS=1 to fail instead"
+                ));
                 return None;
             }
             Err(e) => panic!("LESSOR_REQUIRE_REDIS=1 but {binary} cannot start: {e}"),
         };
-        let redis = Self {
+        let mut redis = Self {
             child,
             port,
             binary,
@@ -74,12 +64,16 @@ impl Redis {
         format!("127.0.0.1:{}", self.port)
     }
 
-    async fn wait_ready(&self) {
-        for _ in 0..500 {
+    async fn wait_ready(&mut self) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while tokio::time::Instant::now() < deadline {
             if let Ok(reply) = self.command(b"PING\r\n").await
                 && reply == b"+PONG\r\n"
             {
                 return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("redis-server on port {} exited: {status}", self.port);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -91,12 +85,59 @@ impl Redis {
     pub async fn command(&self, cmd: &[u8]) -> std::io::Result<Vec<u8>> {
         let mut s = TcpStream::connect(self.addr()).await?;
         s.write_all(cmd).await?;
-        let mut buf = vec![0; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        let mut buf = vec![0; 16 * 1024];
+        let n = tokio::time::timeout(PATIENCE, s.read(&mut buf))
             .await
             .map_err(|_| std::io::Error::other("redis reply timed out"))??;
         buf.truncate(n);
         Ok(buf)
+    }
+
+    /// How many times redis-server ran `command` (lower case, e.g. `ping`),
+    /// from `INFO commandstats`: what the server saw, not what lessor counted.
+    pub async fn calls(&self, command: &str) -> u64 {
+        let info = self.bulk(b"INFO commandstats\r\n").await;
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Redis {
+    /// One `field:value` of `INFO section`, as a number.
+    pub async fn info_field(&self, section: &str, field: &str) -> Option<u64> {
+        let info = self.bulk(format!("INFO {section}\r\n").as_bytes()).await;
+        let prefix = format!("{field}:");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Sends `cmd` and reads its bulk-string reply to the last byte.
+    async fn bulk(&self, cmd: &[u8]) -> String {
+        let mut s = TcpStream::connect(self.addr()).await.expect("connect");
+        s.write_all(cmd).await.expect("send");
+        let mut reply = Vec::new();
+        let read = async {
+            loop {
+                let mut chunk = [0u8; 4096];
+                let n = s.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "redis closed mid-reply");
+                reply.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&reply);
+                if let Some((head, body)) = text.split_once("\r\n") {
+                    let len: usize = head.trim_start_matches('$').parse().expect("a bulk reply");
+                    if body.len() >= len + 2 {
+                        return body[..len].to_owned();
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(PATIENCE, read)
+            .await
+            .expect("redis replies")
     }
 }
 
@@ -108,7 +149,7 @@ impl Drop for Redis {
 }
 
 fn spawn(binary: &str, port: u16) -> std::io::Result<Child> {
-    Command::new(binary)
+    command(binary)
         .args([
             "--port",
             &port.to_string(),
@@ -122,11 +163,4 @@ fn spawn(binary: &str, port: u16) -> std::io::Result<Child> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }

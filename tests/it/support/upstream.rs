@@ -20,13 +20,14 @@ pub enum Mode {
     Echo,
     /// Read and never answer.
     Silent,
-    /// Echo after a pause.
-    Delay(Duration),
     /// On the first read, write this many bytes back (as fast as the peer
     /// takes them).
     Blast(usize),
     /// Never read: the peer's writes back up into its socket buffers.
     Deaf,
+    /// Echo, but only once [`TestUpstream::open_gate`] is called: a reply
+    /// that is late for as long as a test needs, without a timer.
+    Gated,
 }
 
 #[derive(Debug)]
@@ -43,12 +44,16 @@ struct Shared {
     open: AtomicUsize,
     /// Bytes written to peers in Blast mode.
     blasted: AtomicUsize,
+    /// Bytes read from peers.
+    received: AtomicUsize,
 }
 
 /// The upstream server. Stops everything when dropped.
 pub struct TestUpstream {
     addr: SocketAddr,
     mode: watch::Sender<Mode>,
+    /// Holds `Mode::Gated` replies while false.
+    gate: watch::Sender<bool>,
     shared: Arc<Shared>,
     tracker: TaskTracker,
     /// Cancels the accept loop only (stop/start).
@@ -58,9 +63,10 @@ pub struct TestUpstream {
 }
 
 impl TestUpstream {
-    /// An echo server on a free loopback port.
+    /// An echo server on a loopback port of its own (one `restart` can
+    /// bind again: see `ports`).
     pub async fn start() -> Self {
-        Self::start_on("127.0.0.1:0").await
+        Self::start_on(&format!("127.0.0.1:{}", super::ports::reserve())).await
     }
 
     /// An echo server on `addr` (e.g. `127.0.0.2:PORT`: the loopback network
@@ -72,6 +78,7 @@ impl TestUpstream {
         let up = Self {
             addr,
             mode: watch::Sender::new(Mode::Echo),
+            gate: watch::Sender::new(false),
             shared: Arc::default(),
             tracker: TaskTracker::new(),
             listening: Mutex::new(all.child_token()),
@@ -99,6 +106,16 @@ impl TestUpstream {
     /// Bytes written so far in `Mode::Blast`.
     pub fn blasted(&self) -> usize {
         self.shared.blasted.load(Ordering::SeqCst)
+    }
+
+    /// Bytes read from every connection so far.
+    pub fn received(&self) -> usize {
+        self.shared.received.load(Ordering::SeqCst)
+    }
+
+    /// Lets `Mode::Gated` replies go.
+    pub fn open_gate(&self) {
+        self.gate.send_replace(true);
     }
 
     /// Changes how every connection answers from now on.
@@ -143,6 +160,7 @@ impl TestUpstream {
         let stop = self.listening.lock().unwrap().clone();
         let shared = self.shared.clone();
         let mode = self.mode.subscribe();
+        let gate = self.gate.subscribe();
         let tracker = self.tracker.clone();
         let all = self.all.clone();
         self.tracker.spawn(async move {
@@ -160,11 +178,12 @@ impl TestUpstream {
                 shared.open.fetch_add(1, Ordering::SeqCst);
                 let shared = shared.clone();
                 let mode = mode.clone();
+                let gate = gate.clone();
                 let all = all.clone();
                 tracker.spawn(async move {
                     tokio::select! {
-                            _ = all.cancelled() => {}
-                        _ = connection(stream, rx, mode, &shared) => {}
+                        _ = all.cancelled() => {}
+                        _ = connection(stream, rx, mode, gate, &shared) => {}
                     }
                     shared.open.fetch_sub(1, Ordering::SeqCst);
                 });
@@ -183,6 +202,7 @@ async fn connection(
     mut stream: TcpStream,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
     mut mode: watch::Receiver<Mode>,
+    mut gate: watch::Receiver<bool>,
     shared: &Shared,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
@@ -207,11 +227,16 @@ async fn connection(
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
+                shared.received.fetch_add(n, Ordering::SeqCst);
                 let current = *mode.borrow();
                 match current {
                     Mode::Echo | Mode::Deaf => {}
+                    Mode::Gated => {
+                        if gate.wait_for(|open| *open).await.is_err() {
+                            return;
+                        }
+                    }
                     Mode::Silent => continue,
-                    Mode::Delay(d) => tokio::time::sleep(d).await,
                     Mode::Blast(total) => {
                         let block = vec![b'b'; 16 * 1024];
                         let mut left = total;
