@@ -13,7 +13,8 @@ use lessor::pb::{Disposition, EndReason};
 
 use crate::support::process::Served;
 use crate::support::{
-    Lessor, NOT_SERVING, SERVING, TestUpstream, config_one, eventually, grpc_health, upstream_yaml,
+    Lessor, NOT_SERVING, PATIENCE, SERVING, TestUpstream, config_one, eventually, grpc_health,
+    upstream_yaml,
 };
 
 const FAST: &str = "health: { interval: 50ms }";
@@ -316,29 +317,27 @@ fn served_config(up: &TestUpstream, grace: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_without_clients_exits_at_once_with_status_0() {
     let up = TestUpstream::start().await;
-    let mut served = Served::start(&served_config(&up, "20s")).await;
+    let mut served = Served::start(&served_config(&up, "120s")).await;
     eventually("ready", || async {
         fetch(&served.admin, "/readyz", None)
             .await
             .is_ok_and(|r| r.status == 200)
     })
     .await;
-    let started = Instant::now();
     served.signal("TERM");
-    let code = served.exit_code(Duration::from_secs(10)).await;
-    assert_eq!(code, Some(0));
-    // Far below the 20s grace: nothing held it open.
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
+    // Far below the two-minute grace: nothing held it open. (The bound only
+    // tells "at once" from "at the end of grace", with room for a loaded
+    // machine.)
+    let code = served.exit_code(Duration::from_secs(60)).await;
+    assert_eq!(code, Some(0), "still running long before the grace ended");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_sequence_on_sigterm() {
     let up = TestUpstream::start().await;
-    let mut served = Served::start(&served_config(&up, "1500ms")).await;
+    // Long enough for every step below on a loaded machine; the held lease
+    // is revoked when it ends.
+    let mut served = Served::start(&served_config(&up, "4s")).await;
     eventually("ready", || async {
         fetch(&served.admin, "/readyz", None)
             .await
@@ -369,11 +368,12 @@ async fn drain_sequence_on_sigterm() {
         client.stats("up").await.is_ok(),
         "connected clients keep working"
     );
-    // New client connections are refused.
-    assert!(
-        Client::connect(&served.grpc).await.is_err(),
-        "a new client must be refused"
-    );
+    // New client connections are refused (the listener closes right after
+    // readiness turns off).
+    eventually("a new client is refused", || async {
+        Client::connect(&served.grpc).await.is_err()
+    })
+    .await;
     // A connected client can still take a new lease.
     let mut during = client
         .lease("up", &LeaseOptions::default())
@@ -383,15 +383,15 @@ async fn drain_sequence_on_sigterm() {
     assert_eq!(during.recv_at_least(6).await.unwrap(), "during");
     during.release(Disposition::Return).await.unwrap();
     // The held lease is revoked when the grace runs out.
-    let ended = tokio::time::timeout(Duration::from_secs(10), held.finish())
+    let ended = tokio::time::timeout(PATIENCE, held.finish())
         .await
-        .expect("revoked within the grace")
+        .expect("revoked when the grace ends")
         .unwrap()
         .expect("an Ended");
     assert_eq!(ended.disposition(), Disposition::Evict);
     assert_eq!(ended.reason(), EndReason::Shutdown);
     drop(client);
-    assert_eq!(served.exit_code(Duration::from_secs(10)).await, Some(0));
+    assert_eq!(served.exit_code(PATIENCE).await, Some(0));
     eventually("lessor's upstream sockets closed", || async {
         up.open() == 0
     })

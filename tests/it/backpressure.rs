@@ -12,6 +12,29 @@ use crate::support::{Lessor, Mode, TestUpstream, config_one, eventually};
 
 const MIB: usize = 1024 * 1024;
 
+/// No progress for this long means the flow has stopped, not slowed.
+const STALLED: Duration = Duration::from_secs(1);
+
+/// Waits until `count` stops moving for [`STALLED`]; its value then.
+async fn settled(count: impl Fn() -> usize) -> usize {
+    let deadline = tokio::time::Instant::now() + crate::support::PATIENCE;
+    let mut last = count();
+    let mut since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = count();
+        if now != last {
+            (last, since) = (now, tokio::time::Instant::now());
+        } else if since.elapsed() >= STALLED {
+            return last;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still moving: {now} bytes"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backpressure_slow_client_stalls_the_upstream() {
     let up = TestUpstream::start().await;
@@ -25,15 +48,10 @@ async fn backpressure_slow_client_stalls_the_upstream() {
         up.blasted() > 0
     })
     .await;
-    let mut last = 0;
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = up.blasted();
-        if now == last {
-            break;
-        }
-        last = now;
-    }
+    // Settled: no progress for a whole second. A loaded machine pauses the
+    // writer for moments, never for that long, so an unbounded buffer would
+    // be seen taking the whole reply.
+    let last = settled(|| up.blasted()).await;
     // Socket buffers, HTTP/2 windows and one read chunk: a few MiB at most,
     // far from the 64 MiB reply.
     assert!(
@@ -57,16 +75,15 @@ async fn backpressure_slow_client_stalls_the_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backpressure_deaf_upstream_stalls_the_client() {
     let up = TestUpstream::start().await;
-    let idle = "lease: { idle_timeout: 2s }";
+    let idle = "lease: { idle_timeout: 5s }";
     let lessor = Lessor::start(&config_one(&up.addr(), EngineKind::Bb8, &[idle])).await;
     up.set_mode(Mode::Deaf);
     let mut lease = lessor.lease().await.unwrap();
     let chunk = Bytes::from(vec![b'x'; 256 * 1024]);
     let mut sent = 0;
-    // Sends complete while buffers have room, then block.
-    while let Ok(result) =
-        tokio::time::timeout(Duration::from_millis(200), lease.send(chunk.clone())).await
-    {
+    // Sends complete while buffers have room, then block: a send that takes
+    // a whole second is blocked, not slowed by a busy machine.
+    while let Ok(result) = tokio::time::timeout(STALLED, lease.send(chunk.clone())).await {
         result.unwrap();
         sent += chunk.len();
         assert!(

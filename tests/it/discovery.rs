@@ -5,6 +5,7 @@
 //! controls, and once against the system resolver with `localhost`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -402,7 +403,14 @@ async fn discovery_dead_endpoint_is_ejected_then_readmitted() {
 
 /// A resolver whose answers the test sets.
 #[derive(Clone, Default)]
-struct Answers(Arc<Mutex<Vec<SocketAddr>>>);
+struct Answers(Arc<Mutex<Vec<SocketAddr>>>, Arc<AtomicUsize>);
+
+impl Answers {
+    /// Lookups made so far.
+    fn lookups(&self) -> usize {
+        self.1.load(Ordering::SeqCst)
+    }
+}
 
 impl Resolver for Answers {
     fn resolve(
@@ -411,6 +419,7 @@ impl Resolver for Answers {
         _port: u16,
     ) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> {
         let answers = self.0.lock().unwrap().clone();
+        self.1.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
             if answers.is_empty() {
                 Err(std::io::Error::other("NXDOMAIN"))
@@ -453,9 +462,13 @@ async fn discovery_dns_answers_add_and_remove_endpoints() {
         pods[1].open() == 0
     })
     .await;
-    // A failing lookup keeps the last answer.
+    // Failing lookups keep the last answer.
     answers.0.lock().unwrap().clear();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = answers.lookups();
+    crate::support::eventually("two failed lookups", || async {
+        answers.lookups() >= before + 2
+    })
+    .await;
     let s = lessor.stats("up").await;
     assert_eq!(s.endpoints.len(), 2, "{s:#?}");
     let lease = lessor.lease().await.unwrap();

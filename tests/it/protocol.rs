@@ -231,11 +231,16 @@ async fn protocol_cancel_while_waiting_for_a_connection_leaks_nothing() {
     ))
     .await;
     let held = lessor.lease().await.unwrap();
-    // Many clients give up while waiting; none may take the slot later.
+    // Many clients wait for the one connection, then give up; none may take
+    // the slot later.
+    let mut waiting = Vec::new();
     for _ in 0..50 {
-        let (_tx, stream) = raw(&lessor, vec![acquire("up")]).await;
-        drop(stream);
+        waiting.push(raw(&lessor, vec![acquire("up")]).await);
     }
+    lessor
+        .wait_for("every client waiting", |s| s.waiting == 50)
+        .await;
+    drop(waiting);
     lessor.wait_for("waiters gone", |s| s.waiting == 0).await;
     held.release(lessor::pb::Disposition::Return).await.unwrap();
     still_serving(&lessor).await;

@@ -1,8 +1,6 @@
 //! The server around the pools: Unix-socket listener, gRPC reflection, and
 //! the WAIT_FOR_CLIENTS drain.
 
-use std::time::{Duration, Instant};
-
 use lessor::client::Client;
 use lessor::config::EngineKind;
 use lessor::pb::{Disposition, EndReason};
@@ -59,21 +57,16 @@ async fn server_reflection_lists_the_pool_service() {
 #[tokio::test]
 async fn server_without_clients_stops_at_once() {
     let up = TestUpstream::start().await;
-    let lessor = Lessor::start(&config_one(&up.addr(), EngineKind::Bb8, &[])).await;
-    let started = Instant::now();
+    let lessor = Lessor::start(&long_grace(&up)).await;
+    // `shutdown` allows PATIENCE, far below the two-minute grace: nothing
+    // holds the drain open.
     lessor.shutdown().await.unwrap();
-    // The grace period is 20s; nothing holds the drain open.
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
 }
 
 #[tokio::test]
 async fn server_drain_serves_connected_clients_and_refuses_new_ones() {
     let up = TestUpstream::start().await;
-    let mut lessor = Lessor::start(&config_one(&up.addr(), EngineKind::Bb8, &[])).await;
+    let mut lessor = Lessor::start(&long_grace(&up)).await;
     let held = lessor.lease().await.unwrap();
     lessor.begin_shutdown();
     // The listener closes: a new client connection is refused.
@@ -98,14 +91,17 @@ async fn server_drain_serves_connected_clients_and_refuses_new_ones() {
         held.release(Disposition::Return).await.unwrap().reason(),
         EndReason::ClientRelease
     );
-    // The last client leaves: lessor stops long before its 20s grace.
-    let started = Instant::now();
+    // The last client leaves: lessor stops (within PATIENCE) long before
+    // its two-minute grace.
     lessor.stopped().await.unwrap();
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
+}
+
+/// A config whose grace no test waits for.
+fn long_grace(up: &TestUpstream) -> String {
+    format!(
+        "shutdown: {{ grace: 120s }}\n{}",
+        config_one(&up.addr(), EngineKind::Bb8, &[])
+    )
 }
 
 #[tokio::test]

@@ -216,10 +216,14 @@ async fn telemetry_config_file_endpoint_and_env_precedence() {
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
         FAST_EXPORT[0],
     ];
-    let served = Served::start_with(&yaml, &env).await;
+    let mut served = Served::start_with(&yaml, &env).await;
     let caller = Caller::new();
     one_lease(&served, &caller).await;
     wait_lease(&from_env.spans, &caller).await;
+    // Once the process has flushed its exporter and exited, nothing more can
+    // arrive: only then is "the file's endpoint got nothing" a fact.
+    served.signal("TERM");
+    assert_eq!(served.exit_code(crate::support::PATIENCE).await, Some(0));
     assert!(lease_span(&from_file.spans.all(), &caller).is_none());
 }
 

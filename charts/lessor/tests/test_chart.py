@@ -204,6 +204,7 @@ def test_discovery_rbac_in_each_namespace():
     roles = [d for d in docs if d["kind"] == "Role"]
     bindings = [d for d in docs if d["kind"] == "RoleBinding"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["data", "prod"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["data", "prod"]
     for role in roles:
         assert role["rules"] == [
             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
