@@ -8,7 +8,13 @@ use bytes::Bytes;
 use lessor::config::EngineKind;
 use lessor::pb::Disposition;
 
+use crate::for_both_engines;
 use crate::support::{Lessor, Mode, TestUpstream, config_one, eventually};
+
+for_both_engines!(
+    backpressure_slow_client_stalls_the_upstream,
+    backpressure_deaf_upstream_stalls_the_client,
+);
 
 const MIB: usize = 1024 * 1024;
 
@@ -35,10 +41,9 @@ async fn settled(count: impl Fn() -> usize) -> usize {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backpressure_slow_client_stalls_the_upstream() {
+async fn backpressure_slow_client_stalls_the_upstream(engine: EngineKind) {
     let up = TestUpstream::start().await;
-    let lessor = Lessor::start(&config_one(&up.addr(), EngineKind::Bb8, &[])).await;
+    let lessor = Lessor::start(&config_one(&up.addr(), engine, &[])).await;
     let total = 64 * MIB;
     up.set_mode(Mode::Blast(total));
     let mut lease = lessor.lease().await.unwrap();
@@ -72,11 +77,10 @@ async fn backpressure_slow_client_stalls_the_upstream() {
     lease.release(Disposition::Return).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backpressure_deaf_upstream_stalls_the_client() {
+async fn backpressure_deaf_upstream_stalls_the_client(engine: EngineKind) {
     let up = TestUpstream::start().await;
     let idle = "lease: { idle_timeout: 5s }";
-    let lessor = Lessor::start(&config_one(&up.addr(), EngineKind::Bb8, &[idle])).await;
+    let lessor = Lessor::start(&config_one(&up.addr(), engine, &[idle])).await;
     up.set_mode(Mode::Deaf);
     let mut lease = lessor.lease().await.unwrap();
     let chunk = Bytes::from(vec![b'x'; 256 * 1024]);

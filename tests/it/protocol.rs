@@ -11,7 +11,20 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Streaming};
 
+use crate::for_both_engines;
 use crate::support::{Lessor, TestUpstream, config_one, evictions};
+
+for_both_engines!(
+    protocol_first_message_must_be_acquire,
+    protocol_unknown_upstream_is_not_found,
+    protocol_second_acquire_is_invalid_and_evicts,
+    protocol_empty_request_is_invalid,
+    protocol_oversized_frame_is_refused_and_evicts,
+    protocol_data_after_release_is_invalid,
+    protocol_half_close_without_release_is_an_abort,
+    protocol_cancel_while_waiting_for_a_connection_leaks_nothing,
+    protocol_frame_of_exactly_max_frame_is_accepted,
+);
 
 fn acquire(upstream: &str) -> LeaseRequest {
     LeaseRequest {
@@ -77,9 +90,9 @@ fn is_granted(m: &LeaseResponse) -> bool {
     matches!(m.msg, Some(lease_response::Msg::Granted(_)))
 }
 
-async fn setup() -> (TestUpstream, Lessor) {
+async fn setup(engine: EngineKind) -> (TestUpstream, Lessor) {
     let up = TestUpstream::start().await;
-    let lessor = Lessor::start(&config_one(&up.addr(), EngineKind::Bb8, &[])).await;
+    let lessor = Lessor::start(&config_one(&up.addr(), engine, &[])).await;
     (up, lessor)
 }
 
@@ -96,9 +109,8 @@ async fn still_serving(lessor: &Lessor) {
         .unwrap();
 }
 
-#[tokio::test]
-async fn protocol_first_message_must_be_acquire() {
-    let (_up, lessor) = setup().await;
+async fn protocol_first_message_must_be_acquire(engine: EngineKind) {
+    let (_up, lessor) = setup(engine).await;
     let (_tx, mut stream) = raw(&lessor, vec![data("hello")]).await;
     let (msgs, status) = drain(&mut stream).await;
     assert!(msgs.is_empty());
@@ -108,9 +120,8 @@ async fn protocol_first_message_must_be_acquire() {
     still_serving(&lessor).await;
 }
 
-#[tokio::test]
-async fn protocol_unknown_upstream_is_not_found() {
-    let (_up, lessor) = setup().await;
+async fn protocol_unknown_upstream_is_not_found(engine: EngineKind) {
+    let (_up, lessor) = setup(engine).await;
     let (_tx, mut stream) = raw(&lessor, vec![acquire("nope")]).await;
     let status = drain(&mut stream).await.1.expect("an error status");
     assert_eq!(status.code(), Code::NotFound);
@@ -122,12 +133,12 @@ async fn protocol_unknown_upstream_is_not_found() {
     assert_eq!(err.code(), Some(Code::NotFound));
 }
 
-#[tokio::test]
-async fn protocol_second_acquire_is_invalid_and_evicts() {
-    let (_up, lessor) = setup().await;
+async fn protocol_second_acquire_is_invalid_and_evicts(engine: EngineKind) {
+    let (_up, lessor) = setup(engine).await;
     let (_tx, mut stream) = raw(&lessor, vec![acquire("up"), acquire("up")]).await;
     let (msgs, status) = drain(&mut stream).await;
     assert!(is_granted(&msgs[0]));
+    assert_eq!(msgs.len(), 1, "no Ended after a violation: {msgs:?}");
     assert_eq!(
         status.expect("an error status").code(),
         Code::InvalidArgument
@@ -140,20 +151,18 @@ async fn protocol_second_acquire_is_invalid_and_evicts() {
     still_serving(&lessor).await;
 }
 
-#[tokio::test]
-async fn protocol_empty_request_is_invalid() {
-    let (_up, lessor) = setup().await;
+async fn protocol_empty_request_is_invalid(engine: EngineKind) {
+    let (_up, lessor) = setup(engine).await;
     let (_tx, mut stream) = raw(&lessor, vec![acquire("up"), LeaseRequest { msg: None }]).await;
     let status = drain(&mut stream).await.1.expect("an error status");
     assert_eq!(status.code(), Code::InvalidArgument);
 }
 
-#[tokio::test]
-async fn protocol_oversized_frame_is_refused_and_evicts() {
+async fn protocol_oversized_frame_is_refused_and_evicts(engine: EngineKind) {
     let up = TestUpstream::start().await;
     let yaml = format!(
         "grpc: {{ max_frame: 64KiB }}\n{}",
-        config_one(&up.addr(), EngineKind::Bb8, &[])
+        config_one(&up.addr(), engine, &[])
     );
     let lessor = Lessor::start(&yaml).await;
     // Just over the limit: refused by lessor's own check.
@@ -185,12 +194,12 @@ async fn protocol_oversized_frame_is_refused_and_evicts() {
     still_serving(&lessor).await;
 }
 
-#[tokio::test]
-async fn protocol_data_after_release_is_invalid() {
-    let (_up, lessor) = setup().await;
+async fn protocol_data_after_release_is_invalid(engine: EngineKind) {
+    let (_up, lessor) = setup(engine).await;
     let (_tx, mut stream) = raw(&lessor, vec![acquire("up"), release(), data("late")]).await;
     let (msgs, status) = drain(&mut stream).await;
     assert!(is_granted(&msgs[0]));
+    assert_eq!(msgs.len(), 1, "no Ended after a violation: {msgs:?}");
     assert_eq!(
         status.expect("an error status").code(),
         Code::InvalidArgument
@@ -202,9 +211,8 @@ async fn protocol_data_after_release_is_invalid() {
         .await;
 }
 
-#[tokio::test]
-async fn protocol_half_close_without_release_is_an_abort() {
-    let (_up, lessor) = setup().await;
+async fn protocol_half_close_without_release_is_an_abort(engine: EngineKind) {
+    let (_up, lessor) = setup(engine).await;
     let (tx, mut stream) = raw(&lessor, vec![acquire("up"), data("x")]).await;
     drop(tx);
     let (msgs, status) = drain(&mut stream).await;
@@ -221,12 +229,11 @@ async fn protocol_half_close_without_release_is_an_abort() {
         .await;
 }
 
-#[tokio::test]
-async fn protocol_cancel_while_waiting_for_a_connection_leaks_nothing() {
+async fn protocol_cancel_while_waiting_for_a_connection_leaks_nothing(engine: EngineKind) {
     let up = TestUpstream::start().await;
     let lessor = Lessor::start(&config_one(
         &up.addr(),
-        EngineKind::Bb8,
+        engine,
         &["pool: { max_size: 1, min_idle: 0, checkout_timeout: 30s }"],
     ))
     .await;
@@ -247,4 +254,37 @@ async fn protocol_cancel_while_waiting_for_a_connection_leaks_nothing() {
     let s = lessor.stats("up").await;
     assert_eq!(s.leased, 0);
     assert_eq!(s.leases_granted, 2);
+}
+
+async fn protocol_frame_of_exactly_max_frame_is_accepted(engine: EngineKind) {
+    let up = TestUpstream::start().await;
+    let yaml = format!(
+        "grpc: {{ max_frame: 64KiB }}\n{}",
+        config_one(&up.addr(), engine, &[])
+    );
+    let lessor = Lessor::start(&yaml).await;
+    let frame = vec![b'x'; 64 * 1024];
+    let (tx, mut stream) = raw(&lessor, vec![acquire("up"), data(frame.clone())]).await;
+    let mut echoed = 0;
+    while echoed < frame.len() {
+        match stream
+            .message()
+            .await
+            .expect("no error status")
+            .expect("open")
+        {
+            LeaseResponse {
+                msg: Some(lease_response::Msg::Data(d)),
+            } => echoed += d.len(),
+            other => assert!(is_granted(&other), "{other:?}"),
+        }
+    }
+    assert_eq!(echoed, frame.len());
+    tx.send(release()).await.unwrap();
+    let (msgs, status) = drain(&mut stream).await;
+    assert!(status.is_none(), "{status:?}");
+    assert!(
+        matches!(msgs.last().and_then(|m| m.msg.as_ref()), Some(lease_response::Msg::Ended(e)) if e.disposition() == lessor::pb::Disposition::Return),
+        "{msgs:?}"
+    );
 }
