@@ -428,3 +428,29 @@ async fn drain_health_turns_not_serving_for_connected_watchers() {
     drop(health);
     lessor.stopped().await.unwrap();
 }
+
+/// SIGINT drains like SIGTERM; a second signal ends the process at once,
+/// long before the grace, with status 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_on_sigint_and_a_second_signal_exits_at_once() {
+    let up = TestUpstream::start().await;
+    let mut served = Served::start(&served_config(&up, "120s")).await;
+    let client = served.client().await;
+    let held = client.lease("up", &LeaseOptions::default()).await.unwrap();
+    served.signal("INT");
+    eventually("/readyz 503 after SIGINT", || async {
+        fetch(&served.admin, "/readyz", None)
+            .await
+            .is_ok_and(|r| r.status == 503)
+    })
+    .await;
+    // The held lease keeps the drain open.
+    assert_eq!(served.exit_code(Duration::from_millis(300)).await, None);
+    served.signal("INT");
+    assert_eq!(
+        served.exit_code(PATIENCE).await,
+        Some(1),
+        "a second signal exits without waiting for the lease"
+    );
+    drop(held);
+}

@@ -20,6 +20,7 @@ for_both_engines!(
     pool_sweep_evicts_dead_idle_connections,
     pool_readiness_follows_upstream,
     pool_invariants_hold_under_concurrency,
+    pool_upstream_sockets_have_nodelay_and_keepalive,
 );
 
 async fn pool_keeps_min_idle(engine: EngineKind) {
@@ -165,4 +166,37 @@ async fn pool_invariants_hold_under_concurrency(engine: EngineKind) {
         .await;
     assert_eq!(s.leases_granted, 16 * 20);
     assert!(s.connections <= 4);
+}
+
+/// lessor runs in this process: its sockets are this process's descriptors,
+/// so the options the kernel holds for them can be read back directly.
+async fn pool_upstream_sockets_have_nodelay_and_keepalive(engine: EngineKind) {
+    let (up, lessor) = start(engine, &["pool: { max_size: 4, min_idle: 3 }"]).await;
+    lessor.wait_for("min_idle", |s| s.idle == 3).await;
+    let upstream: std::net::SocketAddr = up.addr().parse().unwrap();
+    let mut seen = 0;
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
+        let Ok(fd) = entry.unwrap().file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: the descriptor belongs to this process and is only read
+        // from while borrowed; nothing here closes it.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&fd);
+        let Ok(peer) = socket.peer_addr() else {
+            continue;
+        };
+        if peer.as_socket() != Some(upstream) {
+            continue;
+        }
+        seen += 1;
+        assert!(socket.tcp_nodelay().unwrap(), "TCP_NODELAY off");
+        assert!(socket.keepalive().unwrap(), "SO_KEEPALIVE off");
+        assert!(
+            socket.tcp_keepalive_time().unwrap() <= Duration::from_secs(60),
+            "keepalive idle time {:?}",
+            socket.tcp_keepalive_time().unwrap()
+        );
+    }
+    assert_eq!(seen, 3, "lessor's pooled sockets to the upstream");
 }

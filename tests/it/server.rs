@@ -1,7 +1,7 @@
 //! The server around the pools: Unix-socket listener, gRPC reflection, and
 //! the WAIT_FOR_CLIENTS drain.
 
-use lessor::client::Client;
+use lessor::client::{Client, LeaseOptions};
 use lessor::config::EngineKind;
 use lessor::pb::{Disposition, EndReason};
 use tonic_reflection::pb::v1::ServerReflectionRequest;
@@ -9,7 +9,8 @@ use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-use crate::support::{Lessor, TestUpstream, config_one};
+use crate::for_both_engines;
+use crate::support::{Lessor, PATIENCE, SERVING, TestUpstream, config_one};
 
 #[tokio::test]
 async fn server_listens_on_a_unix_socket() {
@@ -121,6 +122,70 @@ async fn server_grace_over_revokes_leases_with_shutdown() {
         .expect("an Ended for the revoked lease");
     assert_eq!(ended.disposition(), Disposition::Evict);
     assert_eq!(ended.reason(), EndReason::Shutdown);
+    lessor.stopped().await.unwrap();
+    crate::support::eventually("every upstream socket closed", || async { up.open() == 0 }).await;
+}
+
+for_both_engines!(server_grace_end_revokes_leases_fails_waiters_and_ends_health_watches);
+
+/// At the end of grace, on either engine: the live lease ends with
+/// SHUTDOWN, a checkout still waiting gets UNAVAILABLE, a health `Watch`
+/// stream ends, and `run` returns with every upstream socket closed.
+async fn server_grace_end_revokes_leases_fails_waiters_and_ends_health_watches(engine: EngineKind) {
+    let up = TestUpstream::start().await;
+    let yaml = format!(
+        "shutdown: {{ grace: 1s }}\n{}",
+        config_one(
+            &up.addr(),
+            engine,
+            &["pool: { max_size: 1, min_idle: 0, checkout_timeout: 60s }"]
+        )
+    );
+    let mut lessor = Lessor::start(&yaml).await;
+    let held = lessor.lease().await.unwrap();
+    let client = lessor.client.clone();
+    let waiter = tokio::spawn(async move { client.lease("up", &LeaseOptions::default()).await });
+    lessor.wait_for("a waiter", |s| s.waiting == 1).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", lessor.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(PATIENCE, async {
+        while watch.message().await.unwrap().unwrap().status != SERVING {}
+    })
+    .await
+    .expect("SERVING before the drain");
+
+    lessor.begin_shutdown();
+    let ended = tokio::time::timeout(PATIENCE, held.finish())
+        .await
+        .expect("revoked at the end of grace")
+        .unwrap()
+        .expect("an Ended for the revoked lease");
+    assert_eq!(ended.disposition(), Disposition::Evict);
+    assert_eq!(ended.reason(), EndReason::Shutdown);
+    let err = tokio::time::timeout(PATIENCE, waiter)
+        .await
+        .expect("the waiter is answered at the end of grace")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err}");
+    // The watch reports NOT_SERVING, then ends.
+    tokio::time::timeout(PATIENCE, async {
+        while let Ok(Some(_)) = watch.message().await {}
+    })
+    .await
+    .expect("the health watch ends with the grace");
+    drop((watch, health));
     lessor.stopped().await.unwrap();
     crate::support::eventually("every upstream socket closed", || async { up.open() == 0 }).await;
 }
