@@ -454,3 +454,38 @@ async fn drain_on_sigint_and_a_second_signal_exits_at_once() {
     );
     drop(held);
 }
+
+/// The admin endpoints as a kubelet or Prometheus sees them: an ordinary
+/// HTTP/1.1 client (reqwest), not lessor's own `admin::fetch`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_answer_a_standard_http_client() {
+    let up = TestUpstream::start().await;
+    let lessor = Lessor::start(&config_one(&up.addr(), EngineKind::Deadpool, &[FAST])).await;
+    wait_ready(&lessor, 200).await;
+    let http = reqwest::Client::builder().http1_only().build().unwrap();
+    let get = |path: &str| {
+        let url = format!("http://{}{path}", lessor.admin);
+        let http = http.clone();
+        async move { http.get(url).send().await.expect("an HTTP answer") }
+    };
+    let livez = get("/livez").await;
+    assert_eq!(livez.status(), 200);
+    assert_eq!(livez.version(), reqwest::Version::HTTP_11);
+    let readyz = get("/readyz?verbose").await;
+    assert_eq!(readyz.status(), 200);
+    let body = readyz.text().await.unwrap();
+    assert!(body.contains("up"), "{body}");
+    let metrics = get("/metrics").await;
+    assert_eq!(metrics.status(), 200);
+    let content_type = metrics.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    let m = samples(&metrics.text().await.unwrap());
+    assert!(m.contains_key("lessor_leases_total{upstream=up}"), "{m:?}");
+    assert_eq!(get("/no-such-page").await.status(), 404);
+    up.stop();
+    wait_ready(&lessor, 503).await;
+    assert_eq!(get("/readyz").await.status(), 503);
+}

@@ -40,6 +40,7 @@ for_both_engines!(
     lease_abort_evicts_by_default,
     lease_abort_returns_clean_connection_with_on_abort_return,
     lease_abort_with_unanswered_request_evicts_even_with_on_abort_return,
+    lease_client_connection_lost_without_reset_stream_aborts,
     lease_upstream_close_mid_lease_ends_lease,
     lease_upstream_reset_mid_lease_ends_lease,
     lease_expiry_is_clamped_to_configured_cap,
@@ -218,6 +219,32 @@ async fn lease_abort_with_unanswered_request_evicts_even_with_on_abort_return(en
             s.leased == 0 && evictions(s, "client_abort") == 1
         })
         .await;
+}
+
+/// The client's TCP connection dies under a live lease (both sides reset, no
+/// RST_STREAM or GOAWAY): the lease ends as an abort and its connection is
+/// evicted; other clients are unaffected.
+async fn lease_client_connection_lost_without_reset_stream_aborts(engine: EngineKind) {
+    let (_up, lessor) = start(engine, &[]).await;
+    let proxy = crate::support::proxy::CutProxy::start(&lessor.addr).await;
+    let far = lessor::client::Client::connect(&proxy.addr())
+        .await
+        .unwrap();
+    let mut lease = far.lease("up", &LeaseOptions::default()).await.unwrap();
+    lease.send("x").await.unwrap();
+    lease.recv_at_least(1).await.unwrap();
+    lessor.wait_for("one lease", |s| s.leased == 1).await;
+    proxy.cut();
+    lessor
+        .wait_for("the lost client's lease evicted", |s| {
+            s.leased == 0 && evictions(s, "client_abort") == 1
+        })
+        .await;
+    let mut other = lessor.lease().await.unwrap();
+    other.send("still").await.unwrap();
+    assert_eq!(other.recv_at_least(5).await.unwrap(), "still");
+    other.release(Disposition::Return).await.unwrap();
+    drop(lease);
 }
 
 async fn lease_upstream_close_mid_lease_ends_lease(engine: EngineKind) {

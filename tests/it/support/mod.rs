@@ -5,6 +5,7 @@ pub mod kube_api;
 pub mod otlp;
 pub mod ports;
 pub mod process;
+pub mod proxy;
 pub mod redis;
 pub mod upstream;
 
