@@ -292,9 +292,12 @@ impl Pump {
             otel.status_code = Empty,
             otel.status_description = Empty,
         );
+        // Revocation first: at the end of grace the revoked leases free
+        // their slots, and a waiter woken by both must not take one.
         let checked_out = tokio::select! {
-            got = pool.checkout(checkout_timeout).instrument(checkout_span.clone()) => got,
+            biased;
             _ = ctx.revoke.cancelled() => return Err(Some(LeaseError::ShuttingDown)),
+            got = pool.checkout(checkout_timeout).instrument(checkout_span.clone()) => got,
         };
         let leased = match checked_out {
             Ok(leased) => leased,
