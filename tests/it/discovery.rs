@@ -498,3 +498,68 @@ async fn discovery_dns_localhost_with_the_system_resolver() {
     assert_eq!(lease.recv_at_least(7).await.unwrap(), "via dns");
     lease.release(Disposition::Return).await.unwrap();
 }
+
+/// On deadpool, with DNS discovery: an endpoint that accepts connections but
+/// never answers fails its background probes and is ejected (no dial ever
+/// failed), new connections go to the healthy one, and the per-endpoint
+/// metrics say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_failing_probes_eject_an_endpoint_on_deadpool() {
+    let (port, pods) = three_pods().await;
+    pods[1].set_mode(crate::support::Mode::Silent);
+    let addr = |ip: &str| format!("{ip}:{port}").parse::<SocketAddr>().unwrap();
+    let answers = Answers::default();
+    *answers.0.lock().unwrap() = vec![addr("127.0.0.1"), addr("127.0.0.2")];
+    let yaml = format!(
+        "upstreams:\n  - name: up\n    engine: deadpool\n    discovery: {{ dns: {{ name: redis-headless.shop.svc, port: {port}, refresh: 1h }} }}\n    pool: {{ min_idle: 4 }}\n    health: {{ interval: 100ms, probe: {{ send: \"PING\", expect: \"PING\", timeout: 1s }} }}\n    outlier: {{ consecutive_failures: 2, base_ejection: 1h, max_ejection: 1h }}\n"
+    );
+    let options = RunOptions {
+        resolver: Arc::new(answers.clone()),
+        ..Default::default()
+    };
+    let lessor = Lessor::start_with(&yaml, "127.0.0.1:0", options).await;
+    let s = lessor
+        .wait_for(
+            "the silent endpoint ejected, the pool refilled elsewhere",
+            |s| {
+                endpoint(s, "127.0.0.2").is_some_and(|e| e.ejected && e.connections == 0)
+                    && conns(s, "127.0.0.1") == 4
+            },
+        )
+        .await;
+    assert_eq!(s.engine, "deadpool");
+    assert_eq!(s.connect_errors, 0, "ejected by probes, not dials: {s:#?}");
+    assert!(s.health_check_failures >= 2, "{s:#?}");
+    assert!(evictions(&s, "health_check") >= 2, "{s:#?}");
+    let metrics = lessor::admin::fetch(&lessor.admin, "/metrics", None)
+        .await
+        .unwrap()
+        .body;
+    let line = |name: &str, ip: &str| format!("{name}{{upstream=\"up\",endpoint=\"{ip}:{port}\"}}");
+    for (want, name, ip) in [
+        ("1", "lessor_endpoint_ejected", "127.0.0.2"),
+        ("0", "lessor_endpoint_ejected", "127.0.0.1"),
+        ("1", "lessor_endpoint_ready", "127.0.0.1"),
+    ] {
+        let key = line(name, ip);
+        assert!(
+            metrics.lines().any(|l| l == format!("{key} {want}")),
+            "no `{key} {want}` in:\n{metrics}"
+        );
+    }
+    let idle = format!(
+        "lessor_endpoint_connections{{upstream=\"up\",endpoint=\"127.0.0.1:{port}\",state=\"idle\"}} 4"
+    );
+    assert!(
+        metrics.lines().any(|l| l == idle),
+        "no `{idle}` in:\n{metrics}"
+    );
+    // Leases are served by the healthy endpoint only.
+    for _ in 0..4 {
+        let mut lease = lessor.lease().await.unwrap();
+        assert!(lease.granted().endpoint.starts_with("127.0.0.1:"));
+        lease.send("hi").await.unwrap();
+        assert_eq!(lease.recv_at_least(2).await.unwrap(), "hi");
+        lease.release(Disposition::Return).await.unwrap();
+    }
+}
