@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::server::Connected;
 
 use crate::admin::{self, AdminState, Readiness};
-use crate::config::{Config, ListenAddr};
+use crate::config::{Config, ListenAddr, UnixMode};
 use crate::discovery::{Resolver, SystemResolver};
 use crate::grpc::{PoolService, pb};
 use crate::lease::LeaseContext;
@@ -69,7 +69,8 @@ pub struct Listeners {
 impl Listeners {
     /// Binds `grpc.listen` and `admin.listen`.
     pub async fn bind(config: &Config) -> Result<Self, ServerError> {
-        let grpc = Listener::bind(&config.grpc.listen).await?;
+        let grpc =
+            Listener::bind_with_mode(&config.grpc.listen, config.grpc.unix_socket_mode).await?;
         let addr = config.admin.listen;
         let admin = TcpListener::bind(addr)
             .await
@@ -107,9 +108,15 @@ impl Drop for UnixSocketFile {
 }
 
 impl Listener {
-    /// Binds `addr`. A stale Unix socket file from an earlier run is removed
-    /// first (binding would fail on it).
+    /// Binds `addr` (a Unix socket with the default mode, `0660`).
     pub async fn bind(addr: &ListenAddr) -> Result<Self, ServerError> {
+        Self::bind_with_mode(addr, UnixMode(0o660)).await
+    }
+
+    /// Binds `addr`. A stale Unix socket from an earlier run is removed first
+    /// (binding would fail on it), but nothing that is not a socket: a typo in
+    /// `listen` must not delete a file. The socket gets `mode`.
+    pub async fn bind_with_mode(addr: &ListenAddr, mode: UnixMode) -> Result<Self, ServerError> {
         let bind_err = |source| ServerError::Bind {
             addr: addr.to_string(),
             source,
@@ -119,11 +126,21 @@ impl Listener {
                 Ok(Self::Tcp(TcpListener::bind(sock).await.map_err(bind_err)?))
             }
             ListenAddr::Unix(path) => {
-                if std::fs::symlink_metadata(path).is_ok() {
+                use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    if !meta.file_type().is_socket() {
+                        return Err(bind_err(io::Error::new(
+                            io::ErrorKind::AlreadyExists,
+                            "the path exists and is not a socket; refusing to remove it",
+                        )));
+                    }
                     std::fs::remove_file(path).map_err(bind_err)?;
                 }
                 let listener = UnixListener::bind(path).map_err(bind_err)?;
-                Ok(Self::Unix(listener, UnixSocketFile(path.clone())))
+                let file = UnixSocketFile(path.clone());
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode.0))
+                    .map_err(bind_err)?;
+                Ok(Self::Unix(listener, file))
             }
         }
     }
@@ -333,7 +350,12 @@ pub async fn run_with(
     });
 
     let max_frame = usize::try_from(config.grpc.max_frame.as_u64()).unwrap_or(usize::MAX);
-    let ctx = Arc::new(LeaseContext::new(pools.clone(), max_frame, revoke.clone()));
+    let ctx = Arc::new(LeaseContext::new(
+        pools.clone(),
+        max_frame,
+        config.grpc.acquire_timeout,
+        revoke.clone(),
+    ));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -372,6 +394,8 @@ pub async fn run_with(
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .http2_max_pending_accept_reset_streams(Some(1000))
+        .http2_max_local_error_reset_streams(Some(1024))
+        .max_concurrent_streams(Some(config.grpc.max_concurrent_streams))
         .add_service(PoolService::new(ctx).into_server())
         .add_service(health)
         .add_service(reflection_v1)

@@ -78,6 +78,17 @@ pub struct GrpcConfig {
     pub listen: ListenAddr,
     /// Largest `Data` payload a client may send in one message. Default 1 MiB.
     pub max_frame: ByteSize,
+    /// How long a new Lease stream may take to send `Acquire`; then it ends
+    /// with `DEADLINE_EXCEEDED`. Default 10s: every wait has a deadline.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    /// Concurrent streams (leases, Stats, health) one client connection may
+    /// have open. Default 4096: far above what a pool can serve, so it only
+    /// stops a runaway client.
+    pub max_concurrent_streams: u32,
+    /// File mode of a `unix://` socket, in octal. Default `0660`: the pod's
+    /// containers share a group, nobody else may lease.
+    pub unix_socket_mode: UnixMode,
 }
 
 impl Default for GrpcConfig {
@@ -85,7 +96,29 @@ impl Default for GrpcConfig {
         Self {
             listen: ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 7070))),
             max_frame: ByteSize::mib(1),
+            acquire_timeout: Duration::from_secs(10),
+            max_concurrent_streams: 4096,
+            unix_socket_mode: UnixMode(0o660),
         }
+    }
+}
+
+/// A file mode written in octal (`"0660"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnixMode(pub u32);
+
+impl<'de> Deserialize<'de> for UnixMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        u32::from_str_radix(text.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .map(UnixMode)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "`{text}` is not a file mode (octal, like \"0660\")"
+                ))
+            })
     }
 }
 

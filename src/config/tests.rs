@@ -16,6 +16,9 @@ fn minimal_config_gets_documented_defaults() {
     let up = &c.upstreams[0];
     assert_eq!(c.grpc.listen.to_string(), "127.0.0.1:7070");
     assert_eq!(c.grpc.max_frame, ByteSize::mib(1));
+    assert_eq!(c.grpc.acquire_timeout, Duration::from_secs(10));
+    assert_eq!(c.grpc.max_concurrent_streams, 4096);
+    assert_eq!(c.grpc.unix_socket_mode.0, 0o660);
     assert_eq!(c.admin.listen.to_string(), "0.0.0.0:9090");
     assert_eq!(up.engine, EngineKind::Bb8);
     assert_eq!(up.pool.max_size, 32);
@@ -127,6 +130,15 @@ fn top_level_errors_name_the_field() {
         (
             "grpc: { max_frame: 10 }\n",
             "grpc.max_frame: must be between",
+        ),
+        ("grpc: { acquire_timeout: 0s }\n", "grpc.acquire_timeout"),
+        (
+            "grpc: { max_concurrent_streams: 1 }\n",
+            "grpc.max_concurrent_streams: must be at least 16",
+        ),
+        (
+            "grpc: { unix_socket_mode: \"0999\" }\n",
+            "grpc.unix_socket_mode: `0999` is not a file mode",
         ),
         ("admin: { listen: 9090 }\n", "admin.listen"),
         ("runtime: { worker_threads: 0 }\n", "runtime.worker_threads"),

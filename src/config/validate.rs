@@ -13,6 +13,13 @@ impl Config {
         if !(1024..=64 * 1024 * 1024).contains(&frame) {
             return Err(invalid("grpc.max_frame", "must be between 1KiB and 64MiB"));
         }
+        positive("grpc.acquire_timeout".into(), self.grpc.acquire_timeout)?;
+        if self.grpc.max_concurrent_streams < 16 {
+            return Err(invalid(
+                "grpc.max_concurrent_streams",
+                "must be at least 16",
+            ));
+        }
         if !(1..=1024).contains(&self.runtime.worker_threads) {
             return Err(invalid(
                 "runtime.worker_threads",

@@ -66,7 +66,8 @@ impl pb::pool_server::Pool for PoolService {
         } else {
             let pool = pools.get(&want).ok_or_else(|| {
                 Status::not_found(format!(
-                    "unknown upstream `{want}` (configured: {})",
+                    "unknown upstream `{}` (configured: {})",
+                    crate::pool::printable_name(&want),
                     pools.names().join(", ")
                 ))
             })?;

@@ -25,6 +25,7 @@ pub fn code(e: &LeaseError) -> Code {
         LeaseError::Transport(status) => status.code(),
         LeaseError::UnknownUpstream { .. } => Code::NotFound,
         LeaseError::ShuttingDown => Code::Unavailable,
+        LeaseError::AcquireTimeout(_) => Code::DeadlineExceeded,
         LeaseError::FirstNotAcquire
         | LeaseError::SecondAcquire
         | LeaseError::EmptyRequest

@@ -46,6 +46,9 @@ pub enum LeaseError {
     /// The first message was not `Acquire`.
     #[error("the first message of a lease must be Acquire")]
     FirstNotAcquire,
+    /// No `Acquire` arrived within `grpc.acquire_timeout`.
+    #[error("no Acquire within {0:?} (grpc.acquire_timeout)")]
+    AcquireTimeout(Duration),
     /// `Acquire.upstream` names no configured upstream.
     #[error("unknown upstream `{name}` (configured: {known})")]
     UnknownUpstream {
@@ -88,6 +91,8 @@ pub struct LeaseContext {
     pub pools: Arc<PoolSet>,
     /// `grpc.max_frame` in bytes.
     pub max_frame: usize,
+    /// `grpc.acquire_timeout`: how long a stream may wait before `Acquire`.
+    pub acquire_timeout: Duration,
     /// Fires when the shutdown grace is over: live leases end with SHUTDOWN
     /// and checkouts fail.
     pub revoke: CancellationToken,
@@ -97,10 +102,16 @@ pub struct LeaseContext {
 
 impl LeaseContext {
     /// A context over `pools`.
-    pub fn new(pools: Arc<PoolSet>, max_frame: usize, revoke: CancellationToken) -> Self {
+    pub fn new(
+        pools: Arc<PoolSet>,
+        max_frame: usize,
+        acquire_timeout: Duration,
+        revoke: CancellationToken,
+    ) -> Self {
         Self {
             pools,
             max_frame,
+            acquire_timeout,
             revoke,
             next_id: AtomicU64::new(1),
             id_salt: fastrand::u64(..),
@@ -264,7 +275,17 @@ impl Pump {
     /// Reads Acquire, checks out, and builds Granted. `Err(None)`: the client
     /// left before asking for anything.
     async fn start(&mut self) -> Result<(Box<Active>, Granted), Option<LeaseError>> {
-        let acquire = match self.inbound.next().await {
+        // A stream that never asks holds an HTTP/2 stream and, in a drain, the
+        // whole process: it gets `acquire_timeout`, and revocation ends it.
+        let first = tokio::select! {
+            biased;
+            _ = self.ctx.revoke.cancelled() => return Err(Some(LeaseError::ShuttingDown)),
+            first = tokio::time::timeout(self.ctx.acquire_timeout, self.inbound.next()) => first,
+        };
+        let Ok(first) = first else {
+            return Err(Some(LeaseError::AcquireTimeout(self.ctx.acquire_timeout)));
+        };
+        let acquire = match first {
             None => return Err(None),
             Some(Err(status)) => return Err(Some(status.into())),
             Some(Ok(LeaseRequest {
@@ -277,7 +298,7 @@ impl Pump {
             .pools
             .get(&acquire.upstream)
             .ok_or_else(|| LeaseError::UnknownUpstream {
-                name: acquire.upstream.clone(),
+                name: crate::pool::printable_name(&acquire.upstream),
                 known: ctx.pools.names().join(", "),
             })?;
         let config = pool.config();

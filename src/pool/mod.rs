@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 pub use self::conn::Conn;
 pub use self::connect::{DialError, Dialer};
 pub use self::engine::{Engine, EngineError, PoolConn};
-pub use self::set::PoolSet;
+pub use self::set::{PoolSet, printable_name};
 pub use self::stats::{Counters, EvictReason, Histogram, HistogramSnapshot};
 use tracing::Instrument;
 

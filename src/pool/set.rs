@@ -77,3 +77,20 @@ impl PoolSet {
         }
     }
 }
+
+/// Longest upstream name an error message repeats back.
+const NAME_ECHO_MAX: usize = 64;
+
+/// A client-supplied upstream name as an error message may repeat it: cut to
+/// `NAME_ECHO_MAX` bytes (on a character boundary), with the full length
+/// said. A 20 kB name must not turn NOT_FOUND into a metadata-size error.
+pub fn printable_name(name: &str) -> String {
+    if name.len() <= NAME_ECHO_MAX {
+        return name.to_owned();
+    }
+    let mut end = NAME_ECHO_MAX;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &name[..end], name.len())
+}

@@ -24,6 +24,8 @@ for_both_engines!(
     protocol_half_close_without_release_is_an_abort,
     protocol_cancel_while_waiting_for_a_connection_leaks_nothing,
     protocol_frame_of_exactly_max_frame_is_accepted,
+    protocol_no_acquire_within_acquire_timeout_is_deadline_exceeded,
+    protocol_unknown_upstream_name_is_truncated_in_errors,
 );
 
 fn acquire(upstream: &str) -> LeaseRequest {
@@ -287,4 +289,38 @@ async fn protocol_frame_of_exactly_max_frame_is_accepted(engine: EngineKind) {
         matches!(msgs.last().and_then(|m| m.msg.as_ref()), Some(lease_response::Msg::Ended(e)) if e.disposition() == lessor::pb::Disposition::Return),
         "{msgs:?}"
     );
+}
+
+async fn protocol_no_acquire_within_acquire_timeout_is_deadline_exceeded(engine: EngineKind) {
+    let up = TestUpstream::start().await;
+    let yaml = format!(
+        "grpc: {{ acquire_timeout: 200ms }}\n{}",
+        config_one(&up.addr(), engine, &[])
+    );
+    let lessor = Lessor::start(&yaml).await;
+    // The stream opens and says nothing (the sender stays open).
+    let (_tx, mut stream) = raw(&lessor, vec![]).await;
+    let (msgs, status) = drain(&mut stream).await;
+    assert!(msgs.is_empty(), "{msgs:?}");
+    let status = status.expect("an error status");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("acquire_timeout"), "{status:?}");
+    still_serving(&lessor).await;
+}
+
+async fn protocol_unknown_upstream_name_is_truncated_in_errors(engine: EngineKind) {
+    let (_up, lessor) = setup(engine).await;
+    let huge = "x".repeat(20_000);
+    let (_tx, mut stream) = raw(&lessor, vec![acquire(&huge)]).await;
+    let status = drain(&mut stream).await.1.expect("an error status");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(
+        status.message().len() < 512,
+        "{} bytes",
+        status.message().len()
+    );
+    assert!(status.message().contains("20000 bytes"), "{status:?}");
+    let err = lessor.client.stats(&huge).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::NotFound), "{err}");
+    still_serving(&lessor).await;
 }

@@ -189,3 +189,25 @@ async fn server_grace_end_revokes_leases_fails_waiters_and_ends_health_watches(e
     lessor.stopped().await.unwrap();
     crate::support::eventually("every upstream socket closed", || async { up.open() == 0 }).await;
 }
+
+#[tokio::test]
+async fn server_unix_socket_gets_its_mode_and_never_replaces_a_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lessor.sock");
+    let addr: lessor::config::ListenAddr = format!("unix://{}", path.display()).parse().unwrap();
+    let listener = lessor::server::Listener::bind_with_mode(&addr, lessor::config::UnixMode(0o600))
+        .await
+        .unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    drop(listener);
+    // A regular file where the socket should go is an error, and survives.
+    std::fs::write(&path, "precious").unwrap();
+    let err = lessor::server::Listener::bind(&addr)
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+}
