@@ -252,7 +252,7 @@ fn serve(config: Config, log_format: telemetry::LogFormat) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         let telemetry = match telemetry::init(&config.telemetry, log_format) {
             Ok(t) => t,
             Err(e) => {
@@ -264,10 +264,9 @@ fn serve(config: Config, log_format: telemetry::LogFormat) -> ExitCode {
             Ok(l) => l,
             Err(e) => return fail(&e),
         };
-        let flush_within = config
-            .shutdown
-            .grace
-            .clamp(Duration::from_secs(1), Duration::from_secs(5));
+        // Inside the hard deadline after the grace: a dead collector must not
+        // hold the exit.
+        let flush_within = Duration::from_secs(1);
         let options = server::RunOptions {
             spans: telemetry.spans.clone(),
             ..Default::default()
@@ -278,7 +277,11 @@ fn serve(config: Config, log_format: telemetry::LogFormat) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         }
-    })
+    });
+    // Connections abandoned at the hard deadline still have tasks: they are
+    // dropped here, not waited for.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    code
 }
 
 /// A multi-threaded runtime with exactly `workers` workers: a sidecar must not

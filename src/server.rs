@@ -390,7 +390,7 @@ pub async fn run_with(
         }
     };
 
-    let served = tonic::transport::Server::builder()
+    let serving = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .http2_max_pending_accept_reset_streams(Some(1000))
@@ -400,15 +400,37 @@ pub async fn run_with(
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming, drain)
-        .await;
+        .serve_with_incoming_shutdown(incoming, drain);
+    // tonic waits for every connection to close. Once the grace is over,
+    // what still holds one (a lease stalled on flow control, a stream that
+    // never asked, a client that never finished its handshake) gets
+    // `HARD_DEADLINE`, then is abandoned: nothing holds the process.
+    let served = tokio::select! {
+        served = serving => served,
+        () = async {
+            revoke.cancelled().await;
+            tokio::time::sleep(HARD_DEADLINE).await;
+        } => {
+            tracing::warn!(after = ?HARD_DEADLINE, "shutdown: connections still open after the grace; abandoning them");
+            Ok(())
+        }
+    };
 
     revoke.cancel();
     background.cancel();
     pools.close();
     admin_stop.cancel();
     tracker.close();
-    tracker.wait().await;
+    if tokio::time::timeout(HARD_DEADLINE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown: background tasks did not stop in time");
+    }
     tracing::info!("lessor stopped");
     served.map_err(ServerError::from)
 }
+
+/// How long the teardown after the grace may take before lessor stops
+/// waiting for what is still open.
+pub const HARD_DEADLINE: Duration = Duration::from_secs(1);

@@ -7,6 +7,11 @@
 //!   upstream, its state and why;
 //! - `/metrics`: Prometheus text, or OpenMetrics when asked for.
 //!
+//! It listens on the pod network, so it is built for strangers: at most
+//! `MAX_CONNECTIONS` at once, a request head must arrive within
+//! `HEADER_READ_TIMEOUT`, and shutdown waits for a request at most
+//! `SHUTDOWN_GRACE`.
+//!
 //! Also here: readiness itself, and `grpc.health.v1`, which mirrors it.
 
 pub mod health;
@@ -15,13 +20,20 @@ pub mod readiness;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use readiness::Readiness;
 
@@ -34,7 +46,19 @@ pub struct AdminState {
     pub registry: Arc<Registry>,
 }
 
-/// Serves the admin endpoints until `shutdown` resolves.
+/// Most admin connections served at once. The kubelet and Prometheus need a
+/// handful; a flood from the pod network waits in the accept queue instead of
+/// costing memory and tasks.
+const MAX_CONNECTIONS: usize = 64;
+/// A request head must arrive within this, or its connection is closed: a
+/// slow or half-sent request cannot hold a connection slot, or the shutdown.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request in flight may finish once shutdown begins.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves the admin endpoints until `shutdown` resolves, then lets requests
+/// in flight finish for at most `SHUTDOWN_GRACE`. HTTP/1.1 with keep-alive;
+/// every connection task is owned here and waited for.
 pub async fn serve(
     listener: TcpListener,
     state: AdminState,
@@ -45,9 +69,52 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    // The permit moves into the connection's task: the bound cannot leak.
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let tracker = TaskTracker::new();
+    let stop = CancellationToken::new();
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting an admin connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                () = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+        });
+    }
+    drop(listener);
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
 }
 
 async fn livez() -> &'static str {

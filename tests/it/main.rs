@@ -12,5 +12,6 @@ mod proto_golden;
 mod protocol;
 mod redis;
 mod server;
+mod shutdown;
 mod support;
 mod telemetry;
