@@ -9,9 +9,11 @@
 //! all is what makes a LIFO idle list walkable; peeks are one syscall each and
 //! probes run concurrently, so the list is empty for microseconds.
 //!
-//! Even with `min_idle: 0` the loop keeps one connection: readiness means
-//! "reached", and a pool with no connection cannot tell a dead upstream from a
-//! quiet one without dialing.
+//! With `min_idle: 0` the pool holds nothing once `idle_timeout` passes: the
+//! loop dials one connection only while the upstream has not been reached
+//! (at startup, or after the last dial failed), so readiness means "reached"
+//! and comes back by itself; those re-checks run at most once per
+//! `health.interval`.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -66,7 +68,8 @@ impl Pool {
     }
 
     /// Idle connections to add now: up to `min_idle`, and one when the pool
-    /// has none at all; never past `max_size`.
+    /// has none and the upstream is not known to be reachable (never dialed,
+    /// or the last dial failed); never past `max_size`.
     fn wanted(&self) -> u32 {
         if self.closed.load(Ordering::Acquire) {
             return 0;
@@ -74,7 +77,7 @@ impl Pool {
         // Dials under way (a checkout's, or bb8's own) will add connections.
         let dialing = self.dialer.in_flight();
         let size = self.engine.size() + dialing;
-        let floor = u32::from(size == 0);
+        let floor = u32::from(size == 0 && self.dialer.last_dial_ok() != Some(true));
         // Checkouts waiting dial for themselves; a refill dial racing them
         // finds the pool full and is wasted.
         if self.counters.waiting.load(Ordering::Relaxed) > 0 {
@@ -107,7 +110,14 @@ impl Pool {
                 }
             }
             if failed {
-                let soon = std::time::Instant::now() + std::time::Duration::from_millis(25);
+                let now = std::time::Instant::now();
+                // Without min_idle, dials here only re-check reachability
+                // for readiness: once per interval is enough.
+                let soon = if self.config.pool.min_idle() == 0 {
+                    now + self.config.health.interval
+                } else {
+                    now + std::time::Duration::from_millis(25)
+                };
                 return Some(
                     self.dialer
                         .endpoints()
@@ -132,7 +142,7 @@ impl Pool {
         }
         // Most recently used first (LIFO): the oldest idle ones are the ones
         // beyond min_idle that the idle timeout closes.
-        let floor = cfg.pool.min_idle().max(1);
+        let floor = cfg.pool.min_idle();
         let probe_due = cfg.health.interval / 2;
         let mut kept = 0;
         let mut keep = Vec::new();

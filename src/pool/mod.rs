@@ -315,12 +315,12 @@ impl Pool {
 
     /// Whether a checkout that saw a dial fail should give up before its
     /// deadline: only when the last dial that reached the network failed and
-    /// no lease holds a connection that could come back. A dial refused by
+    /// no connection exists that could come to it (leased, idle, or being
+    /// checked by another checkout). A dial refused by
     /// backoff after failed health checks, or a failure while leases are
     /// out, is no reason to fail every waiter.
     fn hopeless(&self) -> bool {
-        self.dialer.last_dial_ok() == Some(false)
-            && self.counters.leased.load(Ordering::Relaxed) == 0
+        self.dialer.last_dial_ok() == Some(false) && self.engine.size() == 0
     }
 
     /// How long a checkout waits before asking the engine again after a

@@ -21,6 +21,8 @@ for_both_engines!(
     pool_readiness_follows_upstream,
     pool_invariants_hold_under_concurrency,
     pool_upstream_sockets_have_nodelay_and_keepalive,
+    pool_one_failed_dial_does_not_fail_every_waiter,
+    pool_min_idle_zero_holds_nothing_when_idle,
 );
 
 async fn pool_keeps_min_idle(engine: EngineKind) {
@@ -199,4 +201,73 @@ async fn pool_upstream_sockets_have_nodelay_and_keepalive(engine: EngineKind) {
         );
     }
     assert_eq!(seen, 3, "lessor's pooled sockets to the upstream");
+}
+
+/// The pool is full, two checkouts wait; one lease evicts its connection and
+/// the redial fails. The waiters keep waiting (a lease still holds a healthy
+/// connection that can come back) and both are served.
+async fn pool_one_failed_dial_does_not_fail_every_waiter(engine: EngineKind) {
+    let (up, lessor) = start(
+        engine,
+        &["pool: { max_size: 2, min_idle: 0, checkout_timeout: 60s }"],
+    )
+    .await;
+    let a = lessor.lease().await.unwrap();
+    let b = lessor.lease().await.unwrap();
+    let waiter = || {
+        let client = lessor.client.clone();
+        tokio::spawn(async move { client.lease("up", &LeaseOptions::default()).await })
+    };
+    let (w1, w2) = (waiter(), waiter());
+    lessor.wait_for("two waiters", |s| s.waiting == 2).await;
+    up.stop_listening();
+    a.release(Disposition::Evict).await.unwrap();
+    let s = lessor
+        .wait_for("the redial to fail", |s| s.connect_errors >= 1)
+        .await;
+    assert_eq!(s.waiting, 2, "a failed dial failed the waiters: {s:#?}");
+    b.release(Disposition::Return).await.unwrap();
+    // One waiter gets the returned connection, then hands it to the other.
+    let mut waiters = vec![w1, w2];
+    while !waiters.is_empty() {
+        let (done, _, rest) = futures::future::select_all(waiters).await;
+        let lease = done.unwrap().expect("every waiter is served");
+        lease.release(Disposition::Return).await.unwrap();
+        waiters = rest;
+    }
+    let s = lessor.stats("up").await;
+    assert_eq!((s.leased, s.waiting), (0, 0), "{s:#?}");
+}
+
+/// `min_idle: 0` leaves the upstream alone once `idle_timeout` passes;
+/// readiness follows the last outcome and comes back by itself.
+async fn pool_min_idle_zero_holds_nothing_when_idle(engine: EngineKind) {
+    let (up, lessor) = start(
+        engine,
+        &["pool: { min_idle: 0, idle_timeout: 200ms }", FAST_SWEEP],
+    )
+    .await;
+    lessor.wait_for("reached at startup", |s| s.ready).await;
+    let lease = lessor.lease().await.unwrap();
+    lease.release(Disposition::Return).await.unwrap();
+    let s = lessor
+        .wait_for("nothing held once idle", |s| s.connections == 0)
+        .await;
+    assert!(s.ready, "{s:#?}");
+    assert!(evictions(&s, "idle_timeout") >= 1, "{s:#?}");
+    crate::support::eventually("the upstream sees no connection", || async {
+        up.open() == 0
+    })
+    .await;
+    // The upstream goes away: the next lease's dial fails, readiness follows.
+    up.stop();
+    let err = lessor.lease().await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err}");
+    lessor.wait_for("not ready", |s| !s.ready).await;
+    // It comes back: a re-check dial finds it without any lease asking.
+    up.restart().await;
+    lessor.wait_for("ready again", |s| s.ready).await;
+    lessor
+        .wait_for("and nothing held again", |s| s.connections == 0)
+        .await;
 }

@@ -140,8 +140,13 @@ impl TestUpstream {
 
     /// Stops listening (dials are refused) and closes every connection.
     pub fn stop(&self) {
-        self.listening.lock().unwrap().cancel();
+        self.stop_listening();
         self.close_all();
+    }
+
+    /// Stops listening (dials are refused); open connections keep working.
+    pub fn stop_listening(&self) {
+        self.listening.lock().unwrap().cancel();
     }
 
     /// Listens again on the same port.
