@@ -342,6 +342,13 @@ impl EndpointSet {
             .clone()
     }
 
+    /// Whether some endpoint may take new connections (present, ready, not
+    /// terminating). With none, the upstream cannot serve a lease, whatever
+    /// its pool still holds.
+    pub fn any_usable(&self) -> bool {
+        self.read().iter().any(|ep| !ep.retired())
+    }
+
     /// Resolves when the set changed since the last call.
     pub async fn changed(&self) {
         self.changed.notified().await;

@@ -235,7 +235,7 @@ impl Pool {
                 Some(e) => format!("no connection within {waited:?} (last dial: {e})"),
                 None => format!("dial did not finish within {waited:?}"),
             };
-            CheckoutError::Unavailable(why)
+            self.unavailable(why)
         } else {
             CheckoutError::Exhausted {
                 waited,
@@ -270,7 +270,7 @@ impl Pool {
                         Ok(conn) => conn,
                         Err(error) => {
                             if self.hopeless() {
-                                return Err(CheckoutError::Unavailable(error));
+                                return Err(self.unavailable(error));
                             }
                             // A dial was held back (backoff after failed
                             // checks) or failed while a lease may still
@@ -320,7 +320,19 @@ impl Pool {
     /// backoff after failed health checks, or a failure while leases are
     /// out, is no reason to fail every waiter.
     fn hopeless(&self) -> bool {
-        self.dialer.last_dial_ok() == Some(false) && self.engine.size() == 0
+        !self.dialer.endpoints().any_usable()
+            || (self.dialer.last_dial_ok() == Some(false) && self.engine.size() == 0)
+    }
+
+    /// Why a checkout cannot get a connection, for its error: discovery's
+    /// word when no endpoint is ready, else the last dial's.
+    fn unavailable(&self, dial_error: String) -> CheckoutError {
+        let endpoints = self.dialer.endpoints();
+        if endpoints.any_usable() {
+            CheckoutError::Unavailable(dial_error)
+        } else {
+            CheckoutError::Unavailable(format!("no ready endpoint ({})", endpoints.status().detail))
+        }
     }
 
     /// How long a checkout waits before asking the engine again after a
@@ -436,12 +448,15 @@ impl Pool {
             .saturating_sub(self.counters.out.load(Ordering::Relaxed))
     }
 
-    /// Whether the upstream can serve a lease: its last dial succeeded, or it
-    /// holds a connection that has not failed a check since. Saturation plays
-    /// no part.
+    /// Whether the upstream can serve a lease: discovery has synced and
+    /// knows a ready endpoint, and its last dial succeeded or it holds a
+    /// connection that has not failed a check since. Saturation plays no
+    /// part.
     pub fn ready(&self) -> bool {
+        let endpoints = self.dialer.endpoints();
         !self.closed.load(Ordering::Acquire)
-            && self.dialer.endpoints().status().synced
+            && endpoints.status().synced
+            && endpoints.any_usable()
             && match self.dialer.last_dial_ok() {
                 Some(ok) => ok || self.engine.size() > 0,
                 None => false,
@@ -457,6 +472,8 @@ impl Pool {
             "pool closed (shutting down)".to_owned()
         } else if !source.synced {
             source.detail.clone()
+        } else if !self.dialer.endpoints().any_usable() {
+            "no ready endpoint".to_owned()
         } else if ready {
             format!(
                 "{size} connections ({} idle, {} leased)",

@@ -563,3 +563,52 @@ async fn discovery_failing_probes_eject_an_endpoint_on_deadpool() {
         lease.release(Disposition::Return).await.unwrap();
     }
 }
+
+/// Every endpoint of a required upstream turns not-ready: readiness turns off
+/// (the pool's last dial was fine, but nothing may take a lease), a lease
+/// says why, and both come back with the endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_readiness_follows_endpoints() {
+    let api = FakeApi::start().await;
+    let (port, _pods) = three_pods().await;
+    let pods = |ready: bool| {
+        slice(
+            "redis-a",
+            "redis",
+            ("redis", port),
+            &[("127.0.0.1", ready, false), ("127.0.0.2", ready, false)],
+        )
+    };
+    api.apply("shop", pods(true));
+    let (served, _dir) = serve_with(
+        &api,
+        &kube_config("pool: { max_size: 4, min_idle: 2 }", &[]),
+    )
+    .await;
+    let readyz = |path: &'static str| {
+        let admin = served.admin.clone();
+        async move { lessor::admin::fetch(&admin, path, None).await.unwrap() }
+    };
+    crate::support::eventually("ready", || async { readyz("/readyz").await.status == 200 }).await;
+    api.apply("shop", pods(false));
+    crate::support::eventually("not ready once no endpoint is", || async {
+        readyz("/readyz").await.status == 503
+    })
+    .await;
+    let verbose = readyz("/readyz?verbose").await.body;
+    assert!(verbose.contains("no ready endpoint"), "{verbose}");
+    let client = served.client().await;
+    let err = client
+        .lease("up", &LeaseOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err}");
+    assert!(err.to_string().contains("no ready endpoint"), "{err}");
+    api.apply("shop", pods(true));
+    crate::support::eventually("ready again", || async {
+        readyz("/readyz").await.status == 200
+    })
+    .await;
+    let lease = client.lease("up", &LeaseOptions::default()).await.unwrap();
+    lease.release(Disposition::Return).await.unwrap();
+}
