@@ -367,6 +367,15 @@ pub struct PoolConfig {
     /// Every connection closes after this (minus up to 10% jitter). Default 30m.
     #[serde(with = "humantime_serde")]
     pub max_lifetime: Duration,
+    /// TCP keepalive on upstream sockets: how a silently vanished upstream
+    /// (a node gone, a blackholed route) is noticed without a probe.
+    pub tcp_keepalive: KeepaliveConfig,
+    /// `TCP_USER_TIMEOUT`: data unacknowledged for this long closes the
+    /// socket, so a write into a dead peer fails in seconds, not the
+    /// kernel's ~15 minutes of retransmissions. Default 30s; `0s` leaves the
+    /// kernel's default.
+    #[serde(with = "humantime_serde")]
+    pub tcp_user_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -379,6 +388,33 @@ impl Default for PoolConfig {
             max_waiters: 1024,
             idle_timeout: Duration::from_secs(300),
             max_lifetime: Duration::from_secs(1800),
+            tcp_keepalive: KeepaliveConfig::default(),
+            tcp_user_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// TCP keepalive timing: a dead peer is noticed after about
+/// `idle + interval * probes` of silence (default 15s + 3 x 5s = 30s).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeepaliveConfig {
+    /// Silence before the first probe. Default 15s.
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
+    /// Between unanswered probes. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Unanswered probes before the socket is closed. Default 3.
+    pub probes: u32,
+}
+
+impl Default for KeepaliveConfig {
+    fn default() -> Self {
+        Self {
+            idle: Duration::from_secs(15),
+            interval: Duration::from_secs(5),
+            probes: 3,
         }
     }
 }

@@ -25,6 +25,10 @@ fn minimal_config_gets_documented_defaults() {
     assert_eq!(up.pool.min_idle(), 4);
     assert_eq!(up.pool.checkout_timeout, Duration::from_secs(2));
     assert_eq!(up.pool.max_waiters, 1024);
+    assert_eq!(up.pool.tcp_keepalive.idle, Duration::from_secs(15));
+    assert_eq!(up.pool.tcp_keepalive.interval, Duration::from_secs(5));
+    assert_eq!(up.pool.tcp_keepalive.probes, 3);
+    assert_eq!(up.pool.tcp_user_timeout, Duration::from_secs(30));
     assert_eq!(up.health.interval, Duration::from_secs(5));
     assert!(up.health.probe.is_none());
     assert_eq!(up.lease.on_abort, OnAbort::Evict);

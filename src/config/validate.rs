@@ -156,6 +156,18 @@ impl UpstreamConfig {
             ));
         }
         positive(format!("{at}.pool.connect_timeout"), pool.connect_timeout)?;
+        let keepalive = &pool.tcp_keepalive;
+        positive(format!("{at}.pool.tcp_keepalive.idle"), keepalive.idle)?;
+        positive(
+            format!("{at}.pool.tcp_keepalive.interval"),
+            keepalive.interval,
+        )?;
+        if !(1..=127).contains(&keepalive.probes) {
+            return Err(invalid(
+                format!("{at}.pool.tcp_keepalive.probes"),
+                "must be between 1 and 127",
+            ));
+        }
         positive(format!("{at}.pool.checkout_timeout"), pool.checkout_timeout)?;
         positive(format!("{at}.pool.idle_timeout"), pool.idle_timeout)?;
         positive(format!("{at}.pool.max_lifetime"), pool.max_lifetime)?;

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 
 use super::conn::Conn;
 use super::stats::Counters;
+use crate::config::{KeepaliveConfig, PoolConfig};
 use crate::discovery::{EndpointRef, EndpointSet, NoEndpoint};
 
 /// Why a dial produced no connection.
@@ -70,6 +71,8 @@ pub struct Dialer {
     endpoints: Arc<EndpointSet>,
     connect_timeout: Duration,
     max_lifetime: Duration,
+    keepalive: KeepaliveConfig,
+    user_timeout: Duration,
     next_id: Arc<AtomicU64>,
     counters: Arc<Counters>,
     /// The most recent dial that reached the network: `(ok, error)`.
@@ -86,15 +89,16 @@ impl Dialer {
     /// unique across upstreams.
     pub fn new(
         endpoints: Arc<EndpointSet>,
-        connect_timeout: Duration,
-        max_lifetime: Duration,
+        pool: &PoolConfig,
         next_id: Arc<AtomicU64>,
         counters: Arc<Counters>,
     ) -> Self {
         Self {
             endpoints,
-            connect_timeout,
-            max_lifetime,
+            connect_timeout: pool.connect_timeout,
+            max_lifetime: pool.max_lifetime,
+            keepalive: pool.tcp_keepalive.clone(),
+            user_timeout: pool.tcp_user_timeout,
             next_id,
             counters,
             last: Mutex::new((None, None)),
@@ -217,7 +221,7 @@ impl Dialer {
                 address: address.to_owned(),
                 after: self.connect_timeout,
             })??;
-        tune(&stream).map_err(|e| DialError::Connect {
+        self.tune(&stream).map_err(|e| DialError::Connect {
             addr,
             reason: format!("setting socket options: {e}"),
         })?;
@@ -241,12 +245,22 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// TCP_NODELAY (leases carry small request/response messages) and keepalive
-/// (a silently vanished upstream is noticed even on an idle socket).
-fn tune(stream: &TcpStream) -> std::io::Result<()> {
-    stream.set_nodelay(true)?;
-    let keepalive = TcpKeepalive::new()
-        .with_time(Duration::from_secs(30))
-        .with_interval(Duration::from_secs(10));
-    SockRef::from(stream).set_tcp_keepalive(&keepalive)
+impl Dialer {
+    /// TCP_NODELAY (leases carry small request/response messages), keepalive
+    /// (a silently vanished upstream is noticed even on an idle socket) and
+    /// `TCP_USER_TIMEOUT` (a write into a vanished upstream fails in seconds).
+    fn tune(&self, stream: &TcpStream) -> std::io::Result<()> {
+        stream.set_nodelay(true)?;
+        let k = &self.keepalive;
+        let keepalive = TcpKeepalive::new()
+            .with_time(k.idle)
+            .with_interval(k.interval)
+            .with_retries(k.probes);
+        let socket = SockRef::from(stream);
+        socket.set_tcp_keepalive(&keepalive)?;
+        if !self.user_timeout.is_zero() {
+            socket.set_tcp_user_timeout(Some(self.user_timeout))?;
+        }
+        Ok(())
+    }
 }

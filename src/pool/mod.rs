@@ -138,8 +138,7 @@ impl Pool {
         let counters = Arc::new(Counters::default());
         let dialer = Arc::new(Dialer::new(
             crate::discovery::endpoint_set(&config),
-            config.pool.connect_timeout,
-            config.pool.max_lifetime,
+            &config.pool,
             next_conn_id,
             counters.clone(),
         ));

@@ -173,7 +173,11 @@ async fn pool_invariants_hold_under_concurrency(engine: EngineKind) {
 /// lessor runs in this process: its sockets are this process's descriptors,
 /// so the options the kernel holds for them can be read back directly.
 async fn pool_upstream_sockets_have_nodelay_and_keepalive(engine: EngineKind) {
-    let (up, lessor) = start(engine, &["pool: { max_size: 4, min_idle: 3 }"]).await;
+    let (up, lessor) = start(
+        engine,
+        &["pool: { max_size: 4, min_idle: 3, tcp_keepalive: { idle: 7s, interval: 2s, probes: 4 }, tcp_user_timeout: 9s }"],
+    )
+    .await;
     lessor.wait_for("min_idle", |s| s.idle == 3).await;
     let upstream: std::net::SocketAddr = up.addr().parse().unwrap();
     let mut seen = 0;
@@ -194,10 +198,15 @@ async fn pool_upstream_sockets_have_nodelay_and_keepalive(engine: EngineKind) {
         seen += 1;
         assert!(socket.tcp_nodelay().unwrap(), "TCP_NODELAY off");
         assert!(socket.keepalive().unwrap(), "SO_KEEPALIVE off");
-        assert!(
-            socket.tcp_keepalive_time().unwrap() <= Duration::from_secs(60),
-            "keepalive idle time {:?}",
-            socket.tcp_keepalive_time().unwrap()
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(2)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 4);
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(9))
         );
     }
     assert_eq!(seen, 3, "lessor's pooled sockets to the upstream");
