@@ -421,10 +421,11 @@ pub async fn run_with(
     pools.close();
     admin_stop.cancel();
     tracker.close();
-    if tokio::time::timeout(HARD_DEADLINE, tracker.wait())
-        .await
-        .is_err()
-    {
+    let stopped = async {
+        tracker.wait().await;
+        pools.wait_tasks().await;
+    };
+    if tokio::time::timeout(HARD_DEADLINE, stopped).await.is_err() {
         tracing::warn!("shutdown: background tasks did not stop in time");
     }
     tracing::info!("lessor stopped");

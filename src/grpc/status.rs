@@ -14,6 +14,7 @@ pub fn checkout_code(e: &CheckoutError) -> Code {
             Code::ResourceExhausted
         }
         CheckoutError::Unavailable(_) | CheckoutError::Closed => Code::Unavailable,
+        CheckoutError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
     }
 }
 

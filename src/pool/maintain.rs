@@ -104,8 +104,14 @@ impl Pool {
             let mut failed = false;
             for dialed in dials {
                 match dialed {
-                    // A full pool (checkouts dialed meanwhile) drops the extra.
-                    Ok(conn) => drop(self.engine.add(conn)),
+                    // A full pool (checkouts dialed meanwhile) closes the
+                    // extra, counted: every close has a reason.
+                    Ok(conn) => {
+                        if let Some(extra) = self.engine.add(conn) {
+                            drop(extra);
+                            self.counters.evicted(EvictReason::Surplus);
+                        }
+                    }
                     Err(_) => failed = true,
                 }
             }

@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
+use tokio_util::task::TaskTracker;
 
 pub use self::conn::Conn;
 pub use self::connect::{DialError, Dialer};
@@ -68,6 +69,13 @@ pub enum CheckoutError {
     /// The pool is shutting down.
     #[error("pool is shutting down")]
     Closed,
+    /// The deadline passed while a health check ran; the check finishes in
+    /// the background, and a healthy connection goes back to the pool.
+    #[error("checkout deadline of {waited:?} passed during a health check")]
+    DeadlineExceeded {
+        /// How long the checkout took.
+        waited: Duration,
+    },
 }
 
 /// A point-in-time view of a pool, for `Stats`, metrics and readiness.
@@ -118,6 +126,8 @@ pub struct Pool {
     /// refills within a scheduler tick instead of a sweep interval.
     maintain: Notify,
     closed: AtomicBool,
+    /// Probes that outlive the checkout that started them.
+    tasks: TaskTracker,
 }
 
 /// A connection checked out for a lease. Counts as `leased` until finished;
@@ -150,6 +160,7 @@ impl Pool {
             counters,
             maintain: Notify::new(),
             closed: AtomicBool::new(false),
+            tasks: TaskTracker::new(),
         })
     }
 
@@ -184,6 +195,9 @@ impl Pool {
             return Err(CheckoutError::TooManyWaiters(max_waiters));
         }
         let start = Instant::now();
+        // Set while a probe runs for this checkout: a deadline that cuts one
+        // short is the deadline's fault, not the upstream's.
+        let probing = AtomicBool::new(false);
         // Fast path: a warm idle connection that needs no probe is vetted
         // with one peek, without arming a timer or subscribing to anything.
         let outcome = match self
@@ -193,10 +207,10 @@ impl Pool {
         {
             Some(Vetted::Ready(conn)) => Ok(Ok(conn)),
             Some(Vetted::NeedsProbe(conn)) => {
-                tokio::time::timeout(timeout, self.checkout_loop(Some(conn))).await
+                tokio::time::timeout(timeout, self.checkout_loop(Some(conn), &probing)).await
             }
             Some(Vetted::Evicted) | None => {
-                tokio::time::timeout(timeout, self.checkout_loop(None)).await
+                tokio::time::timeout(timeout, self.checkout_loop(None, &probing)).await
             }
         };
         drop(waiting);
@@ -209,6 +223,11 @@ impl Pool {
                 self.counters
                     .checkout_timeouts
                     .fetch_add(1, Ordering::Relaxed);
+                if probing.load(Ordering::Relaxed) {
+                    return Err(CheckoutError::DeadlineExceeded {
+                        waited: start.elapsed(),
+                    });
+                }
                 return Err(self.timeout_error(start.elapsed()));
             }
         };
@@ -246,7 +265,11 @@ impl Pool {
 
     /// Waits for connections (idle, or dialed) and vets them until one
     /// passes. `first` is a connection the fast path already holds.
-    async fn checkout_loop(&self, mut first: Option<PoolConn>) -> Result<PoolConn, CheckoutError> {
+    async fn checkout_loop(
+        self: &Arc<Self>,
+        mut first: Option<PoolConn>,
+        probing: &AtomicBool,
+    ) -> Result<PoolConn, CheckoutError> {
         // bb8 dials in tasks of its own and hides their errors; a failure
         // seen here while waiting means the upstream is not answering.
         let mut failures = self.dialer.subscribe_failures();
@@ -286,7 +309,12 @@ impl Pool {
                 Vetted::Evicted => continue,
                 Vetted::NeedsProbe(conn) => conn,
             };
-            let probe = self.config.health.probe.as_ref();
+            // The probe runs in a task of the pool's, so a checkout that
+            // gives up (its deadline, its client gone) leaves it to finish:
+            // the connection goes back idle or is evicted and counted, never
+            // dropped half-checked.
+            let (done_tx, done_rx) = oneshot::channel();
+            let pool = Arc::clone(self);
             let span = tracing::info_span!(
                 target: TARGET,
                 "health_check",
@@ -294,22 +322,45 @@ impl Pool {
                 otel.status_code = tracing::field::Empty,
                 otel.status_description = tracing::field::Empty,
             );
-            let probed = health::check(&mut conn, probe)
-                .instrument(span.clone())
-                .await;
-            match &probed {
-                Ok(()) => conn.endpoint_ref().endpoint().record_success(),
-                Err(e) => {
-                    span.record("otel.status_code", "ERROR");
-                    span.record("otel.status_description", e.to_string());
+            probing.store(true, Ordering::Relaxed);
+            self.tasks.spawn(
+                async move {
+                    let probed = pool.probe(&mut conn).await;
+                    if let Err((conn, probed)) = done_tx.send((conn, probed)) {
+                        match probed {
+                            Ok(()) => conn.put_back(),
+                            Err(e) => pool.failed_check(conn, &e),
+                        }
+                    }
                 }
-            }
-            self.counters.health_checks.fetch_add(1, Ordering::Relaxed);
+                .instrument(span),
+            );
+            let Ok((conn, probed)) = done_rx.await else {
+                // The task is gone without an answer: only a panic does that.
+                return Err(CheckoutError::Closed);
+            };
+            probing.store(false, Ordering::Relaxed);
             match probed {
                 Ok(()) => return Ok(conn),
                 Err(e) => self.failed_check(conn, &e),
             }
         }
+    }
+
+    /// Runs the upstream's probe on `conn`, counted, its outcome on the
+    /// current (`health_check`) span and the endpoint's health.
+    async fn probe(&self, conn: &mut PoolConn) -> Result<(), health::HealthError> {
+        let probed = health::check(conn, self.config.health.probe.as_ref()).await;
+        match &probed {
+            Ok(()) => conn.endpoint_ref().endpoint().record_success(),
+            Err(e) => {
+                let span = tracing::Span::current();
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_description", e.to_string());
+            }
+        }
+        self.counters.health_checks.fetch_add(1, Ordering::Relaxed);
+        probed
     }
 
     /// Whether a checkout that saw a dial fail should give up before its
@@ -421,6 +472,11 @@ impl Pool {
         }
     }
 
+    /// Waits for probes that outlived their checkouts (after [`Pool::close`]).
+    pub async fn wait_tasks(&self) {
+        self.tasks.wait().await;
+    }
+
     /// Closes a connection and counts why.
     pub fn evict(&self, conn: PoolConn, reason: EvictReason) {
         // A span event on the lease or checkout this happens in (none in the
@@ -530,6 +586,7 @@ impl Pool {
     /// close as their leases end.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
+        self.tasks.close();
         let idle = self.idle();
         self.engine.close(&self.counters);
         for _ in 0..idle {

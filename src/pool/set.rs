@@ -70,6 +70,13 @@ impl PoolSet {
         self.pools.iter().map(|p| p.name()).collect()
     }
 
+    /// Waits for every pool's background probes (after [`PoolSet::close`]).
+    pub async fn wait_tasks(&self) {
+        for pool in &self.pools {
+            pool.wait_tasks().await;
+        }
+    }
+
     /// Closes every pool (shutdown).
     pub fn close(&self) {
         for pool in &self.pools {

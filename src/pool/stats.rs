@@ -30,11 +30,14 @@ pub enum EvictReason {
     Shutdown,
     /// Discovery removed the connection's endpoint.
     EndpointRemoved,
+    /// A background dial finished after checkouts had filled the pool: the
+    /// connection had no slot and was closed unused.
+    Surplus,
 }
 
 impl EvictReason {
     /// Every reason, in a stable order.
-    pub const ALL: [EvictReason; 11] = [
+    pub const ALL: [EvictReason; 12] = [
         Self::HealthCheck,
         Self::IdleTimeout,
         Self::MaxLifetime,
@@ -46,6 +49,7 @@ impl EvictReason {
         Self::Dirty,
         Self::Shutdown,
         Self::EndpointRemoved,
+        Self::Surplus,
     ];
 
     /// The wire and label name.
@@ -62,6 +66,7 @@ impl EvictReason {
             Self::Dirty => "dirty",
             Self::Shutdown => "shutdown",
             Self::EndpointRemoved => "endpoint_removed",
+            Self::Surplus => "surplus",
         }
     }
 
@@ -86,7 +91,7 @@ pub struct Counters {
     pub health_check_failures: AtomicU64,
     /// Checkouts that hit their deadline.
     pub checkout_timeouts: AtomicU64,
-    evictions: [AtomicU64; 11],
+    evictions: [AtomicU64; EvictReason::ALL.len()],
     /// Connections held by live leases (gauge).
     pub leased: AtomicU32,
     /// Checkouts in progress (gauge).

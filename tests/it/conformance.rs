@@ -55,6 +55,7 @@ for_both_engines!(
     checkout_evicts_connections_with_unsolicited_bytes,
     checkout_probe_failure_evicts_and_moves_on,
     checkout_skips_probe_when_recently_used,
+    checkout_deadline_during_a_probe_keeps_the_healthy_connection,
 );
 
 pub(crate) const FAST_SWEEP: &str = "health: { interval: 50ms }";
@@ -92,6 +93,7 @@ async fn lease_return_reuses_the_connection(engine: EngineKind) {
     assert_eq!(s.leases_granted, 2);
     assert_eq!(s.leased, 0);
     assert_eq!(s.evictions.values().sum::<u64>(), 0);
+    lessor.assert_accounted().await;
 }
 
 async fn lease_pipelined_data_before_granted(engine: EngineKind) {
@@ -108,6 +110,7 @@ async fn lease_pipelined_data_before_granted(engine: EngineKind) {
     assert_eq!(lease.recv_at_least(4).await.unwrap(), "ping");
     let ended = lease.release(Disposition::Return).await.unwrap();
     assert_eq!(ended.disposition(), Disposition::Return);
+    lessor.assert_accounted().await;
 }
 
 async fn lease_release_evict_closes(engine: EngineKind) {
@@ -127,6 +130,7 @@ async fn lease_release_evict_closes(engine: EngineKind) {
         up.open() == 1
     })
     .await;
+    lessor.assert_accounted().await;
 }
 
 async fn lease_return_with_unanswered_request_is_dirty_and_late_reply_never_leaks(
@@ -174,6 +178,7 @@ async fn lease_abort_evicts_by_default(engine: EngineKind) {
         })
         .await;
     assert_eq!(evictions(&s, "dirty"), 0);
+    lessor.assert_accounted().await;
 }
 
 async fn lease_abort_returns_clean_connection_with_on_abort_return(engine: EngineKind) {
@@ -200,7 +205,16 @@ async fn lease_abort_returns_clean_connection_with_on_abort_return(engine: Engin
         "a clean aborted connection is returned"
     );
     lease.release(Disposition::Return).await.unwrap();
-    assert_eq!(lessor.stats("up").await.evictions.values().sum::<u64>(), 0);
+    let s = lessor.stats("up").await;
+    // (A startup dial that lost the race to the first lease's is `surplus`.)
+    let closed: u64 = s
+        .evictions
+        .iter()
+        .filter(|(reason, _)| *reason != "surplus")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(closed, 0, "{s:#?}");
+    lessor.assert_accounted().await;
 }
 
 async fn lease_abort_with_unanswered_request_evicts_even_with_on_abort_return(engine: EngineKind) {
@@ -219,6 +233,7 @@ async fn lease_abort_with_unanswered_request_evicts_even_with_on_abort_return(en
             s.leased == 0 && evictions(s, "client_abort") == 1
         })
         .await;
+    lessor.assert_accounted().await;
 }
 
 /// The client's TCP connection dies under a live lease (both sides reset, no
@@ -245,6 +260,7 @@ async fn lease_client_connection_lost_without_reset_stream_aborts(engine: Engine
     assert_eq!(other.recv_at_least(5).await.unwrap(), "still");
     other.release(Disposition::Return).await.unwrap();
     drop(lease);
+    lessor.assert_accounted().await;
 }
 
 async fn lease_upstream_close_mid_lease_ends_lease(engine: EngineKind) {
@@ -262,6 +278,7 @@ async fn lease_upstream_close_mid_lease_ends_lease(engine: EngineKind) {
             evictions(s, "upstream_closed") == 1 && s.leased == 0
         })
         .await;
+    lessor.assert_accounted().await;
 }
 
 async fn lease_upstream_reset_mid_lease_ends_lease(engine: EngineKind) {
@@ -272,6 +289,7 @@ async fn lease_upstream_reset_mid_lease_ends_lease(engine: EngineKind) {
     let ended = lease.ended().cloned().unwrap();
     assert_eq!(ended.disposition(), Disposition::Evict);
     assert_eq!(ended.reason(), EndReason::UpstreamClosed, "{ended:?}");
+    lessor.assert_accounted().await;
 }
 
 async fn lease_expiry_is_clamped_to_configured_cap(engine: EngineKind) {
@@ -295,6 +313,7 @@ async fn lease_expiry_is_clamped_to_configured_cap(engine: EngineKind) {
             evictions(s, "lease_expired") == 1
         })
         .await;
+    lessor.assert_accounted().await;
 }
 
 async fn lease_client_max_lease_shortens(engine: EngineKind) {
@@ -306,6 +325,7 @@ async fn lease_client_max_lease_shortens(engine: EngineKind) {
     let lease = lessor.client.lease("up", &options).await.unwrap();
     let ended = lease.finish().await.unwrap().unwrap();
     assert_eq!(ended.reason(), EndReason::LeaseExpired);
+    lessor.assert_accounted().await;
 }
 
 async fn lease_idle_timeout_revokes(engine: EngineKind) {
@@ -317,6 +337,7 @@ async fn lease_idle_timeout_revokes(engine: EngineKind) {
     lessor
         .wait_for("lease_idle eviction", |s| evictions(s, "lease_idle") == 1)
         .await;
+    lessor.assert_accounted().await;
 }
 
 async fn lease_large_payload_round_trips(engine: EngineKind) {
@@ -346,6 +367,7 @@ async fn lease_large_payload_round_trips(engine: EngineKind) {
     assert_eq!(ended.disposition(), Disposition::Return);
     let s = lessor.stats("up").await;
     assert_eq!(s.leased, 0);
+    lessor.assert_accounted().await;
 }
 
 async fn checkout_exhausted_after_timeout(engine: EngineKind) {
@@ -379,6 +401,7 @@ async fn checkout_exhausted_after_timeout(engine: EngineKind) {
         .release(Disposition::Return)
         .await
         .unwrap();
+    lessor.assert_accounted().await;
 }
 
 async fn checkout_max_waiters_fails_at_once(engine: EngineKind) {
@@ -405,6 +428,7 @@ async fn checkout_max_waiters_fails_at_once(engine: EngineKind) {
         .expect("the waiter gets the returned connection");
     lease.release(Disposition::Return).await.unwrap();
     assert_eq!(lessor.stats("up").await.waiting, 0);
+    lessor.assert_accounted().await;
 }
 
 async fn checkout_unavailable_when_upstream_down(engine: EngineKind) {
@@ -437,6 +461,7 @@ async fn checkout_unavailable_when_upstream_down(engine: EngineKind) {
         }
     })
     .await;
+    lessor.assert_accounted().await;
 }
 
 /// Only checkouts see dead connections here: the background sweep runs hourly.
@@ -457,6 +482,7 @@ async fn checkout_catches_closed_idle_connections(engine: EngineKind) {
     let s = lessor.stats("up").await;
     assert!(s.health_check_failures >= 2, "{s:#?}");
     assert!(evictions(&s, "health_check") >= 2, "{s:#?}");
+    lessor.assert_accounted().await;
 }
 
 async fn checkout_catches_reset_idle_connections(engine: EngineKind) {
@@ -473,6 +499,7 @@ async fn checkout_catches_reset_idle_connections(engine: EngineKind) {
     let lease = lessor.lease().await.unwrap();
     lease.release(Disposition::Return).await.unwrap();
     assert!(evictions(&lessor.stats("up").await, "health_check") >= 1);
+    lessor.assert_accounted().await;
 }
 
 async fn checkout_evicts_connections_with_unsolicited_bytes(engine: EngineKind) {
@@ -501,6 +528,7 @@ async fn checkout_evicts_connections_with_unsolicited_bytes(engine: EngineKind) 
     assert_eq!(lease.recv_at_least(5).await.unwrap(), "clean");
     lease.release(Disposition::Return).await.unwrap();
     assert_eq!(evictions(&lessor.stats("up").await, "health_check"), 1);
+    lessor.assert_accounted().await;
 }
 
 async fn checkout_probe_failure_evicts_and_moves_on(engine: EngineKind) {
@@ -540,6 +568,7 @@ async fn checkout_probe_failure_evicts_and_moves_on(engine: EngineKind) {
     assert_eq!(s.health_check_failures, 1);
     assert_eq!(evictions(&s, "health_check"), 1);
     assert!(s.health_checks >= 2);
+    lessor.assert_accounted().await;
 }
 
 async fn checkout_skips_probe_when_recently_used(engine: EngineKind) {
@@ -555,4 +584,46 @@ async fn checkout_skips_probe_when_recently_used(engine: EngineKind) {
     assert_eq!(second.granted().connection_id, id);
     second.release(Disposition::Return).await.unwrap();
     assert_eq!(lessor.stats("up").await.health_check_failures, 0);
+    lessor.assert_accounted().await;
+}
+
+/// A client deadline shorter than the probe's round trip: the checkout fails
+/// with DEADLINE_EXCEEDED, the probe finishes in the background, and the
+/// healthy connection goes back to the pool instead of being destroyed.
+async fn checkout_deadline_during_a_probe_keeps_the_healthy_connection(engine: EngineKind) {
+    let probe = "health: { interval: 1h, skip_if_used_within: 1ms, probe: { send: \"PING\\r\\n\", expect: \"PING\\r\\n\", timeout: 30s } }";
+    let (up, lessor) = start(engine, &["pool: { max_size: 1, min_idle: 1 }", probe]).await;
+    let lease = lessor.lease().await.unwrap();
+    let id = lease.granted().connection_id;
+    lease.release(Disposition::Return).await.unwrap();
+    let quiet = std::time::Instant::now();
+    eventually("past skip_if_used_within", || async {
+        quiet.elapsed() > Duration::from_millis(5)
+    })
+    .await;
+    // The probe's reply is held: the client's 100ms deadline passes first.
+    up.set_mode(Mode::Gated);
+    let options = LeaseOptions {
+        checkout_timeout: Some(Duration::from_millis(100)),
+        ..Default::default()
+    };
+    let err = lessor.client.lease("up", &options).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::DeadlineExceeded), "{err}");
+    up.open_gate();
+    lessor
+        .wait_for("the probe finished in the background", |s| {
+            s.idle == 1 && s.health_checks >= 2
+        })
+        .await;
+    let lease = lessor.lease().await.unwrap();
+    assert_eq!(
+        lease.granted().connection_id,
+        id,
+        "the healthy connection was kept"
+    );
+    lease.release(Disposition::Return).await.unwrap();
+    let s = lessor.stats("up").await;
+    assert_eq!(s.evictions.values().sum::<u64>(), 0, "{s:#?}");
+    assert_eq!(s.health_check_failures, 0, "{s:#?}");
+    lessor.assert_accounted().await;
 }

@@ -155,6 +155,15 @@ impl Lessor {
         }
     }
 
+    /// Waits until every connection lessor opened to `up` is either still
+    /// open or counted under an eviction reason: no close goes uncounted.
+    pub async fn assert_accounted(&self) {
+        self.wait_for("every closed connection counted", |s| {
+            u64::from(s.connections) + s.evictions.values().sum::<u64>() == s.connections_created
+        })
+        .await;
+    }
+
     /// A lease on `up` with default options.
     pub async fn lease(&self) -> Result<Lease, ClientError> {
         self.client.lease("up", &LeaseOptions::default()).await
