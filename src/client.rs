@@ -203,6 +203,11 @@ impl Client {
     }
 }
 
+/// HTTP/2 receive window of one lease: plenty for loopback throughput.
+const STREAM_WINDOW: u32 = 1024 * 1024;
+/// HTTP/2 receive window of the whole channel: 32 stalled leases' worth.
+const CONNECTION_WINDOW: u32 = 32 * STREAM_WINDOW;
+
 fn endpoint(target: &str, uri: &str) -> Result<Endpoint, ClientError> {
     Endpoint::from_shared(uri.to_owned())
         .map_err(|e| ClientError::Target {
@@ -212,6 +217,12 @@ fn endpoint(target: &str, uri: &str) -> Result<Endpoint, ClientError> {
         .map(|e| {
             e.connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true)
+                // A lease whose reader stalls keeps at most its stream
+                // window unread, and the connection window (released only
+                // as data is read) is many of those: a few stalled leases
+                // cannot freeze the others on this channel.
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(10))
         })

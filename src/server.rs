@@ -356,6 +356,7 @@ pub async fn run_with(
         config.grpc.acquire_timeout,
         revoke.clone(),
     ));
+    tracker.spawn(ctx.watchdog.clone().run(revoke.clone(), background.clone()));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

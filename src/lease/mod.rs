@@ -4,15 +4,19 @@
 //! - `state`: the lease-end table as a pure function;
 //! - `guard`: the RAII guard that finishes each checkout exactly once;
 //! - `pump`: the stream itself: Acquire, checkout, Granted, Data both ways,
-//!   Release or revocation, Ended.
+//!   Release or revocation, Ended;
+//! - `watchdog`: ends leases whose client stopped reading (hyper does not
+//!   poll a stream that waits for flow-control window), on time.
 //!
 //! A lease needs no task of its own: its stream is polled by the HTTP/2
 //! stream task hyper already runs, and dropping the stream (client reset,
-//! connection lost) drops the guard, which finishes the lease.
+//! connection lost) drops the guard, which finishes the lease. One watchdog
+//! task per server covers the moments hyper does not poll.
 
 pub mod guard;
 pub mod pump;
 pub mod state;
+pub mod watchdog;
 
 pub use guard::{Finished, LeaseGuard};
 pub use pump::{LeaseContext, lease_span, lease_stream};

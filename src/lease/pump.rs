@@ -27,6 +27,7 @@ use tracing::{Instrument, Span};
 
 use super::guard::LeaseGuard;
 use super::state::{Direction, End};
+use super::watchdog::{LeaseCell, Unparked, Watchdog};
 use crate::pb::{
     Disposition, Ended, Granted, LeaseRequest, LeaseResponse, lease_request, lease_response,
 };
@@ -96,6 +97,8 @@ pub struct LeaseContext {
     /// Fires when the shutdown grace is over: live leases end with SHUTDOWN
     /// and checkouts fail.
     pub revoke: CancellationToken,
+    /// Ends leases parked on a client that stopped reading.
+    pub watchdog: Arc<Watchdog>,
     next_id: AtomicU64,
     id_salt: u64,
 }
@@ -113,6 +116,7 @@ impl LeaseContext {
             max_frame,
             acquire_timeout,
             revoke,
+            watchdog: Arc::default(),
             next_id: AtomicU64::new(1),
             id_salt: fastrand::u64(..),
         }
@@ -142,6 +146,7 @@ pub fn lease_stream(
         ctx,
         phase: Phase::Start,
         span,
+        cell: None,
     };
     futures::stream::unfold(pump, |mut pump| async move {
         let span = pump.span.clone();
@@ -194,16 +199,20 @@ struct Pump {
     ctx: Arc<LeaseContext>,
     phase: Phase,
     span: Span,
+    /// Where the lease waits between messages, watched (set at grant).
+    cell: Option<Arc<LeaseCell>>,
 }
 
 enum Phase {
     Start,
     Active(Box<Active>),
+    /// Between two messages, in `cell`.
+    Parked,
     Done,
 }
 
 /// A granted lease.
-struct Active {
+pub(crate) struct Active {
     guard: LeaseGuard,
     lease_id: String,
     /// Client bytes not yet written upstream. While set, no further client
@@ -247,7 +256,10 @@ impl Pump {
         match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::Start => match self.start().await {
                 Ok((active, granted)) => {
-                    self.phase = Phase::Active(active);
+                    let cell = self.ctx.watchdog.watch(self.span.clone());
+                    cell.park(active);
+                    self.cell = Some(cell);
+                    self.phase = Phase::Parked;
                     Some(Ok(response(lease_response::Msg::Granted(granted))))
                 }
                 Err(Some(e)) => {
@@ -256,9 +268,29 @@ impl Pump {
                 }
                 Err(None) => None,
             },
+            Phase::Parked => {
+                let Some(cell) = &self.cell else {
+                    return None;
+                };
+                match cell.unpark() {
+                    Unparked::Active(active) => {
+                        self.phase = Phase::Active(active);
+                        Box::pin(self.next()).await
+                    }
+                    Unparked::Ended(ended) => ended.map(Ok),
+                }
+            }
             Phase::Active(mut active) => match active.step(&mut self.inbound, &self.ctx).await {
                 Step::Data(bytes) => {
-                    self.phase = Phase::Active(active);
+                    // Parked until hyper polls again, which it does only
+                    // once the client has window for this message.
+                    match &self.cell {
+                        Some(cell) => {
+                            cell.park(active);
+                            self.phase = Phase::Parked;
+                        }
+                        None => self.phase = Phase::Active(active),
+                    }
                     Some(Ok(response(lease_response::Msg::Data(bytes))))
                 }
                 Step::End(end, detail) => active.end(end, detail, &self.span).map(Ok),
@@ -400,20 +432,10 @@ impl Active {
                     return Step::End(End::Shutdown, "lessor is shutting down".into());
                 }
                 Event::Timer => {
-                    let now = tokio::time::Instant::now();
-                    if now >= self.expires_at {
-                        return Step::End(
-                            End::Expired,
-                            format!("lease reached its maximum duration of {:?}", self.max_lease),
-                        );
+                    if let Some((end, detail)) = self.due(tokio::time::Instant::now(), false) {
+                        return Step::End(end, detail);
                     }
                     let idle_deadline = self.last_activity + self.idle_timeout;
-                    if now >= idle_deadline {
-                        return Step::End(
-                            End::Idle,
-                            format!("no bytes either way for {:?}", self.idle_timeout),
-                        );
-                    }
                     self.timer
                         .as_mut()
                         .reset(self.expires_at.min(idle_deadline));
@@ -448,6 +470,27 @@ impl Active {
                 }
             }
         }
+    }
+
+    /// The limit that ends the lease at `now`, if one has passed (`revoked`:
+    /// the shutdown grace is over).
+    pub(crate) fn due(&self, now: tokio::time::Instant, revoked: bool) -> Option<(End, String)> {
+        if revoked {
+            return Some((End::Shutdown, "lessor is shutting down".into()));
+        }
+        if now >= self.expires_at {
+            return Some((
+                End::Expired,
+                format!("lease reached its maximum duration of {:?}", self.max_lease),
+            ));
+        }
+        if now >= self.last_activity + self.idle_timeout {
+            return Some((
+                End::Idle,
+                format!("no bytes either way for {:?}", self.idle_timeout),
+            ));
+        }
+        None
     }
 
     /// Handles one client message; `None` means keep pumping.
@@ -504,7 +547,7 @@ impl Active {
 
     /// Finishes the lease, records how on its span, and builds its `Ended`,
     /// if its row sends one.
-    fn end(self, end: End, detail: String, span: &Span) -> Option<LeaseResponse> {
+    pub(crate) fn end(self, end: End, detail: String, span: &Span) -> Option<LeaseResponse> {
         let upstream = self.guard.leased().pool().name().to_owned();
         if matches!(end, End::Expired | End::Idle | End::Shutdown) {
             tracing::info!(target: TARGET, { lessor.revoke.reason = ?end, lessor.revoke.detail = %detail }, "revoked");

@@ -59,7 +59,7 @@ async fn wait_health(addr: &str, service: &str, want: i32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_not_ready_until_the_upstream_answers() {
     let up = TestUpstream::start().await;
-    up.stop();
+    up.stop().await;
     let lessor = Lessor::start(&config_one(
         &up.addr(),
         EngineKind::Bb8,
@@ -99,7 +99,7 @@ async fn admin_readiness_follows_an_upstream_kill_and_return() {
     .await;
     wait_ready(&lessor, 200).await;
     wait_health(&lessor.addr, "lessor.v1.Pool/up", SERVING).await;
-    up.stop();
+    up.stop().await;
     let body = wait_ready(&lessor, 503).await;
     assert!(body.contains("last dial failed"), "{body}");
     for service in ["", "lessor.v1.Pool", "lessor.v1.Pool/up"] {
@@ -118,7 +118,7 @@ async fn admin_readiness_follows_an_upstream_kill_and_return() {
 async fn admin_optional_upstreams_do_not_gate_readiness() {
     let up = TestUpstream::start().await;
     let down = TestUpstream::start().await;
-    down.stop();
+    down.stop().await;
     let yaml = format!(
         "upstreams:\n{}{}",
         upstream_yaml("main", &up.addr(), EngineKind::Bb8, &[FAST]),
@@ -485,7 +485,7 @@ async fn admin_endpoints_answer_a_standard_http_client() {
     let m = samples(&metrics.text().await.unwrap());
     assert!(m.contains_key("lessor_leases_total{upstream=up}"), "{m:?}");
     assert_eq!(get("/no-such-page").await.status(), 404);
-    up.stop();
+    up.stop().await;
     wait_ready(&lessor, 503).await;
     assert_eq!(get("/readyz").await.status(), 503);
 }

@@ -13,5 +13,6 @@ mod protocol;
 mod redis;
 mod server;
 mod shutdown;
+mod stall;
 mod support;
 mod telemetry;

@@ -107,7 +107,7 @@ async fn pool_readiness_follows_upstream(engine: EngineKind) {
     lessor
         .wait_for("ready after the startup dial", |s| s.ready)
         .await;
-    up.stop();
+    up.stop().await;
     lessor
         .wait_for("not ready once the upstream is down", |s| !s.ready)
         .await;
@@ -229,7 +229,7 @@ async fn pool_one_failed_dial_does_not_fail_every_waiter(engine: EngineKind) {
     };
     let (w1, w2) = (waiter(), waiter());
     lessor.wait_for("two waiters", |s| s.waiting == 2).await;
-    up.stop_listening();
+    up.stop_listening().await;
     a.release(Disposition::Evict).await.unwrap();
     let s = lessor
         .wait_for("the redial to fail", |s| s.connect_errors >= 1)
@@ -269,7 +269,7 @@ async fn pool_min_idle_zero_holds_nothing_when_idle(engine: EngineKind) {
     })
     .await;
     // The upstream goes away: the next lease's dial fails, readiness follows.
-    up.stop();
+    up.stop().await;
     let err = lessor.lease().await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err}");
     lessor.wait_for("not ready", |s| !s.ready).await;

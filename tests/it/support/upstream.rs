@@ -58,6 +58,8 @@ pub struct TestUpstream {
     tracker: TaskTracker,
     /// Cancels the accept loop only (stop/start).
     listening: Mutex<CancellationToken>,
+    /// True while a listening socket is open.
+    listening_now: watch::Sender<bool>,
     /// Cancels every task (drop).
     all: CancellationToken,
 }
@@ -82,6 +84,7 @@ impl TestUpstream {
             shared: Arc::default(),
             tracker: TaskTracker::new(),
             listening: Mutex::new(all.child_token()),
+            listening_now: watch::Sender::new(false),
             all,
         };
         up.serve(listener);
@@ -139,14 +142,19 @@ impl TestUpstream {
     }
 
     /// Stops listening (dials are refused) and closes every connection.
-    pub fn stop(&self) {
-        self.stop_listening();
+    pub async fn stop(&self) {
+        self.stop_listening().await;
         self.close_all();
     }
 
-    /// Stops listening (dials are refused); open connections keep working.
-    pub fn stop_listening(&self) {
+    /// Stops listening (dials are refused from the moment this returns);
+    /// open connections keep working.
+    pub async fn stop_listening(&self) {
         self.listening.lock().unwrap().cancel();
+        // The kernel keeps completing handshakes until the socket is closed:
+        // wait for the accept loop to drop it.
+        let mut listening = self.listening_now.subscribe();
+        let _ = listening.wait_for(|on| !*on).await;
     }
 
     /// Listens again on the same port.
@@ -163,6 +171,8 @@ impl TestUpstream {
 
     fn serve(&self, listener: TcpListener) {
         let stop = self.listening.lock().unwrap().clone();
+        self.listening_now.send_replace(true);
+        let listening_now = self.listening_now.clone();
         let shared = self.shared.clone();
         let mode = self.mode.subscribe();
         let gate = self.gate.subscribe();
@@ -171,7 +181,11 @@ impl TestUpstream {
         self.tracker.spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => {
+                        drop(listener);
+                        listening_now.send_replace(false);
+                        return;
+                    }
                     accepted = listener.accept() => match accepted {
                         Ok(a) => a,
                         Err(_) => continue,
