@@ -6,6 +6,7 @@ mod backpressure;
 mod cli;
 mod conformance;
 mod discovery;
+mod faults;
 mod leak;
 mod pool;
 mod proto_golden;
