@@ -92,6 +92,11 @@ struct BenchArgs {
     /// With --compare: lease cycles for the memory-stability phase.
     #[arg(long)]
     cycles: Option<u64>,
+    /// Self-contained soak: this many leases ending every abnormal way
+    /// against a `lessor serve` child, then its descriptors, memory, tasks
+    /// and leased connections before and after.
+    #[arg(long, value_name = "LEASES")]
+    soak: Option<u64>,
     /// lessor's gRPC address.
     #[arg(long, env = "LESSOR_ADDR", default_value = "127.0.0.1:7070")]
     target: String,
@@ -192,6 +197,15 @@ fn bench(args: BenchArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
     };
+    if let Some(leases) = args.soak {
+        return match runtime.block_on(lessor::bench::soak::run(leases, args.concurrency)) {
+            Ok(report) => {
+                print!("{}", report.render());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        };
+    }
     if args.compare {
         let opts = lessor::bench::compare::CompareOptions {
             quick: args.quick,

@@ -1,12 +1,14 @@
 //! `lessor bench`: a load generator users can point at their own sidecar,
 //! and (`--compare`, in `compare.rs`) a self-contained side-by-side run of
 //! lessor against the physical floor (a bare gRPC echo, a direct TCP round
-//! trip) on this machine.
+//! trip) on this machine; `--soak N` (in `soak.rs`) ends N leases every
+//! abnormal way and compares the sidecar's leak indicators before and after.
 //!
 //! Latencies go into `hdrhistogram`s in microseconds; the reports print
 //! p50, p90, p99 and p99.9.
 
 pub mod compare;
+pub mod soak;
 
 use std::fmt::Write as _;
 use std::sync::Arc;

@@ -37,7 +37,7 @@ use crate::echo::EchoServer;
 use crate::pb::Disposition;
 
 mod report;
-mod setup;
+pub(crate) mod setup;
 
 use setup::{Lessor, Upstream, four_upstreams_config, one_upstream_config, start_redis};
 

@@ -14,7 +14,7 @@ use super::CompareOptions;
 use crate::bench::BenchError;
 
 /// The upstream the run uses.
-pub(super) enum Upstream {
+pub(crate) enum Upstream {
     Echo {
         addr: String,
         _stop: CancellationToken,
@@ -26,7 +26,7 @@ pub(super) enum Upstream {
 }
 
 impl Upstream {
-    pub(super) fn addr(&self) -> &str {
+    pub(crate) fn addr(&self) -> &str {
         match self {
             Self::Echo { addr, .. } | Self::Redis { addr, .. } => addr,
         }
@@ -34,7 +34,7 @@ impl Upstream {
 }
 
 /// Kills its child process on drop.
-pub(super) struct ChildGuard(Child);
+pub(crate) struct ChildGuard(Child);
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
@@ -43,13 +43,13 @@ impl Drop for ChildGuard {
     }
 }
 
-pub(super) fn free_port() -> std::io::Result<u16> {
+pub(crate) fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
-pub(super) async fn start_redis() -> Result<Upstream, BenchError> {
+pub(crate) async fn start_redis() -> Result<Upstream, BenchError> {
     let port = free_port()?;
     let child = Command::new("redis-server")
         .args([
@@ -91,7 +91,7 @@ fn health(opts: &CompareOptions) -> &'static str {
     }
 }
 
-pub(super) fn one_upstream_config(addr: &str, opts: &CompareOptions) -> String {
+pub(crate) fn one_upstream_config(addr: &str, opts: &CompareOptions) -> String {
     let mut yaml = String::from("upstreams:\n");
     for engine in ["bb8", "deadpool"] {
         let _ = write!(
@@ -103,7 +103,7 @@ pub(super) fn one_upstream_config(addr: &str, opts: &CompareOptions) -> String {
     yaml
 }
 
-pub(super) fn four_upstreams_config(addr: &str, opts: &CompareOptions) -> String {
+pub(crate) fn four_upstreams_config(addr: &str, opts: &CompareOptions) -> String {
     let mut yaml = String::from("upstreams:\n");
     for i in 0..4 {
         let engine = if i % 2 == 0 { "bb8" } else { "deadpool" };
@@ -117,14 +117,15 @@ pub(super) fn four_upstreams_config(addr: &str, opts: &CompareOptions) -> String
 }
 
 /// A `lessor serve` child process (this same binary).
-pub(super) struct Lessor {
+pub(crate) struct Lessor {
     child: ChildGuard,
-    pub(super) grpc: String,
+    pub(crate) grpc: String,
+    pub(crate) admin: String,
     _dir: tempfile::TempDir,
 }
 
 impl Lessor {
-    pub(super) async fn spawn(upstreams_yaml: &str, workers: usize) -> Result<Self, BenchError> {
+    pub(crate) async fn spawn(upstreams_yaml: &str, workers: usize) -> Result<Self, BenchError> {
         let dir = tempfile::tempdir()?;
         let grpc = format!("127.0.0.1:{}", free_port()?);
         let admin = format!("127.0.0.1:{}", free_port()?);
@@ -144,6 +145,7 @@ impl Lessor {
         let lessor = Self {
             child: ChildGuard(child),
             grpc,
+            admin: admin.clone(),
             _dir: dir,
         };
         for _ in 0..1000 {
@@ -159,11 +161,11 @@ impl Lessor {
         ))
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.0.id()
     }
 
-    pub(super) fn rss_kib(&self) -> u64 {
+    pub(crate) fn rss_kib(&self) -> u64 {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
@@ -174,7 +176,7 @@ impl Lessor {
     }
 
     /// User plus system CPU time, in milliseconds (from clock ticks).
-    pub(super) fn cpu_ms(&self) -> u64 {
+    pub(crate) fn cpu_ms(&self) -> u64 {
         let stat =
             std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
         // Fields after the `(comm)`, which may hold spaces.
@@ -190,7 +192,7 @@ impl Lessor {
         (ticks(11) + ticks(12)) * 10
     }
 
-    pub(super) async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.pid().to_string())

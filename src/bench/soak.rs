@@ -1,0 +1,263 @@
+//! `lessor bench --soak N`: N leases against a `lessor serve` child, ending
+//! every abnormal way a client can end them (cancelled mid-request, a
+//! client that vanishes with its connection, evicted, expired, stalled on
+//! a reader that stopped), then the child's descriptors, memory, tokio
+//! tasks and `leased` before and after. A leak shows as a figure that grew.
+//!
+//! Not part of the test suite: a million leases take minutes. Run it with
+//! `cargo run --release -- bench --soak 1000000`.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::BenchError;
+use super::compare::setup::Lessor;
+use crate::client::{Client, LeaseOptions};
+use crate::echo::EchoServer;
+use crate::pb::Disposition;
+
+/// How a soak lease ends, in the order the mix cycles through them.
+const WAYS: [&str; 7] = [
+    "clean return",
+    "cancelled mid-request",
+    "evicted",
+    "expired",
+    "dropped after the reply",
+    "stalled reader",
+    "client vanished",
+];
+
+/// One stalled lease (and one vanished client) per this many leases: each
+/// costs the lease idle timeout or a new connection.
+const RARE: u64 = 2000;
+
+/// What `--soak` reports.
+#[derive(Debug, Default)]
+pub struct SoakReport {
+    /// Leases taken.
+    pub leases: u64,
+    /// How long they took.
+    pub elapsed: Duration,
+    /// Leases that ended each way, in `WAYS` order.
+    pub ended: [u64; WAYS.len()],
+    /// The child's figures before the churn.
+    pub before: Figures,
+    /// The same once every client is gone and the pool settled.
+    pub after: Figures,
+}
+
+/// A `lessor serve` process's leak indicators.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Figures {
+    /// Open file descriptors, pooled sockets excluded.
+    pub fds: i64,
+    /// Resident memory, KiB.
+    pub rss_kib: i64,
+    /// Tokio tasks alive.
+    pub tasks: i64,
+    /// Connections leased.
+    pub leased: u32,
+    /// Connections open.
+    pub connections: u32,
+}
+
+/// Runs `leases` leases with `concurrency` loops against a fresh child.
+pub async fn run(leases: u64, concurrency: usize) -> Result<SoakReport, BenchError> {
+    let tracker = TaskTracker::new();
+    let stop = CancellationToken::new();
+    let echo = EchoServer::start(Duration::ZERO, &tracker, stop.clone()).await?;
+    let config = format!(
+        "upstreams:\n  - name: soak\n    address: \"{}\"\n    pool: {{ max_size: 64, min_idle: 8, checkout_timeout: 10s }}\n    lease: {{ idle_timeout: 300ms }}\n",
+        echo.addr
+    );
+    let lessor = Lessor::spawn(&config, 2).await?;
+    let client = Client::connect(&lessor.grpc).await?;
+    let before = settled(&lessor, &client).await?;
+
+    let next = Arc::new(AtomicU64::new(0));
+    let ended: Arc<[AtomicU64; WAYS.len()]> = Arc::default();
+    let started = Instant::now();
+    let loops: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, next, ended, target) = (
+                client.clone(),
+                next.clone(),
+                ended.clone(),
+                lessor.grpc.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= leases {
+                        return Ok::<(), BenchError>(());
+                    }
+                    let way = way_of(i);
+                    one(&client, &target, way).await?;
+                    ended[way].fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for l in loops {
+        l.await
+            .map_err(|e| BenchError::Reply(format!("a soak loop failed: {e}")))??;
+    }
+    let elapsed = started.elapsed();
+    let after = settled(&lessor, &client).await?;
+    drop(client);
+    lessor.stop().await;
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+    Ok(SoakReport {
+        leases,
+        elapsed,
+        ended: std::array::from_fn(|w| ended[w].load(Ordering::Relaxed)),
+        before,
+        after,
+    })
+}
+
+/// Which way lease `i` ends: the cheap ways in turn, the costly ones rarely.
+fn way_of(i: u64) -> usize {
+    match i % RARE {
+        0 => 5,
+        1 => 6,
+        n => (n % 5) as usize,
+    }
+}
+
+/// Takes one lease and ends it `way`.
+async fn one(client: &Client, target: &str, way: usize) -> Result<(), BenchError> {
+    let payload = Bytes::from_static(b"soak-request");
+    match way {
+        // Clean return after a full exchange.
+        0 => {
+            let mut lease = client.lease("soak", &LeaseOptions::default()).await?;
+            lease.send(payload.clone()).await?;
+            lease.recv_at_least(payload.len()).await?;
+            lease.release(Disposition::Return).await?;
+        }
+        // Cancelled mid-request: the client drops the lease while its
+        // request is on the way.
+        1 => {
+            let mut lease = client.lease("soak", &LeaseOptions::default()).await?;
+            lease.send(payload).await?;
+            drop(lease);
+        }
+        2 => {
+            let lease = client.lease("soak", &LeaseOptions::default()).await?;
+            lease.release(Disposition::Evict).await?;
+        }
+        // Expired: lessor ends it.
+        3 => {
+            let options = LeaseOptions {
+                max_lease: Some(Duration::from_millis(1)),
+                ..Default::default()
+            };
+            let lease = client.lease("soak", &options).await?;
+            lease.finish().await?;
+        }
+        // Dropped after the reply, without Release.
+        4 => {
+            let mut lease = client.lease("soak", &LeaseOptions::default()).await?;
+            lease.send(payload.clone()).await?;
+            lease.recv_at_least(payload.len()).await?;
+            drop(lease);
+        }
+        // A reader that stops: more comes back than the stream's window
+        // holds, nobody reads, the lease idles out while parked on flow
+        // control; then the client comes back for the bytes and Ended.
+        5 => {
+            let mut lease = client.lease("soak", &LeaseOptions::default()).await?;
+            let chunk = Bytes::from(vec![b's'; 900 * 1024]);
+            for _ in 0..3 {
+                lease.send(chunk.clone()).await?;
+            }
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            lease.finish().await?;
+        }
+        // A client that vanishes with its whole connection, lease open.
+        _ => {
+            let own = Client::connect(target).await?;
+            let mut lease = own.lease("soak", &LeaseOptions::default()).await?;
+            lease.send(payload).await?;
+            drop((lease, own));
+        }
+    }
+    Ok(())
+}
+
+/// Waits until nothing is leased or waiting, then reads the figures.
+async fn settled(lessor: &Lessor, client: &Client) -> Result<Figures, BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = client.stats("soak").await?.remove(0);
+        if s.leased == 0 && s.waiting == 0 || Instant::now() > deadline {
+            let metrics = crate::admin::fetch(&lessor.admin, "/metrics", None)
+                .await
+                .map_err(|e| BenchError::Reply(format!("/metrics: {e}")))?
+                .body;
+            let gauge = |name: &str| {
+                metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name)?.trim().parse::<i64>().ok())
+                    .unwrap_or(-1)
+            };
+            return Ok(Figures {
+                fds: gauge("lessor_process_open_fds") - i64::from(s.connections),
+                rss_kib: gauge("lessor_process_resident_memory_bytes") / 1024,
+                tasks: gauge("lessor_runtime_alive_tasks"),
+                leased: s.leased,
+                connections: s.connections,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl SoakReport {
+    /// The report as text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let rate = self.leases as f64 / self.elapsed.as_secs_f64().max(1e-9);
+        let _ = writeln!(
+            out,
+            "soak: {} leases in {:.1?} ({rate:.0}/s)",
+            self.leases, self.elapsed
+        );
+        for (way, n) in WAYS.iter().zip(self.ended) {
+            let _ = writeln!(out, "  {way:<24} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "{:<28} {:>10} {:>10}",
+            "lessor serve", "before", "after"
+        );
+        let rows: [(&str, i64, i64); 5] = [
+            ("fds (pooled excluded)", self.before.fds, self.after.fds),
+            ("RSS KiB", self.before.rss_kib, self.after.rss_kib),
+            ("tokio tasks", self.before.tasks, self.after.tasks),
+            (
+                "leased",
+                i64::from(self.before.leased),
+                i64::from(self.after.leased),
+            ),
+            (
+                "connections",
+                i64::from(self.before.connections),
+                i64::from(self.after.connections),
+            ),
+        ];
+        for (name, before, after) in rows {
+            let _ = writeln!(out, "{name:<28} {before:>10} {after:>10}");
+        }
+        out
+    }
+}
