@@ -13,7 +13,8 @@ use tonic::Code;
 
 use crate::for_both_engines;
 use crate::support::{
-    CLOSE_WAIT, Lessor, Mode, TestUpstream, config_one, eventually, evictions, port_of, sockets_to,
+    Lessor, Mode, TestUpstream, config_one, eventually, evictions, port_of, sockets_to,
+    wait_close_wait,
 };
 
 /// Connections closed for any reason but `surplus` (a startup dial that lost
@@ -28,19 +29,6 @@ fn closed(s: &lessor::pb::UpstreamStats) -> u64 {
 
 /// `/proc/net/tcp`'s `ESTABLISHED`.
 const ESTABLISHED: u8 = 1;
-
-/// Waits until `n` of lessor's sockets to `up` have the upstream's FIN.
-pub(crate) async fn wait_close_wait(up: &TestUpstream, n: usize) {
-    let port = port_of(&up.addr());
-    eventually("the upstream's FINs reached lessor's sockets", || async {
-        sockets_to(port)
-            .iter()
-            .filter(|s| s.state == CLOSE_WAIT)
-            .count()
-            >= n
-    })
-    .await;
-}
 
 for_both_engines!(
     lease_return_reuses_the_connection,
@@ -474,7 +462,7 @@ async fn checkout_catches_closed_idle_connections(engine: EngineKind) {
     let (up, lessor) = start(engine, &["pool: { min_idle: 2 }", NO_SWEEP]).await;
     lessor.wait_for("min_idle", |s| s.idle == 2).await;
     up.close_all();
-    wait_close_wait(&up, 2).await;
+    wait_close_wait(port_of(&up.addr()), 2).await;
     let mut lease = lessor
         .lease()
         .await
@@ -599,20 +587,40 @@ async fn checkout_deadline_during_a_probe_keeps_the_healthy_connection(engine: E
     let lease = lessor.lease().await.unwrap();
     let id = lease.granted().connection_id;
     lease.release(Disposition::Return).await.unwrap();
+    // The probe's reply is held until the gate opens.
+    probe_cut_short_keeps_the_connection(
+        &lessor,
+        id,
+        || up.set_mode(Mode::Gated),
+        || up.open_gate(),
+    )
+    .await;
+}
+
+/// With the probe's reply held up by `hold`, a checkout whose client allows
+/// 100ms fails with DEADLINE_EXCEEDED; once `release` lets the reply through,
+/// the probe finishes in the background and the healthy connection `id` is
+/// handed out again: nothing closed, every close counted.
+pub(crate) async fn probe_cut_short_keeps_the_connection(
+    lessor: &Lessor,
+    id: u64,
+    hold: impl FnOnce(),
+    release: impl FnOnce(),
+) {
+    // Past skip_if_used_within (1ms), so the next checkout probes.
     let quiet = std::time::Instant::now();
     eventually("past skip_if_used_within", || async {
         quiet.elapsed() > Duration::from_millis(5)
     })
     .await;
-    // The probe's reply is held: the client's 100ms deadline passes first.
-    up.set_mode(Mode::Gated);
+    hold();
     let options = LeaseOptions {
         checkout_timeout: Some(Duration::from_millis(100)),
         ..Default::default()
     };
     let err = lessor.client.lease("up", &options).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::DeadlineExceeded), "{err}");
-    up.open_gate();
+    release();
     lessor
         .wait_for("the probe finished in the background", |s| {
             s.idle == 1 && s.health_checks >= 2

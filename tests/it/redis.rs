@@ -10,7 +10,7 @@ use lessor::pb::{Disposition, EndReason};
 
 use crate::for_both_engines;
 use crate::support::redis::Redis;
-use crate::support::{CLOSE_WAIT, Lessor, config_one, eventually, evictions, port_of, sockets_to};
+use crate::support::{Lessor, config_one, eventually, evictions, port_of, wait_close_wait};
 
 for_both_engines!(
     redis_commands_through_a_lease_with_ping_probe,
@@ -71,15 +71,7 @@ async fn redis_client_kill_is_caught_on_checkout(engine: EngineKind) {
         .unwrap();
     assert_eq!(reply, b":2\r\n", "{}", String::from_utf8_lossy(&reply));
     // Once the FINs have landed, the checkout must skip both.
-    let port = port_of(&redis.addr());
-    eventually("redis's FINs reached lessor's sockets", || async {
-        sockets_to(port)
-            .iter()
-            .filter(|s| s.state == CLOSE_WAIT)
-            .count()
-            >= 2
-    })
-    .await;
+    wait_close_wait(port_of(&redis.addr()), 2).await;
     let mut lease = lessor.lease().await.unwrap();
     lease.send("PING\r\n").await.unwrap();
     assert_eq!(lease.recv_at_least(7).await.unwrap(), "+PONG\r\n");

@@ -292,3 +292,16 @@ pub fn port_of(addr: &str) -> u16 {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no port in {addr}"))
 }
+
+/// Waits until `n` sockets to remote port `port` (lessor's, to an upstream)
+/// have the peer's FIN: what a checkout's liveness peek then sees.
+pub async fn wait_close_wait(port: u16, n: usize) {
+    eventually("the upstream's FINs reached lessor's sockets", || async {
+        sockets_to(port)
+            .iter()
+            .filter(|s| s.state == CLOSE_WAIT)
+            .count()
+            >= n
+    })
+    .await;
+}
