@@ -37,6 +37,10 @@ const WAYS: [&str; 7] = [
 /// costs the lease idle timeout or a new connection.
 const RARE: u64 = 2000;
 
+/// The soak upstream's `lease.idle_timeout`: how long a stalled reader
+/// holds its lease.
+const IDLE: Duration = Duration::from_secs(1);
+
 /// What `--soak` reports.
 #[derive(Debug, Default)]
 pub struct SoakReport {
@@ -73,8 +77,9 @@ pub async fn run(leases: u64, concurrency: usize) -> Result<SoakReport, BenchErr
     let stop = CancellationToken::new();
     let echo = EchoServer::start(Duration::ZERO, &tracker, stop.clone()).await?;
     let config = format!(
-        "upstreams:\n  - name: soak\n    address: \"{}\"\n    pool: {{ max_size: 64, min_idle: 8, checkout_timeout: 10s }}\n    lease: {{ idle_timeout: 300ms }}\n",
-        echo.addr
+        "upstreams:\n  - name: soak\n    address: \"{}\"\n    pool: {{ max_size: 64, min_idle: 8, checkout_timeout: 10s }}\n    lease: {{ idle_timeout: {}ms }}\n",
+        echo.addr,
+        IDLE.as_millis()
     );
     let lessor = Lessor::spawn(&config, 2).await?;
     let client = Client::connect(&lessor.grpc).await?;
@@ -178,9 +183,12 @@ async fn one(client: &Client, target: &str, way: usize) -> Result<(), BenchError
             let mut lease = client.lease("soak", &LeaseOptions::default()).await?;
             let chunk = Bytes::from(vec![b's'; 900 * 1024]);
             for _ in 0..3 {
-                lease.send(chunk.clone()).await?;
+                // The lease may idle out while a send waits for window.
+                if lease.send(chunk.clone()).await.is_err() {
+                    break;
+                }
             }
-            tokio::time::sleep(Duration::from_millis(600)).await;
+            tokio::time::sleep(IDLE + Duration::from_millis(300)).await;
             lease.finish().await?;
         }
         // A client that vanishes with its whole connection, lease open.
