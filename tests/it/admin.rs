@@ -489,3 +489,24 @@ async fn admin_endpoints_answer_a_standard_http_client() {
     wait_ready(&lessor, 503).await;
     assert_eq!(get("/readyz").await.status(), 503);
 }
+
+/// A request head that never ends does not hold an admin connection: the
+/// server closes it after its header-read timeout (5s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_closes_a_connection_whose_request_head_never_ends() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = TestUpstream::start().await;
+    let lessor = Lessor::start(&config_one(&up.addr(), EngineKind::Bb8, &[])).await;
+    let mut slow = tokio::net::TcpStream::connect(&lessor.admin).await.unwrap();
+    slow.write_all(b"GET /livez HTTP/1.1\r\nHost: lessor\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, slow.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the half-sent request still holds its connection"
+    );
+    // Others are served meanwhile and after.
+    wait_ready(&lessor, 200).await;
+}
