@@ -18,12 +18,12 @@ use tokio_util::task::TaskTracker;
 
 use super::BenchError;
 use super::compare::setup::Lessor;
-use crate::client::{Client, LeaseOptions};
+use crate::client::{Client, Lease, LeaseOptions};
 use crate::echo::EchoServer;
 use crate::pb::Disposition;
 
 /// How a soak lease ends, in the order the mix cycles through them.
-const WAYS: [&str; 7] = [
+const WAYS: [&str; 8] = [
     "clean return",
     "cancelled mid-request",
     "evicted",
@@ -31,7 +31,12 @@ const WAYS: [&str; 7] = [
     "dropped after the reply",
     "stalled reader",
     "client vanished",
+    "ended by lessor first",
 ];
+
+/// A lease meant to end another way that lessor ended first (its idle
+/// timeout, when a loaded machine delays the upstream's reply).
+const ENDED_FIRST: usize = 7;
 
 /// One stalled lease (and one vanished client) per this many leases: each
 /// costs the lease idle timeout or a new connection.
@@ -103,8 +108,10 @@ pub async fn run(leases: u64, concurrency: usize) -> Result<SoakReport, BenchErr
                         return Ok::<(), BenchError>(());
                     }
                     let way = way_of(i);
-                    one(&client, &target, way).await?;
-                    ended[way].fetch_add(1, Ordering::Relaxed);
+                    let how = one(&client, &target, way).await.map_err(|e| {
+                        BenchError::Reply(format!("lease {i} ({}): {e}", WAYS[way]))
+                    })?;
+                    ended[how].fetch_add(1, Ordering::Relaxed);
                 }
             })
         })
@@ -138,15 +145,16 @@ fn way_of(i: u64) -> usize {
     }
 }
 
-/// Takes one lease and ends it `way`.
-async fn one(client: &Client, target: &str, way: usize) -> Result<(), BenchError> {
+/// Takes one lease and ends it `way`; returns how it did end.
+async fn one(client: &Client, target: &str, way: usize) -> Result<usize, BenchError> {
     let payload = Bytes::from_static(b"soak-request");
     match way {
         // Clean return after a full exchange.
         0 => {
             let mut lease = client.lease("soak", &LeaseOptions::default()).await?;
-            lease.send(payload.clone()).await?;
-            lease.recv_at_least(payload.len()).await?;
+            if !exchange(&mut lease, &payload).await? {
+                return Ok(ENDED_FIRST);
+            }
             lease.release(Disposition::Return).await?;
         }
         // Cancelled mid-request: the client drops the lease while its
@@ -172,8 +180,9 @@ async fn one(client: &Client, target: &str, way: usize) -> Result<(), BenchError
         // Dropped after the reply, without Release.
         4 => {
             let mut lease = client.lease("soak", &LeaseOptions::default()).await?;
-            lease.send(payload.clone()).await?;
-            lease.recv_at_least(payload.len()).await?;
+            if !exchange(&mut lease, &payload).await? {
+                return Ok(ENDED_FIRST);
+            }
             drop(lease);
         }
         // A reader that stops: more comes back than the stream's window
@@ -199,7 +208,26 @@ async fn one(client: &Client, target: &str, way: usize) -> Result<(), BenchError
             drop((lease, own));
         }
     }
-    Ok(())
+    Ok(way)
+}
+
+/// Sends `payload` and reads its echo: `false` when lessor ended the lease
+/// first (with an `Ended`, as the lease-end table allows); an end without
+/// one is an error.
+async fn exchange(lease: &mut Lease, payload: &Bytes) -> Result<bool, BenchError> {
+    if lease.send(payload.clone()).await.is_err() {
+        // The stream is over: its Ended says why.
+        while lease.recv().await?.is_some() {}
+    } else if lease.recv_at_least(payload.len()).await.is_ok() {
+        return Ok(true);
+    }
+    match lease.ended() {
+        Some(_) => Ok(false),
+        None => Err(BenchError::Reply(format!(
+            "lease {} ended without Ended",
+            lease.granted().lease_id
+        ))),
+    }
 }
 
 /// Waits until nothing is leased or waiting, then reads the figures.
