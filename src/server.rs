@@ -6,7 +6,7 @@
 //!
 //! Drain (PgBouncer's WAIT_FOR_CLIENTS): when `shutdown` resolves, the
 //! listener closes (new clients are refused) but the accept stream never
-//! ends, because tonic treats its end as "GOAWAY everyone" (STACK.md).
+//! ends, because tonic treats its end as "GOAWAY everyone".
 //! Connected clients keep working, new streams included. Each accepted socket
 //! holds a `watch` receiver, so the sender's `closed()` fires when the last
 //! client connection is gone; or, at the latest, after `shutdown.grace`, live

@@ -1,6 +1,6 @@
 //! Configuration: the YAML schema, its defaults, and validation.
 //!
-//! Every key of DESIGN.md's sample is part of the schema, even where its
+//! Every key of the documented sample is part of the schema, even where its
 //! behaviour arrives later; unknown keys are errors. Every error names the field
 //! it is about (`upstreams[0].pool.max_size: must be at least 1`), so a bad
 //! ConfigMap is fixed from the log line alone. Durations are humantime strings

@@ -1,4 +1,4 @@
-//! Config parsing and validation: defaults, the DESIGN.md sample, and
+//! Config parsing and validation: defaults, the documented sample, and
 //! error messages that name the field.
 
 use super::validate::validate_host_port;

@@ -1,7 +1,7 @@
 //! The `lessor.v1.Pool` service: `Lease` hands its stream to the lease pump
 //! at once (the checkout happens inside the stream, after the response
 //! headers, so a client that gives up while waiting cancels an open stream,
-//! which h2 tolerates: STACK.md), and `Stats` reads the pools' counters.
+//! which h2 tolerates, where a cancel before them counts against its reset-flood limit), and `Stats` reads the pools' counters.
 
 use std::pin::Pin;
 use std::sync::Arc;

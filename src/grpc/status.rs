@@ -1,4 +1,4 @@
-//! Error-to-`Status` mapping, in one place, as DESIGN.md lists it: unknown
+//! Error-to-`Status` mapping, in one place, as the README's status table lists it: unknown
 //! upstream NOT_FOUND; pool exhausted RESOURCE_EXHAUSTED; upstream unreachable
 //! or sidecar shutting down UNAVAILABLE; protocol misuse INVALID_ARGUMENT.
 

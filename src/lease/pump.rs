@@ -501,7 +501,7 @@ impl Active {
         max_frame: usize,
     ) -> Option<Step> {
         let request = match msg {
-            // A polite half-close and a cancel look the same here (STACK.md).
+            // A polite half-close and a cancel look the same here (tonic maps a request-side cancel to the end of the stream).
             None => {
                 return Some(Step::End(
                     End::Abort,

@@ -1,6 +1,6 @@
 //! The lease-end rules as a pure function: how a lease ended, what its byte
 //! traffic looked like and what the socket shows decide the `Ended` message
-//! and the connection's fate. DESIGN.md's lease-end table, row by row.
+//! and the connection's fate. The README's lease-end table, row by row.
 
 use crate::config::OnAbort;
 use crate::pb::{Disposition, EndReason};

@@ -2,7 +2,7 @@
 //! keeps every rule: health checks, timeouts, `min_idle`, eviction reasons.
 //!
 //! bb8 is configured so it does nothing on its own: no `test_on_check_out`
-//! (new connections would be probed too, STACK.md), no reaper (it also closes
+//! (new connections would be probed too), no reaper (it also closes
 //! `min_idle` connections), no `min_idle` (its refill ignores our backoff), no
 //! connect retry, and a get timeout far beyond any checkout deadline (ours
 //! governs). Eviction is its one path: `has_broken` on a flag set just before

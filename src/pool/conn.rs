@@ -22,7 +22,7 @@ pub struct Conn {
     expires_at: Instant,
     /// When a lease last gave the connection back (creation before that).
     /// Engines' own "last used" clocks count from checkout, not return
-    /// (STACK.md), so the idle timeout and the probe window use this one.
+    /// (deadpool counts from checkout), so the idle timeout and the probe window use this one.
     idle_since: Instant,
     /// When a health check last succeeded (creation counts as one).
     validated_at: Instant,

@@ -5,7 +5,7 @@
 //! the manager has a one-slot handoff: [`add`] parks a dialed connection there
 //! and triggers a `create`, which takes it without touching the network.
 //! No deadpool timeouts are set: its wait timeout bounds only the slot wait
-//! (STACK.md), so every get runs under lessor's own checkout deadline.
+//! (observed with deadpool 0.13), so every get runs under lessor's own checkout deadline.
 
 use std::sync::{Arc, Mutex};
 

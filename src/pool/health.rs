@@ -2,7 +2,7 @@
 //! the connection has been quiet long enough to deserve one.
 //!
 //! The peek must be a direct `recv(MSG_PEEK)`: tokio's own `try_read`/`peek`
-//! trust cached readiness and report dead sockets as alive (STACK.md).
+//! trust cached readiness and report dead sockets as alive (observed with tokio 1.x).
 
 use std::io;
 use std::mem::MaybeUninit;

@@ -150,7 +150,7 @@ impl Telemetry {
     }
 
     /// Flushes and stops the exporter, waiting at most `within`. The SDK's
-    /// flush blocks (and deadlocks on a current-thread runtime, STACK.md), so
+    /// flush blocks (and deadlocks on a current-thread runtime), so
     /// it runs on the blocking pool; past `within` it is abandoned.
     pub async fn shutdown(self, within: Duration) {
         let Some(provider) = self.provider else {

@@ -1,4 +1,4 @@
-//! The leak test DESIGN.md's opening story calls for: many concurrent clients
+//! The leak test the project's reason to exist calls for: many concurrent clients
 //! ending leases every possible way, then the server's alive tokio tasks and
 //! the process's open file descriptors must be back at their baseline, with
 //! `leased == 0` and `connections <= max_size`.
