@@ -259,6 +259,7 @@ async fn lease_upstream_close_mid_lease_ends_lease(engine: EngineKind) {
     let mut lease = lessor.lease().await.unwrap();
     lease.send("a").await.unwrap();
     lease.recv_at_least(1).await.unwrap();
+    lessor.until_accepted(&up).await;
     up.close_all();
     assert_eq!(lease.recv().await.unwrap(), None);
     let ended = lease.ended().cloned().unwrap();
@@ -275,6 +276,7 @@ async fn lease_upstream_close_mid_lease_ends_lease(engine: EngineKind) {
 async fn lease_upstream_reset_mid_lease_ends_lease(engine: EngineKind) {
     let (up, lessor) = start(engine, &[]).await;
     let mut lease = lessor.lease().await.unwrap();
+    lessor.until_accepted(&up).await;
     up.reset_all();
     assert_eq!(lease.recv().await.unwrap(), None);
     let ended = lease.ended().cloned().unwrap();
@@ -461,6 +463,7 @@ const NO_SWEEP: &str = "health: { interval: 1h }";
 async fn checkout_catches_closed_idle_connections(engine: EngineKind) {
     let (up, lessor) = start(engine, &["pool: { min_idle: 2 }", NO_SWEEP]).await;
     lessor.wait_for("min_idle", |s| s.idle == 2).await;
+    lessor.until_accepted(&up).await;
     up.close_all();
     wait_close_wait(port_of(&up.addr()), 2).await;
     let mut lease = lessor
@@ -479,6 +482,7 @@ async fn checkout_catches_closed_idle_connections(engine: EngineKind) {
 async fn checkout_catches_reset_idle_connections(engine: EngineKind) {
     let (up, lessor) = start(engine, &["pool: { min_idle: 1 }", NO_SWEEP]).await;
     lessor.wait_for("min_idle", |s| s.idle == 1).await;
+    lessor.until_accepted(&up).await;
     up.reset_all();
     eventually("lessor's sockets saw the reset", || async {
         up.open() == 0
@@ -502,6 +506,7 @@ async fn checkout_evicts_connections_with_unsolicited_bytes(engine: EngineKind) 
         lease.release(Disposition::Return).await.unwrap();
         id
     };
+    lessor.until_accepted(&up).await;
     up.inject(b"-ERR stray\r\n");
     eventually("the stray bytes reached lessor's socket", || async {
         sockets_to(port_of(&up.addr()))

@@ -93,6 +93,7 @@ async fn pool_sweep_evicts_dead_idle_connections(engine: EngineKind) {
     let (up, lessor) = start(engine, &["pool: { min_idle: 2 }", FAST_SWEEP]).await;
     lessor.wait_for("min_idle", |s| s.idle == 2).await;
     let created = lessor.stats("up").await.connections_created;
+    lessor.until_accepted(&up).await;
     up.close_all();
     let s = lessor
         .wait_for("the sweep replaces dead idle connections", |s| {

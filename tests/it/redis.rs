@@ -64,6 +64,11 @@ async fn redis_client_kill_is_caught_on_checkout(engine: EngineKind) {
         return;
     };
     lessor.wait_for("min_idle", |s| s.idle == 2).await;
+    // redis-server has accepted both (the third client is the one asking).
+    eventually("redis accepted lessor's connections", || async {
+        redis.info_field("clients", "connected_clients").await == Some(3)
+    })
+    .await;
     // Kill every normal client but the one asking: lessor's pooled sockets.
     let reply = redis
         .command(b"CLIENT KILL TYPE normal SKIPME yes\r\n")

@@ -164,6 +164,16 @@ impl Lessor {
         .await;
     }
 
+    /// Waits until `up` has accepted every connection lessor holds to it:
+    /// a connection still in the kernel's accept queue would miss a
+    /// `close_all`, `reset_all` or `inject`.
+    pub async fn until_accepted(&self, up: &TestUpstream) {
+        self.wait_for("the upstream accepted every connection", |s| {
+            s.connections as usize == up.open()
+        })
+        .await;
+    }
+
     /// A lease on `up` with default options.
     pub async fn lease(&self) -> Result<Lease, ClientError> {
         self.client.lease("up", &LeaseOptions::default()).await
