@@ -48,3 +48,16 @@ fn range() -> (u16, u16) {
     let high = first_ephemeral.max(SPAN + 1024);
     (high - SPAN, high)
 }
+
+/// Binds a listener on `ip` at a reserved port, trying another when one is
+/// taken after all (another program on the machine may use the range).
+pub async fn bind(ip: &str) -> tokio::net::TcpListener {
+    let mut last = None;
+    for _ in 0..20 {
+        match tokio::net::TcpListener::bind((ip, reserve())).await {
+            Ok(listener) => return listener,
+            Err(e) => last = Some(e),
+        }
+    }
+    panic!("no reserved port could be bound on {ip}: {last:?}");
+}

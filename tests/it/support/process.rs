@@ -46,6 +46,19 @@ impl Served {
     /// [`Served::start`] with extra environment variables; stdout is kept
     /// for [`Served::stdout`].
     pub async fn start_with(yaml: &str, env: &[(&str, &str)]) -> Self {
+        // A reserved port can still be taken by another program on the
+        // machine: lessor then exits with a bind error, and other ports are
+        // tried.
+        for _ in 0..4 {
+            if let Some(served) = Self::try_start(yaml, env).await {
+                return served;
+            }
+        }
+        panic!("lessor serve exited at start on four sets of ports in a row");
+    }
+
+    /// One attempt: `None` when the process exited before it was live.
+    async fn try_start(yaml: &str, env: &[(&str, &str)]) -> Option<Self> {
         let (grpc, admin) = (
             format!("127.0.0.1:{}", super::ports::reserve()),
             format!("127.0.0.1:{}", super::ports::reserve()),
@@ -84,13 +97,14 @@ impl Served {
                 .await
                 .is_ok()
             {
-                return served;
+                return Some(served);
             }
             if let Some(status) = served.child.try_wait().expect("try_wait") {
-                panic!(
+                eprintln!(
                     "lessor serve exited before it was live ({status}):\n{}",
                     served.stdout()
                 );
+                return None;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -50,9 +50,7 @@ pub type CutProxy = FaultProxy;
 impl FaultProxy {
     /// Listens on a loopback port of its own and forwards to `target`.
     pub async fn start(target: &str) -> Self {
-        let listener = TcpListener::bind(("127.0.0.1", super::ports::reserve()))
-            .await
-            .expect("bind proxy");
+        let listener = super::ports::bind("127.0.0.1").await;
         let addr = listener.local_addr().unwrap();
         let target: SocketAddr = target.parse().expect("a socket address");
         let proxy = Self {

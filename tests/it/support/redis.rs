@@ -26,24 +26,30 @@ impl Redis {
     pub async fn start() -> Option<Self> {
         let binary = std::env::var("LESSOR_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let required = std::env::var("LESSOR_REQUIRE_REDIS").is_ok_and(|v| v == "1");
-        let port = ports::reserve();
-        let child = match spawn(&binary, port) {
-            Ok(c) => c,
-            Err(e) if !required => {
-                super::skip(&format!(
-                    "redis-server not available ({e}); set LESSOR_REQUIRE_REDIS=1 to fail instead"
-                ));
-                return None;
+        // A reserved port can still be taken by another program on the
+        // machine: redis-server then exits, and another port is tried.
+        for _ in 0..5 {
+            let port = ports::reserve();
+            let child = match spawn(&binary, port) {
+                Ok(c) => c,
+                Err(e) if !required => {
+                    super::skip(&format!(
+                        "redis-server not available ({e}); set LESSOR_REQUIRE_REDIS=1 to fail instead"
+                    ));
+                    return None;
+                }
+                Err(e) => panic!("LESSOR_REQUIRE_REDIS=1 but {binary} cannot start: {e}"),
+            };
+            let mut redis = Self {
+                child,
+                port,
+                binary: binary.clone(),
+            };
+            if redis.wait_ready().await {
+                return Some(redis);
             }
-            Err(e) => panic!("LESSOR_REQUIRE_REDIS=1 but {binary} cannot start: {e}"),
-        };
-        let mut redis = Self {
-            child,
-            port,
-            binary,
-        };
-        redis.wait_ready().await;
-        Some(redis)
+        }
+        panic!("redis-server exited at start on five ports in a row");
     }
 
     /// Kills the server (SIGKILL): every connection to it dies.
@@ -56,7 +62,11 @@ impl Redis {
     pub async fn restart(&mut self) {
         self.kill();
         self.child = spawn(&self.binary, self.port).expect("restart redis-server");
-        self.wait_ready().await;
+        assert!(
+            self.wait_ready().await,
+            "redis-server did not restart on port {}",
+            self.port
+        );
     }
 
     /// `127.0.0.1:port`.
@@ -64,16 +74,18 @@ impl Redis {
         format!("127.0.0.1:{}", self.port)
     }
 
-    async fn wait_ready(&mut self) {
+    /// Waits for PONG; false when the server exited instead (its port was
+    /// taken).
+    async fn wait_ready(&mut self) -> bool {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         while tokio::time::Instant::now() < deadline {
             if let Ok(reply) = self.command(b"PING\r\n").await
                 && reply == b"+PONG\r\n"
             {
-                return;
+                return true;
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("redis-server on port {} exited: {status}", self.port);
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

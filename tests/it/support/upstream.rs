@@ -68,13 +68,16 @@ impl TestUpstream {
     /// An echo server on a loopback port of its own (one `restart` can
     /// bind again: see `ports`).
     pub async fn start() -> Self {
-        Self::start_on(&format!("127.0.0.1:{}", super::ports::reserve())).await
+        Self::serving(super::ports::bind("127.0.0.1").await)
     }
 
     /// An echo server on `addr` (e.g. `127.0.0.2:PORT`: the loopback network
     /// is a /8, so several endpoints can share a port).
     pub async fn start_on(addr: &str) -> Self {
-        let listener = TcpListener::bind(addr).await.expect("bind upstream");
+        Self::serving(TcpListener::bind(addr).await.expect("bind upstream"))
+    }
+
+    fn serving(listener: TcpListener) -> Self {
         let addr = listener.local_addr().unwrap();
         let all = CancellationToken::new();
         let up = Self {
