@@ -528,8 +528,15 @@ async fn checkout_evicts_connections_with_unsolicited_bytes(engine: EngineKind) 
 }
 
 async fn checkout_probe_failure_evicts_and_moves_on(engine: EngineKind) {
-    let probe = "health: { interval: 1h, skip_if_used_within: 1ms, probe: { send: \"PING\\r\\n\", expect: \"PING\\r\\n\", timeout: 100ms } }";
-    let (up, lessor) = start(engine, &["pool: { max_size: 2, min_idle: 1 }", probe]).await;
+    let probe = "health: { interval: 1h, skip_if_used_within: 1ms, probe: { send: \"PING\\r\\n\", expect: \"PING\\r\\n\", timeout: 1s } }";
+    let (up, lessor) = start(
+        engine,
+        &[
+            "pool: { max_size: 2, min_idle: 1, checkout_timeout: 30s }",
+            probe,
+        ],
+    )
+    .await;
     lessor.wait_for("min_idle", |s| s.idle == 1).await;
     // A fresh connection is not probed; once a lease has used it, it is.
     let lease = lessor.lease().await.unwrap();
@@ -570,7 +577,7 @@ async fn checkout_probe_failure_evicts_and_moves_on(engine: EngineKind) {
 async fn checkout_skips_probe_when_recently_used(engine: EngineKind) {
     // A silent upstream fails every probe; a connection used within the
     // window is not probed, so it is reused.
-    let probe = "health: { interval: 1h, skip_if_used_within: 1h, probe: { send: \"PING\\r\\n\", expect: \"PING\\r\\n\", timeout: 100ms } }";
+    let probe = "health: { interval: 1h, skip_if_used_within: 1h, probe: { send: \"PING\\r\\n\", expect: \"PING\\r\\n\", timeout: 1s } }";
     let (up, lessor) = start(engine, &["pool: { max_size: 1, min_idle: 0 }", probe]).await;
     up.set_mode(Mode::Silent);
     let first = lessor.lease().await.unwrap();

@@ -20,7 +20,7 @@ for_both_engines!(
     redis_readiness_follows_kill_and_restart,
 );
 
-const PING_PROBE: &str = "probe: { send: \"PING\\r\\n\", expect: \"+PONG\\r\\n\", timeout: 500ms }";
+const PING_PROBE: &str = "probe: { send: \"PING\\r\\n\", expect: \"+PONG\\r\\n\", timeout: 5s }";
 
 fn health(interval: &str) -> String {
     format!("health: {{ interval: {interval}, skip_if_used_within: 1ms, {PING_PROBE} }}")
