@@ -146,7 +146,6 @@ pub fn lease_stream(
         ctx,
         phase: Phase::Start,
         span,
-        cell: None,
     };
     futures::stream::unfold(pump, |mut pump| async move {
         let span = pump.span.clone();
@@ -199,15 +198,14 @@ struct Pump {
     ctx: Arc<LeaseContext>,
     phase: Phase,
     span: Span,
-    /// Where the lease waits between messages, watched (set at grant).
-    cell: Option<Arc<LeaseCell>>,
 }
 
 enum Phase {
     Start,
-    Active(Box<Active>),
-    /// Between two messages, in `cell`.
-    Parked,
+    /// Granted: between two messages the lease is parked in its cell, where
+    /// the watchdog can end it; while a message is being pumped, the pump
+    /// holds it.
+    Granted(Arc<LeaseCell>),
     Done,
 }
 
@@ -258,8 +256,7 @@ impl Pump {
                 Ok((active, granted)) => {
                     let cell = self.ctx.watchdog.watch(self.span.clone());
                     cell.park(active);
-                    self.cell = Some(cell);
-                    self.phase = Phase::Parked;
+                    self.phase = Phase::Granted(cell);
                     Some(Ok(response(lease_response::Msg::Granted(granted))))
                 }
                 Err(Some(e)) => {
@@ -268,38 +265,28 @@ impl Pump {
                 }
                 Err(None) => None,
             },
-            Phase::Parked => {
-                let Some(cell) = &self.cell else {
-                    return None;
+            Phase::Granted(cell) => {
+                let mut active = match cell.unpark() {
+                    Unparked::Active(active) => active,
+                    // The watchdog ended it while it was parked.
+                    Unparked::Ended(ended) => return ended.map(Ok),
                 };
-                match cell.unpark() {
-                    Unparked::Active(active) => {
-                        self.phase = Phase::Active(active);
-                        Box::pin(self.next()).await
+                match active.step(&mut self.inbound, &self.ctx).await {
+                    Step::Data(bytes) => {
+                        // Parked until hyper polls again, which it does only
+                        // once the client has window for this message.
+                        cell.park(active);
+                        self.phase = Phase::Granted(cell);
+                        Some(Ok(response(lease_response::Msg::Data(bytes))))
                     }
-                    Unparked::Ended(ended) => ended.map(Ok),
+                    Step::End(end, detail) => active.end(end, detail, &self.span).map(Ok),
+                    Step::Violation(e) => {
+                        fail_span(&self.span, &e);
+                        active.end(End::Violation, e.to_string(), &self.span);
+                        Some(Err(e))
+                    }
                 }
             }
-            Phase::Active(mut active) => match active.step(&mut self.inbound, &self.ctx).await {
-                Step::Data(bytes) => {
-                    // Parked until hyper polls again, which it does only
-                    // once the client has window for this message.
-                    match &self.cell {
-                        Some(cell) => {
-                            cell.park(active);
-                            self.phase = Phase::Parked;
-                        }
-                        None => self.phase = Phase::Active(active),
-                    }
-                    Some(Ok(response(lease_response::Msg::Data(bytes))))
-                }
-                Step::End(end, detail) => active.end(end, detail, &self.span).map(Ok),
-                Step::Violation(e) => {
-                    fail_span(&self.span, &e);
-                    active.end(End::Violation, e.to_string(), &self.span);
-                    Some(Err(e))
-                }
-            },
             Phase::Done => None,
         }
     }
