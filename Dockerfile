@@ -4,9 +4,12 @@
 # crate, so nothing else is installed.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock build.rs ./
+# The whole workspace: Cargo loads every member's manifest.
+COPY Cargo.toml Cargo.lock ./
 COPY proto proto
 COPY src src
+COPY client client
+COPY bench bench
 RUN cargo build --release --locked --bin lessor \
  && strip target/release/lessor
 

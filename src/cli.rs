@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::client::{Client, ClientError, LeaseOptions};
-use crate::pb::{Disposition, UpstreamStats};
+use lessor_client::pb::{Disposition, UpstreamStats};
+use lessor_client::{Client, ClientError, LeaseOptions};
 
 /// Turns `PING\r\n` (as typed in a shell) into bytes: `\r \n \t \0 \\ \xNN`.
 pub fn unescape(text: &str) -> Result<Vec<u8>, String> {

@@ -17,23 +17,31 @@
 //! Modules: [`config`] (schema, defaults, validation), [`pool`] (one
 //! upstream's pool over bb8 or deadpool), [`lease`] (lease protocol, byte
 //! pump, end rules), [`grpc`] (tonic service, status mapping, generated
-//! types), [`server`] (listener, drain), [`client`] (Rust client), [`demo`].
+//! types), [`server`] (listener, drain), [`demo`]. The Rust client and the
+//! generated API types are the `lessor-client` crate.
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
-pub mod admin;
-pub mod bench;
+mod admin;
 pub mod cli;
-pub mod client;
-pub mod config;
-pub mod demo;
-pub mod discovery;
-pub mod echo;
-pub mod grpc;
-pub mod lease;
-pub mod pool;
-pub mod server;
-pub mod shutdown;
-pub mod telemetry;
+mod config;
+mod demo;
+mod discovery;
+mod echo;
+mod grpc;
+mod lease;
+mod pool;
+mod server;
+mod shutdown;
+mod telemetry;
 
-pub use grpc::pb;
+// The public API: what the `lessor` and `lessor-bench` binaries, the tests and
+// an embedder use. Everything else is `pub(crate)`; `unreachable_pub` keeps it
+// that way.
+pub use config::{Config, ConfigError, EngineKind, ListenAddr, UnixMode};
+pub use demo::{DemoError, run as run_demo};
+pub use discovery::Resolver;
+pub use echo::EchoServer;
+pub use server::{Listener, Listeners, RunOptions, ServerError, run, run_with};
+pub use shutdown::first_signal;
+pub use telemetry::{LogFormat, SpanCounters, Telemetry, TelemetryError, init as init_telemetry};

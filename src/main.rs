@@ -5,9 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use lessor::client::Client;
-use lessor::config::Config;
-use lessor::{cli, demo, server, shutdown, telemetry};
+use lessor::Config;
+use lessor::{LogFormat, cli};
+use lessor_client::Client;
 
 /// A connection-pool sidecar: pooled, health-checked upstream sockets leased over gRPC.
 #[derive(Parser)]
@@ -26,7 +26,7 @@ enum Command {
         config: PathBuf,
         /// Log format on stdout: text or json.
         #[arg(long, env = "LESSOR_LOG_FORMAT", default_value = "text", value_parser = parse_log_format)]
-        log_format: telemetry::LogFormat,
+        log_format: LogFormat,
     },
     /// Validate a configuration file: exit 0 when valid, 2 when not.
     CheckConfig {
@@ -60,9 +60,6 @@ enum Command {
         #[arg(long, default_value = "")]
         upstream: String,
     },
-    /// Measure lessor: load against a running sidecar, or `--compare` for a
-    /// self-contained side-by-side run against a gRPC and TCP baseline.
-    Bench(BenchArgs),
     /// Start an in-process upstream and lessor, take a few hundred leases
     /// ending every way, and report what happened.
     Demo {
@@ -70,57 +67,6 @@ enum Command {
         #[arg(long, default_value_t = 400)]
         leases: usize,
     },
-}
-
-#[derive(clap::Args)]
-struct BenchArgs {
-    /// Self-contained comparison: starts its own upstream, baseline and lessor.
-    #[arg(long)]
-    compare: bool,
-    /// With --compare: fewer samples and shorter phases (CI).
-    #[arg(long)]
-    quick: bool,
-    /// With --compare: a real redis-server (PING) as the upstream.
-    #[arg(long)]
-    redis: bool,
-    /// With --compare: also write the report as JSON.
-    #[arg(long)]
-    json: Option<PathBuf>,
-    /// With --compare: lessor's runtime.worker_threads.
-    #[arg(long, default_value_t = 1)]
-    lessor_workers: usize,
-    /// With --compare: lease cycles for the memory-stability phase.
-    #[arg(long)]
-    cycles: Option<u64>,
-    /// Self-contained soak: this many leases ending every abnormal way
-    /// against a `lessor serve` child, then its descriptors, memory, tasks
-    /// and leased connections before and after.
-    #[arg(long, value_name = "LEASES")]
-    soak: Option<u64>,
-    /// lessor's gRPC address.
-    #[arg(long, env = "LESSOR_ADDR", default_value = "127.0.0.1:7070")]
-    target: String,
-    /// The upstream to lease from.
-    #[arg(long, default_value = "")]
-    upstream: String,
-    /// Concurrent lease loops.
-    #[arg(long, default_value_t = 8)]
-    concurrency: usize,
-    /// How long to run.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    duration: Duration,
-    /// Request size in bytes, for an echo upstream.
-    #[arg(long, default_value_t = 64)]
-    payload: usize,
-    /// Send the request right behind Acquire, without waiting for Granted.
-    #[arg(long)]
-    pipeline: bool,
-    /// The request to send instead of a payload (escapes as in `lease --send`).
-    #[arg(long)]
-    request: Option<String>,
-    /// Reply bytes to wait for (default: the request's length, as from an echo).
-    #[arg(long)]
-    reply_bytes: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -175,13 +121,12 @@ fn main() -> ExitCode {
             print!("{}", cli::stats_table(&client.stats(&upstream).await?));
             Ok(())
         }),
-        Command::Bench(args) => bench(args),
         Command::Demo { leases } => {
             let runtime = match small_runtime(2) {
                 Ok(rt) => rt,
                 Err(e) => return fail(&e),
             };
-            match runtime.block_on(demo::run(leases)) {
+            match runtime.block_on(lessor::run_demo(leases)) {
                 Ok(report) => {
                     print!("{report}");
                     ExitCode::SUCCESS
@@ -192,100 +137,35 @@ fn main() -> ExitCode {
     }
 }
 
-fn bench(args: BenchArgs) -> ExitCode {
-    let runtime = match small_runtime(lessor::bench::compare::CLIENT_WORKERS) {
-        Ok(rt) => rt,
-        Err(e) => return fail(&e),
-    };
-    if let Some(leases) = args.soak {
-        return match runtime.block_on(lessor::bench::soak::run(leases, args.concurrency)) {
-            Ok(report) => {
-                print!("{}", report.render());
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(&e),
-        };
-    }
-    if args.compare {
-        let opts = lessor::bench::compare::CompareOptions {
-            quick: args.quick,
-            redis: args.redis,
-            payload: args.payload,
-            lessor_workers: args.lessor_workers,
-            cycles: args
-                .cycles
-                .unwrap_or(if args.quick { 20_000 } else { 1_000_000 }),
-            json: args.json,
-        };
-        return match runtime.block_on(lessor::bench::compare::run(&opts)) {
-            Ok(report) => {
-                print!("{}", report.render());
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(&e),
-        };
-    }
-    if args.upstream.is_empty() {
-        eprintln!("lessor: bench: --upstream NAME is required (or use --compare)");
-        return ExitCode::from(2);
-    }
-    let request = match &args.request {
-        Some(text) => match cli::unescape(text) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                eprintln!("lessor: --request: {e}");
-                return ExitCode::from(2);
-            }
-        },
-        None => vec![b'x'; args.payload.max(1)],
-    };
-    let opts = lessor::bench::LoadOptions {
-        target: args.target,
-        upstream: args.upstream,
-        concurrency: args.concurrency,
-        duration: args.duration,
-        reply_bytes: args.reply_bytes.unwrap_or(request.len()),
-        request: request.into(),
-        pipeline: args.pipeline,
-    };
-    match runtime.block_on(lessor::bench::load(&opts)) {
-        Ok(report) => {
-            print!("{}", report.render(&opts));
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(&e),
-    }
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    LogFormat::parse(s).ok_or_else(|| format!("`{s}`: expected text or json"))
 }
 
-fn parse_log_format(s: &str) -> Result<telemetry::LogFormat, String> {
-    telemetry::LogFormat::parse(s).ok_or_else(|| format!("`{s}`: expected text or json"))
-}
-
-fn serve(config: Config, log_format: telemetry::LogFormat) -> ExitCode {
+fn serve(config: Config, log_format: LogFormat) -> ExitCode {
     let runtime = match small_runtime(config.runtime.worker_threads) {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
     };
     let code = runtime.block_on(async {
-        let telemetry = match telemetry::init(&config.telemetry, log_format) {
+        let telemetry = match lessor::init_telemetry(&config.telemetry, log_format) {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("lessor: invalid telemetry settings: {e}");
                 return ExitCode::from(2);
             }
         };
-        let listeners = match server::Listeners::bind(&config).await {
+        let listeners = match lessor::Listeners::bind(&config).await {
             Ok(l) => l,
             Err(e) => return fail(&e),
         };
         // Inside the hard deadline after the grace: a dead collector must not
         // hold the exit.
         let flush_within = Duration::from_secs(1);
-        let options = server::RunOptions {
+        let options = lessor::RunOptions {
             spans: telemetry.spans.clone(),
             ..Default::default()
         };
-        let served = server::run_with(config, listeners, shutdown::first_signal(), options).await;
+        let served = lessor::run_with(config, listeners, lessor::first_signal(), options).await;
         telemetry.shutdown(flush_within).await;
         match served {
             Ok(()) => ExitCode::SUCCESS,
@@ -309,7 +189,7 @@ fn small_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn client_command(
-    work: impl std::future::Future<Output = Result<(), lessor::client::ClientError>>,
+    work: impl std::future::Future<Output = Result<(), lessor_client::ClientError>>,
 ) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -324,7 +204,7 @@ fn client_command(
     }
 }
 
-fn invalid_config(e: &lessor::config::ConfigError) -> ExitCode {
+fn invalid_config(e: &lessor::ConfigError) -> ExitCode {
     eprintln!("lessor: invalid configuration: {e}");
     ExitCode::from(2)
 }

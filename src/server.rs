@@ -15,7 +15,6 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -33,10 +32,11 @@ use tonic::transport::server::Connected;
 use crate::admin::{self, AdminState, Readiness};
 use crate::config::{Config, ListenAddr, UnixMode};
 use crate::discovery::{Resolver, SystemResolver};
-use crate::grpc::{PoolService, pb};
+use crate::grpc::PoolService;
 use crate::lease::LeaseContext;
 use crate::pool::PoolSet;
 use crate::telemetry::SpanCounters;
+use lessor_client::pb;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -159,10 +159,10 @@ impl Listener {
     async fn accept(&self) -> io::Result<Io> {
         match self {
             Self::Tcp(l) => {
-                let (stream, peer) = l.accept().await?;
+                let (stream, _) = l.accept().await?;
                 // Lease traffic is small request/response messages.
                 stream.set_nodelay(true)?;
-                Ok(Io::Tcp(stream, peer))
+                Ok(Io::Tcp(stream))
             }
             Self::Unix(l, _) => Ok(Io::Unix(l.accept().await?.0)),
         }
@@ -170,35 +170,22 @@ impl Listener {
 }
 
 enum Io {
-    Tcp(TcpStream, SocketAddr),
+    Tcp(TcpStream),
     Unix(UnixStream),
 }
 
 /// An accepted client connection. Holding `_open` is what counts it as open
 /// for the drain.
-pub struct ClientIo {
+pub(crate) struct ClientIo {
     io: Io,
     _open: watch::Receiver<()>,
 }
 
-/// What tonic records about a client connection.
-#[derive(Debug, Clone)]
-pub struct ClientInfo {
-    /// The peer's address (TCP only).
-    pub peer: Option<SocketAddr>,
-}
-
+/// Nothing is recorded per connection: leases do not depend on the peer.
 impl Connected for ClientIo {
-    type ConnectInfo = ClientInfo;
+    type ConnectInfo = ();
 
-    fn connect_info(&self) -> ClientInfo {
-        ClientInfo {
-            peer: match &self.io {
-                Io::Tcp(_, peer) => Some(*peer),
-                Io::Unix(_) => None,
-            },
-        }
-    }
+    fn connect_info(&self) {}
 }
 
 impl AsyncRead for ClientIo {
@@ -208,7 +195,7 @@ impl AsyncRead for ClientIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match &mut self.get_mut().io {
-            Io::Tcp(s, _) => Pin::new(s).poll_read(cx, buf),
+            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Io::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -221,7 +208,7 @@ impl AsyncWrite for ClientIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().io {
-            Io::Tcp(s, _) => Pin::new(s).poll_write(cx, buf),
+            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Io::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -232,7 +219,7 @@ impl AsyncWrite for ClientIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().io {
-            Io::Tcp(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Io::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
@@ -243,14 +230,14 @@ impl AsyncWrite for ClientIo {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.get_mut().io {
-            Io::Tcp(s, _) => Pin::new(s).poll_flush(cx),
+            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
             Io::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.get_mut().io {
-            Io::Tcp(s, _) => Pin::new(s).poll_shutdown(cx),
+            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Io::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
@@ -435,4 +422,4 @@ pub async fn run_with(
 
 /// How long the teardown after the grace may take before lessor stops
 /// waiting for what is still open.
-pub const HARD_DEADLINE: Duration = Duration::from_secs(1);
+pub(crate) const HARD_DEADLINE: Duration = Duration::from_secs(1);

@@ -21,13 +21,13 @@ use tonic_health::server::{HealthReporter, HealthService};
 use super::readiness::Readiness;
 
 /// The name `lessor.v1.Pool` registers under.
-pub const POOL_SERVICE: &str = "lessor.v1.Pool";
+pub(crate) const POOL_SERVICE: &str = "lessor.v1.Pool";
 
 /// How often upstream readiness is re-read (draining is pushed at once).
 const POLL: Duration = Duration::from_millis(100);
 
 /// The health service: tonic-health's, with Watch streams that end on revoke.
-pub struct LessorHealth {
+pub(crate) struct LessorHealth {
     inner: HealthService,
     revoke: CancellationToken,
 }
@@ -57,7 +57,7 @@ impl Health for LessorHealth {
 
 /// Builds the service with every entry NOT_SERVING (nothing is warm yet), and
 /// the reporter that [`keep_updated`] drives.
-pub async fn service(
+pub(crate) async fn service(
     readiness: &Readiness,
     revoke: CancellationToken,
 ) -> (HealthServer<LessorHealth>, HealthReporter) {
@@ -91,7 +91,7 @@ fn entries(report: &super::readiness::Report) -> Vec<(String, bool)> {
 
 /// Mirrors readiness into the health reporter until `cancel`, sending only
 /// changes (each send wakes every Watch stream).
-pub async fn keep_updated(
+pub(crate) async fn keep_updated(
     reporter: HealthReporter,
     readiness: Arc<Readiness>,
     cancel: CancellationToken,

@@ -22,7 +22,7 @@ use crate::telemetry::SpanCounters;
 
 /// Exposition formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     /// `text/plain; version=0.0.4`.
     Prometheus,
     /// `application/openmetrics-text; version=1.0.0`.
@@ -31,7 +31,7 @@ pub enum Format {
 
 impl Format {
     /// OpenMetrics when the scraper asks for it, Prometheus text otherwise.
-    pub fn negotiate(accept: Option<&str>) -> Self {
+    pub(crate) fn negotiate(accept: Option<&str>) -> Self {
         match accept {
             Some(a) if a.contains("application/openmetrics-text") => Self::OpenMetrics,
             _ => Self::Prometheus,
@@ -39,7 +39,7 @@ impl Format {
     }
 
     /// The matching `Content-Type`.
-    pub fn content_type(self) -> &'static str {
+    pub(crate) fn content_type(self) -> &'static str {
         match self {
             Self::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
             Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -48,7 +48,7 @@ impl Format {
 }
 
 /// The registry behind `/metrics`.
-pub fn registry(pools: Arc<PoolSet>, spans: Arc<SpanCounters>) -> Registry {
+pub(crate) fn registry(pools: Arc<PoolSet>, spans: Arc<SpanCounters>) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(PoolCollector { pools }));
     registry.register_collector(Box::new(ProcessCollector));
@@ -88,7 +88,7 @@ impl Collector for SpanCollector {
 }
 
 /// Renders the registry in `format`.
-pub fn render(registry: &Registry, format: Format) -> Result<String, std::fmt::Error> {
+pub(crate) fn render(registry: &Registry, format: Format) -> Result<String, std::fmt::Error> {
     let mut out = String::new();
     match format {
         Format::Prometheus => {

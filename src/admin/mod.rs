@@ -14,9 +14,9 @@
 //!
 //! Also here: readiness itself, and `grpc.health.v1`, which mirrors it.
 
-pub mod health;
-pub mod metrics;
-pub mod readiness;
+pub(crate) mod health;
+pub(crate) mod metrics;
+pub(crate) mod readiness;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -35,11 +35,11 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use readiness::Readiness;
+pub(crate) use readiness::Readiness;
 
 /// What the handlers read.
 #[derive(Clone)]
-pub struct AdminState {
+pub(crate) struct AdminState {
     /// The readiness verdict.
     pub readiness: Arc<Readiness>,
     /// The metrics registry.
@@ -59,7 +59,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Serves the admin endpoints until `shutdown` resolves, then lets requests
 /// in flight finish for at most `SHUTDOWN_GRACE`. HTTP/1.1 with keep-alive;
 /// every connection task is owned here and waited for.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     state: AdminState,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -158,26 +158,20 @@ async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Respons
 
 /// An admin endpoint's answer, as [`fetch`] reads it.
 #[derive(Debug, Clone)]
-pub struct Fetched {
+pub(crate) struct Fetched {
     /// The HTTP status code.
     pub status: u16,
-    /// The `Content-Type` header, if any.
-    pub content_type: Option<String>,
     /// The body.
     pub body: String,
 }
 
-/// A minimal HTTP/1.0 GET of our own admin endpoints, for `lessor demo` and
-/// the tests: reading three plain-text endpoints needs no HTTP client
-/// dependency. `accept` sets the `Accept` header.
-pub async fn fetch(addr: &str, path: &str, accept: Option<&str>) -> std::io::Result<Fetched> {
+/// A minimal HTTP/1.0 GET of our own admin endpoints, for `lessor demo`:
+/// reading two plain-text endpoints needs no HTTP client dependency.
+pub(crate) async fn fetch(addr: &str, path: &str) -> std::io::Result<Fetched> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let accept = accept
-        .map(|a| format!("Accept: {a}\r\n"))
-        .unwrap_or_default();
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{accept}\r\n");
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await?;
@@ -185,20 +179,14 @@ pub async fn fetch(addr: &str, path: &str, accept: Option<&str>) -> std::io::Res
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| bad("no header end"))?;
-    let mut lines = head.lines();
-    let status = lines
+    let status = head
+        .lines()
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| bad("no status line"))?;
-    let content_type = lines.find_map(|l| {
-        let (name, value) = l.split_once(':')?;
-        name.eq_ignore_ascii_case("content-type")
-            .then(|| value.trim().to_owned())
-    });
     Ok(Fetched {
         status,
-        content_type,
         body: body.to_owned(),
     })
 }

@@ -13,7 +13,7 @@ use crate::config::Readiness as Requirement;
 use crate::pool::PoolSet;
 
 /// The sidecar's readiness, shared by `/readyz` and gRPC health.
-pub struct Readiness {
+pub(crate) struct Readiness {
     pools: Arc<PoolSet>,
     draining: AtomicBool,
     /// Wakes the gRPC health updater the moment draining starts.
@@ -22,7 +22,7 @@ pub struct Readiness {
 
 /// One upstream's part in readiness.
 #[derive(Debug, Clone)]
-pub struct UpstreamReadiness {
+pub(crate) struct UpstreamReadiness {
     /// The upstream's name.
     pub name: String,
     /// Whether it gates readiness.
@@ -35,7 +35,7 @@ pub struct UpstreamReadiness {
 
 /// Readiness and its reasons at one instant.
 #[derive(Debug, Clone)]
-pub struct Report {
+pub(crate) struct Report {
     /// The verdict.
     pub ready: bool,
     /// Whether a drain has begun.
@@ -46,7 +46,7 @@ pub struct Report {
 
 impl Readiness {
     /// Readiness over these pools; not draining.
-    pub fn new(pools: Arc<PoolSet>) -> Arc<Self> {
+    pub(crate) fn new(pools: Arc<PoolSet>) -> Arc<Self> {
         Arc::new(Self {
             pools,
             draining: AtomicBool::new(false),
@@ -55,23 +55,23 @@ impl Readiness {
     }
 
     /// Turns readiness off for good: the drain has begun.
-    pub fn drain(&self) {
+    pub(crate) fn drain(&self) {
         self.draining.store(true, Ordering::Release);
         self.changed.notify_waiters();
     }
 
     /// Whether the drain has begun.
-    pub fn draining(&self) -> bool {
+    pub(crate) fn draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }
 
     /// Resolves when draining starts (for watchers that also poll).
-    pub async fn changed(&self) {
+    pub(crate) async fn changed(&self) {
         self.changed.notified().await;
     }
 
     /// The verdict and its reasons.
-    pub fn report(&self) -> Report {
+    pub(crate) fn report(&self) -> Report {
         let upstreams: Vec<_> = self
             .pools
             .iter()
@@ -97,7 +97,7 @@ impl Readiness {
 
 impl Report {
     /// The `/readyz?verbose` body, in the Kubernetes API server's style.
-    pub fn verbose(&self) -> String {
+    pub(crate) fn verbose(&self) -> String {
         let mut out = String::new();
         for u in &self.upstreams {
             let mark = if u.ready { '+' } else { '-' };

@@ -553,7 +553,7 @@ mod humantime_serde {
 
     use serde::{Deserialize, Deserializer};
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(de)?;
         humantime::parse_duration(&s).map_err(|e| {
             serde::de::Error::custom(format!(
@@ -594,11 +594,6 @@ impl Config {
         })?;
         config.validate()?;
         Ok(config)
-    }
-
-    /// The upstream with this name.
-    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
-        self.upstreams.iter().find(|u| u.name == name)
     }
 }
 

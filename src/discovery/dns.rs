@@ -11,7 +11,7 @@ use super::{Discovered, EndpointSet, Resolver};
 use crate::config::DnsDiscovery;
 
 /// Resolves until `cancel`.
-pub async fn run(
+pub(super) async fn run(
     upstream: String,
     config: DnsDiscovery,
     set: Arc<EndpointSet>,

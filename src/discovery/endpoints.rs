@@ -22,7 +22,7 @@ const BACKOFF_CAP: Duration = Duration::from_secs(1);
 
 /// What a discovery source reports about one endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Discovered {
+pub(crate) struct Discovered {
     /// `ip:port` (or `host:port`, resolved at dial time).
     pub target: String,
     /// May get new connections (ready and not terminating).
@@ -33,7 +33,7 @@ pub struct Discovered {
 
 /// One endpoint.
 #[derive(Debug)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     target: String,
     ready: AtomicBool,
     terminating: AtomicBool,
@@ -58,7 +58,7 @@ struct Health {
 
 /// A point-in-time view of one endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointSnapshot {
+pub(crate) struct EndpointSnapshot {
     /// `ip:port`.
     pub target: String,
     /// May get new connections.
@@ -92,35 +92,35 @@ impl Endpoint {
     }
 
     /// What to dial.
-    pub fn target(&self) -> &str {
+    pub(crate) fn target(&self) -> &str {
         &self.target
     }
 
     /// Gone, not ready, or terminating: no new connections, and its
     /// connections leave the pool.
-    pub fn retired(&self) -> bool {
+    pub(crate) fn retired(&self) -> bool {
         self.removed.load(Ordering::Acquire)
             || !self.ready.load(Ordering::Acquire)
             || self.terminating.load(Ordering::Acquire)
     }
 
     /// Ejected right now.
-    pub fn ejected(&self, now: Instant) -> bool {
+    pub(crate) fn ejected(&self, now: Instant) -> bool {
         self.health().ejected_until.is_some_and(|t| t > now)
     }
 
     /// Counts a connection leaving the idle list.
-    pub fn checked_out(&self) {
+    pub(crate) fn checked_out(&self) {
         self.out.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a connection back in the idle list (or closed while out).
-    pub fn checked_in(&self) {
+    pub(crate) fn checked_in(&self) {
         self.out.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// A dial or probe succeeded: the failure streak ends.
-    pub fn record_success(&self) {
+    pub(crate) fn record_success(&self) {
         let mut h = self.health();
         h.consecutive_failures = 0;
         h.ejections = 0;
@@ -129,7 +129,7 @@ impl Endpoint {
     }
 
     /// A dial or probe failed. Returns true when this failure ejected it.
-    pub fn record_failure(&self, error: &str, outlier: &OutlierConfig, dial: bool) -> bool {
+    pub(crate) fn record_failure(&self, error: &str, outlier: &OutlierConfig, dial: bool) -> bool {
         let now = Instant::now();
         let mut h = self.health();
         h.consecutive_failures = h.consecutive_failures.saturating_add(1);
@@ -154,7 +154,7 @@ impl Endpoint {
     }
 
     /// When the dial backoff ends, if it is on.
-    pub fn backoff_until(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn backoff_until(&self, now: Instant) -> Option<Instant> {
         self.health().not_before.filter(|t| *t > now)
     }
 
@@ -168,7 +168,7 @@ impl Endpoint {
     }
 
     /// The last failure, for error details.
-    pub fn last_error(&self) -> Option<String> {
+    pub(crate) fn last_error(&self) -> Option<String> {
         self.health().last_error.clone()
     }
 
@@ -187,17 +187,17 @@ impl Endpoint {
 
 /// A connection's hold on its endpoint: counts it while the connection lives.
 #[derive(Debug)]
-pub struct EndpointRef(Arc<Endpoint>);
+pub(crate) struct EndpointRef(Arc<Endpoint>);
 
 impl EndpointRef {
     /// Counts one more connection to `endpoint`.
-    pub fn new(endpoint: Arc<Endpoint>) -> Self {
+    pub(crate) fn new(endpoint: Arc<Endpoint>) -> Self {
         endpoint.connections.fetch_add(1, Ordering::Relaxed);
         Self(endpoint)
     }
 
     /// The endpoint.
-    pub fn endpoint(&self) -> &Arc<Endpoint> {
+    pub(crate) fn endpoint(&self) -> &Arc<Endpoint> {
         &self.0
     }
 }
@@ -211,11 +211,11 @@ impl Drop for EndpointRef {
 /// A dial in progress to one endpoint; keeps it counted while it lasts so
 /// concurrent dials spread.
 #[derive(Debug)]
-pub struct Dialing(Arc<Endpoint>);
+pub(crate) struct Dialing(Arc<Endpoint>);
 
 impl Dialing {
     /// The endpoint being dialed.
-    pub fn endpoint(&self) -> &Arc<Endpoint> {
+    pub(crate) fn endpoint(&self) -> &Arc<Endpoint> {
         &self.0
     }
 }
@@ -228,7 +228,7 @@ impl Drop for Dialing {
 
 /// Why no endpoint could be chosen.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NoEndpoint {
+pub(crate) enum NoEndpoint {
     /// Discovery has produced no usable endpoint (none ready, or not synced).
     NoneReady,
     /// Every usable endpoint's dial backoff is on.
@@ -242,7 +242,7 @@ pub enum NoEndpoint {
 
 /// How discovery is doing, for `/readyz?verbose` and logs.
 #[derive(Debug, Clone, Default)]
-pub struct SourceStatus {
+pub(crate) struct SourceStatus {
     /// The first successful sync happened.
     pub synced: bool,
     /// The last attempt failed (the last known endpoints are kept).
@@ -253,7 +253,7 @@ pub struct SourceStatus {
 
 /// The endpoints of one upstream.
 #[derive(Debug)]
-pub struct EndpointSet {
+pub(crate) struct EndpointSet {
     endpoints: RwLock<Vec<Arc<Endpoint>>>,
     status: Mutex<SourceStatus>,
     /// Wakes the pool's maintenance loop when endpoints change, so retired
@@ -264,7 +264,7 @@ pub struct EndpointSet {
 
 impl EndpointSet {
     /// An empty set waiting for its discovery source.
-    pub fn discovered(outlier: OutlierConfig, detail: &str) -> Arc<Self> {
+    pub(crate) fn discovered(outlier: OutlierConfig, detail: &str) -> Arc<Self> {
         Arc::new(Self {
             endpoints: RwLock::new(Vec::new()),
             status: Mutex::new(SourceStatus {
@@ -278,7 +278,7 @@ impl EndpointSet {
     }
 
     /// A fixed single endpoint (a static `address`).
-    pub fn fixed(address: &str, outlier: OutlierConfig) -> Arc<Self> {
+    pub(crate) fn fixed(address: &str, outlier: OutlierConfig) -> Arc<Self> {
         let set = Self::discovered(outlier, "static address");
         set.update(vec![Discovered {
             target: address.to_owned(),
@@ -289,7 +289,7 @@ impl EndpointSet {
     }
 
     /// The outlier settings.
-    pub fn outlier(&self) -> &OutlierConfig {
+    pub(crate) fn outlier(&self) -> &OutlierConfig {
         &self.outlier
     }
 
@@ -299,7 +299,7 @@ impl EndpointSet {
 
     /// Replaces the set with what discovery found: new endpoints are added,
     /// known ones updated, missing ones removed. Marks the source synced.
-    pub fn update(&self, found: Vec<Discovered>) {
+    pub(crate) fn update(&self, found: Vec<Discovered>) {
         {
             let mut list = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
             for ep in list.iter() {
@@ -328,14 +328,14 @@ impl EndpointSet {
 
     /// Records the source's state (`failing`: the last attempt failed and
     /// the last known endpoints are kept).
-    pub fn set_status(&self, failing: bool, detail: String) {
+    pub(crate) fn set_status(&self, failing: bool, detail: String) {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         status.failing = failing;
         status.detail = detail;
     }
 
     /// The source's state.
-    pub fn status(&self) -> SourceStatus {
+    pub(crate) fn status(&self) -> SourceStatus {
         self.status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -345,17 +345,17 @@ impl EndpointSet {
     /// Whether some endpoint may take new connections (present, ready, not
     /// terminating). With none, the upstream cannot serve a lease, whatever
     /// its pool still holds.
-    pub fn any_usable(&self) -> bool {
+    pub(crate) fn any_usable(&self) -> bool {
         self.read().iter().any(|ep| !ep.retired())
     }
 
     /// Resolves when the set changed since the last call.
-    pub async fn changed(&self) {
+    pub(crate) async fn changed(&self) {
         self.changed.notified().await;
     }
 
     /// Every endpoint, for `Stats` and metrics.
-    pub fn snapshot(&self) -> Vec<EndpointSnapshot> {
+    pub(crate) fn snapshot(&self) -> Vec<EndpointSnapshot> {
         let now = Instant::now();
         self.read().iter().map(|ep| ep.snapshot(now)).collect()
     }
@@ -365,7 +365,7 @@ impl EndpointSet {
     /// connections (dials under way included). When every usable endpoint is
     /// ejected, ejection is ignored (an upstream is better tried than
     /// abandoned).
-    pub fn choose(&self) -> Result<Dialing, NoEndpoint> {
+    pub(crate) fn choose(&self) -> Result<Dialing, NoEndpoint> {
         let now = Instant::now();
         let list = self.read();
         let usable: Vec<&Arc<Endpoint>> = list.iter().filter(|ep| !ep.retired()).collect();
@@ -406,7 +406,7 @@ impl EndpointSet {
     }
 
     /// The earliest time a backing-off endpoint reopens, for the refill loop.
-    pub fn next_reopen(&self) -> Option<Instant> {
+    pub(crate) fn next_reopen(&self) -> Option<Instant> {
         let now = Instant::now();
         self.read()
             .iter()

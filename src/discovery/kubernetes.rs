@@ -28,7 +28,7 @@ use crate::config::{KubernetesDiscovery, PortRef};
 const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
 /// The namespace to watch: the configured one, else the pod's own.
-pub fn namespace(config: &KubernetesDiscovery) -> Option<String> {
+pub(crate) fn namespace(config: &KubernetesDiscovery) -> Option<String> {
     config
         .namespace
         .clone()
@@ -41,7 +41,10 @@ pub fn namespace(config: &KubernetesDiscovery) -> Option<String> {
 /// The endpoints that `slices` describe for `port`. An address in several
 /// slices counts once, ready if any slice says so. Per the API, a missing
 /// `ready` condition means ready and a missing `terminating` means not.
-pub fn endpoints_from_slices(slices: &[Arc<EndpointSlice>], port: &PortRef) -> Vec<Discovered> {
+pub(crate) fn endpoints_from_slices(
+    slices: &[Arc<EndpointSlice>],
+    port: &PortRef,
+) -> Vec<Discovered> {
     let mut found: BTreeMap<String, Discovered> = BTreeMap::new();
     for slice in slices {
         let Some(number) = slice.ports.iter().flatten().find_map(|p| {
@@ -81,7 +84,7 @@ pub fn endpoints_from_slices(slices: &[Arc<EndpointSlice>], port: &PortRef) -> V
 }
 
 /// Watches until `cancel`.
-pub async fn run(
+pub(crate) async fn run(
     upstream: String,
     config: KubernetesDiscovery,
     set: Arc<EndpointSet>,

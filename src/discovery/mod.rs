@@ -9,7 +9,7 @@
 
 mod dns;
 mod endpoints;
-pub mod kubernetes;
+pub(crate) mod kubernetes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,10 +18,7 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use endpoints::{
-    Dialing, Discovered, Endpoint, EndpointRef, EndpointSet, EndpointSnapshot, NoEndpoint,
-    SourceStatus,
-};
+pub(crate) use endpoints::{Discovered, EndpointRef, EndpointSet, EndpointSnapshot, NoEndpoint};
 
 use crate::config::UpstreamConfig;
 
@@ -38,7 +35,7 @@ pub trait Resolver: Send + Sync + 'static {
 
 /// The system resolver (`getaddrinfo`, through tokio).
 #[derive(Debug, Default)]
-pub struct SystemResolver;
+pub(crate) struct SystemResolver;
 
 impl Resolver for SystemResolver {
     fn resolve(
@@ -53,7 +50,7 @@ impl Resolver for SystemResolver {
 
 /// The endpoint set an upstream starts with: its one endpoint for a static
 /// address, an empty set waiting for its source otherwise.
-pub fn endpoint_set(config: &UpstreamConfig) -> Arc<EndpointSet> {
+pub(crate) fn endpoint_set(config: &UpstreamConfig) -> Arc<EndpointSet> {
     match &config.address {
         Some(address) => EndpointSet::fixed(address, config.outlier.clone()),
         None => EndpointSet::discovered(
@@ -65,7 +62,7 @@ pub fn endpoint_set(config: &UpstreamConfig) -> Arc<EndpointSet> {
 
 /// Starts the upstream's discovery source (nothing for a static address) on
 /// `tracker`, until `cancel`.
-pub fn start(
+pub(crate) fn start(
     config: &UpstreamConfig,
     set: Arc<EndpointSet>,
     resolver: Arc<dyn Resolver>,

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::pb::{self, LeaseRequest, LeaseResponse, StatsRequest, StatsResponse, UpstreamStats};
+use lessor_client::pb::{
+    self, LeaseRequest, LeaseResponse, StatsRequest, StatsResponse, UpstreamStats,
+};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::lease::{LeaseContext, lease_span, lease_stream};
@@ -17,19 +19,19 @@ use crate::pool::PoolSnapshot;
 
 /// The service implementation; cheap to clone into tonic.
 #[derive(Clone)]
-pub struct PoolService {
+pub(crate) struct PoolService {
     ctx: Arc<LeaseContext>,
 }
 
 impl PoolService {
     /// A service over the context's pools.
-    pub fn new(ctx: Arc<LeaseContext>) -> Self {
+    pub(crate) fn new(ctx: Arc<LeaseContext>) -> Self {
         Self { ctx }
     }
 
     /// The tonic server wrapper, with the inbound message limit set just above
     /// `grpc.max_frame` so an oversized Data is refused by size, not buffered.
-    pub fn into_server(self) -> pb::pool_server::PoolServer<Self> {
+    pub(crate) fn into_server(self) -> pb::pool_server::PoolServer<Self> {
         let limit = self.ctx.max_frame + 1024;
         pb::pool_server::PoolServer::new(self).max_decoding_message_size(limit)
     }
@@ -50,8 +52,14 @@ impl pb::pool_server::Pool for PoolService {
             let parent = crate::telemetry::propagation::extract(request.metadata());
             let _ = span.set_parent(parent);
         }
-        let stream = lease_stream(request.into_inner(), self.ctx.clone(), span)
-            .map(|item| item.map_err(Status::from));
+        let failed = span.clone();
+        let stream = lease_stream(request.into_inner(), self.ctx.clone(), span).map(move |item| {
+            item.map_err(|e| {
+                let status = Status::from(e);
+                failed.record("rpc.grpc.status_code", status.code() as i64);
+                status
+            })
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -4,11 +4,11 @@
 
 use tonic::{Code, Status};
 
-use crate::lease::pump::LeaseError;
+use crate::lease::{InboundError, LeaseError};
 use crate::pool::CheckoutError;
 
 /// The status code a checkout error ends a lease with.
-pub fn checkout_code(e: &CheckoutError) -> Code {
+pub(crate) fn checkout_code(e: &CheckoutError) -> Code {
     match e {
         CheckoutError::Exhausted { .. } | CheckoutError::TooManyWaiters(_) => {
             Code::ResourceExhausted
@@ -20,10 +20,12 @@ pub fn checkout_code(e: &CheckoutError) -> Code {
 
 /// The status code a lease error ends its stream with (also recorded on the
 /// lease's trace span).
-pub fn code(e: &LeaseError) -> Code {
+pub(crate) fn code(e: &LeaseError) -> Code {
     match e {
         LeaseError::Checkout(e) => checkout_code(e),
-        LeaseError::Transport(status) => status.code(),
+        LeaseError::Inbound(e) => e
+            .downcast_ref::<Status>()
+            .map_or(Code::Internal, Status::code),
         LeaseError::UnknownUpstream { .. } => Code::NotFound,
         LeaseError::ShuttingDown => Code::Unavailable,
         LeaseError::AcquireTimeout(_) => Code::DeadlineExceeded,
@@ -44,8 +46,20 @@ impl From<CheckoutError> for Status {
 impl From<LeaseError> for Status {
     fn from(e: LeaseError) -> Self {
         match e {
-            LeaseError::Transport(status) => status,
+            LeaseError::Inbound(e) => match e.downcast::<Status>() {
+                Ok(status) => *status,
+                Err(e) => Status::internal(e.to_string()),
+            },
             other => Status::new(code(&other), other.to_string()),
         }
+    }
+}
+
+/// tonic reports a message over the decoding limit as OUT_OF_RANGE: the
+/// client's fault. Anything else (a reset, a lost connection) broke the
+/// stream under the lease.
+impl InboundError for Status {
+    fn is_violation(&self) -> bool {
+        self.code() == Code::OutOfRange
     }
 }

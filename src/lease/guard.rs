@@ -7,11 +7,11 @@ use std::time::Instant;
 
 use super::state::{self, Direction, End, Fate, Outcome};
 use crate::config::OnAbort;
-use crate::pb::Disposition;
 use crate::pool::{Conn, EvictReason, Leased, health};
+use lessor_client::pb::Disposition;
 
 /// A live lease's connection and the traffic facts its end depends on.
-pub struct LeaseGuard {
+pub(crate) struct LeaseGuard {
     /// `Some` until the lease finishes; taken exactly once.
     leased: Option<Leased>,
     last: Option<Direction>,
@@ -23,20 +23,18 @@ pub struct LeaseGuard {
 
 /// What a finished lease did, for logs and (later) spans and metrics.
 #[derive(Debug, Clone, Copy)]
-pub struct Finished {
+pub(crate) struct Finished {
     /// The decision taken.
     pub outcome: Outcome,
     /// Bytes written to the upstream.
     pub bytes_to_upstream: u64,
     /// Bytes delivered toward the client.
     pub bytes_to_client: u64,
-    /// When the lease was granted.
-    pub started: Instant,
 }
 
 impl LeaseGuard {
     /// Takes charge of a checked-out connection.
-    pub fn new(leased: Leased, on_abort: OnAbort) -> Self {
+    pub(crate) fn new(leased: Leased, on_abort: OnAbort) -> Self {
         Self {
             leased: Some(leased),
             last: None,
@@ -48,14 +46,14 @@ impl LeaseGuard {
     }
 
     /// The checked-out connection.
-    pub fn leased(&self) -> &Leased {
+    pub(crate) fn leased(&self) -> &Leased {
         self.leased
             .as_ref()
             .expect("a guard holds its lease until finished")
     }
 
     /// The socket, for the byte pump.
-    pub fn conn_mut(&mut self) -> &mut Conn {
+    pub(crate) fn conn_mut(&mut self) -> &mut Conn {
         self.leased
             .as_mut()
             .expect("a guard holds its lease until finished")
@@ -63,7 +61,7 @@ impl LeaseGuard {
     }
 
     /// Records bytes that went one way.
-    pub fn record(&mut self, direction: Direction, bytes: usize) {
+    pub(crate) fn record(&mut self, direction: Direction, bytes: usize) {
         if bytes == 0 {
             return;
         }
@@ -86,7 +84,7 @@ impl LeaseGuard {
     }
 
     /// Ends the lease: decides, then returns or evicts the connection.
-    pub fn finish(mut self, end: End) -> Finished {
+    pub(crate) fn finish(mut self, end: End) -> Finished {
         self.finish_once(end)
             .expect("finish consumes the guard, so it runs once")
     }
@@ -118,7 +116,6 @@ impl LeaseGuard {
             outcome,
             bytes_to_upstream: self.bytes_to_upstream,
             bytes_to_client: self.bytes_to_client,
-            started: self.started,
         })
     }
 }

@@ -13,11 +13,10 @@
 //! connection lost) drops the guard, which finishes the lease. One watchdog
 //! task per server covers the moments hyper does not poll.
 
-pub mod guard;
-pub mod pump;
-pub mod state;
-pub mod watchdog;
+pub(crate) mod guard;
+pub(crate) mod pump;
+pub(crate) mod state;
+pub(crate) mod watchdog;
 
-pub use guard::{Finished, LeaseGuard};
-pub use pump::{LeaseContext, lease_span, lease_stream};
-pub use state::{Direction, End, Fate, Outcome};
+pub(crate) use pump::{InboundError, LeaseContext, LeaseError, lease_span, lease_stream};
+pub(crate) use state::Fate;

@@ -21,18 +21,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::WriteHalf;
 use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tonic::Streaming;
 use tracing::field::Empty;
 use tracing::{Instrument, Span};
 
 use super::guard::LeaseGuard;
 use super::state::{Direction, End};
 use super::watchdog::{LeaseCell, Unparked, Watchdog};
-use crate::pb::{
-    Disposition, Ended, Granted, LeaseRequest, LeaseResponse, lease_request, lease_response,
-};
 use crate::pool::{CheckoutError, PoolSet};
 use crate::telemetry::TARGET;
+use lessor_client::pb::{
+    Disposition, Ended, Granted, LeaseRequest, LeaseResponse, lease_request, lease_response,
+};
 
 /// The first read buffer of a lease: enough for most replies, small enough
 /// that a lease costs little memory.
@@ -81,13 +80,23 @@ pub enum LeaseError {
     /// The sidecar is shutting down.
     #[error("lessor is shutting down")]
     ShuttingDown,
-    /// tonic rejected the inbound stream (e.g. a message over its size limit).
+    /// The transport refused a client message (e.g. one over its size
+    /// limit). Kept whole, so the transport can answer with its own error.
     #[error(transparent)]
-    Transport(#[from] tonic::Status),
+    Inbound(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// An error the transport yields instead of a client message. The lease
+/// layer needs to know one thing about it: whether the client broke the
+/// protocol (the lease ends as a violation and the error is returned), or
+/// the stream broke under it (the lease ends as an abort).
+pub(crate) trait InboundError: std::error::Error + Send + Sync + 'static {
+    /// The client sent something the transport refused.
+    fn is_violation(&self) -> bool;
 }
 
 /// What every lease stream shares.
-pub struct LeaseContext {
+pub(crate) struct LeaseContext {
     /// The upstreams, by name.
     pub pools: Arc<PoolSet>,
     /// `grpc.max_frame` in bytes.
@@ -105,7 +114,7 @@ pub struct LeaseContext {
 
 impl LeaseContext {
     /// A context over `pools`.
-    pub fn new(
+    pub(crate) fn new(
         pools: Arc<PoolSet>,
         max_frame: usize,
         acquire_timeout: Duration,
@@ -134,13 +143,18 @@ impl LeaseContext {
     }
 }
 
-/// The response stream of one `Lease` call. `span` is the lease's trace
+/// The response stream of one lease, over the client's request stream (any
+/// transport's: the gRPC layer passes tonic's). `span` is the lease's trace
 /// span (disabled when no exporter is configured); every poll runs in it.
-pub fn lease_stream(
-    inbound: Streaming<LeaseRequest>,
+pub(crate) fn lease_stream<S, E>(
+    inbound: S,
     ctx: Arc<LeaseContext>,
     span: Span,
-) -> impl Stream<Item = Result<LeaseResponse, LeaseError>> + Send + 'static {
+) -> impl Stream<Item = Result<LeaseResponse, LeaseError>> + Send + 'static
+where
+    S: Stream<Item = Result<LeaseRequest, E>> + Send + Unpin + 'static,
+    E: InboundError,
+{
     let pump = Pump {
         inbound,
         ctx,
@@ -157,7 +171,7 @@ pub fn lease_stream(
 /// The lease span, with every attribute it will carry declared up front
 /// (`tracing` records only declared fields). OpenTelemetry semantic
 /// convention names where one exists, `lessor.*` otherwise.
-pub fn lease_span() -> Span {
+pub(crate) fn lease_span() -> Span {
     tracing::info_span!(
         target: TARGET,
         "lease",
@@ -183,18 +197,15 @@ pub fn lease_span() -> Span {
     )
 }
 
-/// Marks `span` failed with `error`, and the gRPC status it ends with.
+/// Marks `span` failed with `error` (the transport records the status it
+/// becomes).
 fn fail_span(span: &Span, error: &LeaseError) {
     span.record("otel.status_code", "ERROR");
     span.record("otel.status_description", error.to_string());
-    span.record(
-        "rpc.grpc.status_code",
-        crate::grpc::status::code(error) as i64,
-    );
 }
 
-struct Pump {
-    inbound: Streaming<LeaseRequest>,
+struct Pump<S> {
+    inbound: S,
     ctx: Arc<LeaseContext>,
     phase: Phase,
     span: Span,
@@ -238,15 +249,19 @@ enum Step {
     Violation(LeaseError),
 }
 
-enum Event {
+enum Event<E> {
     Revoked,
     Timer,
     Read(io::Result<usize>),
     Wrote(io::Result<usize>),
-    Message(Option<Result<LeaseRequest, tonic::Status>>),
+    Message(Option<Result<LeaseRequest, E>>),
 }
 
-impl Pump {
+impl<S, E> Pump<S>
+where
+    S: Stream<Item = Result<LeaseRequest, E>> + Unpin,
+    E: InboundError,
+{
     async fn next(&mut self) -> Option<Result<LeaseResponse, LeaseError>> {
         // Until this call finishes, the phase is Done: if the stream is
         // dropped mid-await, the Active moved out below drops with it and its
@@ -306,7 +321,7 @@ impl Pump {
         };
         let acquire = match first {
             None => return Err(None),
-            Some(Err(status)) => return Err(Some(status.into())),
+            Some(Err(e)) => return Err(Some(LeaseError::Inbound(Box::new(e)))),
             Some(Ok(LeaseRequest {
                 msg: Some(lease_request::Msg::Acquire(acquire)),
             })) => acquire,
@@ -399,7 +414,11 @@ impl Pump {
 
 impl Active {
     /// Pumps bytes until there is a message for the client or the lease ends.
-    async fn step(&mut self, inbound: &mut Streaming<LeaseRequest>, ctx: &LeaseContext) -> Step {
+    async fn step<S, E>(&mut self, inbound: &mut S, ctx: &LeaseContext) -> Step
+    where
+        S: Stream<Item = Result<LeaseRequest, E>> + Unpin,
+        E: InboundError,
+    {
         loop {
             if self.read_buf.capacity() - self.read_buf.len() < self.read_size / 4 {
                 self.read_buf.reserve(self.read_size);
@@ -481,12 +500,16 @@ impl Active {
     }
 
     /// Handles one client message; `None` means keep pumping.
-    fn on_message(
+    fn on_message<S, E>(
         &mut self,
-        msg: Option<Result<LeaseRequest, tonic::Status>>,
-        inbound: &mut Streaming<LeaseRequest>,
+        msg: Option<Result<LeaseRequest, E>>,
+        inbound: &mut S,
         max_frame: usize,
-    ) -> Option<Step> {
+    ) -> Option<Step>
+    where
+        S: Stream<Item = Result<LeaseRequest, E>> + Unpin,
+        E: InboundError,
+    {
         let request = match msg {
             // A polite half-close and a cancel look the same here (tonic maps a request-side cancel to the end of the stream).
             None => {
@@ -495,10 +518,10 @@ impl Active {
                     "client stream ended without Release".into(),
                 ));
             }
-            Some(Err(status)) if status.code() == tonic::Code::OutOfRange => {
-                return Some(Step::Violation(status.into()));
+            Some(Err(e)) if e.is_violation() => {
+                return Some(Step::Violation(LeaseError::Inbound(Box::new(e))));
             }
-            Some(Err(status)) => return Some(Step::End(End::Abort, status.message().to_owned())),
+            Some(Err(e)) => return Some(Step::End(End::Abort, e.to_string())),
             Some(Ok(request)) => request,
         };
         match request.msg {

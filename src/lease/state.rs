@@ -3,13 +3,13 @@
 //! and the connection's fate. The README's lease-end table, row by row.
 
 use crate::config::OnAbort;
-use crate::pb::{Disposition, EndReason};
 use crate::pool::EvictReason;
 use crate::pool::health::Liveness;
+use lessor_client::pb::{Disposition, EndReason};
 
 /// Which way the most recent bytes of a lease went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
+pub(crate) enum Direction {
     /// Client to upstream: a request may still be unanswered.
     ToUpstream,
     /// Upstream to client: the last request was (at least partly) answered.
@@ -18,7 +18,7 @@ pub enum Direction {
 
 /// How a lease came to its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
+pub(crate) enum End {
     /// The client sent `Release` with this disposition.
     Release(Disposition),
     /// The stream went away or half-closed without `Release`.
@@ -39,7 +39,7 @@ pub enum End {
 
 /// What happens to the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fate {
+pub(crate) enum Fate {
     /// Back to the idle list.
     Return,
     /// Closed, counted under this reason.
@@ -48,7 +48,7 @@ pub enum Fate {
 
 /// The decision for one lease end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// The `Ended` message to send, if the row sends one.
     pub ended: Option<(Disposition, EndReason)>,
     /// The connection's fate.
@@ -57,13 +57,18 @@ pub struct Outcome {
 
 /// Whether a connection may go back to the pool: the socket is alive with
 /// nothing unread, and no request may still be unanswered.
-pub fn clean(last: Option<Direction>, socket: Liveness) -> bool {
+pub(crate) fn clean(last: Option<Direction>, socket: Liveness) -> bool {
     socket == Liveness::Alive && last != Some(Direction::ToUpstream)
 }
 
 /// Decides how a lease ends. `socket` is a peek taken at the moment of the
 /// decision; `last` is the direction of the most recent bytes.
-pub fn conclude(end: End, last: Option<Direction>, socket: Liveness, on_abort: OnAbort) -> Outcome {
+pub(crate) fn conclude(
+    end: End,
+    last: Option<Direction>,
+    socket: Liveness,
+    on_abort: OnAbort,
+) -> Outcome {
     let evict = |reason: EndReason, why: EvictReason| Outcome {
         ended: Some((Disposition::Evict, reason)),
         fate: Fate::Evict(why),

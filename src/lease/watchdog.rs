@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::pump::Active;
-use crate::pb::LeaseResponse;
+use lessor_client::pb::LeaseResponse;
 
 /// How often parked leases are checked: a stalled lease ends at most this
 /// long after its limit.
@@ -92,7 +92,7 @@ impl LeaseCell {
 
 /// The live leases the watchdog looks after.
 #[derive(Default)]
-pub struct Watchdog {
+pub(crate) struct Watchdog {
     /// Weak: a lease whose stream is dropped goes away with it; the list is
     /// pruned on every tick.
     cells: Mutex<Vec<Weak<LeaseCell>>>,
@@ -114,7 +114,7 @@ impl Watchdog {
 
     /// Ends due parked leases every `TICK`, and every parked lease once
     /// `revoke` fires (the shutdown grace is over). Runs until `stop`.
-    pub async fn run(self: Arc<Self>, revoke: CancellationToken, stop: CancellationToken) {
+    pub(crate) async fn run(self: Arc<Self>, revoke: CancellationToken, stop: CancellationToken) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

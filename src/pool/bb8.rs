@@ -17,7 +17,7 @@ use super::connect::{DialError, Dialer};
 
 /// Dials through lessor's [`Dialer`]; validates nothing itself.
 #[derive(Debug)]
-pub struct Bb8Manager {
+pub(crate) struct Bb8Manager {
     dialer: Arc<Dialer>,
 }
 
@@ -41,7 +41,7 @@ impl bb8::ManageConnection for Bb8Manager {
 }
 
 /// Builds a bb8 pool that leaves every policy to lessor.
-pub fn build(dialer: Arc<Dialer>, max_size: u32) -> bb8::Pool<Bb8Manager> {
+pub(super) fn build(dialer: Arc<Dialer>, max_size: u32) -> bb8::Pool<Bb8Manager> {
     bb8::Pool::builder()
         .max_size(max_size)
         .min_idle(None)

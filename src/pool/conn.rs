@@ -11,7 +11,7 @@ use crate::discovery::EndpointRef;
 /// One upstream socket owned by a pool. Only the pool and the lease holding it
 /// ever touch the socket; nothing else can keep it alive.
 #[derive(Debug)]
-pub struct Conn {
+pub(crate) struct Conn {
     /// The socket. Leases split it for their byte pump.
     pub(crate) stream: TcpStream,
     id: u64,
@@ -36,7 +36,7 @@ pub struct Conn {
 
 impl Conn {
     /// Wraps a freshly dialed socket.
-    pub fn new(
+    pub(crate) fn new(
         stream: TcpStream,
         id: u64,
         endpoint: SocketAddr,
@@ -59,48 +59,48 @@ impl Conn {
     }
 
     /// The discovered endpoint this connection belongs to.
-    pub fn endpoint_ref(&self) -> &EndpointRef {
+    pub(crate) fn endpoint_ref(&self) -> &EndpointRef {
         &self.endpoint_ref
     }
 
     /// Its endpoint is gone, not ready or terminating: the connection must
     /// leave the pool.
-    pub fn retired(&self) -> bool {
+    pub(crate) fn retired(&self) -> bool {
         self.endpoint_ref.endpoint().retired()
     }
 
     /// Process-unique id, stable for the connection's life.
-    pub fn id(&self) -> u64 {
+    pub(crate) fn id(&self) -> u64 {
         self.id
     }
 
     /// The address the socket is connected to.
-    pub fn endpoint(&self) -> SocketAddr {
+    pub(crate) fn endpoint(&self) -> SocketAddr {
         self.endpoint
     }
 
     /// The endpoint as text.
-    pub fn endpoint_str(&self) -> &str {
+    pub(crate) fn endpoint_str(&self) -> &str {
         &self.endpoint_str
     }
 
     /// How many leases this connection has been handed to.
-    pub fn uses(&self) -> u64 {
+    pub(crate) fn uses(&self) -> u64 {
         self.uses
     }
 
     /// Time since the connection last went idle (or was dialed).
-    pub fn idle_for(&self, now: Instant) -> Duration {
+    pub(crate) fn idle_for(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.idle_since)
     }
 
     /// Time since a health check last passed.
-    pub fn unchecked_for(&self, now: Instant) -> Duration {
+    pub(crate) fn unchecked_for(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.validated_at)
     }
 
     /// Whether `max_lifetime` (with its jitter) has passed.
-    pub fn expired(&self, now: Instant) -> bool {
+    pub(crate) fn expired(&self, now: Instant) -> bool {
         now >= self.expires_at
     }
 

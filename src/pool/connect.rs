@@ -27,7 +27,7 @@ use crate::discovery::{EndpointRef, EndpointSet, NoEndpoint};
 
 /// Why a dial produced no connection.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum DialError {
+pub(crate) enum DialError {
     /// The host name did not resolve.
     #[error("cannot resolve {address}: {reason}")]
     Resolve {
@@ -67,7 +67,7 @@ pub enum DialError {
 
 /// Dials one upstream. Shared by the engine adapters and the maintenance loop.
 #[derive(Debug)]
-pub struct Dialer {
+pub(crate) struct Dialer {
     endpoints: Arc<EndpointSet>,
     connect_timeout: Duration,
     max_lifetime: Duration,
@@ -87,7 +87,7 @@ pub struct Dialer {
 impl Dialer {
     /// `next_id` is shared by every pool of the process, so connection ids are
     /// unique across upstreams.
-    pub fn new(
+    pub(crate) fn new(
         endpoints: Arc<EndpointSet>,
         pool: &PoolConfig,
         next_id: Arc<AtomicU64>,
@@ -108,12 +108,12 @@ impl Dialer {
     }
 
     /// The endpoints this dialer picks from.
-    pub fn endpoints(&self) -> &Arc<EndpointSet> {
+    pub(crate) fn endpoints(&self) -> &Arc<EndpointSet> {
         &self.endpoints
     }
 
     /// A receiver whose `changed()` fires on the next failed dial.
-    pub fn subscribe_failures(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe_failures(&self) -> watch::Receiver<u64> {
         self.failures.subscribe()
     }
 
@@ -124,22 +124,22 @@ impl Dialer {
     }
 
     /// The most recent failure, for error details.
-    pub fn last_error(&self) -> Option<String> {
+    pub(crate) fn last_error(&self) -> Option<String> {
         self.last().1.clone()
     }
 
     /// `Some(true)` when the last dial that reached the network succeeded.
-    pub fn last_dial_ok(&self) -> Option<bool> {
+    pub(crate) fn last_dial_ok(&self) -> Option<bool> {
         self.last().0
     }
 
     /// Dials under way right now.
-    pub fn in_flight(&self) -> u32 {
+    pub(crate) fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Dials once: picks an endpoint, connects, counts.
-    pub async fn dial(&self) -> Result<Conn, DialError> {
+    pub(crate) async fn dial(&self) -> Result<Conn, DialError> {
         let dialing = match self.endpoints.choose() {
             Ok(d) => d,
             Err(no) => {

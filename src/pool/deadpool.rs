@@ -17,7 +17,7 @@ use super::connect::{DialError, Dialer};
 
 /// Dials through lessor's [`Dialer`], or hands over a connection [`add`] parked.
 #[derive(Debug)]
-pub struct DeadpoolManager {
+pub(crate) struct DeadpoolManager {
     dialer: Arc<Dialer>,
     /// A dialed connection waiting to enter the pool; filled and drained by
     /// [`add`] without an await in between, so it never holds a socket long.
@@ -58,7 +58,7 @@ impl Manager for DeadpoolManager {
 }
 
 /// Builds a LIFO deadpool pool (hot connections stay hot; extras idle out).
-pub fn build(dialer: Arc<Dialer>, max_size: u32) -> Pool<DeadpoolManager> {
+pub(super) fn build(dialer: Arc<Dialer>, max_size: u32) -> Pool<DeadpoolManager> {
     let manager = DeadpoolManager {
         dialer,
         handoff: Mutex::new(None),
@@ -75,7 +75,7 @@ pub fn build(dialer: Arc<Dialer>, max_size: u32) -> Pool<DeadpoolManager> {
 /// full. Synchronous: every `get` below completes on its first poll (idle
 /// objects recycle at once; `create` takes the handoff), so the idle
 /// connections it briefly holds are back before any other task could miss them.
-pub fn add(pool: &Pool<DeadpoolManager>, conn: Conn) -> Option<Conn> {
+pub(super) fn add(pool: &Pool<DeadpoolManager>, conn: Conn) -> Option<Conn> {
     let manager = pool.manager();
     *manager.handoff.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
     let mut held: Vec<Object<DeadpoolManager>> = Vec::new();

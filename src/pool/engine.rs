@@ -22,7 +22,7 @@ use crate::config::EngineKind;
 
 /// Why an engine produced no connection.
 #[derive(Debug, thiserror::Error)]
-pub enum EngineError {
+pub(crate) enum EngineError {
     /// A dial made for this get failed.
     #[error(transparent)]
     Dial(#[from] DialError),
@@ -32,7 +32,7 @@ pub enum EngineError {
 }
 
 /// One upstream's pool implementation.
-pub enum Engine {
+pub(crate) enum Engine {
     /// bb8 0.9.
     Bb8(bb8::Pool<Bb8Manager>),
     /// deadpool 0.13, managed.
@@ -45,7 +45,7 @@ enum Guard {
 }
 
 /// A connection out of its engine's idle list. Closes on drop unless put back.
-pub struct PoolConn {
+pub(crate) struct PoolConn {
     guard: Option<Guard>,
     /// Shared with the pool: keeps the `out` gauge exact.
     counters: Arc<Counters>,
@@ -53,7 +53,7 @@ pub struct PoolConn {
 
 impl Engine {
     /// Builds the chosen engine. Must run inside a tokio runtime.
-    pub fn new(kind: EngineKind, dialer: Arc<Dialer>, max_size: u32) -> Self {
+    pub(crate) fn new(kind: EngineKind, dialer: Arc<Dialer>, max_size: u32) -> Self {
         match kind {
             EngineKind::Bb8 => Self::Bb8(super::bb8::build(dialer, max_size)),
             EngineKind::Deadpool => Self::Deadpool(super::deadpool::build(dialer, max_size)),
@@ -62,7 +62,7 @@ impl Engine {
 
     /// Takes an idle connection, or dials one when there is room, or waits
     /// for one to come back. Unbounded: the caller sets the deadline.
-    pub async fn get(&self, counters: &Arc<Counters>) -> Result<PoolConn, EngineError> {
+    pub(crate) async fn get(&self, counters: &Arc<Counters>) -> Result<PoolConn, EngineError> {
         let guard = match self {
             Self::Bb8(pool) => match pool.get_owned().await {
                 Ok(conn) => Guard::Bb8(conn),
@@ -80,7 +80,7 @@ impl Engine {
     }
 
     /// Takes an idle connection if one is there right now; never dials.
-    pub fn try_get_idle(&self, counters: &Arc<Counters>) -> Option<PoolConn> {
+    pub(crate) fn try_get_idle(&self, counters: &Arc<Counters>) -> Option<PoolConn> {
         if self.size() <= counters.out.load(Ordering::Relaxed) {
             return None;
         }
@@ -96,7 +96,7 @@ impl Engine {
 
     /// Adds a connection dialed outside the engine (for `min_idle`); gives it
     /// back when the pool is full.
-    pub fn add(&self, conn: Conn) -> Option<Conn> {
+    pub(crate) fn add(&self, conn: Conn) -> Option<Conn> {
         match self {
             Self::Bb8(pool) => match pool.add(conn) {
                 Ok(()) => None,
@@ -107,7 +107,7 @@ impl Engine {
     }
 
     /// Open connections, idle and out.
-    pub fn size(&self) -> u32 {
+    pub(crate) fn size(&self) -> u32 {
         match self {
             Self::Bb8(pool) => pool.state().connections,
             Self::Deadpool(pool) => pool.status().size as u32,
@@ -116,7 +116,7 @@ impl Engine {
 
     /// Closes idle connections and makes every later get fail. deadpool closes
     /// for real; bb8 has no close, so its idle connections are drained.
-    pub fn close(&self, counters: &Arc<Counters>) {
+    pub(crate) fn close(&self, counters: &Arc<Counters>) {
         match self {
             Self::Bb8(_) => {
                 while let Some(conn) = self.try_get_idle(counters) {
@@ -140,14 +140,14 @@ impl PoolConn {
     }
 
     /// Back to the idle list.
-    pub fn put_back(mut self) {
+    pub(crate) fn put_back(mut self) {
         self.endpoint_ref().endpoint().checked_in();
         // Plain drops return to both engines (bb8: `broken` is false).
         drop(self.guard.take());
     }
 
     /// Closes the connection and frees its slot.
-    pub fn discard(mut self) {
+    pub(crate) fn discard(mut self) {
         self.endpoint_ref().endpoint().checked_in();
         self.close_now();
     }

@@ -17,7 +17,7 @@ use crate::config::ProbeConfig;
 
 /// What a peek saw on an idle socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Liveness {
+pub(crate) enum Liveness {
     /// Nothing to read, no EOF: usable.
     Alive,
     /// The peer closed (FIN) or reset the connection.
@@ -29,7 +29,7 @@ pub enum Liveness {
 }
 
 /// Looks at the socket without consuming or waiting.
-pub fn peek(stream: &TcpStream) -> Liveness {
+pub(crate) fn peek(stream: &TcpStream) -> Liveness {
     let mut buf = [MaybeUninit::<u8>::uninit(); 1];
     match SockRef::from(stream).peek(&mut buf) {
         Ok(0) => Liveness::Closed,
@@ -52,7 +52,7 @@ pub fn peek(stream: &TcpStream) -> Liveness {
 
 /// Why a connection failed its check.
 #[derive(Debug, thiserror::Error)]
-pub enum HealthError {
+pub(crate) enum HealthError {
     /// The peer closed the connection while it sat idle.
     #[error("peer closed the connection")]
     Closed,
@@ -80,7 +80,7 @@ pub enum HealthError {
 
 /// Peek, then the probe (when configured), then peek again: bytes beyond the
 /// expected answer are a reply nobody will read.
-pub async fn check(conn: &mut Conn, probe: Option<&ProbeConfig>) -> Result<(), HealthError> {
+pub(crate) async fn check(conn: &mut Conn, probe: Option<&ProbeConfig>) -> Result<(), HealthError> {
     liveness(conn)?;
     if let Some(probe) = probe {
         run_probe(&mut conn.stream, probe).await?;
@@ -91,7 +91,7 @@ pub async fn check(conn: &mut Conn, probe: Option<&ProbeConfig>) -> Result<(), H
 }
 
 /// The peek alone, as an error.
-pub fn liveness(conn: &Conn) -> Result<(), HealthError> {
+pub(crate) fn liveness(conn: &Conn) -> Result<(), HealthError> {
     match peek(&conn.stream) {
         Liveness::Alive => Ok(()),
         Liveness::Closed => Err(HealthError::Closed),

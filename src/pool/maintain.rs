@@ -26,7 +26,7 @@ use super::{EvictReason, Pool, PoolConn, health};
 
 impl Pool {
     /// Runs until `cancel` fires. Owned by the server's task tracker.
-    pub async fn maintain(self: Arc<Self>, cancel: CancellationToken) {
+    pub(crate) async fn maintain(self: Arc<Self>, cancel: CancellationToken) {
         let interval = self.config.health.interval;
         let mut next_sweep = tokio::time::Instant::now() + interval;
         let endpoints = self.dialer.endpoints().clone();

@@ -17,7 +17,7 @@ mod conn;
 mod connect;
 mod deadpool;
 mod engine;
-pub mod health;
+pub(crate) mod health;
 mod maintain;
 mod set;
 mod stats;
@@ -29,11 +29,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::task::TaskTracker;
 
-pub use self::conn::Conn;
-pub use self::connect::{DialError, Dialer};
-pub use self::engine::{Engine, EngineError, PoolConn};
-pub use self::set::{PoolSet, printable_name};
-pub use self::stats::{Counters, EvictReason, Histogram, HistogramSnapshot};
+pub(crate) use self::conn::Conn;
+pub(crate) use self::connect::Dialer;
+pub(crate) use self::engine::{Engine, EngineError, PoolConn};
+pub(crate) use self::set::{PoolSet, printable_name};
+pub(crate) use self::stats::{Counters, EvictReason, HistogramSnapshot};
 use tracing::Instrument;
 
 use crate::config::UpstreamConfig;
@@ -80,7 +80,7 @@ pub enum CheckoutError {
 
 /// A point-in-time view of a pool, for `Stats`, metrics and readiness.
 #[derive(Debug, Clone)]
-pub struct PoolSnapshot {
+pub(crate) struct PoolSnapshot {
     /// The upstream's name.
     pub name: String,
     /// `bb8` or `deadpool`.
@@ -117,7 +117,7 @@ pub struct PoolSnapshot {
 
 /// One upstream's pool. Shared as `Arc<Pool>` by the gRPC service, leases and
 /// the maintenance loop.
-pub struct Pool {
+pub(crate) struct Pool {
     config: UpstreamConfig,
     engine: Engine,
     dialer: Arc<Dialer>,
@@ -132,7 +132,7 @@ pub struct Pool {
 
 /// A connection checked out for a lease. Counts as `leased` until finished;
 /// dropping it unfinished evicts it as `client_abort`.
-pub struct Leased {
+pub(crate) struct Leased {
     conn: Option<PoolConn>,
     pool: Arc<Pool>,
     /// Whether the connection served an earlier lease.
@@ -144,7 +144,7 @@ pub struct Leased {
 impl Pool {
     /// Builds the pool. Connections are dialed by the maintenance loop
     /// ([`Pool::maintain`]) and by checkouts, never here.
-    pub fn new(config: UpstreamConfig, next_conn_id: Arc<AtomicU64>) -> Arc<Self> {
+    pub(crate) fn new(config: UpstreamConfig, next_conn_id: Arc<AtomicU64>) -> Arc<Self> {
         let counters = Arc::new(Counters::default());
         let dialer = Arc::new(Dialer::new(
             crate::discovery::endpoint_set(&config),
@@ -165,27 +165,30 @@ impl Pool {
     }
 
     /// The upstream's name.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.config.name
     }
 
     /// The upstream's configuration.
-    pub fn config(&self) -> &UpstreamConfig {
+    pub(crate) fn config(&self) -> &UpstreamConfig {
         &self.config
     }
 
     /// The upstream's endpoints.
-    pub fn endpoints(&self) -> &Arc<crate::discovery::EndpointSet> {
+    pub(crate) fn endpoints(&self) -> &Arc<crate::discovery::EndpointSet> {
         self.dialer.endpoints()
     }
 
     /// The live counters.
-    pub fn counters(&self) -> &Counters {
+    pub(crate) fn counters(&self) -> &Counters {
         &self.counters
     }
 
     /// Checks a connection out for a lease, waiting at most `timeout`.
-    pub async fn checkout(self: &Arc<Self>, timeout: Duration) -> Result<Leased, CheckoutError> {
+    pub(crate) async fn checkout(
+        self: &Arc<Self>,
+        timeout: Duration,
+    ) -> Result<Leased, CheckoutError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(CheckoutError::Closed);
         }
@@ -473,12 +476,12 @@ impl Pool {
     }
 
     /// Waits for probes that outlived their checkouts (after [`Pool::close`]).
-    pub async fn wait_tasks(&self) {
+    pub(crate) async fn wait_tasks(&self) {
         self.tasks.wait().await;
     }
 
     /// Closes a connection and counts why.
-    pub fn evict(&self, conn: PoolConn, reason: EvictReason) {
+    pub(crate) fn evict(&self, conn: PoolConn, reason: EvictReason) {
         // A span event on the lease or checkout this happens in (none in the
         // background sweep).
         tracing::info!(
@@ -492,12 +495,12 @@ impl Pool {
     }
 
     /// Open connections right now.
-    pub fn connections(&self) -> u32 {
+    pub(crate) fn connections(&self) -> u32 {
         self.engine.size()
     }
 
     /// Idle connections right now.
-    pub fn idle(&self) -> u32 {
+    pub(crate) fn idle(&self) -> u32 {
         self.engine
             .size()
             .saturating_sub(self.counters.out.load(Ordering::Relaxed))
@@ -507,7 +510,7 @@ impl Pool {
     /// knows a ready endpoint, and its last dial succeeded or it holds a
     /// connection that has not failed a check since. Saturation plays no
     /// part.
-    pub fn ready(&self) -> bool {
+    pub(crate) fn ready(&self) -> bool {
         let endpoints = self.dialer.endpoints();
         !self.closed.load(Ordering::Acquire)
             && endpoints.status().synced
@@ -519,7 +522,7 @@ impl Pool {
     }
 
     /// Whether the upstream can serve a lease, and why, for `/readyz?verbose`.
-    pub fn readiness(&self) -> (bool, String) {
+    pub(crate) fn readiness(&self) -> (bool, String) {
         let ready = self.ready();
         let size = self.engine.size();
         let source = self.dialer.endpoints().status();
@@ -551,12 +554,12 @@ impl Pool {
     }
 
     /// Dials under way now (connections the pool is opening).
-    pub fn connecting(&self) -> u32 {
+    pub(crate) fn connecting(&self) -> u32 {
         self.dialer.in_flight()
     }
 
     /// Counters and gauges for `Stats`.
-    pub fn snapshot(&self) -> PoolSnapshot {
+    pub(crate) fn snapshot(&self) -> PoolSnapshot {
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         PoolSnapshot {
@@ -584,7 +587,7 @@ impl Pool {
 
     /// Refuses new checkouts and closes idle connections. Leased connections
     /// close as their leases end.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.tasks.close();
         let idle = self.idle();
@@ -597,24 +600,24 @@ impl Pool {
 
 impl Leased {
     /// The connection.
-    pub fn conn(&self) -> &Conn {
+    pub(crate) fn conn(&self) -> &Conn {
         self.conn.as_ref().expect("held until finished")
     }
 
     /// The connection, for the byte pump.
-    pub fn conn_mut(&mut self) -> &mut Conn {
+    pub(crate) fn conn_mut(&mut self) -> &mut Conn {
         self.conn.as_mut().expect("held until finished")
     }
 
     /// The pool the connection belongs to.
-    pub fn pool(&self) -> &Arc<Pool> {
+    pub(crate) fn pool(&self) -> &Arc<Pool> {
         &self.pool
     }
 
     /// Gives the connection back to the idle list, unless its endpoint has
     /// retired meanwhile (then it is closed as `endpoint_removed`); returns
     /// whether it went back.
-    pub fn give_back(mut self) -> bool {
+    pub(crate) fn give_back(mut self) -> bool {
         let Some(mut conn) = self.take_conn() else {
             return false;
         };
@@ -628,7 +631,7 @@ impl Leased {
     }
 
     /// Closes the connection, counted under `reason`.
-    pub fn evict(mut self, reason: EvictReason) {
+    pub(crate) fn evict(mut self, reason: EvictReason) {
         if let Some(conn) = self.take_conn() {
             self.pool.evict(conn, reason);
         }

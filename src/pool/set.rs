@@ -12,7 +12,7 @@ use crate::config::UpstreamConfig;
 use crate::discovery::Resolver;
 
 /// The pools, in configuration order. Immutable after start.
-pub struct PoolSet {
+pub(crate) struct PoolSet {
     pools: Vec<Arc<Pool>>,
     by_name: HashMap<String, usize>,
 }
@@ -20,7 +20,7 @@ pub struct PoolSet {
 impl PoolSet {
     /// Builds one pool per upstream; connection ids are unique across them.
     /// Must run inside a tokio runtime. Dials nothing until [`PoolSet::start`].
-    pub fn new(upstreams: &[UpstreamConfig]) -> Self {
+    pub(crate) fn new(upstreams: &[UpstreamConfig]) -> Self {
         let next_conn_id = Arc::new(AtomicU64::new(1));
         let pools: Vec<_> = upstreams
             .iter()
@@ -37,7 +37,7 @@ impl PoolSet {
     /// Starts each pool's discovery source and maintenance loop (which also
     /// makes the startup dial) on `tracker`, stopped by `cancel`. `resolver`
     /// serves DNS discovery.
-    pub fn start(
+    pub(crate) fn start(
         &self,
         tracker: &TaskTracker,
         cancel: &CancellationToken,
@@ -56,29 +56,29 @@ impl PoolSet {
     }
 
     /// The pool named `name`.
-    pub fn get(&self, name: &str) -> Option<&Arc<Pool>> {
+    pub(crate) fn get(&self, name: &str) -> Option<&Arc<Pool>> {
         self.by_name.get(name).map(|&i| &self.pools[i])
     }
 
     /// All pools, in configuration order.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Pool>> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<Pool>> {
         self.pools.iter()
     }
 
     /// The configured names, in order.
-    pub fn names(&self) -> Vec<&str> {
+    pub(crate) fn names(&self) -> Vec<&str> {
         self.pools.iter().map(|p| p.name()).collect()
     }
 
     /// Waits for every pool's background probes (after [`PoolSet::close`]).
-    pub async fn wait_tasks(&self) {
+    pub(crate) async fn wait_tasks(&self) {
         for pool in &self.pools {
             pool.wait_tasks().await;
         }
     }
 
     /// Closes every pool (shutdown).
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         for pool in &self.pools {
             pool.close();
         }
@@ -91,7 +91,7 @@ const NAME_ECHO_MAX: usize = 64;
 /// A client-supplied upstream name as an error message may repeat it: cut to
 /// `NAME_ECHO_MAX` bytes (on a character boundary), with the full length
 /// said. A 20 kB name must not turn NOT_FOUND into a metadata-size error.
-pub fn printable_name(name: &str) -> String {
+pub(crate) fn printable_name(name: &str) -> String {
     if name.len() <= NAME_ECHO_MAX {
         return name.to_owned();
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 /// Why a connection was closed. The names are the keys of
 /// `UpstreamStats.evictions` and of the `reason` metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EvictReason {
+pub(crate) enum EvictReason {
     /// A liveness peek or probe failed.
     HealthCheck,
     /// Idle beyond `min_idle` for longer than `idle_timeout`.
@@ -37,7 +37,7 @@ pub enum EvictReason {
 
 impl EvictReason {
     /// Every reason, in a stable order.
-    pub const ALL: [EvictReason; 12] = [
+    pub(crate) const ALL: [EvictReason; 12] = [
         Self::HealthCheck,
         Self::IdleTimeout,
         Self::MaxLifetime,
@@ -53,7 +53,7 @@ impl EvictReason {
     ];
 
     /// The wire and label name.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::HealthCheck => "health_check",
             Self::IdleTimeout => "idle_timeout",
@@ -78,7 +78,7 @@ impl EvictReason {
 /// Monotonic counters and live gauges. Relaxed ordering throughout: each
 /// value is independent and read only for reporting.
 #[derive(Debug)]
-pub struct Counters {
+pub(crate) struct Counters {
     /// Leases handed a connection.
     pub leases_granted: AtomicU64,
     /// Dials that produced a connection.
@@ -135,14 +135,14 @@ impl Default for Counters {
 
 /// Upper bounds (seconds) for lease durations: from a pipelined request to a
 /// lease held for minutes.
-pub const LEASE_BUCKETS: &[f64] = &[
+pub(super) const LEASE_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     60.0, 300.0,
 ];
 
 /// Upper bounds (seconds) for checkout waits: from a warm idle connection to
 /// a checkout timeout.
-pub const WAIT_BUCKETS: &[f64] = &[
+pub(super) const WAIT_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0,
 ];
@@ -150,7 +150,7 @@ pub const WAIT_BUCKETS: &[f64] = &[
 /// A lock-free fixed-bucket histogram: one atomic add per bucket, count and
 /// sum on the hot path; the exporter reads it on scrape.
 #[derive(Debug)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     bounds: &'static [f64],
     /// One slot per bound, plus one for `+Inf`.
     buckets: Box<[AtomicU64]>,
@@ -161,7 +161,7 @@ pub struct Histogram {
 /// A histogram read out: per-bucket (not cumulative) counts with their upper
 /// bounds, the last being `+Inf`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct HistogramSnapshot {
+pub(crate) struct HistogramSnapshot {
     /// Sum of observations, in seconds.
     pub sum: f64,
     /// Number of observations.
@@ -172,7 +172,7 @@ pub struct HistogramSnapshot {
 
 impl Histogram {
     /// An empty histogram over `bounds` (ascending, in seconds).
-    pub fn new(bounds: &'static [f64]) -> Self {
+    pub(crate) fn new(bounds: &'static [f64]) -> Self {
         Self {
             bounds,
             buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
@@ -182,7 +182,7 @@ impl Histogram {
     }
 
     /// Records one observation.
-    pub fn observe(&self, d: Duration) {
+    pub(crate) fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
         let i = self.bounds.partition_point(|b| *b < secs);
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
@@ -192,7 +192,7 @@ impl Histogram {
     }
 
     /// Reads the histogram.
-    pub fn snapshot(&self) -> HistogramSnapshot {
+    pub(crate) fn snapshot(&self) -> HistogramSnapshot {
         let buckets = self
             .bounds
             .iter()
@@ -210,12 +210,12 @@ impl Histogram {
 
 impl Counters {
     /// Counts one closed connection.
-    pub fn evicted(&self, reason: EvictReason) {
+    pub(crate) fn evicted(&self, reason: EvictReason) {
         self.evictions[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Closed connections so far, by reason.
-    pub fn evictions(&self, reason: EvictReason) -> u64 {
+    pub(crate) fn evictions(&self, reason: EvictReason) -> u64 {
         self.evictions[reason.index()].load(Ordering::Relaxed)
     }
 }

@@ -35,14 +35,14 @@ impl SpanCounters {
 
 /// Counts what the real exporter did with each batch.
 #[derive(Debug)]
-pub struct CountingExporter<E> {
+pub(super) struct CountingExporter<E> {
     inner: E,
     counters: Arc<SpanCounters>,
 }
 
 impl<E> CountingExporter<E> {
     /// Wraps `inner`.
-    pub fn new(inner: E, counters: Arc<SpanCounters>) -> Self {
+    pub(super) fn new(inner: E, counters: Arc<SpanCounters>) -> Self {
         Self { inner, counters }
     }
 }
@@ -75,7 +75,7 @@ impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
 
 /// Drops (and counts) spans the batch processor has no room for.
 #[derive(Debug)]
-pub struct Bounded<P> {
+pub(super) struct Bounded<P> {
     inner: P,
     max_queue: u64,
     counters: Arc<SpanCounters>,
@@ -83,7 +83,7 @@ pub struct Bounded<P> {
 
 impl<P> Bounded<P> {
     /// Wraps `inner`, whose queue holds `max_queue` spans.
-    pub fn new(inner: P, max_queue: usize, counters: Arc<SpanCounters>) -> Self {
+    pub(super) fn new(inner: P, max_queue: usize, counters: Arc<SpanCounters>) -> Self {
         Self {
             inner,
             max_queue: max_queue as u64,

@@ -12,7 +12,7 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
 /// Wraps the standard text or JSON event format.
-pub enum WithTraceId {
+pub(super) enum WithTraceId {
     /// `trace_id=... ` then the standard line.
     Text(Format<Full>),
     /// The standard JSON object with `"trace_id"` first.
@@ -21,14 +21,14 @@ pub enum WithTraceId {
 
 impl WithTraceId {
     /// The text format, without targets.
-    pub fn text() -> Self {
+    pub(super) fn text() -> Self {
         let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
         Self::Text(Format::default().with_target(false).with_ansi(ansi))
     }
 
     /// The JSON format, with the current span list left out (spans never
     /// reach the log layer).
-    pub fn json() -> Self {
+    pub(super) fn json() -> Self {
         Self::Json(
             Format::default()
                 .json()

@@ -15,7 +15,7 @@
 
 mod export;
 mod logfmt;
-pub mod propagation;
+pub(crate) mod propagation;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +35,7 @@ pub use export::SpanCounters;
 use crate::config::{OtlpProtocol, TelemetryConfig};
 
 /// The `tracing` target of every span and span event meant for traces.
-pub const TARGET: &str = "lessor::otel";
+pub(crate) const TARGET: &str = "lessor::otel";
 
 /// How log events are written to stdout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -71,7 +71,7 @@ pub enum TelemetryError {
 
 /// Where and how traces go, after the environment has had its say.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExportTarget {
+pub(crate) struct ExportTarget {
     /// The transport.
     pub protocol: OtlpProtocol,
     /// The endpoint from the config file, or `None` when an `OTEL_*`
@@ -83,7 +83,7 @@ pub struct ExportTarget {
 /// Resolves the export target: `OTEL_*` variables win over the file; no
 /// endpoint anywhere (or `OTEL_SDK_DISABLED=true`, `OTEL_TRACES_EXPORTER=none`)
 /// means no export.
-pub fn resolve(
+pub(crate) fn resolve(
     config: &TelemetryConfig,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Option<ExportTarget>, TelemetryError> {
@@ -144,11 +144,6 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Whether traces are exported.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Flushes and stops the exporter, waiting at most `within`. The SDK's
     /// flush blocks (and deadlocks on a current-thread runtime), so
     /// it runs on the blocking pool; past `within` it is abandoned.
@@ -169,7 +164,7 @@ impl Telemetry {
 /// The resource every span carries: `service.name` (default `lessor`),
 /// `service.version`, the pod's identity from the downward API, then
 /// `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SERVICE_NAME` on top.
-pub fn resource(env: impl Fn(&str) -> Option<String>) -> Resource {
+pub(crate) fn resource(env: impl Fn(&str) -> Option<String>) -> Resource {
     let mut defaults = vec![
         KeyValue::new("service.name", "lessor"),
         KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),

@@ -26,6 +26,6 @@ impl Extractor for MetadataExtractor<'_> {
 
 /// The remote parent context carried by `metadata`, through the global
 /// propagator (W3C trace context once telemetry is on; a no-op otherwise).
-pub fn extract(metadata: &MetadataMap) -> Context {
+pub(crate) fn extract(metadata: &MetadataMap) -> Context {
     opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)))
 }

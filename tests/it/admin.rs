@@ -6,10 +6,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use lessor::admin::fetch;
-use lessor::client::{Client, LeaseOptions};
-use lessor::config::EngineKind;
-use lessor::pb::{Disposition, EndReason};
+use crate::support::http::fetch;
+use lessor::EngineKind;
+use lessor_client::pb::{Disposition, EndReason};
+use lessor_client::{Client, LeaseOptions};
 
 use crate::support::process::Served;
 use crate::support::{

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use lessor::config::EngineKind;
-use lessor::pb::Disposition;
+use lessor::EngineKind;
+use lessor_client::pb::Disposition;
 
 use crate::for_both_engines;
 use crate::support::{Lessor, Mode, TestUpstream, config_one, eventually};
@@ -100,7 +100,7 @@ async fn backpressure_deaf_upstream_stalls_the_client(engine: EngineKind) {
     // (Dropping the lease would not help: the client's HTTP/2 stream stays
     // open while its upload waits for window, which is what this test shows.)
     let ended = lease.finish().await.unwrap().expect("an Ended");
-    assert_eq!(ended.reason(), lessor::pb::EndReason::LeaseIdle);
+    assert_eq!(ended.reason(), lessor_client::pb::EndReason::LeaseIdle);
     lessor
         .wait_for("the lease to end", |s| {
             s.leased == 0 && crate::support::evictions(s, "lease_idle") == 1

@@ -4,7 +4,7 @@
 
 use std::process::Output;
 
-use lessor::config::EngineKind;
+use lessor::EngineKind;
 use tokio::process::Command;
 
 use crate::support::{Lessor, TestUpstream, config_one};
@@ -177,43 +177,4 @@ async fn cli_example_configs_are_valid() {
             text(&out.stderr)
         );
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cli_bench_load_against_a_running_lessor() {
-    let up = TestUpstream::start().await;
-    let server = Lessor::start(&config_one(&up.addr(), EngineKind::Deadpool, &[])).await;
-    for pipeline in [false, true] {
-        let mut args = vec![
-            "bench",
-            "--target",
-            &server.addr,
-            "--upstream",
-            "up",
-            "--concurrency",
-            "4",
-            "--duration",
-            "300ms",
-            "--payload",
-            "32",
-        ];
-        if pipeline {
-            args.push("--pipeline");
-        }
-        let out = lessor(&args).await;
-        let stdout = text(&out.stdout);
-        assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
-        assert!(
-            stdout.contains("leases/s") && stdout.contains(", 0 errors"),
-            "{stdout}"
-        );
-        for row in ["acquire", "request", "cycle"] {
-            assert!(
-                stdout.lines().any(|l| l.trim_start().starts_with(row)),
-                "{stdout}"
-            );
-        }
-    }
-    let out = lessor(&["bench", "--target", &server.addr]).await;
-    assert_eq!(out.status.code(), Some(2), "--upstream is required");
 }

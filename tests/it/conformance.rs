@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use lessor::client::LeaseOptions;
-use lessor::config::EngineKind;
-use lessor::pb::{Disposition, EndReason};
+use lessor::EngineKind;
+use lessor_client::LeaseOptions;
+use lessor_client::pb::{Disposition, EndReason};
 use tonic::Code;
 
 use crate::for_both_engines;
@@ -19,7 +19,7 @@ use crate::support::{
 
 /// Connections closed for any reason but `surplus` (a startup dial that lost
 /// the race to the first lease's own, closed unused).
-fn closed(s: &lessor::pb::UpstreamStats) -> u64 {
+fn closed(s: &lessor_client::pb::UpstreamStats) -> u64 {
     s.evictions
         .iter()
         .filter(|(reason, _)| *reason != "surplus")
@@ -233,9 +233,7 @@ async fn lease_abort_with_unanswered_request_evicts_even_with_on_abort_return(en
 async fn lease_client_connection_lost_without_reset_stream_aborts(engine: EngineKind) {
     let (_up, lessor) = start(engine, &[]).await;
     let proxy = crate::support::proxy::CutProxy::start(&lessor.addr).await;
-    let far = lessor::client::Client::connect(&proxy.addr())
-        .await
-        .unwrap();
+    let far = lessor_client::Client::connect(&proxy.addr()).await.unwrap();
     let mut lease = far.lease("up", &LeaseOptions::default()).await.unwrap();
     lease.send("x").await.unwrap();
     lease.recv_at_least(1).await.unwrap();

@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use lessor::client::{Client, LeaseOptions};
-use lessor::config::EngineKind;
-use lessor::discovery::Resolver;
-use lessor::pb::{Disposition, EndpointStats, UpstreamStats};
-use lessor::server::RunOptions;
+use lessor::EngineKind;
+use lessor::Resolver;
+use lessor::RunOptions;
+use lessor_client::pb::{Disposition, EndpointStats, UpstreamStats};
+use lessor_client::{Client, LeaseOptions};
 
 use crate::support::kube_api::{FakeApi, slice};
 use crate::support::process::Served;
@@ -303,13 +303,13 @@ async fn discovery_kubernetes_api_down_keeps_the_last_endpoints() {
     let (served, _dir) = serve_with(&api, &kube_config("pool: { min_idle: 1 }", &[])).await;
     // Never synced: not ready, and says why.
     crate::support::eventually("not ready before the first sync", || async {
-        let r = lessor::admin::fetch(&served.admin, "/readyz?verbose", None).await;
+        let r = crate::support::http::fetch(&served.admin, "/readyz?verbose", None).await;
         r.is_ok_and(|r| r.status == 503 && r.body.contains("kubernetes shop/redis"))
     })
     .await;
     api.set_down(false);
     crate::support::eventually("ready after the first sync", || async {
-        lessor::admin::fetch(&served.admin, "/readyz", None)
+        crate::support::http::fetch(&served.admin, "/readyz", None)
             .await
             .is_ok_and(|r| r.status == 200)
     })
@@ -317,7 +317,7 @@ async fn discovery_kubernetes_api_down_keeps_the_last_endpoints() {
 
     api.set_down(true);
     crate::support::eventually("the outage reported", || async {
-        lessor::admin::fetch(&served.admin, "/readyz?verbose", None)
+        crate::support::http::fetch(&served.admin, "/readyz?verbose", None)
             .await
             .is_ok_and(|r| {
                 r.status == 200
@@ -336,7 +336,7 @@ async fn discovery_kubernetes_api_down_keeps_the_last_endpoints() {
     }
     api.set_down(false);
     crate::support::eventually("the source recovers", || async {
-        lessor::admin::fetch(&served.admin, "/readyz?verbose", None)
+        crate::support::http::fetch(&served.admin, "/readyz?verbose", None)
             .await
             .is_ok_and(|r| !r.body.contains("API unreachable"))
     })
@@ -531,7 +531,7 @@ async fn discovery_failing_probes_eject_an_endpoint_on_deadpool() {
     assert_eq!(s.connect_errors, 0, "ejected by probes, not dials: {s:#?}");
     assert!(s.health_check_failures >= 2, "{s:#?}");
     assert!(evictions(&s, "health_check") >= 2, "{s:#?}");
-    let metrics = lessor::admin::fetch(&lessor.admin, "/metrics", None)
+    let metrics = crate::support::http::fetch(&lessor.admin, "/metrics", None)
         .await
         .unwrap()
         .body;
@@ -587,7 +587,11 @@ async fn discovery_readiness_follows_endpoints() {
     .await;
     let readyz = |path: &'static str| {
         let admin = served.admin.clone();
-        async move { lessor::admin::fetch(&admin, path, None).await.unwrap() }
+        async move {
+            crate::support::http::fetch(&admin, path, None)
+                .await
+                .unwrap()
+        }
     };
     crate::support::eventually("ready", || async { readyz("/readyz").await.status == 200 }).await;
     api.apply("shop", pods(false));

@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use lessor::client::LeaseOptions;
-use lessor::config::EngineKind;
-use lessor::pb::{Disposition, EndReason};
+use lessor::EngineKind;
+use lessor_client::LeaseOptions;
+use lessor_client::pb::{Disposition, EndReason};
 
 use crate::for_both_engines;
 use crate::support::proxy::{Fault, FaultProxy};

@@ -11,11 +11,11 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use lessor::client::{Client, LeaseOptions};
-use lessor::config::{Config, EngineKind};
-use lessor::pb::pool_client::PoolClient;
-use lessor::pb::{Acquire, Disposition, LeaseRequest, lease_request};
-use lessor::server::{self, Listener, Listeners};
+use lessor::{Config, EngineKind};
+use lessor::{Listener, Listeners};
+use lessor_client::pb::pool_client::PoolClient;
+use lessor_client::pb::{Acquire, Disposition, LeaseRequest, lease_request};
+use lessor_client::{Client, LeaseOptions};
 use tokio::runtime::Runtime;
 
 use crate::support::process::Served;
@@ -136,7 +136,7 @@ async fn churn(addr: &str, leases_per_client: usize) {
     }
 }
 
-async fn settled(client: &Client) -> lessor::pb::UpstreamStats {
+async fn settled(client: &Client) -> lessor_client::pb::UpstreamStats {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let s = client.stats("up").await.unwrap().remove(0);
@@ -167,7 +167,7 @@ fn leak_tasks_return_to_baseline(engine: EngineKind) {
     let addr = listeners.grpc.local_addr();
     let admin = listeners.admin_addr();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = server_rt.spawn(server::run(config, listeners, async {
+    let served = server_rt.spawn(lessor::run(config, listeners, async {
         let _ = stopped.await;
     }));
 
@@ -178,7 +178,11 @@ fn leak_tasks_return_to_baseline(engine: EngineKind) {
     // a task left behind by the churn.
     client_rt.block_on(crate::support::eventually(
         "the admin server answers",
-        || async { lessor::admin::fetch(&admin, "/livez", None).await.is_ok() },
+        || async {
+            crate::support::http::fetch(&admin, "/livez", None)
+                .await
+                .is_ok()
+        },
     ));
     let baseline = server_rt.metrics().num_alive_tasks();
 

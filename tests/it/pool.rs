@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-use lessor::client::LeaseOptions;
-use lessor::config::EngineKind;
-use lessor::pb::Disposition;
+use lessor::EngineKind;
+use lessor_client::LeaseOptions;
+use lessor_client::pb::Disposition;
 
 use crate::conformance::{FAST_SWEEP, start};
 use crate::for_both_engines;

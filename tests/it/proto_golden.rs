@@ -13,7 +13,8 @@ use prost_types::{DescriptorProto, FileDescriptorSet};
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/proto/golden/lessor.v1.txt");
 
 fn render() -> String {
-    let set = FileDescriptorSet::decode(lessor::pb::FILE_DESCRIPTOR_SET).expect("descriptor set");
+    let set =
+        FileDescriptorSet::decode(lessor_client::pb::FILE_DESCRIPTOR_SET).expect("descriptor set");
     let mut out = String::new();
     for file in &set.file {
         let package = file.package();

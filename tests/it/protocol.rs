@@ -4,9 +4,11 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use lessor::config::EngineKind;
-use lessor::pb::pool_client::PoolClient;
-use lessor::pb::{Acquire, LeaseRequest, LeaseResponse, Release, lease_request, lease_response};
+use lessor::EngineKind;
+use lessor_client::pb::pool_client::PoolClient;
+use lessor_client::pb::{
+    Acquire, LeaseRequest, LeaseResponse, Release, lease_request, lease_response,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Streaming};
@@ -106,7 +108,7 @@ async fn still_serving(lessor: &Lessor) {
     lease.send("ok").await.unwrap();
     assert_eq!(lease.recv_at_least(2).await.unwrap(), "ok");
     lease
-        .release(lessor::pb::Disposition::Return)
+        .release(lessor_client::pb::Disposition::Return)
         .await
         .unwrap();
 }
@@ -251,7 +253,9 @@ async fn protocol_cancel_while_waiting_for_a_connection_leaks_nothing(engine: En
         .await;
     drop(waiting);
     lessor.wait_for("waiters gone", |s| s.waiting == 0).await;
-    held.release(lessor::pb::Disposition::Return).await.unwrap();
+    held.release(lessor_client::pb::Disposition::Return)
+        .await
+        .unwrap();
     still_serving(&lessor).await;
     let s = lessor.stats("up").await;
     assert_eq!(s.leased, 0);
@@ -286,7 +290,7 @@ async fn protocol_frame_of_exactly_max_frame_is_accepted(engine: EngineKind) {
     let (msgs, status) = drain(&mut stream).await;
     assert!(status.is_none(), "{status:?}");
     assert!(
-        matches!(msgs.last().and_then(|m| m.msg.as_ref()), Some(lease_response::Msg::Ended(e)) if e.disposition() == lessor::pb::Disposition::Return),
+        matches!(msgs.last().and_then(|m| m.msg.as_ref()), Some(lease_response::Msg::Ended(e)) if e.disposition() == lessor_client::pb::Disposition::Return),
         "{msgs:?}"
     );
 }

@@ -5,8 +5,8 @@
 //! readiness through a kill and restart. Skipped with a message where
 //! redis-server is missing, unless `LESSOR_REQUIRE_REDIS=1`.
 
-use lessor::config::EngineKind;
-use lessor::pb::{Disposition, EndReason};
+use lessor::EngineKind;
+use lessor_client::pb::{Disposition, EndReason};
 
 use crate::for_both_engines;
 use crate::support::redis::Redis;

@@ -1,9 +1,9 @@
 //! The server around the pools: Unix-socket listener, gRPC reflection, and
 //! the WAIT_FOR_CLIENTS drain.
 
-use lessor::client::{Client, LeaseOptions};
-use lessor::config::EngineKind;
-use lessor::pb::{Disposition, EndReason};
+use lessor::EngineKind;
+use lessor_client::pb::{Disposition, EndReason};
+use lessor_client::{Client, LeaseOptions};
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -195,8 +195,8 @@ async fn server_unix_socket_gets_its_mode_and_never_replaces_a_file() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("lessor.sock");
-    let addr: lessor::config::ListenAddr = format!("unix://{}", path.display()).parse().unwrap();
-    let listener = lessor::server::Listener::bind_with_mode(&addr, lessor::config::UnixMode(0o600))
+    let addr: lessor::ListenAddr = format!("unix://{}", path.display()).parse().unwrap();
+    let listener = lessor::Listener::bind_with_mode(&addr, lessor::UnixMode(0o600))
         .await
         .unwrap();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
@@ -204,10 +204,7 @@ async fn server_unix_socket_gets_its_mode_and_never_replaces_a_file() {
     drop(listener);
     // A regular file where the socket should go is an error, and survives.
     std::fs::write(&path, "precious").unwrap();
-    let err = lessor::server::Listener::bind(&addr)
-        .await
-        .err()
-        .expect("refused");
+    let err = lessor::Listener::bind(&addr).await.err().expect("refused");
     assert!(err.to_string().contains("not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
 }

@@ -6,10 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use lessor::client::LeaseOptions;
-use lessor::config::EngineKind;
-use lessor::pb::LeaseRequest;
-use lessor::pb::pool_client::PoolClient;
+use lessor::EngineKind;
+use lessor_client::LeaseOptions;
+use lessor_client::pb::LeaseRequest;
+use lessor_client::pb::pool_client::PoolClient;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 

@@ -3,8 +3,8 @@
 //! (hyper does not poll a response stream then), and stalled leases do not
 //! freeze the other leases on the same HTTP/2 connection.
 
-use lessor::config::EngineKind;
-use lessor::pb::{Disposition, EndReason};
+use lessor::EngineKind;
+use lessor_client::pb::{Disposition, EndReason};
 
 use crate::for_both_engines;
 use crate::support::{Lessor, Mode, PATIENCE, TestUpstream, config_one, eventually, evictions};

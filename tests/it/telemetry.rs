@@ -4,9 +4,9 @@
 //! never notice; JSON logs carrying the trace id; and, when `LESSOR_ROTEL`
 //! names a `rotel-agent` binary, the same through a real collector.
 
-use lessor::client::{Client, LeaseOptions};
-use lessor::config::EngineKind;
-use lessor::pb::Disposition;
+use lessor::EngineKind;
+use lessor_client::pb::Disposition;
+use lessor_client::{Client, LeaseOptions};
 
 use crate::support::otlp::{Got, Received, Receiver};
 use crate::support::process::Served;
@@ -273,7 +273,7 @@ async fn telemetry_dead_collector_leaves_leases_alone() {
     }
     // Spans that could not go anywhere are counted, not kept.
     crate::support::eventually("failed or dropped spans counted", || async {
-        let m = lessor::admin::fetch(&served.admin, "/metrics", None)
+        let m = crate::support::http::fetch(&served.admin, "/metrics", None)
             .await
             .unwrap()
             .body;

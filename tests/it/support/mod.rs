@@ -1,6 +1,7 @@
 //! Shared fixtures: real upstream servers, an in-process lessor on a free
 //! port, and condition waits (never bare sleeps).
 
+pub mod http;
 pub mod kube_api;
 pub mod otlp;
 pub mod ports;
@@ -17,7 +18,7 @@ macro_rules! for_both_engines {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(lessor::config::EngineKind::Bb8).await
+                    super::$name(lessor::EngineKind::Bb8).await
                 }
             )*
         }
@@ -25,7 +26,7 @@ macro_rules! for_both_engines {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(lessor::config::EngineKind::Deadpool).await
+                    super::$name(lessor::EngineKind::Deadpool).await
                 }
             )*
         }
@@ -35,10 +36,10 @@ macro_rules! for_both_engines {
 use std::future::Future;
 use std::time::Duration;
 
-use lessor::client::{Client, ClientError, Lease, LeaseOptions};
-use lessor::config::{Config, EngineKind};
-use lessor::pb::UpstreamStats;
-use lessor::server::{self, Listener, Listeners, ServerError};
+use lessor::{Config, EngineKind};
+use lessor::{Listener, Listeners, ServerError};
+use lessor_client::pb::UpstreamStats;
+use lessor_client::{Client, ClientError, Lease, LeaseOptions};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -98,11 +99,11 @@ impl Lessor {
 
     /// Starts lessor with this YAML config, listening on `listen`.
     pub async fn start_on(yaml: &str, listen: &str) -> Self {
-        Self::start_with(yaml, listen, server::RunOptions::default()).await
+        Self::start_with(yaml, listen, lessor::RunOptions::default()).await
     }
 
     /// Starts lessor with this YAML config and run options.
-    pub async fn start_with(yaml: &str, listen: &str, options: server::RunOptions) -> Self {
+    pub async fn start_with(yaml: &str, listen: &str, options: lessor::RunOptions) -> Self {
         let config = Config::from_yaml(yaml).unwrap_or_else(|e| panic!("test config: {e}\n{yaml}"));
         let listeners = Listeners {
             grpc: Listener::bind(&listen.parse().unwrap()).await.unwrap(),
@@ -111,7 +112,7 @@ impl Lessor {
         let addr = listeners.grpc.local_addr();
         let admin = listeners.admin_addr();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run_with(
+        let task = tokio::spawn(lessor::run_with(
             config,
             listeners,
             async {

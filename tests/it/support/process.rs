@@ -4,7 +4,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use lessor::client::Client;
+use lessor_client::Client;
 
 /// A running `lessor serve`, killed on drop.
 pub struct Served {
@@ -93,7 +93,7 @@ impl Served {
         };
         let deadline = tokio::time::Instant::now() + super::PATIENCE;
         while tokio::time::Instant::now() < deadline {
-            if lessor::admin::fetch(&served.admin, "/livez", None)
+            if crate::support::http::fetch(&served.admin, "/livez", None)
                 .await
                 .is_ok()
             {

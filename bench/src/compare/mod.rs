@@ -1,4 +1,4 @@
-//! `lessor bench --compare`: one self-contained run on this machine. It
+//! `lessor-bench --compare`: one self-contained run on this machine. It
 //! starts an upstream (the in-process echo server, or `redis-server` with
 //! `--redis`), a bare tonic echo server as the gRPC baseline, and a
 //! `lessor serve` child process, then measures side by side:
@@ -31,10 +31,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
-use super::{BenchError, Percentiles, histogram, lease_cycle, read_reply, record};
-use crate::client::{Client, LeaseOptions};
-use crate::echo::EchoServer;
-use crate::pb::Disposition;
+use crate::load::{BenchError, Percentiles, histogram, lease_cycle, read_reply, record};
+use lessor::EchoServer;
+use lessor_client::pb::Disposition;
+use lessor_client::{Client, LeaseOptions};
 
 mod report;
 pub(crate) mod setup;
@@ -62,6 +62,8 @@ pub struct CompareOptions {
     pub cycles: u64,
     /// Where to write the JSON report.
     pub json: Option<PathBuf>,
+    /// The `lessor` binary to measure.
+    pub lessor_bin: PathBuf,
 }
 
 /// One measured operation.
@@ -221,6 +223,7 @@ pub async fn run(opts: &CompareOptions) -> Result<CompareReport, BenchError> {
     };
 
     let lessor = Lessor::spawn(
+        &opts.lessor_bin,
         &one_upstream_config(upstream.addr(), opts),
         opts.lessor_workers,
     )
@@ -422,6 +425,7 @@ pub async fn run(opts: &CompareOptions) -> Result<CompareReport, BenchError> {
     lessor.stop().await;
 
     let idle_4x32 = Lessor::spawn(
+        &opts.lessor_bin,
         &four_upstreams_config(upstream.addr(), opts),
         opts.lessor_workers,
     )
@@ -572,11 +576,9 @@ async fn cycles(
 }
 
 async fn wait_warm(client: &Client, idle: u32) -> Result<(), BenchError> {
-    for _ in 0..1000 {
-        if client.stats("").await?.iter().all(|s| s.idle >= idle) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    if client.wait_idle(idle, Duration::from_secs(10)).await? {
+        Ok(())
+    } else {
+        Err(BenchError::Reply("lessor's pools did not warm up".into()))
     }
-    Err(BenchError::Reply("lessor's pools did not warm up".into()))
 }

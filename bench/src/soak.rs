@@ -1,11 +1,11 @@
-//! `lessor bench --soak N`: N leases against a `lessor serve` child, ending
+//! `lessor-bench --soak N`: N leases against a `lessor serve` child, ending
 //! every abnormal way a client can end them (cancelled mid-request, a
 //! client that vanishes with its connection, evicted, expired, stalled on
 //! a reader that stopped), then the child's descriptors, memory, tokio
 //! tasks and `leased` before and after. A leak shows as a figure that grew.
 //!
 //! Not part of the test suite: a million leases take minutes. Run it with
-//! `cargo run --release -- bench --soak 1000000`.
+//! `cargo build --release && cargo run --release -p lessor-bench -- --soak 1000000`.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -16,11 +16,12 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::BenchError;
-use super::compare::setup::Lessor;
-use crate::client::{Client, Lease, LeaseOptions};
-use crate::echo::EchoServer;
-use crate::pb::Disposition;
+use crate::compare::setup::{Lessor, get};
+use crate::load::BenchError;
+use lessor::EchoServer;
+use lessor_client::pb::Disposition;
+use lessor_client::{Client, Lease, LeaseOptions};
+use std::path::Path;
 
 /// How a soak lease ends, in the order the mix cycles through them.
 const WAYS: [&str; 8] = [
@@ -77,7 +78,11 @@ pub struct Figures {
 }
 
 /// Runs `leases` leases with `concurrency` loops against a fresh child.
-pub async fn run(leases: u64, concurrency: usize) -> Result<SoakReport, BenchError> {
+pub(crate) async fn run(
+    lessor_bin: &Path,
+    leases: u64,
+    concurrency: usize,
+) -> Result<SoakReport, BenchError> {
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
     let echo = EchoServer::start(Duration::ZERO, &tracker, stop.clone()).await?;
@@ -86,7 +91,7 @@ pub async fn run(leases: u64, concurrency: usize) -> Result<SoakReport, BenchErr
         echo.addr,
         IDLE.as_millis()
     );
-    let lessor = Lessor::spawn(&config, 2).await?;
+    let lessor = Lessor::spawn(lessor_bin, &config, 2).await?;
     let client = Client::connect(&lessor.grpc).await?;
     let before = settled(&lessor, &client).await?;
 
@@ -236,10 +241,7 @@ async fn settled(lessor: &Lessor, client: &Client) -> Result<Figures, BenchError
     loop {
         let s = client.stats("soak").await?.remove(0);
         if s.leased == 0 && s.waiting == 0 || Instant::now() > deadline {
-            let metrics = crate::admin::fetch(&lessor.admin, "/metrics", None)
-                .await
-                .map_err(|e| BenchError::Reply(format!("/metrics: {e}")))?
-                .body;
+            let (_, metrics) = get(&lessor.admin, "/metrics").await?;
             let gauge = |name: &str| {
                 metrics
                     .lines()

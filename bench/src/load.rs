@@ -1,14 +1,8 @@
-//! `lessor bench`: a load generator users can point at their own sidecar,
-//! and (`--compare`, in `compare.rs`) a self-contained side-by-side run of
-//! lessor against the physical floor (a bare gRPC echo, a direct TCP round
-//! trip) on this machine; `--soak N` (in `soak.rs`) ends N leases every
-//! abnormal way and compares the sidecar's leak indicators before and after.
+//! The load mode: lease loops against a running sidecar, and the pieces the
+//! other modes share (errors, one lease cycle, latency histograms).
 //!
 //! Latencies go into `hdrhistogram`s in microseconds; the reports print
 //! p50, p90, p99 and p99.9.
-
-pub mod compare;
-pub mod soak;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -18,8 +12,8 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::client::{Client, ClientError, Lease, LeaseOptions};
-use crate::pb::Disposition;
+use lessor_client::pb::Disposition;
+use lessor_client::{Client, ClientError, Lease, LeaseOptions};
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +24,9 @@ pub enum BenchError {
     /// A socket, file or child process failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The sidecar binary could not be found or started.
+    #[error("{0}")]
+    Sidecar(String),
     /// The baseline gRPC server or client failed.
     #[error("baseline gRPC: {0}")]
     Baseline(String),
@@ -82,7 +79,7 @@ impl Percentiles {
     }
 }
 
-/// What `lessor bench` (without `--compare`) does.
+/// What `lessor-bench` (without `--compare` or `--soak`) does.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// lessor's gRPC address.

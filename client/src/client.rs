@@ -2,7 +2,8 @@
 //! exchange bytes, release it, read `Stats`. A [`Lease`] is also an
 //! `AsyncRead + AsyncWrite`, so code written for a socket runs over a lease.
 //!
-//! Used by the CLI (`lease`, `stats`, `demo`), the tests and the benchmarks.
+//! Used by applications, by the sidecar's CLI (`lease`, `stats`, `demo`), the
+//! tests and the benchmarks.
 
 use std::io;
 use std::pin::Pin;
@@ -200,6 +201,25 @@ impl Client {
             .await?
             .into_inner()
             .upstreams)
+    }
+}
+
+impl Client {
+    /// Waits until every upstream's pool holds at least `idle` idle
+    /// connections, polling `Stats`, for at most `within`. Returns whether
+    /// they did: a tool that measures or demonstrates lessor starts from warm
+    /// pools.
+    pub async fn wait_idle(&self, idle: u32, within: Duration) -> Result<bool, ClientError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if self.stats("").await?.iter().all(|s| s.idle >= idle) {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! measured from `/proc`.
 
 use std::fmt::Write as _;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::CompareOptions;
-use crate::bench::BenchError;
+use crate::load::BenchError;
 
 /// The upstream the run uses.
 pub(crate) enum Upstream {
@@ -116,7 +117,7 @@ pub(crate) fn four_upstreams_config(addr: &str, opts: &CompareOptions) -> String
     yaml
 }
 
-/// A `lessor serve` child process (this same binary).
+/// A `lessor serve` child process of the binary under test.
 pub(crate) struct Lessor {
     child: ChildGuard,
     pub(crate) grpc: String,
@@ -125,7 +126,11 @@ pub(crate) struct Lessor {
 }
 
 impl Lessor {
-    pub(crate) async fn spawn(upstreams_yaml: &str, workers: usize) -> Result<Self, BenchError> {
+    pub(crate) async fn spawn(
+        bin: &Path,
+        upstreams_yaml: &str,
+        workers: usize,
+    ) -> Result<Self, BenchError> {
         let dir = tempfile::tempdir()?;
         let grpc = format!("127.0.0.1:{}", free_port()?);
         let admin = format!("127.0.0.1:{}", free_port()?);
@@ -136,12 +141,13 @@ impl Lessor {
                 "grpc: {{ listen: \"{grpc}\" }}\nadmin: {{ listen: \"{admin}\" }}\nruntime: {{ worker_threads: {workers} }}\nshutdown: {{ grace: 1s }}\n{upstreams_yaml}"
             ),
         )?;
-        let child = Command::new(std::env::current_exe()?)
+        let child = Command::new(bin)
             .args(["serve", "--config"])
             .arg(&path)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .spawn()?;
+            .spawn()
+            .map_err(|e| BenchError::Sidecar(format!("cannot start {}: {e}", bin.display())))?;
         let lessor = Self {
             child: ChildGuard(child),
             grpc,
@@ -149,9 +155,7 @@ impl Lessor {
             _dir: dir,
         };
         for _ in 0..1000 {
-            if let Ok(r) = crate::admin::fetch(&admin, "/readyz", None).await
-                && r.status == 200
-            {
+            if let Ok((200, _)) = get(&admin, "/readyz").await {
                 return Ok(lessor);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -204,4 +208,14 @@ impl Lessor {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// `GET http://{addr}{path}`: the status and the body.
+pub(crate) async fn get(addr: &str, path: &str) -> Result<(u16, String), BenchError> {
+    let failed = |e: reqwest::Error| BenchError::Reply(format!("GET {path}: {e}"));
+    let response = reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .map_err(failed)?;
+    let status = response.status().as_u16();
+    Ok((status, response.text().await.map_err(failed)?))
 }

@@ -1,0 +1,195 @@
+//! `lessor-bench`: measures a `lessor` sidecar binary from outside.
+//!
+//! - load mode: lease loops against a running sidecar (`--target`,
+//!   `--upstream`), latency percentiles and lease rate;
+//! - `--compare`: a self-contained run that starts its own upstream, a bare
+//!   gRPC echo and a `lessor serve` child, and measures them side by side;
+//! - `--soak N`: N leases ending every abnormal way against a `lessor serve`
+//!   child, and its leak indicators before and after.
+//!
+//! The sidecar under test is always a separate process of the binary given
+//! by `--lessor-bin`, so what is measured is what ships.
+
+mod compare;
+mod load;
+mod soak;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Measures lessor: load against a running sidecar, `--compare` for a
+/// self-contained side-by-side run against a gRPC and TCP baseline, or
+/// `--soak N` for a leak check.
+#[derive(Parser)]
+#[command(name = "lessor-bench", version, about)]
+struct Args {
+    /// The sidecar binary to start for `--compare` and `--soak` (default:
+    /// `lessor` next to this binary, i.e. the workspace's
+    /// `target/<profile>/lessor`; build it first).
+    #[arg(long, value_name = "PATH")]
+    lessor_bin: Option<PathBuf>,
+    /// Self-contained comparison: starts its own upstream, baseline and lessor.
+    #[arg(long)]
+    compare: bool,
+    /// With --compare: fewer samples and shorter phases (CI).
+    #[arg(long)]
+    quick: bool,
+    /// With --compare: a real redis-server (PING) as the upstream.
+    #[arg(long)]
+    redis: bool,
+    /// With --compare: also write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// With --compare: lessor's runtime.worker_threads.
+    #[arg(long, default_value_t = 1)]
+    lessor_workers: usize,
+    /// With --compare: lease cycles for the memory-stability phase.
+    #[arg(long)]
+    cycles: Option<u64>,
+    /// Self-contained soak: this many leases ending every abnormal way
+    /// against a `lessor serve` child, then its descriptors, memory, tasks
+    /// and leased connections before and after.
+    #[arg(long, value_name = "LEASES")]
+    soak: Option<u64>,
+    /// lessor's gRPC address.
+    #[arg(long, env = "LESSOR_ADDR", default_value = "127.0.0.1:7070")]
+    target: String,
+    /// The upstream to lease from.
+    #[arg(long, default_value = "")]
+    upstream: String,
+    /// Concurrent lease loops.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// How long to run.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Request size in bytes, for an echo upstream.
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Send the request right behind Acquire, without waiting for Granted.
+    #[arg(long)]
+    pipeline: bool,
+    /// The request to send instead of a payload (escapes as in `lease --send`).
+    #[arg(long)]
+    request: Option<String>,
+    /// Reply bytes to wait for (default: the request's length, as from an echo).
+    #[arg(long)]
+    reply_bytes: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match small_runtime(compare::CLIENT_WORKERS) {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e),
+    };
+    let lessor_bin = match args.lessor_bin.clone().map_or_else(default_lessor_bin, Ok) {
+        Ok(bin) => bin,
+        Err(e) => return fail(&e),
+    };
+    if let Some(leases) = args.soak {
+        if let Err(e) = runnable(&lessor_bin) {
+            return fail(&e);
+        }
+        return match runtime.block_on(soak::run(&lessor_bin, leases, args.concurrency)) {
+            Ok(report) => {
+                print!("{}", report.render());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        };
+    }
+    if args.compare {
+        if let Err(e) = runnable(&lessor_bin) {
+            return fail(&e);
+        }
+        let opts = compare::CompareOptions {
+            quick: args.quick,
+            redis: args.redis,
+            payload: args.payload,
+            lessor_workers: args.lessor_workers,
+            cycles: args
+                .cycles
+                .unwrap_or(if args.quick { 20_000 } else { 1_000_000 }),
+            json: args.json,
+            lessor_bin,
+        };
+        return match runtime.block_on(compare::run(&opts)) {
+            Ok(report) => {
+                print!("{}", report.render());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        };
+    }
+    if args.upstream.is_empty() {
+        eprintln!("lessor-bench: --upstream NAME is required (or use --compare)");
+        return ExitCode::from(2);
+    }
+    let request = match &args.request {
+        Some(text) => match lessor::cli::unescape(text) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                eprintln!("lessor-bench: --request: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => vec![b'x'; args.payload.max(1)],
+    };
+    let opts = load::LoadOptions {
+        target: args.target,
+        upstream: args.upstream,
+        concurrency: args.concurrency,
+        duration: args.duration,
+        reply_bytes: args.reply_bytes.unwrap_or(request.len()),
+        request: request.into(),
+        pipeline: args.pipeline,
+    };
+    match runtime.block_on(load::load(&opts)) {
+        Ok(report) => {
+            print!("{}", report.render(&opts));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// `lessor` beside this binary: `cargo build --release` puts both in
+/// `target/release`.
+fn default_lessor_bin() -> Result<PathBuf, load::BenchError> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .ok_or_else(|| load::BenchError::Sidecar("this binary has no directory".into()))?;
+    Ok(dir.join("lessor"))
+}
+
+/// A clear error before anything starts, instead of a failed spawn later.
+fn runnable(bin: &Path) -> Result<(), load::BenchError> {
+    if bin.is_file() {
+        Ok(())
+    } else {
+        Err(load::BenchError::Sidecar(format!(
+            "no lessor binary at {}: build it (`cargo build --release -p lessor`) or pass --lessor-bin PATH",
+            bin.display()
+        )))
+    }
+}
+
+/// A multi-threaded runtime with exactly `workers` workers, so runs on the
+/// same machine compare.
+fn small_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("lessor-bench")
+        .enable_all()
+        .build()
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("lessor-bench: {e}");
+    ExitCode::FAILURE
+}
