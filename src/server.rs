@@ -318,8 +318,8 @@ pub async fn run_with(
     let readiness = Readiness::new(pools.clone());
     pools.start(&tracker, &background, options.resolver.clone());
 
-    let (health, reporter) = admin::health::service(&readiness, revoke.clone()).await;
-    tracker.spawn(admin::health::keep_updated(
+    let (health, reporter) = crate::grpc::health::service(&readiness, revoke.clone()).await;
+    tracker.spawn(crate::grpc::health::keep_updated(
         reporter,
         readiness.clone(),
         background.clone(),

@@ -12,9 +12,8 @@
 //! `HEADER_READ_TIMEOUT`, and shutdown waits for a request at most
 //! `SHUTDOWN_GRACE`.
 //!
-//! Also here: readiness itself, and `grpc.health.v1`, which mirrors it.
+//! Also here: readiness itself, which `grpc::health` mirrors on the gRPC port.
 
-pub(crate) mod health;
 pub(crate) mod metrics;
 pub(crate) mod readiness;
 

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::Notify;
 
-use crate::config::Readiness as Requirement;
+use crate::config::ReadinessRole;
 use crate::pool::PoolSet;
 
 /// The sidecar's readiness, shared by `/readyz` and gRPC health.
@@ -79,7 +79,7 @@ impl Readiness {
                 let (ready, detail) = pool.readiness();
                 UpstreamReadiness {
                     name: pool.name().to_owned(),
-                    required: pool.config().readiness == Requirement::Required,
+                    required: pool.config().readiness == ReadinessRole::Required,
                     ready,
                     detail,
                 }

@@ -206,7 +206,7 @@ impl EngineKind {
 /// Whether an upstream gates the sidecar's readiness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Readiness {
+pub enum ReadinessRole {
     /// Not ready unless this upstream can serve a lease.
     #[default]
     Required,
@@ -255,7 +255,7 @@ pub struct UpstreamConfig {
     pub lease: LeaseConfig,
     /// Whether this upstream gates readiness. Default `required`.
     #[serde(default)]
-    pub readiness: Readiness,
+    pub readiness: ReadinessRole,
 }
 
 /// An upstream's endpoint source: exactly one of its keys.

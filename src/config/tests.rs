@@ -32,7 +32,7 @@ fn minimal_config_gets_documented_defaults() {
     assert_eq!(up.health.interval, Duration::from_secs(5));
     assert!(up.health.probe.is_none());
     assert_eq!(up.lease.on_abort, OnAbort::Evict);
-    assert_eq!(up.readiness, Readiness::Required);
+    assert_eq!(up.readiness, ReadinessRole::Required);
     assert_eq!(c.shutdown.grace, Duration::from_secs(20));
     assert_eq!(c.runtime.worker_threads, 2);
     assert_eq!(c.telemetry.protocol, OtlpProtocol::Grpc);

@@ -7,8 +7,8 @@
 //! and says so in `/readyz?verbose`; an upstream is not ready before its
 //! source's first successful sync.
 
+mod balance;
 mod dns;
-mod endpoints;
 pub(crate) mod kubernetes;
 
 use std::net::SocketAddr;
@@ -18,7 +18,7 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub(crate) use endpoints::{Discovered, EndpointRef, EndpointSet, EndpointSnapshot, NoEndpoint};
+pub(crate) use balance::{Discovered, EndpointRef, EndpointSet, EndpointSnapshot, NoEndpoint};
 
 use crate::config::UpstreamConfig;
 

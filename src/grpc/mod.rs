@@ -2,6 +2,7 @@
 //! errors become `tonic::Status`. The generated API types come from
 //! `lessor_client::pb`, which both this layer and the lease layer import.
 
+pub(crate) mod health;
 pub(crate) mod service;
 pub(crate) mod status;
 

@@ -458,7 +458,7 @@ impl Active {
                     return Step::Data(self.read_buf.split().freeze());
                 }
                 Event::Read(Err(e)) | Event::Wrote(Err(e)) => {
-                    let end = if closed_by_peer(&e) {
+                    let end = if crate::pool::health::closed_by_peer(e.kind()) {
                         End::UpstreamClosed
                     } else {
                         End::UpstreamError
@@ -617,16 +617,6 @@ async fn write_some(wr: &mut WriteHalf<'_>, pending: &mut Option<Bytes>) -> io::
         *pending = None;
     }
     Ok(n)
-}
-
-fn closed_by_peer(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::UnexpectedEof
-    )
 }
 
 /// A client's millisecond value, where 0 means "the configured one" and

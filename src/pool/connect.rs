@@ -11,6 +11,7 @@
 //! generation so checkouts waiting on an engine that hides dial errors (bb8)
 //! can fail fast.
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,20 +30,28 @@ use crate::discovery::{EndpointRef, EndpointSet, NoEndpoint};
 #[derive(Debug, Clone, thiserror::Error)]
 pub(crate) enum DialError {
     /// The host name did not resolve.
-    #[error("cannot resolve {address}: {reason}")]
+    #[error("cannot resolve {address}: {source}")]
     Resolve {
         /// The `host:port` dialed.
         address: String,
-        /// What the resolver said.
-        reason: String,
+        /// What the resolver said (shared: a dial error is kept and cloned).
+        source: Arc<io::Error>,
     },
     /// Every resolved address refused or failed.
-    #[error("connect to {addr} failed: {reason}")]
+    #[error("connect to {addr} failed: {source}")]
     Connect {
         /// The last address tried.
         addr: SocketAddr,
         /// What the OS said.
-        reason: String,
+        source: Arc<io::Error>,
+    },
+    /// The socket options (keepalive, user timeout) could not be set.
+    #[error("setting socket options on {addr}: {source}")]
+    Tune {
+        /// The connected address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: Arc<io::Error>,
     },
     /// No address answered within `connect_timeout`.
     #[error("connect to {address} timed out after {after:?}")]
@@ -195,7 +204,7 @@ impl Dialer {
                 .await
                 .map_err(|e| DialError::Resolve {
                     address: address.to_owned(),
-                    reason: e.to_string(),
+                    source: Arc::new(e),
                 })?;
             let mut last = None;
             for addr in addrs {
@@ -207,11 +216,11 @@ impl Dialer {
             Err(match last {
                 Some((addr, e)) => DialError::Connect {
                     addr,
-                    reason: e.to_string(),
+                    source: Arc::new(e),
                 },
                 None => DialError::Resolve {
                     address: address.to_owned(),
-                    reason: "no addresses".to_owned(),
+                    source: Arc::new(io::Error::new(io::ErrorKind::NotFound, "no addresses")),
                 },
             })
         };
@@ -221,9 +230,9 @@ impl Dialer {
                 address: address.to_owned(),
                 after: self.connect_timeout,
             })??;
-        self.tune(&stream).map_err(|e| DialError::Connect {
+        self.tune(&stream).map_err(|e| DialError::Tune {
             addr,
-            reason: format!("setting socket options: {e}"),
+            source: Arc::new(e),
         })?;
         Ok((stream, addr))
     }

@@ -79,9 +79,16 @@ impl Engine {
         Ok(PoolConn::new(guard, counters))
     }
 
+    /// Idle connections right now: open ones not checked out. The engines'
+    /// own idle counts lag a checkout in progress; `out` does not.
+    pub(crate) fn idle(&self, counters: &Counters) -> u32 {
+        self.size()
+            .saturating_sub(counters.out.load(Ordering::Relaxed))
+    }
+
     /// Takes an idle connection if one is there right now; never dials.
     pub(crate) fn try_get_idle(&self, counters: &Arc<Counters>) -> Option<PoolConn> {
-        if self.size() <= counters.out.load(Ordering::Relaxed) {
+        if self.idle(counters) == 0 {
             return None;
         }
         // Both engines hand out an idle connection on the first poll. When

@@ -28,6 +28,18 @@ pub(crate) enum Liveness {
     Failed(io::ErrorKind),
 }
 
+/// Whether a socket error means the peer closed or reset the connection (as
+/// opposed to a local failure): the one list the lease pump and the peek share.
+pub(crate) fn closed_by_peer(kind: io::ErrorKind) -> bool {
+    matches!(
+        kind,
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
 /// Looks at the socket without consuming or waiting.
 pub(crate) fn peek(stream: &TcpStream) -> Liveness {
     let mut buf = [MaybeUninit::<u8>::uninit(); 1];
@@ -36,16 +48,7 @@ pub(crate) fn peek(stream: &TcpStream) -> Liveness {
         Ok(_) => Liveness::Unsolicited,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Liveness::Alive,
         Err(e) if e.kind() == io::ErrorKind::Interrupted => Liveness::Alive,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::ConnectionAborted
-                    | io::ErrorKind::BrokenPipe
-            ) =>
-        {
-            Liveness::Closed
-        }
+        Err(e) if closed_by_peer(e.kind()) => Liveness::Closed,
         Err(e) => Liveness::Failed(e.kind()),
     }
 }
@@ -67,7 +70,7 @@ pub(crate) enum HealthError {
     ProbeTimeout(Duration),
     /// The probe's write or read failed.
     #[error("probe I/O failed: {0}")]
-    ProbeIo(io::Error),
+    ProbeIo(#[source] io::Error),
     /// The probe's answer differed from `expect`.
     #[error("probe answered {got:?}, expected {expected:?}")]
     ProbeMismatch {

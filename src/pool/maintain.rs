@@ -22,7 +22,7 @@ use std::time::Instant;
 use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
 
-use super::{EvictReason, Pool, PoolConn, health};
+use super::{EvictReason, Pool, PoolConn, VetFor, Vetted, health};
 
 impl Pool {
     /// Runs until `cancel` fires. Owned by the server's task tracker.
@@ -37,7 +37,7 @@ impl Pool {
             };
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = self.maintain.notified() => {}
+                _ = self.refill_wanted.notified() => {}
                 // Discovery changed the endpoints: retired ones lose their
                 // idle connections now, not at the next sweep.
                 _ = endpoints.changed() => self.purge_retired(),
@@ -149,37 +149,23 @@ impl Pool {
         // Most recently used first (LIFO): the oldest idle ones are the ones
         // beyond min_idle that the idle timeout closes.
         let floor = cfg.pool.min_idle();
-        let probe_due = cfg.health.interval / 2;
         let mut kept = 0;
         let mut keep = Vec::new();
         let mut to_probe = Vec::new();
-        for mut conn in held {
-            if conn.retired() {
-                self.evict(conn, EvictReason::EndpointRemoved);
-                continue;
-            }
-            if conn.expired(now) {
-                self.evict(conn, EvictReason::MaxLifetime);
-                continue;
-            }
-            if kept >= floor && conn.idle_for(now) >= cfg.pool.idle_timeout {
-                self.evict(conn, EvictReason::IdleTimeout);
-                continue;
-            }
-            let quiet = conn.idle_for(now).min(conn.unchecked_for(now));
-            if cfg.health.probe.is_some() && quiet >= probe_due {
-                kept += 1;
-                to_probe.push(conn);
-                continue;
-            }
-            self.counters.health_checks.fetch_add(1, Ordering::Relaxed);
-            match health::liveness(&conn) {
-                Ok(()) => {
+        for conn in held {
+            let at = VetFor::Sweep {
+                idle_limit: (kept >= floor).then_some(cfg.pool.idle_timeout),
+            };
+            match self.vet(conn, now, at) {
+                Vetted::Ready(conn) => {
                     kept += 1;
-                    conn.mark_validated(now);
                     keep.push(conn);
                 }
-                Err(e) => self.failed_check(conn, &e),
+                Vetted::NeedsProbe(conn) => {
+                    kept += 1;
+                    to_probe.push(conn);
+                }
+                Vetted::Evicted => {}
             }
         }
         put_back_in_order(keep);

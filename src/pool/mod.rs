@@ -124,7 +124,7 @@ pub(crate) struct Pool {
     counters: Arc<Counters>,
     /// Wakes the maintenance loop after a checkout or eviction, so `min_idle`
     /// refills within a scheduler tick instead of a sweep interval.
-    maintain: Notify,
+    refill_wanted: Notify,
     closed: AtomicBool,
     /// Probes that outlive the checkout that started them.
     tasks: TaskTracker,
@@ -158,7 +158,7 @@ impl Pool {
             engine,
             dialer,
             counters,
-            maintain: Notify::new(),
+            refill_wanted: Notify::new(),
             closed: AtomicBool::new(false),
             tasks: TaskTracker::new(),
         })
@@ -206,7 +206,7 @@ impl Pool {
         let outcome = match self
             .engine
             .try_get_idle(&self.counters)
-            .map(|c| self.vet_now(c))
+            .map(|c| self.vet(c, Instant::now(), VetFor::Checkout))
         {
             Some(Vetted::Ready(conn)) => Ok(Ok(conn)),
             Some(Vetted::NeedsProbe(conn)) => {
@@ -307,7 +307,7 @@ impl Pool {
                     }
                 }
             };
-            let mut conn = match self.vet_now(conn) {
+            let mut conn = match self.vet(conn, Instant::now(), VetFor::Checkout) {
                 Vetted::Ready(conn) => return Ok(conn),
                 Vetted::Evicted => continue,
                 Vetted::NeedsProbe(conn) => conn,
@@ -400,16 +400,26 @@ impl Pool {
             .clamp(REDIAL_MIN, REDIAL_MAX)
     }
 
-    /// The synchronous part of a checkout's checks: lifetime, then the
-    /// liveness peek. Counts the check unless a probe must follow (the probe
-    /// counts then).
-    fn vet_now(&self, conn: PoolConn) -> Vetted {
+    /// The synchronous checks of an idle connection, the one policy for
+    /// checkouts and the sweep, in order: endpoint retired, lifetime over,
+    /// idle too long (sweep, above the floor), the liveness peek, then
+    /// whether the probe is due. Counts the check unless a probe must follow
+    /// (the probe counts then).
+    pub(crate) fn vet(&self, conn: PoolConn, now: Instant, at: VetFor) -> Vetted {
         if conn.retired() {
             self.evict(conn, EvictReason::EndpointRemoved);
             return Vetted::Evicted;
         }
-        if conn.expired(Instant::now()) {
+        if conn.expired(now) {
             self.evict(conn, EvictReason::MaxLifetime);
+            return Vetted::Evicted;
+        }
+        if let VetFor::Sweep {
+            idle_limit: Some(limit),
+        } = at
+            && conn.idle_for(now) >= limit
+        {
+            self.evict(conn, EvictReason::IdleTimeout);
             return Vetted::Evicted;
         }
         let health = &self.config.health;
@@ -418,16 +428,25 @@ impl Pool {
             self.failed_check(conn, &e);
             return Vetted::Evicted;
         }
-        // A connection no lease has used yet is peeked but not probed: it
-        // was validated by its dial, and idle ones are probed by the sweep.
-        // Probing it here is how a failing probe becomes a dial storm (each
-        // fresh dial probed, failed, evicted, redialed).
-        let now = Instant::now();
         let quiet = conn.idle_for(now).min(conn.unchecked_for(now));
-        if health.probe.is_some() && conn.uses() > 0 && quiet >= health.skip_if_used_within {
+        let probe_due = health.probe.is_some()
+            && match at {
+                // A connection no lease has used yet is peeked but not
+                // probed on checkout: it was validated by its dial, and idle
+                // ones are probed by the sweep. Probing it here is how a
+                // failing probe becomes a dial storm (each fresh dial probed,
+                // failed, evicted, redialed).
+                VetFor::Checkout => conn.uses() > 0 && quiet >= health.skip_if_used_within,
+                // Twice per interval, so no idle connection goes a whole
+                // interval unprobed.
+                VetFor::Sweep { .. } => quiet >= health.interval / 2,
+            };
+        if probe_due {
             return Vetted::NeedsProbe(conn);
         }
         self.counters.health_checks.fetch_add(1, Ordering::Relaxed);
+        let mut conn = conn;
+        conn.mark_validated(now);
         Vetted::Ready(conn)
     }
 
@@ -468,10 +487,8 @@ impl Pool {
     /// Checked here, not there: a wake-up per lease would cost more than the
     /// lease.
     fn poke(&self) {
-        let size = self.engine.size();
-        let idle = size.saturating_sub(self.counters.out.load(Ordering::Relaxed));
-        if size == 0 || idle < self.config.pool.min_idle() {
-            self.maintain.notify_one();
+        if self.engine.size() == 0 || self.idle() < self.config.pool.min_idle() {
+            self.refill_wanted.notify_one();
         }
     }
 
@@ -501,9 +518,7 @@ impl Pool {
 
     /// Idle connections right now.
     pub(crate) fn idle(&self) -> u32 {
-        self.engine
-            .size()
-            .saturating_sub(self.counters.out.load(Ordering::Relaxed))
+        self.engine.idle(&self.counters)
     }
 
     /// Whether the upstream can serve a lease: discovery has synced and
@@ -656,8 +671,22 @@ impl Drop for Leased {
     }
 }
 
+/// Where a connection is vetted: the checks are the same, what makes a probe
+/// due differs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum VetFor {
+    /// Before a lease gets it.
+    Checkout,
+    /// In the background sweep; `idle_limit` when the pool holds more than
+    /// its floor, so connections idle that long close.
+    Sweep {
+        /// `pool.idle_timeout`, or `None` while at or below `min_idle`.
+        idle_limit: Option<Duration>,
+    },
+}
+
 /// What the synchronous checks made of a connection.
-enum Vetted {
+pub(crate) enum Vetted {
     /// Passed: hand it out.
     Ready(PoolConn),
     /// Failed and closed.

@@ -18,7 +18,7 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_health::server::{HealthReporter, HealthService};
 
-use super::readiness::Readiness;
+use crate::admin::readiness::{self, Readiness};
 
 /// The name `lessor.v1.Pool` registers under.
 pub(crate) const POOL_SERVICE: &str = "lessor.v1.Pool";
@@ -75,7 +75,7 @@ pub(crate) async fn service(
 }
 
 /// Every health entry and whether it is serving.
-fn entries(report: &super::readiness::Report) -> Vec<(String, bool)> {
+fn entries(report: &readiness::Report) -> Vec<(String, bool)> {
     let mut out = vec![
         (String::new(), report.ready),
         (POOL_SERVICE.to_owned(), report.ready),
