@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::Notify;
 
 use crate::config::ReadinessRole;
-use crate::pool::PoolSet;
+use crate::pool::{PoolReadiness, PoolSet};
 
 /// The sidecar's readiness, shared by `/readyz` and gRPC health.
 pub(crate) struct Readiness {
@@ -76,12 +76,12 @@ impl Readiness {
             .pools
             .iter()
             .map(|pool| {
-                let (ready, detail) = pool.readiness();
+                let facts = pool.readiness();
                 UpstreamReadiness {
                     name: pool.name().to_owned(),
                     required: pool.config().readiness == ReadinessRole::Required,
-                    ready,
-                    detail,
+                    ready: facts.ready,
+                    detail: explain(&facts),
                 }
             })
             .collect();
@@ -92,6 +92,34 @@ impl Readiness {
             draining,
             upstreams,
         }
+    }
+}
+
+/// Why an upstream is or is not ready, in words: the most basic missing
+/// condition first, then the endpoint source's state when it is discovered.
+fn explain(p: &PoolReadiness) -> String {
+    let detail = if p.closed {
+        "pool closed (shutting down)".to_owned()
+    } else if !p.source.synced {
+        p.source.detail.clone()
+    } else if !p.any_usable {
+        "no ready endpoint".to_owned()
+    } else if p.ready {
+        format!(
+            "{} connections ({} idle, {} leased)",
+            p.connections, p.idle, p.leased
+        )
+    } else {
+        match &p.last_dial_error {
+            Some(e) if p.connections == 0 => format!("no connection; last dial failed: {e}"),
+            Some(e) => format!("last dial failed: {e}"),
+            None => "not dialed yet".to_owned(),
+        }
+    };
+    if p.discovered && p.source.synced {
+        format!("{detail}; {}", p.source.detail)
+    } else {
+        detail
     }
 }
 

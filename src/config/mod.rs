@@ -227,17 +227,12 @@ pub enum OnAbort {
 
 /// One upstream service and its pool.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawUpstream")]
 pub struct UpstreamConfig {
     /// What clients put in `Acquire.upstream`; also a metric label.
     pub name: String,
-    /// `host:port`; a DNS name resolves at dial time. Exactly one of
-    /// `address` and `discovery` is set.
-    #[serde(default)]
-    pub address: Option<String>,
-    /// Where the upstream's endpoints come from, instead of `address`.
-    #[serde(default)]
-    pub discovery: Option<DiscoveryConfig>,
+    /// Where the endpoints come from: `address`, or one `discovery` source.
+    pub source: Source,
     /// Ejection of endpoints that keep failing.
     #[serde(default)]
     pub outlier: OutlierConfig,
@@ -258,14 +253,103 @@ pub struct UpstreamConfig {
     pub readiness: ReadinessRole,
 }
 
-/// An upstream's endpoint source: exactly one of its keys.
+/// Where an upstream's endpoints come from. The YAML has three keys for it
+/// (`address`, `discovery.dns`, `discovery.kubernetes`); parsing turns the
+/// one that is set into this, so nothing at run time checks which.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A static `host:port`; a DNS name resolves at dial time.
+    Address(String),
+    /// Every A/AAAA record of a name, re-resolved.
+    Dns(DnsDiscovery),
+    /// The EndpointSlices of a Kubernetes Service, watched.
+    Kubernetes(KubernetesDiscovery),
+}
+
+impl Source {
+    /// Whether endpoints come from discovery (their state is worth showing).
+    pub fn is_discovered(&self) -> bool {
+        !matches!(self, Self::Address(_))
+    }
+}
+
+impl fmt::Display for Source {
+    /// For logs and `/readyz?verbose`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Address(a) => f.write_str(a),
+            Self::Dns(d) => write!(f, "dns {}:{}", d.name, d.port),
+            Self::Kubernetes(k) => write!(
+                f,
+                "kubernetes service {}{} port {}",
+                k.namespace
+                    .as_deref()
+                    .map(|n| format!("{n}/"))
+                    .unwrap_or_default(),
+                k.service,
+                k.port
+            ),
+        }
+    }
+}
+
+/// An upstream as written: its source still as three optional keys.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: String,
+    #[serde(default)]
+    address: Option<String>,
+    #[serde(default)]
+    discovery: Option<DiscoveryConfig>,
+    #[serde(default)]
+    outlier: OutlierConfig,
+    #[serde(default)]
+    engine: EngineKind,
+    #[serde(default)]
+    pool: PoolConfig,
+    #[serde(default)]
+    health: HealthConfig,
+    #[serde(default)]
+    lease: LeaseConfig,
+    #[serde(default)]
+    readiness: ReadinessRole,
+}
+
+impl TryFrom<RawUpstream> for UpstreamConfig {
+    type Error = String;
+
+    fn try_from(raw: RawUpstream) -> Result<Self, String> {
+        let discovery = raw.discovery.unwrap_or_default();
+        let source = match (raw.address, discovery.dns, discovery.kubernetes) {
+            (Some(address), None, None) => Source::Address(address),
+            (None, Some(dns), None) => Source::Dns(dns),
+            (None, None, Some(kube)) => Source::Kubernetes(kube),
+            _ => {
+                return Err(
+                    "set exactly one of address, discovery.dns and discovery.kubernetes".into(),
+                );
+            }
+        };
+        Ok(Self {
+            name: raw.name,
+            source,
+            outlier: raw.outlier,
+            engine: raw.engine,
+            pool: raw.pool,
+            health: raw.health,
+            lease: raw.lease,
+            readiness: raw.readiness,
+        })
+    }
+}
+
+/// The `discovery:` block as written: one of its keys is the source.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DiscoveryConfig {
-    /// Every A/AAAA record of a name (a headless Service), re-resolved.
-    pub dns: Option<DnsDiscovery>,
-    /// The EndpointSlices of a Kubernetes Service, watched.
-    pub kubernetes: Option<KubernetesDiscovery>,
+struct DiscoveryConfig {
+    dns: Option<DnsDiscovery>,
+    kubernetes: Option<KubernetesDiscovery>,
 }
 
 /// DNS discovery.
@@ -594,34 +678,6 @@ impl Config {
         })?;
         config.validate()?;
         Ok(config)
-    }
-}
-
-impl UpstreamConfig {
-    /// Where the endpoints come from, for logs and `/readyz?verbose`.
-    pub fn source(&self) -> String {
-        match (&self.address, &self.discovery) {
-            (Some(a), _) => a.clone(),
-            (None, Some(DiscoveryConfig { dns: Some(d), .. })) => {
-                format!("dns {}:{}", d.name, d.port)
-            }
-            (
-                None,
-                Some(DiscoveryConfig {
-                    kubernetes: Some(k),
-                    ..
-                }),
-            ) => format!(
-                "kubernetes service {}{} port {}",
-                k.namespace
-                    .as_deref()
-                    .map(|n| format!("{n}/"))
-                    .unwrap_or_default(),
-                k.service,
-                k.port
-            ),
-            _ => "?".to_owned(),
-        }
     }
 }
 

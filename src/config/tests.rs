@@ -150,7 +150,7 @@ fn top_level_errors_name_the_field() {
         ("bogus: 1\n", "unknown field `bogus`"),
         (
             "upstreams:\n  - name: a\n",
-            "upstreams[0].address: set exactly one of address, discovery.dns and discovery.kubernetes",
+            "upstreams[0]: set exactly one of address, discovery.dns and discovery.kubernetes",
         ),
         (
             "upstreams:\n  - name: \"a b\"\n    address: x:1\n",
@@ -212,30 +212,18 @@ fn discovery_sources() {
         "upstreams:\n  - name: a\n    discovery: { dns: { name: redis-headless, port: 6379 } }\n  - name: b\n    discovery: { kubernetes: { service: redis, port: redis } }\n  - name: c\n    discovery: { kubernetes: { service: pg, namespace: data, port: 5432 } }\n    outlier: { consecutive_failures: 5, base_ejection: 1s, max_ejection: 1m }\n",
     )
     .unwrap();
-    let dns = c.upstreams[0]
-        .discovery
-        .as_ref()
-        .unwrap()
-        .dns
-        .as_ref()
-        .unwrap();
+    let Source::Dns(dns) = &c.upstreams[0].source else {
+        panic!("{:?}", c.upstreams[0].source)
+    };
     assert_eq!(dns.refresh, Duration::from_secs(10));
-    let k = c.upstreams[1]
-        .discovery
-        .as_ref()
-        .unwrap()
-        .kubernetes
-        .as_ref()
-        .unwrap();
+    let Source::Kubernetes(k) = &c.upstreams[1].source else {
+        panic!("{:?}", c.upstreams[1].source)
+    };
     assert_eq!(k.port, PortRef::Name("redis".into()));
     assert_eq!(k.namespace, None);
-    let k = c.upstreams[2]
-        .discovery
-        .as_ref()
-        .unwrap()
-        .kubernetes
-        .as_ref()
-        .unwrap();
+    let Source::Kubernetes(k) = &c.upstreams[2].source else {
+        panic!("{:?}", c.upstreams[2].source)
+    };
     assert_eq!(k.port, PortRef::Number(5432));
     assert_eq!(c.upstreams[2].outlier.consecutive_failures, 5);
     assert_eq!(
@@ -243,17 +231,17 @@ fn discovery_sources() {
         Duration::from_secs(10)
     );
     assert_eq!(
-        c.upstreams[2].source(),
+        c.upstreams[2].source.to_string(),
         "kubernetes service data/pg port 5432"
     );
     let bad = [
         (
             "  - name: a\n    address: h:1\n    discovery: { dns: { name: x, port: 1 } }\n",
-            "upstreams[0].discovery: set exactly one",
+            "upstreams[0]: set exactly one",
         ),
         (
             "  - name: a\n    discovery: {}\n",
-            "upstreams[0].discovery: set exactly one",
+            "upstreams[0]: set exactly one",
         ),
         (
             "  - name: a\n    discovery: { dns: { name: \"x:1\", port: 1 } }\n",

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::{Config, ConfigError, PortRef, UpstreamConfig, invalid};
+use super::{Config, ConfigError, PortRef, Source, UpstreamConfig, invalid};
 
 impl Config {
     /// Checks ranges and consistency that the types cannot express.
@@ -66,25 +66,14 @@ impl UpstreamConfig {
                 ),
             ));
         }
-        let dns = self.discovery.as_ref().and_then(|d| d.dns.as_ref());
-        let kube = self.discovery.as_ref().and_then(|d| d.kubernetes.as_ref());
-        let sources = usize::from(self.address.is_some())
-            + usize::from(dns.is_some())
-            + usize::from(kube.is_some());
-        if sources != 1 {
-            let field = if self.discovery.is_some() {
-                format!("{at}.discovery")
-            } else {
-                format!("{at}.address")
-            };
-            return Err(invalid(
-                field,
-                "set exactly one of address, discovery.dns and discovery.kubernetes",
-            ));
-        }
-        if let Some(address) = &self.address {
-            validate_host_port(address).map_err(|p| invalid(format!("{at}.address"), p))?;
-        }
+        let (dns, kube) = match &self.source {
+            Source::Address(address) => {
+                validate_host_port(address).map_err(|p| invalid(format!("{at}.address"), p))?;
+                (None, None)
+            }
+            Source::Dns(dns) => (Some(dns), None),
+            Source::Kubernetes(kube) => (None, Some(kube)),
+        };
         if let Some(dns) = dns {
             if dns.name.is_empty() || dns.name.contains(':') {
                 return Err(invalid(

@@ -18,9 +18,11 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub(crate) use balance::{Discovered, EndpointRef, EndpointSet, EndpointSnapshot, NoEndpoint};
+pub(crate) use balance::{
+    Discovered, EndpointRef, EndpointSet, EndpointSnapshot, NoEndpoint, SourceStatus,
+};
 
-use crate::config::UpstreamConfig;
+use crate::config::{Source, UpstreamConfig};
 
 /// Name resolution for DNS discovery, behind a trait so tests can change the
 /// answers between refreshes.
@@ -51,11 +53,11 @@ impl Resolver for SystemResolver {
 /// The endpoint set an upstream starts with: its one endpoint for a static
 /// address, an empty set waiting for its source otherwise.
 pub(crate) fn endpoint_set(config: &UpstreamConfig) -> Arc<EndpointSet> {
-    match &config.address {
-        Some(address) => EndpointSet::fixed(address, config.outlier.clone()),
-        None => EndpointSet::discovered(
+    match &config.source {
+        Source::Address(address) => EndpointSet::fixed(address, config.outlier.clone()),
+        Source::Dns(_) | Source::Kubernetes(_) => EndpointSet::discovered(
             config.outlier.clone(),
-            &format!("{}: waiting for the first sync", config.source()),
+            &format!("{}: waiting for the first sync", config.source),
         ),
     }
 }
@@ -69,13 +71,14 @@ pub(crate) fn start(
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) {
-    let Some(discovery) = &config.discovery else {
-        return;
-    };
     let upstream = config.name.clone();
-    if let Some(dns) = discovery.dns.clone() {
-        tracker.spawn(dns::run(upstream, dns, set, resolver, cancel.clone()));
-    } else if let Some(kube) = discovery.kubernetes.clone() {
-        tracker.spawn(kubernetes::run(upstream, kube, set, cancel.clone()));
+    match &config.source {
+        Source::Address(_) => {}
+        Source::Dns(dns) => {
+            tracker.spawn(dns::run(upstream, dns.clone(), set, resolver, cancel.clone()));
+        }
+        Source::Kubernetes(kube) => {
+            tracker.spawn(kubernetes::run(upstream, kube.clone(), set, cancel.clone()));
+        }
     }
 }
