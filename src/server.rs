@@ -49,6 +49,9 @@ pub enum ServerError {
         /// What the OS said.
         source: io::Error,
     },
+    /// The admin server's thread or runtime could not start.
+    #[error("cannot start the admin server: {0}")]
+    Admin(#[source] io::Error),
     /// The reflection service could not load the descriptor set.
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -329,12 +332,8 @@ pub async fn run_with(
         registry: Arc::new(admin::metrics::registry(pools.clone(), options.spans)),
     };
     let admin_addr = listeners.admin_addr();
-    let admin_done = admin_stop.clone().cancelled_owned();
-    tracker.spawn(async move {
-        if let Err(e) = admin::serve(listeners.admin, admin_state, admin_done).await {
-            tracing::error!(error = %e, "admin server failed");
-        }
-    });
+    let admin_done = admin::spawn(listeners.admin, admin_state, admin_stop.clone())
+        .map_err(ServerError::Admin)?;
 
     let max_frame = usize::try_from(config.grpc.max_frame.as_u64()).unwrap_or(usize::MAX);
     let ctx = Arc::new(LeaseContext::new(
@@ -412,6 +411,7 @@ pub async fn run_with(
     let stopped = async {
         tracker.wait().await;
         pools.wait_tasks().await;
+        let _ = admin_done.await;
     };
     if tokio::time::timeout(HARD_DEADLINE, stopped).await.is_err() {
         tracing::warn!("shutdown: background tasks did not stop in time");

@@ -51,7 +51,10 @@ impl Format {
 pub(crate) fn registry(pools: Arc<PoolSet>, spans: Arc<SpanCounters>) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(PoolCollector { pools }));
-    registry.register_collector(Box::new(ProcessCollector));
+    // The data plane's runtime, captured here: the admin server that encodes
+    // the metrics runs on a runtime of its own.
+    let data_plane = tokio::runtime::Handle::try_current().ok();
+    registry.register_collector(Box::new(ProcessCollector { data_plane }));
     registry.register_collector(Box::new(SpanCollector { spans }));
     registry
 }
@@ -374,12 +377,15 @@ impl Collector for PoolCollector {
 
 /// The figures that expose a leak early: tasks, descriptors, memory.
 #[derive(Debug)]
-struct ProcessCollector;
+struct ProcessCollector {
+    /// The runtime whose tasks are counted (leases, pools, connections).
+    data_plane: Option<tokio::runtime::Handle>,
+}
 
 impl Collector for ProcessCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let none: [(&str, &str); 0] = [];
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        if let Some(handle) = &self.data_plane {
             let tasks = i64::try_from(handle.metrics().num_alive_tasks()).unwrap_or(i64::MAX);
             family(
                 &mut e,

@@ -55,6 +55,39 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a request in flight may finish once shutdown begins.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
+/// Runs [`serve`] on a thread and a single-threaded runtime of its own, so a
+/// data plane that keeps its workers busy cannot starve `/livez`, `/readyz`
+/// or `/metrics` (linkerd2-proxy runs its admin server the same way). The
+/// returned receiver resolves once the server has stopped after `stop`.
+pub(crate) fn spawn(
+    listener: TcpListener,
+    state: AdminState,
+    stop: CancellationToken,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    // A tokio listener belongs to the runtime that made it: hand the socket
+    // over as a std one and register it again on the admin runtime.
+    let listener = listener.into_std()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("lessor-admin".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let served = match TcpListener::from_std(listener) {
+                    Ok(listener) => serve(listener, state, stop.cancelled_owned()).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "admin server failed");
+                }
+            });
+            let _ = done_tx.send(());
+        })?;
+    Ok(done_rx)
+}
+
 /// Serves the admin endpoints until `shutdown` resolves, then lets requests
 /// in flight finish for at most `SHUTDOWN_GRACE`. HTTP/1.1 with keep-alive;
 /// every connection task is owned here and waited for.

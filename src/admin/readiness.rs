@@ -7,8 +7,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::Notify;
-
 use crate::config::ReadinessRole;
 use crate::pool::{PoolReadiness, PoolSet};
 
@@ -16,8 +14,6 @@ use crate::pool::{PoolReadiness, PoolSet};
 pub(crate) struct Readiness {
     pools: Arc<PoolSet>,
     draining: AtomicBool,
-    /// Wakes the gRPC health updater the moment draining starts.
-    changed: Notify,
 }
 
 /// One upstream's part in readiness.
@@ -50,14 +46,13 @@ impl Readiness {
         Arc::new(Self {
             pools,
             draining: AtomicBool::new(false),
-            changed: Notify::new(),
         })
     }
 
     /// Turns readiness off for good: the drain has begun.
     pub(crate) fn drain(&self) {
         self.draining.store(true, Ordering::Release);
-        self.changed.notify_waiters();
+        self.pools.signal_readiness();
     }
 
     /// Whether the drain has begun.
@@ -65,9 +60,10 @@ impl Readiness {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Resolves when draining starts (for watchers that also poll).
-    pub(crate) async fn changed(&self) {
-        self.changed.notified().await;
+    /// Changes whenever the verdict may have changed: an upstream's
+    /// readiness inputs, or the drain.
+    pub(crate) fn changes(&self) -> tokio::sync::watch::Receiver<()> {
+        self.pools.readiness_changes()
     }
 
     /// The verdict and its reasons.

@@ -75,7 +75,13 @@ pub(crate) fn start(
     match &config.source {
         Source::Address(_) => {}
         Source::Dns(dns) => {
-            tracker.spawn(dns::run(upstream, dns.clone(), set, resolver, cancel.clone()));
+            tracker.spawn(dns::run(
+                upstream,
+                dns.clone(),
+                set,
+                resolver,
+                cancel.clone(),
+            ));
         }
         Source::Kubernetes(kube) => {
             tracker.spawn(kubernetes::run(upstream, kube.clone(), set, cancel.clone()));

@@ -8,7 +8,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -22,9 +21,6 @@ use crate::admin::readiness::{self, Readiness};
 
 /// The name `lessor.v1.Pool` registers under.
 pub(crate) const POOL_SERVICE: &str = "lessor.v1.Pool";
-
-/// How often upstream readiness is re-read (draining is pushed at once).
-const POLL: Duration = Duration::from_millis(100);
 
 /// The health service: tonic-health's, with Watch streams that end on revoke.
 pub(crate) struct LessorHealth {
@@ -90,14 +86,17 @@ fn entries(report: &readiness::Report) -> Vec<(String, bool)> {
 }
 
 /// Mirrors readiness into the health reporter until `cancel`, sending only
-/// changes (each send wakes every Watch stream).
+/// changes (each send wakes every Watch stream). Driven by readiness's change
+/// signal, not a poll: nothing runs while nothing changes.
 pub(crate) async fn keep_updated(
     reporter: HealthReporter,
     readiness: Arc<Readiness>,
     cancel: CancellationToken,
 ) {
+    let mut changes = readiness.changes();
     let mut last: Vec<(String, bool)> = Vec::new();
     loop {
+        changes.mark_unchanged();
         let now = entries(&readiness.report());
         for (name, serving) in &now {
             if last.iter().any(|(n, s)| n == name && s == serving) {
@@ -113,8 +112,9 @@ pub(crate) async fn keep_updated(
         last = now;
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = readiness.changed() => {}
-            _ = tokio::time::sleep(POLL) => {}
+            changed = changes.changed() => if changed.is_err() {
+                return;
+            },
         }
     }
 }

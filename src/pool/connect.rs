@@ -88,6 +88,8 @@ pub(crate) struct Dialer {
     last: Mutex<(Option<bool>, Option<String>)>,
     /// Bumped on every failed dial; checkouts subscribe to fail fast.
     failures: watch::Sender<u64>,
+    /// Raised when the last dial's outcome flips.
+    ready_signal: super::ReadySignal,
     /// Dials on the network now. Engines do not count a connection until its
     /// dial ends, so the `min_idle` refill needs this not to overshoot.
     in_flight: AtomicU32,
@@ -101,6 +103,7 @@ impl Dialer {
         pool: &PoolConfig,
         next_id: Arc<AtomicU64>,
         counters: Arc<Counters>,
+        ready_signal: super::ReadySignal,
     ) -> Self {
         Self {
             endpoints,
@@ -112,6 +115,7 @@ impl Dialer {
             counters,
             last: Mutex::new((None, None)),
             failures: watch::Sender::new(0),
+            ready_signal,
             in_flight: AtomicU32::new(0),
         }
     }
@@ -171,7 +175,10 @@ impl Dialer {
         match connected {
             Ok((stream, addr)) => {
                 endpoint.record_success();
-                *self.last() = (Some(true), None);
+                let was = std::mem::replace(&mut *self.last(), (Some(true), None)).0;
+                if was != Some(true) {
+                    self.ready_signal.send_replace(());
+                }
                 self.counters
                     .connections_created
                     .fetch_add(1, Ordering::Relaxed);
@@ -189,7 +196,10 @@ impl Dialer {
                 if endpoint.record_failure(&message, self.endpoints.outlier(), true) {
                     tracing::warn!(endpoint = %endpoint.target(), error = %message, "endpoint ejected after repeated failures");
                 }
-                *self.last() = (Some(false), Some(message));
+                let was = std::mem::replace(&mut *self.last(), (Some(false), Some(message))).0;
+                if was != Some(false) {
+                    self.ready_signal.send_replace(());
+                }
                 self.counters.connect_errors.fetch_add(1, Ordering::Relaxed);
                 self.failures.send_modify(|g| *g += 1);
                 tracing::debug!(endpoint = %endpoint.target(), error = %err, "dial failed");

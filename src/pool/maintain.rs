@@ -40,7 +40,10 @@ impl Pool {
                 _ = self.refill_wanted.notified() => {}
                 // Discovery changed the endpoints: retired ones lose their
                 // idle connections now, not at the next sweep.
-                _ = endpoints.changed() => self.purge_retired(),
+                _ = endpoints.changed() => {
+                    self.purge_retired();
+                    self.ready_signal.send_replace(());
+                }
                 _ = tokio::time::sleep_until(retry.unwrap_or(next_sweep)), if retry.is_some() => {}
                 _ = tokio::time::sleep_until(next_sweep) => {
                     self.sweep().await;

@@ -44,7 +44,12 @@ use crate::config::UpstreamConfig;
 use crate::discovery::{EndpointSnapshot, SourceStatus};
 use crate::telemetry::TARGET;
 
-
+/// Raised when an input of some pool's readiness may have changed: a dial
+/// outcome flipped, the last connection closed, the endpoints changed, the
+/// pool closed, a drain began. Those are the only ways [`Pool::ready`] can
+/// change, so whoever mirrors readiness (gRPC health) waits on this instead
+/// of polling. A watch, not a notification: a change is never missed.
+pub(crate) type ReadySignal = Arc<tokio::sync::watch::Sender<()>>;
 
 /// What readiness is decided from, at one instant.
 #[derive(Debug, Clone)]
@@ -116,22 +121,28 @@ pub(crate) struct Pool {
     /// Wakes the maintenance loop after a checkout or eviction, so `min_idle`
     /// refills within a scheduler tick instead of a sweep interval.
     refill_wanted: Notify,
+    /// Raised when an input of [`Pool::ready`] may have changed.
+    ready_signal: ReadySignal,
     closed: AtomicBool,
     /// Probes that outlive the checkout that started them.
     tasks: TaskTracker,
 }
 
-
 impl Pool {
     /// Builds the pool. Connections are dialed by the maintenance loop
     /// ([`Pool::maintain`]) and by checkouts, never here.
-    pub(crate) fn new(config: UpstreamConfig, next_conn_id: Arc<AtomicU64>) -> Arc<Self> {
+    pub(crate) fn new(
+        config: UpstreamConfig,
+        next_conn_id: Arc<AtomicU64>,
+        ready_signal: ReadySignal,
+    ) -> Arc<Self> {
         let counters = Arc::new(Counters::default());
         let dialer = Arc::new(Dialer::new(
             crate::discovery::endpoint_set(&config),
             &config.pool,
             next_conn_id,
             counters.clone(),
+            ready_signal.clone(),
         ));
         let engine = Engine::new(config.engine, dialer.clone(), config.pool.max_size);
         Arc::new(Self {
@@ -140,6 +151,7 @@ impl Pool {
             dialer,
             counters,
             refill_wanted: Notify::new(),
+            ready_signal,
             closed: AtomicBool::new(false),
             tasks: TaskTracker::new(),
         })
@@ -191,6 +203,10 @@ impl Pool {
         );
         self.counters.evicted(reason);
         conn.discard();
+        if self.engine.size() == 0 {
+            // The last connection: readiness now rests on the last dial.
+            self.ready_signal.send_replace(());
+        }
         self.poke();
     }
 
@@ -272,6 +288,7 @@ impl Pool {
     /// close as their leases end.
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
+        self.ready_signal.send_replace(());
         self.tasks.close();
         let idle = self.idle();
         self.engine.close(&self.counters);

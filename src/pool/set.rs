@@ -7,7 +7,9 @@ use std::sync::atomic::AtomicU64;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::Pool;
+use tokio::sync::watch;
+
+use super::{Pool, ReadySignal};
 use crate::config::UpstreamConfig;
 use crate::discovery::Resolver;
 
@@ -15,6 +17,8 @@ use crate::discovery::Resolver;
 pub(crate) struct PoolSet {
     pools: Vec<Arc<Pool>>,
     by_name: HashMap<String, usize>,
+    /// Shared by every pool: raised when any pool's readiness may change.
+    ready_signal: ReadySignal,
 }
 
 impl PoolSet {
@@ -22,16 +26,32 @@ impl PoolSet {
     /// Must run inside a tokio runtime. Dials nothing until [`PoolSet::start`].
     pub(crate) fn new(upstreams: &[UpstreamConfig]) -> Self {
         let next_conn_id = Arc::new(AtomicU64::new(1));
+        let ready_signal: ReadySignal = Arc::new(watch::channel(()).0);
         let pools: Vec<_> = upstreams
             .iter()
-            .map(|u| Pool::new(u.clone(), next_conn_id.clone()))
+            .map(|u| Pool::new(u.clone(), next_conn_id.clone(), ready_signal.clone()))
             .collect();
         let by_name = pools
             .iter()
             .enumerate()
             .map(|(i, p)| (p.name().to_owned(), i))
             .collect();
-        Self { pools, by_name }
+        Self {
+            pools,
+            by_name,
+            ready_signal,
+        }
+    }
+
+    /// Changes whenever some pool's readiness may have changed (or
+    /// [`PoolSet::signal_readiness`] was called).
+    pub(crate) fn readiness_changes(&self) -> watch::Receiver<()> {
+        self.ready_signal.subscribe()
+    }
+
+    /// Wakes readiness watchers for a change outside the pools (a drain).
+    pub(crate) fn signal_readiness(&self) {
+        self.ready_signal.send_replace(());
     }
 
     /// Starts each pool's discovery source and maintenance loop (which also

@@ -510,3 +510,55 @@ async fn admin_closes_a_connection_whose_request_head_never_ends() {
     // Others are served meanwhile and after.
     wait_ready(&lessor, 200).await;
 }
+
+/// The admin server runs on a thread of its own: with the data plane's only
+/// worker blocked, `/livez`, `/readyz` and `/metrics` still answer. Were they
+/// served by the data plane, they would answer only after the worker is
+/// released (here: after PATIENCE), and the release signal would find the
+/// worker gone.
+#[test]
+fn admin_answers_while_the_data_plane_is_blocked() {
+    let data_plane = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (up, lessor) = data_plane.block_on(async {
+        let up = TestUpstream::start().await;
+        let lessor = Lessor::start(&config_one(&up.addr(), EngineKind::Bb8, &[])).await;
+        lessor.wait_for("warm", |s| s.idle >= 1).await;
+        (up, lessor)
+    });
+    let (blocked_tx, blocked_rx) = std::sync::mpsc::channel();
+    let (answered_tx, answered_rx) = std::sync::mpsc::channel::<()>();
+    data_plane.spawn(async move {
+        blocked_tx.send(()).unwrap();
+        // Deliberately blocking: this is the saturated worker.
+        let _ = answered_rx.recv_timeout(PATIENCE);
+    });
+    blocked_rx.recv().unwrap();
+    let client = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let admin = lessor.admin.clone();
+    let answers = client.block_on(async {
+        let mut answers = Vec::new();
+        for path in ["/livez", "/readyz", "/metrics"] {
+            answers.push((path, fetch(&admin, path, None).await.unwrap().status));
+        }
+        answers
+    });
+    assert!(
+        answered_tx.send(()).is_ok(),
+        "the admin server answered only once the data plane was free: {answers:?}"
+    );
+    assert_eq!(
+        answers,
+        [("/livez", 200), ("/readyz", 200), ("/metrics", 200)]
+    );
+    data_plane.block_on(async move {
+        drop(lessor);
+        drop(up);
+    });
+}
