@@ -1,4 +1,4 @@
-//! A small TCP echo upstream, for `lessor demo` and `lessor bench`: the
+//! A small TCP echo upstream, for `lessor demo` and `lessor-bench`: the
 //! upstream they need when no real one is around. Each read is written back;
 //! a read starting with `SLOW` is answered after a pause, so a client that
 //! releases at once leaves a reply in flight.

@@ -14,11 +14,13 @@
 //! pool::maintain: min_idle refill, idle/lifetime sweep, background checks
 //! ```
 //!
-//! Modules: [`config`] (schema, defaults, validation), [`pool`] (one
-//! upstream's pool over bb8 or deadpool), [`lease`] (lease protocol, byte
-//! pump, end rules), [`grpc`] (tonic service, status mapping, generated
-//! types), [`server`] (listener, drain), [`demo`]. The Rust client and the
-//! generated API types are the `lessor-client` crate.
+//! Modules (private; the public API is the re-export list below): `config`
+//! (schema, defaults, validation), `pool` (one upstream's pool over bb8 or
+//! deadpool), `discovery` (endpoint sources and balancing), `lease` (lease
+//! protocol, byte pump, end rules), `grpc` (tonic service, health, status
+//! mapping), `admin` (readiness, metrics, the admin server), `server`
+//! (listeners, drain). The Rust client and the generated API types are the
+//! `lessor-client` crate. `docs/architecture.md` walks through all of it.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 

@@ -128,7 +128,7 @@ impl LoadReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "lessor bench: {} on {}, concurrency {}, {:.1}s, {}-byte requests{}",
+            "lessor-bench: {} on {}, concurrency {}, {:.1}s, {}-byte requests{}",
             opts.upstream,
             opts.target,
             opts.concurrency,

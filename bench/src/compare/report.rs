@@ -10,7 +10,7 @@ impl CompareReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "lessor bench --compare: upstream `{}`, {}-byte requests; {} CPUs; lessor runtime.worker_threads={}, bench client runtime {} worker, baseline+upstream runtime {} worker\n",
+            "lessor-bench --compare: upstream `{}`, {}-byte requests; {} CPUs; lessor runtime.worker_threads={}, bench client runtime {} worker, baseline+upstream runtime {} worker\n",
             self.upstream,
             self.payload,
             self.cpus,
