@@ -3,6 +3,7 @@
 
 mod admin;
 mod backpressure;
+mod blackhole;
 mod cli;
 mod conformance;
 mod discovery;
