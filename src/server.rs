@@ -334,6 +334,9 @@ pub async fn run_with(
     let admin_addr = listeners.admin_addr();
     let admin_done = admin::spawn(listeners.admin, admin_state, admin_stop.clone())
         .map_err(ServerError::Admin)?;
+    // The admin thread outlives nothing: if this future is dropped (an
+    // embedder aborts it) rather than run to the end, it stops too.
+    let _admin_guard = admin_stop.clone().drop_guard();
 
     let max_frame = usize::try_from(config.grpc.max_frame.as_u64()).unwrap_or(usize::MAX);
     let ctx = Arc::new(LeaseContext::new(

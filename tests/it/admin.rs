@@ -562,3 +562,35 @@ fn admin_answers_while_the_data_plane_is_blocked() {
         drop(up);
     });
 }
+
+/// The admin server serves at most 64 connections at once: with 64 silent
+/// connections open, a 65th request waits in the accept queue, and is
+/// answered once they close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_caps_concurrent_connections() {
+    let up = TestUpstream::start().await;
+    let lessor = Lessor::start(&config_one(&up.addr(), EngineKind::Bb8, &[])).await;
+    let started = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..64 {
+        silent.push(tokio::net::TcpStream::connect(&lessor.admin).await.unwrap());
+    }
+    let admin = lessor.admin.clone();
+    let queued = tokio::spawn(async move { fetch(&admin, "/livez", None).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The silent ones are closed by the 5 s header timeout; past that, this
+    // check would prove nothing (a loaded machine), so it is only made before.
+    if started.elapsed() < Duration::from_secs(4) {
+        assert!(
+            !queued.is_finished(),
+            "a 65th connection was served beside 64"
+        );
+    }
+    drop(silent);
+    let got = tokio::time::timeout(PATIENCE, queued)
+        .await
+        .expect("the queued request was never served")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.status, 200);
+}

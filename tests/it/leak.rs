@@ -294,3 +294,32 @@ async fn leak_file_descriptors_return_to_baseline_in_a_served_process() {
         "RSS grew from {rss_before} to {rss_after} KiB"
     );
 }
+
+/// Dropping a running server (an embedder aborting `run_with`) stops its
+/// admin thread too: no thread outlives the server it served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leak_admin_thread_stops_with_an_aborted_server() {
+    let up = TestUpstream::start().await;
+    let config = Config::from_yaml(&config(&up, EngineKind::Bb8)).unwrap();
+    let listeners = Listeners {
+        grpc: Listener::bind(&"127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap(),
+        admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    };
+    let admin = listeners.admin_addr();
+    let served = tokio::spawn(lessor::run(config, listeners, std::future::pending()));
+    crate::support::eventually("the admin server to answer", || async {
+        crate::support::http::fetch(&admin, "/livez", None)
+            .await
+            .is_ok()
+    })
+    .await;
+    served.abort();
+    let _ = served.await;
+    // Its port stops answering only when the admin thread's runtime is gone.
+    crate::support::eventually("the aborted server's admin thread to stop", || async {
+        tokio::net::TcpStream::connect(&admin).await.is_err()
+    })
+    .await;
+}

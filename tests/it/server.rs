@@ -1,6 +1,8 @@
 //! The server around the pools: Unix-socket listener, gRPC reflection, and
 //! the WAIT_FOR_CLIENTS drain.
 
+use std::time::Duration;
+
 use lessor::EngineKind;
 use lessor_client::pb::{Disposition, EndReason};
 use lessor_client::{Client, LeaseOptions};
@@ -207,4 +209,54 @@ async fn server_unix_socket_gets_its_mode_and_never_replaces_a_file() {
     let err = lessor::Listener::bind(&addr).await.err().expect("refused");
     assert!(err.to_string().contains("not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+}
+
+/// `grpc.max_concurrent_streams` is advertised to clients: with 16 leases
+/// open on one channel, a 17th waits (the client queues it) until one ends,
+/// then is granted. One connection cannot open streams without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_caps_concurrent_streams_per_connection() {
+    let up = TestUpstream::start().await;
+    let lessor = Lessor::start(&format!(
+        "grpc: {{ max_concurrent_streams: 16 }}\n{}",
+        config_one(
+            &up.addr(),
+            EngineKind::Bb8,
+            &[
+                "pool: { max_size: 32 }",
+                "lease: { idle_timeout: 1h, max_duration: 1h }"
+            ]
+        )
+    ))
+    .await;
+    let client = lessor.client.clone();
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        held.push(client.lease("up", &LeaseOptions::default()).await.unwrap());
+    }
+    let queued = tokio::spawn({
+        let client = client.clone();
+        async move { client.lease("up", &LeaseOptions::default()).await }
+    });
+    // Were the cap not advertised, the 17th would be granted at once. A
+    // pause cannot make a correct server fail here, only a broken one pass.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!queued.is_finished(), "a 17th stream opened beside 16");
+    // Stats on a connection of its own: this one has no stream to spare.
+    let other = Client::connect(&lessor.addr).await.unwrap();
+    assert_eq!(other.stats("up").await.unwrap()[0].leased, 16);
+    let first = held.remove(0);
+    first.release(Disposition::Return).await.unwrap();
+    let lease = tokio::time::timeout(PATIENCE, queued)
+        .await
+        .expect("the queued lease was never granted")
+        .unwrap()
+        .unwrap();
+    held.push(lease);
+    for lease in held {
+        lease.release(Disposition::Return).await.unwrap();
+    }
+    lessor
+        .wait_for("every lease returned", |s| s.leased == 0)
+        .await;
 }
