@@ -33,6 +33,7 @@ mod echo;
 mod grpc;
 mod lease;
 mod pool;
+mod protocol;
 mod server;
 mod shutdown;
 mod telemetry;

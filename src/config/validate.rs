@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::{Config, ConfigError, PortRef, Source, UpstreamConfig, invalid};
+use super::{Config, ConfigError, PortRef, Protocol, Source, UpstreamConfig, invalid};
 
 impl Config {
     /// Checks ranges and consistency that the types cannot express.
@@ -50,6 +50,47 @@ fn positive(field: String, d: Duration) -> Result<(), ConfigError> {
 }
 
 impl UpstreamConfig {
+    /// The `redis:` block; the password file must be readable now (a typo in
+    /// a Secret's mount path fails at startup, not at the first dial).
+    fn validate_redis(&self, at: &str) -> Result<(), ConfigError> {
+        let r = &self.redis;
+        if r.password_file.is_some() && r.password_env.is_some() {
+            return Err(invalid(
+                format!("{at}.redis.password_file"),
+                "set one of password_file and password_env",
+            ));
+        }
+        if !(2..=3).contains(&r.resp) {
+            return Err(invalid(format!("{at}.redis.resp"), "must be 2 or 3"));
+        }
+        if r.username.is_some() && r.password_file.is_none() && r.password_env.is_none() {
+            return Err(invalid(
+                format!("{at}.redis.username"),
+                "needs password_file or password_env",
+            ));
+        }
+        if let Some(name) = &r.client_name
+            && (name.is_empty() || name.contains(|c: char| c.is_ascii_whitespace() || c.is_control()))
+        {
+            return Err(invalid(
+                format!("{at}.redis.client_name"),
+                "must be non-empty, without spaces",
+            ));
+        }
+        if r.max_frame.as_u64() < 1024 {
+            return Err(invalid(format!("{at}.redis.max_frame"), "must be at least 1KiB"));
+        }
+        if let Some(path) = &r.password_file
+            && let Err(e) = std::fs::read(path)
+        {
+            return Err(invalid(
+                format!("{at}.redis.password_file"),
+                format!("cannot read {}: {e}", path.display()),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self, at: &str) -> Result<(), ConfigError> {
         let name_ok = !self.name.is_empty()
             && self.name.len() <= 63
@@ -104,6 +145,9 @@ impl UpstreamConfig {
                     "must be a port name or a number 1-65535",
                 ));
             }
+        }
+        if self.protocol == Protocol::Redis {
+            self.validate_redis(at)?;
         }
         if self.outlier.consecutive_failures == 0 {
             return Err(invalid(

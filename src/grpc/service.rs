@@ -63,6 +63,14 @@ impl pb::pool_server::Pool for PoolService {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn exchange(
+        &self,
+        request: Request<pb::ExchangeRequest>,
+    ) -> Result<Response<pb::ExchangeResponse>, Status> {
+        let _ = request;
+        Err(Status::unimplemented("Exchange"))
+    }
+
     async fn stats(
         &self,
         request: Request<StatsRequest>,

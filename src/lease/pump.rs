@@ -372,6 +372,8 @@ where
             reused: leased.reused,
             wait_us: leased.waited.as_micros().try_into().unwrap_or(u64::MAX),
             connection_uses: conn.uses(),
+            protocol: config.protocol.as_str().to_owned(),
+            ..Granted::default()
         };
         checkout_span.record("lessor.checkout.wait_us", granted.wait_us as i64);
         let span = &self.span;

@@ -1,0 +1,413 @@
+//! An incremental RESP scanner: it finds where each frame ends in a byte
+//! stream that arrives in arbitrary pieces, without buffering or copying
+//! payloads. RESP2 and RESP3 (every type, nested aggregates, attributes,
+//! push frames, streamed strings and aggregates), and inline commands.
+//!
+//! Hand-written because the job is narrower than what RESP crates do: they
+//! decode a frame once it is whole in memory (redis-protocol, redis-rs),
+//! which for a 64 MiB reply means holding it all and re-parsing from the
+//! start as each read arrives. The pump needs only boundaries and a few
+//! small fields (a command's name and first arguments), in constant memory:
+//! a stack of open aggregates, one header line, and the small captured
+//! arguments. The property test checks it against redis-rs's parser.
+
+use std::fmt;
+
+/// The longest header or inline line accepted (Redis's own inline limit).
+pub(crate) const MAX_LINE: usize = 64 * 1024;
+/// Arguments of a command captured for inspection (its name and the first
+/// ones after it), each at most `CAPTURE_BYTES`.
+const CAPTURE_ARGS: usize = 4;
+const CAPTURE_BYTES: usize = 64;
+
+/// Why a byte stream is not RESP.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum RespError {
+    /// A type byte RESP does not have.
+    #[error("not RESP: unexpected byte {0:#04x}")]
+    BadType(u8),
+    /// A length or count that is not a number.
+    #[error("not RESP: bad length `{0}`")]
+    BadLength(String),
+    /// A header or inline line longer than `MAX_LINE`.
+    #[error("line longer than {MAX_LINE} bytes")]
+    LineTooLong,
+    /// A bulk payload larger than the configured frame limit.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// The declared size.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A bulk payload not followed by CRLF.
+    #[error("not RESP: bulk payload without its CRLF")]
+    MissingCrlf,
+}
+
+/// One complete top-level frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Frame {
+    /// Offset just past the frame's last byte in the chunk that ended it.
+    pub end: usize,
+    /// Its first byte (`*`, `$`, `+`, `-`, `>`, ...), or `b' '` for an inline
+    /// command.
+    pub kind: u8,
+    /// The first elements of a top-level array or inline command, when they
+    /// are short strings (a command's name and first arguments).
+    pub args: Vec<Vec<u8>>,
+}
+
+impl Frame {
+    /// A RESP3 push (out-of-band data, not a reply to a command).
+    pub(crate) fn is_push(&self) -> bool {
+        self.kind == b'>'
+    }
+
+    /// An error reply (`-` or RESP3 `!`).
+    pub(crate) fn is_error(&self) -> bool {
+        matches!(self.kind, b'-' | b'!')
+    }
+
+    /// The command's name, upper-cased (empty when not captured).
+    pub(crate) fn command(&self) -> String {
+        self.args
+            .first()
+            .map(|a| String::from_utf8_lossy(a).to_ascii_uppercase())
+            .unwrap_or_default()
+    }
+
+    /// Argument `i` after the name, upper-cased, if captured.
+    pub(crate) fn arg(&self, i: usize) -> Option<String> {
+        self.args
+            .get(i + 1)
+            .map(|a| String::from_utf8_lossy(a).to_ascii_uppercase())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Expecting a type byte (or the start of an inline command).
+    Type,
+    /// Reading a header line of this type.
+    Line(u8),
+    /// Reading an inline command's line.
+    Inline,
+    /// Inside a bulk payload: this many payload bytes, then CRLF.
+    Bulk { left: u64, crlf: u8 },
+}
+
+/// An aggregate being read.
+#[derive(Debug, Clone, Copy)]
+struct Open {
+    /// Elements still expected; `None` for a streamed aggregate or string,
+    /// which a terminator ends.
+    left: Option<u64>,
+    /// An attribute: when it completes it is not an element of anything,
+    /// the frame after it is.
+    attribute: bool,
+}
+
+/// Scans one direction of a RESP connection.
+#[derive(Clone)]
+pub(crate) struct Scanner {
+    state: State,
+    /// Open aggregates, innermost last.
+    stack: Vec<Open>,
+    /// The current header line.
+    line: Vec<u8>,
+    /// The top-level frame's type byte.
+    top: u8,
+    /// Captured arguments of the top-level frame.
+    args: Vec<Vec<u8>>,
+    /// Capturing the current bulk payload as an argument.
+    capturing: bool,
+    /// Whether inline commands may appear (client to server).
+    inline: bool,
+    max_frame: u64,
+    /// Bytes consumed since the current top-level frame began (0: between
+    /// frames).
+    in_frame: u64,
+}
+
+impl fmt::Debug for Scanner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scanner")
+            .field("state", &self.state)
+            .field("depth", &self.stack.len())
+            .field("in_frame", &self.in_frame)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Scanner {
+    /// A scanner of commands (`inline`: inline commands allowed) or of
+    /// replies; bulk payloads over `max_frame` bytes are refused.
+    pub(crate) fn new(inline: bool, max_frame: u64) -> Self {
+        Self {
+            state: State::Type,
+            stack: Vec::new(),
+            line: Vec::new(),
+            top: 0,
+            args: Vec::new(),
+            capturing: false,
+            inline,
+            max_frame,
+            in_frame: 0,
+        }
+    }
+
+    /// Whether the bytes so far end exactly at a frame boundary.
+    pub(crate) fn at_boundary(&self) -> bool {
+        self.in_frame == 0
+    }
+
+    /// The name of the command being read, once its first element is
+    /// complete: a command is decided on before its last byte arrives.
+    pub(crate) fn partial_command(&self) -> Option<String> {
+        if self.top != b'*' || self.in_frame == 0 {
+            return None;
+        }
+        let first = self.args.first()?;
+        if self.capturing && self.args.len() == 1 {
+            return None;
+        }
+        Some(String::from_utf8_lossy(first).to_ascii_uppercase())
+    }
+
+    /// Consumes `buf`, calling `on_frame` for each top-level frame that ends
+    /// in it. After an error the scanner's state is unspecified.
+    pub(crate) fn feed(
+        &mut self,
+        buf: &[u8],
+        mut on_frame: impl FnMut(Frame),
+    ) -> Result<(), RespError> {
+        let mut i = 0;
+        while i < buf.len() {
+            match self.state {
+                State::Type => {
+                    let b = buf[i];
+                    i += 1;
+                    self.in_frame += 1;
+                    if self.stack.is_empty() {
+                        self.top = b;
+                        self.args.clear();
+                    }
+                    match b {
+                        b'+' | b'-' | b':' | b'$' | b'*' | b'_' | b',' | b'#' | b'(' | b'!'
+                        | b'=' | b'%' | b'~' | b'>' | b'|' | b';' | b'.' => {
+                            self.line.clear();
+                            self.state = State::Line(b);
+                        }
+                        b'\r' | b'\n' if self.inline && self.stack.is_empty() => {
+                            // Empty lines between inline commands.
+                            self.in_frame = 0;
+                        }
+                        _ if self.inline && self.stack.is_empty() => {
+                            self.top = b' ';
+                            self.line.clear();
+                            self.line.push(b);
+                            self.state = State::Inline;
+                        }
+                        _ => return Err(RespError::BadType(b)),
+                    }
+                }
+                State::Line(kind) => {
+                    let (take, done) = line_part(&buf[i..]);
+                    self.push_line(&buf[i..i + take])?;
+                    i += take;
+                    if done {
+                        let line = std::mem::take(&mut self.line);
+                        self.header(kind, trim_crlf(&line), i, &mut on_frame)?;
+                        self.line = line;
+                    }
+                }
+                State::Inline => {
+                    let (take, done) = line_part(&buf[i..]);
+                    self.push_line(&buf[i..i + take])?;
+                    i += take;
+                    if done {
+                        self.args = trim_crlf(&self.line)
+                            .split(|c| c.is_ascii_whitespace())
+                            .filter(|w| !w.is_empty())
+                            .take(CAPTURE_ARGS)
+                            .map(|w| w[..w.len().min(CAPTURE_BYTES)].to_vec())
+                            .collect();
+                        self.state = State::Type;
+                        self.element_done(i, &mut on_frame);
+                    }
+                }
+                State::Bulk { left, crlf } => {
+                    if left > 0 {
+                        let take = left.min((buf.len() - i) as u64) as usize;
+                        if self.capturing
+                            && let Some(arg) = self.args.last_mut()
+                        {
+                            let room = CAPTURE_BYTES.saturating_sub(arg.len());
+                            arg.extend_from_slice(&buf[i..i + take.min(room)]);
+                        }
+                        i += take;
+                        self.in_frame += take as u64;
+                        self.state = State::Bulk {
+                            left: left - take as u64,
+                            crlf,
+                        };
+                        continue;
+                    }
+                    let want = if crlf == 0 { b'\r' } else { b'\n' };
+                    if buf[i] != want {
+                        return Err(RespError::MissingCrlf);
+                    }
+                    i += 1;
+                    self.in_frame += 1;
+                    if crlf == 0 {
+                        self.state = State::Bulk { left: 0, crlf: 1 };
+                    } else {
+                        self.capturing = false;
+                        self.state = State::Type;
+                        self.element_done(i, &mut on_frame);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn push_line(&mut self, part: &[u8]) -> Result<(), RespError> {
+        if self.line.len() + part.len() > MAX_LINE + 2 {
+            return Err(RespError::LineTooLong);
+        }
+        self.line.extend_from_slice(part);
+        self.in_frame += part.len() as u64;
+        Ok(())
+    }
+
+    /// A header line of type `kind` ended at `i`.
+    fn header(
+        &mut self,
+        kind: u8,
+        text: &[u8],
+        i: usize,
+        on_frame: &mut impl FnMut(Frame),
+    ) -> Result<(), RespError> {
+        self.state = State::Type;
+        match kind {
+            b'$' | b'=' | b'!' if text == b"?" => self.open(None, false),
+            b'$' | b'=' | b'!' => match length(text)? {
+                None => self.element_done(i, on_frame),
+                Some(len) => self.bulk(len)?,
+            },
+            // A chunk of a streamed string (not an element of anything), or
+            // its `;0` end.
+            b';' => match length(text)?.unwrap_or(0) {
+                0 => self.close(i, on_frame),
+                len => self.bulk(len)?,
+            },
+            b'*' | b'~' | b'>' | b'%' | b'|' if text == b"?" => self.open(None, false),
+            b'*' | b'~' | b'>' | b'%' | b'|' => {
+                let pairs = matches!(kind, b'%' | b'|');
+                match length(text)? {
+                    None | Some(0) if kind == b'|' => {}
+                    None | Some(0) => self.element_done(i, on_frame),
+                    Some(n) => self.open(Some(if pairs { n * 2 } else { n }), kind == b'|'),
+                }
+            }
+            // The end of a streamed aggregate.
+            b'.' => self.close(i, on_frame),
+            _ => self.element_done(i, on_frame),
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, left: Option<u64>, attribute: bool) {
+        self.stack.push(Open { left, attribute });
+    }
+
+    /// A streamed aggregate or string ended: it is one element of its parent.
+    fn close(&mut self, i: usize, on_frame: &mut impl FnMut(Frame)) {
+        self.stack.pop();
+        self.element_done(i, on_frame);
+    }
+
+    fn bulk(&mut self, len: u64) -> Result<(), RespError> {
+        if len > self.max_frame {
+            return Err(RespError::TooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        // A command's name and first arguments: bulk strings directly in a
+        // top-level array.
+        self.capturing = self.top == b'*'
+            && self.stack.len() == 1
+            && self.stack[0].left.is_some()
+            && self.args.len() < CAPTURE_ARGS;
+        if self.capturing {
+            self.args.push(Vec::new());
+        }
+        self.state = State::Bulk { left: len, crlf: 0 };
+        Ok(())
+    }
+
+    /// An element (a leaf, or a whole aggregate) ended at `i`: count it in
+    /// its parent, and report the top-level frame when that was the last.
+    fn element_done(&mut self, i: usize, on_frame: &mut impl FnMut(Frame)) {
+        loop {
+            match self.stack.last_mut() {
+                None => {
+                    self.in_frame = 0;
+                    on_frame(Frame {
+                        end: i,
+                        kind: self.top,
+                        args: std::mem::take(&mut self.args),
+                    });
+                    return;
+                }
+                Some(Open { left: None, .. }) => return,
+                Some(Open {
+                    left: Some(n),
+                    attribute,
+                }) => {
+                    *n -= 1;
+                    if *n > 0 {
+                        return;
+                    }
+                    let attribute = *attribute;
+                    self.stack.pop();
+                    if attribute {
+                        // The annotated frame follows; it is the element.
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How much of `rest` belongs to the current line, and whether it ends it.
+fn line_part(rest: &[u8]) -> (usize, bool) {
+    match rest.iter().position(|&b| b == b'\n') {
+        Some(n) => (n + 1, true),
+        None => (rest.len(), false),
+    }
+}
+
+fn trim_crlf(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// A RESP length: a decimal number, or -1 (null).
+fn length(text: &[u8]) -> Result<Option<u64>, RespError> {
+    let bad = || RespError::BadLength(String::from_utf8_lossy(text).into_owned());
+    let s = std::str::from_utf8(text).map_err(|_| bad())?;
+    let n: i64 = s.parse().map_err(|_| bad())?;
+    match n {
+        -1 => Ok(None),
+        n if n < 0 => Err(bad()),
+        n => Ok(Some(n as u64)),
+    }
+}
+
+#[cfg(test)]
+mod tests;
