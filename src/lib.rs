@@ -30,6 +30,7 @@ mod config;
 mod demo;
 mod discovery;
 mod echo;
+mod exchange;
 mod grpc;
 mod lease;
 mod pool;

@@ -21,8 +21,9 @@ use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::pb::{
-    Acquire, Disposition, Ended, Granted, LeaseRequest, LeaseResponse, Release, StatsRequest,
-    UpstreamStats, lease_request, lease_response, pool_client::PoolClient,
+    Acquire, Disposition, Ended, ExchangeRequest, ExchangeResponse, Granted, LeaseRequest,
+    LeaseResponse, Release, StatsRequest, UpstreamStats, lease_request, lease_response,
+    pool_client::PoolClient,
 };
 
 /// Why a client call failed.
@@ -187,6 +188,31 @@ impl Client {
             finished: false,
             unread: Bytes::new(),
         })
+    }
+
+    /// One request and exactly its reply, on a pooled connection of a
+    /// protocol upstream (`protocol: redis`): whole commands in, their
+    /// replies out, the connection returned clean. `timeout` bounds the
+    /// reply (default: the upstream's `lease.idle_timeout`). An error reply
+    /// from the upstream is a successful Exchange.
+    pub async fn exchange(
+        &self,
+        upstream: &str,
+        request: impl Into<Bytes>,
+        timeout: Option<Duration>,
+    ) -> Result<ExchangeResponse, ClientError> {
+        let ms = |d: Option<Duration>| {
+            d.map_or(0, |d| {
+                u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1)
+            })
+        };
+        let request = ExchangeRequest {
+            upstream: upstream.to_owned(),
+            request: request.into(),
+            checkout_timeout_ms: 0,
+            timeout_ms: ms(timeout),
+        };
+        Ok(self.inner.clone().exchange(request).await?.into_inner())
     }
 
     /// `Stats` of one upstream, or of all when `upstream` is empty.

@@ -17,7 +17,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::pool::{EvictReason, HistogramSnapshot, PoolSet};
+use crate::pool::{EXCHANGE_OUTCOMES, EvictReason, HistogramSnapshot, PoolSet};
 use crate::telemetry::SpanCounters;
 
 /// Exposition formats.
@@ -257,6 +257,25 @@ impl Collector for PoolCollector {
             evictions,
         )?;
 
+        let exchanges = pools.iter().flat_map(|p| {
+            EXCHANGE_OUTCOMES
+                .iter()
+                .enumerate()
+                .map(move |(i, outcome)| {
+                    let labels = vec![
+                        ("upstream", p.name().to_owned()),
+                        ("outcome", (*outcome).to_owned()),
+                    ];
+                    (labels, ConstCounter::new(load(&p.counters().exchanges[i])))
+                })
+        });
+        family(
+            &mut e,
+            "lessor_exchanges",
+            "Exchange calls, by outcome (an error reply from the upstream is ok).",
+            exchanges,
+        )?;
+
         let checks = pools.iter().flat_map(|p| {
             let c = p.counters();
             let total = load(&c.health_checks);
@@ -355,6 +374,19 @@ impl Collector for PoolCollector {
                     &mut m,
                     &[("upstream", p.name()), ("disposition", "evict")],
                     &c.lease_evicted.snapshot(),
+                )?;
+            }
+            let mut m = e.encode_descriptor(
+                "lessor_exchange_duration_seconds",
+                "How long Exchange calls took, checkout included.",
+                None,
+                MetricType::Histogram,
+            )?;
+            for p in &pools {
+                histogram(
+                    &mut m,
+                    &[("upstream", p.name())],
+                    &p.counters().exchange_duration.snapshot(),
                 )?;
             }
             let mut m = e.encode_descriptor(

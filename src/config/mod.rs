@@ -336,9 +336,9 @@ pub struct RedisConfig {
     pub resp: u8,
     /// `CLIENT SETNAME` on connect.
     pub client_name: Option<String>,
-    /// The largest bulk string or command accepted either way; a larger one
-    /// ends the lease (evicted) or fails the Exchange. Default 512 MiB, as
-    /// Redis's own `proto-max-bulk-len`.
+    /// The largest bulk string accepted either way, and the largest
+    /// Exchange request; a larger one ends the lease (evicted) or fails the
+    /// Exchange. Default 64 MiB.
     pub max_frame: ByteSize,
 }
 
@@ -351,7 +351,7 @@ impl Default for RedisConfig {
             db: 0,
             resp: 2,
             client_name: None,
-            max_frame: ByteSize::mib(512),
+            max_frame: ByteSize::mib(64),
         }
     }
 }

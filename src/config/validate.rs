@@ -70,7 +70,8 @@ impl UpstreamConfig {
             ));
         }
         if let Some(name) = &r.client_name
-            && (name.is_empty() || name.contains(|c: char| c.is_ascii_whitespace() || c.is_control()))
+            && (name.is_empty()
+                || name.contains(|c: char| c.is_ascii_whitespace() || c.is_control()))
         {
             return Err(invalid(
                 format!("{at}.redis.client_name"),
@@ -78,7 +79,10 @@ impl UpstreamConfig {
             ));
         }
         if r.max_frame.as_u64() < 1024 {
-            return Err(invalid(format!("{at}.redis.max_frame"), "must be at least 1KiB"));
+            return Err(invalid(
+                format!("{at}.redis.max_frame"),
+                "must be at least 1KiB",
+            ));
         }
         if let Some(path) = &r.password_file
             && let Err(e) = std::fs::read(path)

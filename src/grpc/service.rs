@@ -14,6 +14,7 @@ use lessor_client::pb::{
 };
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::exchange::ExchangeError;
 use crate::lease::{LeaseContext, lease_span, lease_stream};
 use crate::pool::PoolSnapshot;
 
@@ -30,9 +31,18 @@ impl PoolService {
     }
 
     /// The tonic server wrapper, with the inbound message limit set just above
-    /// `grpc.max_frame` so an oversized Data is refused by size, not buffered.
+    /// `grpc.max_frame` (or the largest `redis.max_frame`, for Exchange
+    /// requests) so an oversized message is refused by size, not buffered.
     pub(crate) fn into_server(self) -> pb::pool_server::PoolServer<Self> {
-        let limit = self.ctx.max_frame + 1024;
+        let exchange = self
+            .ctx
+            .pools
+            .iter()
+            .filter(|p| p.config().protocol == crate::config::Protocol::Redis)
+            .map(|p| usize::try_from(p.config().redis.max_frame.as_u64()).unwrap_or(usize::MAX))
+            .max()
+            .unwrap_or(0);
+        let limit = self.ctx.max_frame.max(exchange).saturating_add(1024);
         pb::pool_server::PoolServer::new(self).max_decoding_message_size(limit)
     }
 }
@@ -67,8 +77,27 @@ impl pb::pool_server::Pool for PoolService {
         &self,
         request: Request<pb::ExchangeRequest>,
     ) -> Result<Response<pb::ExchangeResponse>, Status> {
-        let _ = request;
-        Err(Status::unimplemented("Exchange"))
+        let r = request.into_inner();
+        let request = crate::exchange::ExchangeRequest {
+            upstream: r.upstream,
+            request: r.request,
+            checkout_timeout_ms: r.checkout_timeout_ms,
+            timeout_ms: r.timeout_ms,
+        };
+        // Revocation first: at the end of grace nothing new starts.
+        let done = tokio::select! {
+            biased;
+            _ = self.ctx.revoke.cancelled() => Err(ExchangeError::ShuttingDown),
+            done = crate::exchange::exchange(&self.ctx.pools, request) => done,
+        };
+        let done = done.map_err(Status::from)?;
+        Ok(Response::new(pb::ExchangeResponse {
+            reply: done.reply,
+            connection_id: done.connection_id,
+            reused: done.reused,
+            wait_us: done.waited.as_micros().try_into().unwrap_or(u64::MAX),
+            endpoint: done.endpoint,
+        }))
     }
 
     async fn stats(

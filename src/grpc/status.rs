@@ -4,6 +4,7 @@
 
 use tonic::{Code, Status};
 
+use crate::exchange::ExchangeError;
 use crate::lease::{InboundError, LeaseError};
 use crate::pool::CheckoutError;
 
@@ -33,13 +34,28 @@ pub(crate) fn code(e: &LeaseError) -> Code {
         | LeaseError::SecondAcquire
         | LeaseError::EmptyRequest
         | LeaseError::FrameTooLarge { .. }
-        | LeaseError::AfterRelease => Code::InvalidArgument,
+        | LeaseError::AfterRelease
+        | LeaseError::NotProtocol(_) => Code::InvalidArgument,
     }
 }
 
 impl From<CheckoutError> for Status {
     fn from(e: CheckoutError) -> Self {
         Status::new(checkout_code(&e), e.to_string())
+    }
+}
+
+impl From<ExchangeError> for Status {
+    fn from(e: ExchangeError) -> Self {
+        let code = match &e {
+            ExchangeError::UnknownUpstream { .. } => Code::NotFound,
+            ExchangeError::NotAProtocolUpstream(_) => Code::FailedPrecondition,
+            ExchangeError::Invalid(_) => Code::InvalidArgument,
+            ExchangeError::Checkout(c) => checkout_code(c),
+            ExchangeError::Timeout(_) => Code::DeadlineExceeded,
+            ExchangeError::Upstream(_) | ExchangeError::ShuttingDown => Code::Unavailable,
+        };
+        Status::new(code, e.to_string())
     }
 }
 

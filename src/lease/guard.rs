@@ -19,10 +19,13 @@ pub(crate) struct LeaseGuard {
     started: Instant,
     bytes_to_upstream: u64,
     bytes_to_client: u64,
+    /// A protocol upstream's verdict on the session (`None` for `tcp`): it
+    /// stands in for the direction of the last bytes.
+    verdict: Option<Result<(), String>>,
 }
 
 /// What a finished lease did, for logs and (later) spans and metrics.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Finished {
     /// The decision taken.
     pub outcome: Outcome,
@@ -30,6 +33,8 @@ pub(crate) struct Finished {
     pub bytes_to_upstream: u64,
     /// Bytes delivered toward the client.
     pub bytes_to_client: u64,
+    /// Why a tracked session was not clean, for `Ended.detail`.
+    pub unclean: Option<String>,
 }
 
 impl LeaseGuard {
@@ -42,7 +47,14 @@ impl LeaseGuard {
             started: Instant::now(),
             bytes_to_upstream: 0,
             bytes_to_client: 0,
+            verdict: None,
         }
+    }
+
+    /// Records a protocol session's verdict (clean, or why not) for the
+    /// end decision.
+    pub(crate) fn set_verdict(&mut self, verdict: Result<(), String>) {
+        self.verdict = Some(verdict);
     }
 
     /// The checked-out connection.
@@ -92,7 +104,14 @@ impl LeaseGuard {
     fn finish_once(&mut self, end: End) -> Option<Finished> {
         let leased = self.leased.take()?;
         let socket = health::peek(&leased.conn().stream);
-        let mut outcome = state::conclude(end, self.last, socket, self.on_abort);
+        // A tracked session's verdict replaces the direction heuristic: clean
+        // reads as "the last bytes were a reply", unclean as "a request".
+        let last = match &self.verdict {
+            None => self.last,
+            Some(Ok(())) => Some(Direction::ToClient),
+            Some(Err(_)) => Some(Direction::ToUpstream),
+        };
+        let mut outcome = state::conclude(end, last, socket, self.on_abort);
         let counters = leased.pool().counters();
         let held = self.started.elapsed();
         match outcome.fate {
@@ -116,6 +135,7 @@ impl LeaseGuard {
             outcome,
             bytes_to_upstream: self.bytes_to_upstream,
             bytes_to_client: self.bytes_to_client,
+            unclean: self.verdict.take().and_then(Result::err),
         })
     }
 }

@@ -27,7 +27,9 @@ use tracing::{Instrument, Span};
 use super::guard::LeaseGuard;
 use super::state::{Direction, End};
 use super::watchdog::{LeaseCell, Unparked, Watchdog};
+use crate::config::Protocol;
 use crate::pool::{CheckoutError, PoolSet};
+use crate::protocol::redis::session::RedisSession;
 use crate::telemetry::TARGET;
 use lessor_client::pb::{
     Disposition, Ended, Granted, LeaseRequest, LeaseResponse, lease_request, lease_response,
@@ -80,6 +82,9 @@ pub enum LeaseError {
     /// The sidecar is shutting down.
     #[error("lessor is shutting down")]
     ShuttingDown,
+    /// A protocol upstream's lease carried bytes that are not its protocol.
+    #[error("{0}")]
+    NotProtocol(String),
     /// The transport refused a client message (e.g. one over its size
     /// limit). Kept whole, so the transport can answer with its own error.
     #[error(transparent)]
@@ -241,6 +246,8 @@ pub(crate) struct Active {
     /// Registered once per lease: creating `cancelled()` anew on every loop
     /// turn would lock the token's tree each time.
     revoked: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The session tracker of a protocol upstream.
+    session: Option<RedisSession>,
 }
 
 enum Step {
@@ -409,6 +416,8 @@ where
             timer: Box::pin(tokio::time::sleep_until(expires_at.min(now + idle_timeout))),
             last_activity: now,
             revoked: Box::pin(ctx.revoke.clone().cancelled_owned()),
+            session: (config.protocol == Protocol::Redis)
+                .then(|| RedisSession::new(config.redis.max_frame.as_u64())),
         };
         Ok((Box::new(active), granted))
     }
@@ -422,6 +431,12 @@ impl Active {
         E: InboundError,
     {
         loop {
+            if let Some(session) = &self.session
+                && session.quit_done()
+            {
+                // QUIT, answered: a goodbye, honoured as a RETURN.
+                return Step::End(End::Release(Disposition::Return), String::new());
+            }
             if self.read_buf.capacity() - self.read_buf.len() < self.read_size / 4 {
                 self.read_buf.reserve(self.read_size);
             }
@@ -457,7 +472,16 @@ impl Active {
                     if n >= self.read_size {
                         self.read_size = (self.read_size * 2).min(READ_MAX);
                     }
-                    return Step::Data(self.read_buf.split().freeze());
+                    let data = self.read_buf.split().freeze();
+                    let Some(session) = &mut self.session else {
+                        return Step::Data(data);
+                    };
+                    match session.upstream_sent(data) {
+                        Ok(data) => return Step::Data(data),
+                        Err(e) => {
+                            return Step::End(End::UpstreamError, format!("upstream: {e}"));
+                        }
+                    }
                 }
                 Event::Read(Err(e)) | Event::Wrote(Err(e)) => {
                     let end = if crate::pool::health::closed_by_peer(e.kind()) {
@@ -534,11 +558,24 @@ impl Active {
                         max: max_frame,
                     }));
                 }
+                self.last_activity = tokio::time::Instant::now();
+                let data = match &mut self.session {
+                    None => data,
+                    Some(session) => match session.client_sent(&data) {
+                        Ok(forward) => forward,
+                        Err(e) => {
+                            return Some(Step::Violation(LeaseError::NotProtocol(e.to_string())));
+                        }
+                    },
+                };
                 if !data.is_empty() {
                     self.pending = Some(data);
                 }
-                self.last_activity = tokio::time::Instant::now();
-                None
+                // Replies lessor gives itself (QUIT, AUTH), due now.
+                self.session
+                    .as_mut()
+                    .and_then(RedisSession::take_local)
+                    .map(Step::Data)
             }
             Some(lease_request::Msg::Release(release)) => {
                 // A message already queued behind Release breaks the protocol;
@@ -564,7 +601,11 @@ impl Active {
         if matches!(end, End::Expired | End::Idle | End::Shutdown) {
             tracing::info!(target: TARGET, { lessor.revoke.reason = ?end, lessor.revoke.detail = %detail }, "revoked");
         }
-        let done = self.guard.finish(end);
+        let mut guard = self.guard;
+        if let Some(session) = &self.session {
+            guard.set_verdict(session.verdict());
+        }
+        let done = guard.finish(end);
         if !span.is_disabled() {
             span.record("lessor.bytes.to_upstream", done.bytes_to_upstream as i64);
             span.record("lessor.bytes.to_client", done.bytes_to_client as i64);
@@ -592,6 +633,10 @@ impl Active {
             "lease ended"
         );
         let (disposition, reason) = done.outcome.ended?;
+        let detail = match done.unclean {
+            Some(why) if reason == lessor_client::pb::EndReason::Dirty && detail.is_empty() => why,
+            _ => detail,
+        };
         Some(response(lease_response::Msg::Ended(Ended {
             disposition: disposition.into(),
             reason: reason.into(),

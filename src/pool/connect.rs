@@ -25,6 +25,7 @@ use super::conn::Conn;
 use super::stats::Counters;
 use crate::config::{KeepaliveConfig, PoolConfig};
 use crate::discovery::{EndpointRef, EndpointSet, NoEndpoint};
+use crate::protocol::{OpenError, Opener};
 
 /// Why a dial produced no connection.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -69,6 +70,14 @@ pub(crate) enum DialError {
         /// The failure that started the backoff.
         last: String,
     },
+    /// The connection opened, but its session did not (a wrong password).
+    #[error("{source} (at {addr})")]
+    Open {
+        /// The connected address.
+        addr: SocketAddr,
+        /// What the handshake said.
+        source: OpenError,
+    },
     /// Discovery knows no endpoint that may take connections.
     #[error("no ready endpoint ({0})")]
     NoEndpoints(String),
@@ -88,6 +97,8 @@ pub(crate) struct Dialer {
     last: Mutex<(Option<bool>, Option<String>)>,
     /// Bumped on every failed dial; checkouts subscribe to fail fast.
     failures: watch::Sender<u64>,
+    /// The session handshake of a protocol upstream.
+    opener: Opener,
     /// Raised when the last dial's outcome flips.
     ready_signal: super::ReadySignal,
     /// Dials on the network now. Engines do not count a connection until its
@@ -104,6 +115,7 @@ impl Dialer {
         next_id: Arc<AtomicU64>,
         counters: Arc<Counters>,
         ready_signal: super::ReadySignal,
+        opener: Opener,
     ) -> Self {
         Self {
             endpoints,
@@ -116,6 +128,7 @@ impl Dialer {
             last: Mutex::new((None, None)),
             failures: watch::Sender::new(0),
             ready_signal,
+            opener,
             in_flight: AtomicU32::new(0),
         }
     }
@@ -234,17 +247,24 @@ impl Dialer {
                 },
             })
         };
-        let (stream, addr) = tokio::time::timeout(self.connect_timeout, attempt)
+        let opened = async {
+            let (mut stream, addr) = attempt.await?;
+            self.tune(&stream).map_err(|e| DialError::Tune {
+                addr,
+                source: Arc::new(e),
+            })?;
+            self.opener
+                .open(&mut stream)
+                .await
+                .map_err(|source| DialError::Open { addr, source })?;
+            Ok((stream, addr))
+        };
+        tokio::time::timeout(self.connect_timeout, opened)
             .await
             .map_err(|_| DialError::Timeout {
                 address: address.to_owned(),
                 after: self.connect_timeout,
-            })??;
-        self.tune(&stream).map_err(|e| DialError::Tune {
-            addr,
-            source: Arc::new(e),
-        })?;
-        Ok((stream, addr))
+            })?
     }
 }
 

@@ -38,7 +38,7 @@ pub(crate) use self::engine::{Engine, EngineError, PoolConn};
 pub(crate) use self::error::CheckoutError;
 pub(crate) use self::leased::Leased;
 pub(crate) use self::set::{PoolSet, printable_name};
-pub(crate) use self::stats::{Counters, EvictReason, HistogramSnapshot};
+pub(crate) use self::stats::{Counters, EXCHANGE_OUTCOMES, EvictReason, HistogramSnapshot};
 
 use crate::config::UpstreamConfig;
 use crate::discovery::{EndpointSnapshot, SourceStatus};
@@ -143,6 +143,7 @@ impl Pool {
             next_conn_id,
             counters.clone(),
             ready_signal.clone(),
+            crate::protocol::Opener::for_upstream(&config),
         ));
         let engine = Engine::new(config.engine, dialer.clone(), config.pool.max_size);
         Arc::new(Self {

@@ -109,6 +109,29 @@ pub(crate) struct Counters {
     pub lease_evicted: Histogram,
     /// Time checkouts took, successful or not.
     pub checkout_wait: Histogram,
+    /// Exchanges, by outcome (`EXCHANGE_OUTCOMES` order).
+    pub exchanges: [AtomicU64; EXCHANGE_OUTCOMES.len()],
+    /// How long Exchanges took, checkout included, successful or not.
+    pub exchange_duration: Histogram,
+}
+
+/// The outcomes an Exchange is counted under.
+pub(crate) const EXCHANGE_OUTCOMES: [&str; 5] = [
+    "ok",
+    "invalid",
+    "checkout_failed",
+    "timeout",
+    "upstream_error",
+];
+
+impl Counters {
+    /// Counts one Exchange and its duration.
+    pub(crate) fn exchanged(&self, outcome: &str, took: std::time::Duration) {
+        if let Some(i) = EXCHANGE_OUTCOMES.iter().position(|o| *o == outcome) {
+            self.exchanges[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.exchange_duration.observe(took);
+    }
 }
 
 impl Default for Counters {
@@ -129,6 +152,8 @@ impl Default for Counters {
             lease_returned: Histogram::new(LEASE_BUCKETS),
             lease_evicted: Histogram::new(LEASE_BUCKETS),
             checkout_wait: Histogram::new(WAIT_BUCKETS),
+            exchanges: Default::default(),
+            exchange_duration: Histogram::new(LEASE_BUCKETS),
         }
     }
 }

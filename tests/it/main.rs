@@ -13,6 +13,7 @@ mod pool;
 mod proto_golden;
 mod protocol;
 mod redis;
+mod resp;
 mod server;
 mod shutdown;
 mod stall;

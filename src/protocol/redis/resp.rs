@@ -54,7 +54,8 @@ pub(crate) struct Frame {
     /// command.
     pub kind: u8,
     /// The first elements of a top-level array or inline command, when they
-    /// are short strings (a command's name and first arguments).
+    /// are short strings (a command's name and first arguments); for a
+    /// simple string or error, its text (cut to 64 bytes).
     pub args: Vec<Vec<u8>>,
 }
 
@@ -314,6 +315,10 @@ impl Scanner {
             }
             // The end of a streamed aggregate.
             b'.' => self.close(i, on_frame),
+            b'+' | b'-' if self.stack.is_empty() => {
+                self.args = vec![text[..text.len().min(CAPTURE_BYTES)].to_vec()];
+                self.element_done(i, on_frame);
+            }
             _ => self.element_done(i, on_frame),
         }
         Ok(())

@@ -18,19 +18,27 @@ pub struct Redis {
     child: Child,
     port: u16,
     binary: String,
+    /// Extra server arguments (`--requirepass`, ACL users).
+    extra: Vec<String>,
 }
 
 impl Redis {
     /// Starts redis-server, or returns `None` (skip) when it is not installed
     /// and not required.
     pub async fn start() -> Option<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts redis-server with extra arguments (e.g. `--requirepass pw`).
+    pub async fn start_with(extra: &[&str]) -> Option<Self> {
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
         let binary = std::env::var("LESSOR_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let required = std::env::var("LESSOR_REQUIRE_REDIS").is_ok_and(|v| v == "1");
         // A reserved port can still be taken by another program on the
         // machine: redis-server then exits, and another port is tried.
         for _ in 0..5 {
             let port = ports::reserve();
-            let child = match spawn(&binary, port) {
+            let child = match spawn(&binary, port, &extra) {
                 Ok(c) => c,
                 Err(e) if !required => {
                     super::skip(&format!(
@@ -44,6 +52,7 @@ impl Redis {
                 child,
                 port,
                 binary: binary.clone(),
+                extra: extra.clone(),
             };
             if redis.wait_ready().await {
                 return Some(redis);
@@ -61,7 +70,7 @@ impl Redis {
     /// Starts a new server on the same port.
     pub async fn restart(&mut self) {
         self.kill();
-        self.child = spawn(&self.binary, self.port).expect("restart redis-server");
+        self.child = spawn(&self.binary, self.port, &self.extra).expect("restart redis-server");
         assert!(
             self.wait_ready().await,
             "redis-server did not restart on port {}",
@@ -79,8 +88,9 @@ impl Redis {
     async fn wait_ready(&mut self) -> bool {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         while tokio::time::Instant::now() < deadline {
+            // With requirepass, NOAUTH: the server is up all the same.
             if let Ok(reply) = self.command(b"PING\r\n").await
-                && reply == b"+PONG\r\n"
+                && (reply == b"+PONG\r\n" || reply.starts_with(b"-NOAUTH"))
             {
                 return true;
             }
@@ -160,7 +170,7 @@ impl Drop for Redis {
     }
 }
 
-fn spawn(binary: &str, port: u16) -> std::io::Result<Child> {
+fn spawn(binary: &str, port: u16, extra: &[String]) -> std::io::Result<Child> {
     command(binary)
         .args([
             "--port",
@@ -172,6 +182,7 @@ fn spawn(binary: &str, port: u16) -> std::io::Result<Child> {
             "--appendonly",
             "no",
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

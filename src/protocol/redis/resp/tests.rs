@@ -11,7 +11,11 @@ fn frames(input: &[u8], inline: bool) -> Result<Vec<Frame>, RespError> {
 
 #[test]
 fn commands_and_their_arguments() {
-    let got = frames(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nvalue\r\nPING\r\n", true).unwrap();
+    let got = frames(
+        b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nvalue\r\nPING\r\n",
+        true,
+    )
+    .unwrap();
     assert_eq!(got.len(), 2);
     assert_eq!(got[0].command(), "SET");
     assert_eq!(got[0].arg(0).as_deref(), Some("K"));
@@ -39,8 +43,14 @@ fn resp3_aggregates_attributes_pushes_and_streams() {
 #[test]
 fn bad_input_is_an_error_not_a_panic() {
     assert_eq!(frames(b"?x\r\n", false), Err(RespError::BadType(b'?')));
-    assert!(matches!(frames(b"$abc\r\n", false), Err(RespError::BadLength(_))));
-    assert!(matches!(frames(b"*-5\r\n", false), Err(RespError::BadLength(_))));
+    assert!(matches!(
+        frames(b"$abc\r\n", false),
+        Err(RespError::BadLength(_))
+    ));
+    assert!(matches!(
+        frames(b"*-5\r\n", false),
+        Err(RespError::BadLength(_))
+    ));
     assert_eq!(frames(b"$1\r\nab\r\n", false), Err(RespError::MissingCrlf));
     let long = vec![b'a'; MAX_LINE + 10];
     assert_eq!(frames(&long, true), Err(RespError::LineTooLong));
@@ -55,7 +65,9 @@ fn bad_input_is_an_error_not_a_panic() {
 fn a_large_payload_is_never_held() {
     let mut scanner = Scanner::new(false, 1 << 30);
     let mut ends = Vec::new();
-    scanner.feed(b"$67108864\r\n", |f| ends.push(f.end)).unwrap();
+    scanner
+        .feed(b"$67108864\r\n", |f| ends.push(f.end))
+        .unwrap();
     let chunk = vec![b'x'; 1 << 20];
     for _ in 0..64 {
         scanner.feed(&chunk, |f| ends.push(f.end)).unwrap();

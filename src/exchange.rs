@@ -1,0 +1,409 @@
+//! `Exchange`: one request and exactly its reply on a pooled connection, in
+//! one call. The request is vetted before anything is sent (whole commands
+//! only, nothing that would change the session beyond what lessor can put
+//! back), the reply is read to the end of the last one, and the connection
+//! goes back clean: after a `SELECT` the configured db is selected again;
+//! any other change of session state closes it instead.
+//!
+//! The unary fast path for the common case: one gRPC round trip instead of a
+//! lease stream's three messages each way.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use tracing::Instrument;
+use tracing::field::Empty;
+
+use crate::config::Protocol;
+use crate::pool::{CheckoutError, EvictReason, Leased, Pool, PoolSet, printable_name};
+use crate::protocol::redis::handshake::command;
+use crate::protocol::redis::resp::{Frame, RespError, Scanner};
+use crate::telemetry::TARGET;
+
+/// Why an Exchange failed (an error reply from the upstream is not one of
+/// these: it is the upstream's answer).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ExchangeError {
+    /// `upstream` names no configured upstream.
+    #[error("unknown upstream `{name}` (configured: {known})")]
+    UnknownUpstream {
+        /// The name asked for, cut to a printable length.
+        name: String,
+        /// The configured names.
+        known: String,
+    },
+    /// The upstream's bytes are opaque to lessor.
+    #[error("upstream `{0}` is `protocol: tcp`; Exchange needs a protocol upstream (redis)")]
+    NotAProtocolUpstream(String),
+    /// The request is not a whole number of acceptable commands; nothing
+    /// was sent.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// No connection could be checked out.
+    #[error(transparent)]
+    Checkout(#[from] CheckoutError),
+    /// The reply did not complete within its deadline; the connection was
+    /// closed.
+    #[error("no complete reply within {0:?}")]
+    Timeout(Duration),
+    /// The upstream closed, failed, or answered with something that is not
+    /// RESP; the connection was closed.
+    #[error("upstream failed mid-exchange: {0}")]
+    Upstream(String),
+    /// The sidecar is shutting down.
+    #[error("lessor is shutting down")]
+    ShuttingDown,
+}
+
+impl ExchangeError {
+    /// The metric label of the outcome.
+    pub(crate) fn outcome(&self) -> &'static str {
+        match self {
+            Self::UnknownUpstream { .. } | Self::NotAProtocolUpstream(_) | Self::Invalid(_) => {
+                "invalid"
+            }
+            Self::Checkout(_) | Self::ShuttingDown => "checkout_failed",
+            Self::Timeout(_) => "timeout",
+            Self::Upstream(_) => "upstream_error",
+        }
+    }
+}
+
+/// What the client asked for.
+#[derive(Debug, Clone)]
+pub(crate) struct ExchangeRequest {
+    /// The upstream's name.
+    pub upstream: String,
+    /// Whole commands.
+    pub request: Bytes,
+    /// Shortens the checkout timeout; 0: the configured one.
+    pub checkout_timeout_ms: u32,
+    /// The reply's deadline; 0: the upstream's `lease.idle_timeout`.
+    pub timeout_ms: u32,
+}
+
+/// The reply and where it came from.
+#[derive(Debug, Clone)]
+pub(crate) struct ExchangeReply {
+    /// Exactly the replies to the request's commands.
+    pub reply: Bytes,
+    /// The connection that served it.
+    pub connection_id: u64,
+    /// Whether the connection served before.
+    pub reused: bool,
+    /// Time spent in the checkout.
+    pub waited: Duration,
+    /// The upstream address.
+    pub endpoint: String,
+}
+
+/// What a vetted request will do to the session.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Effects {
+    /// Commands, each answered by one reply.
+    commands: usize,
+    /// A `SELECT` changes the db: the configured one is selected again after.
+    selects: bool,
+    /// Another change of session state: the connection is closed after.
+    changes: Option<&'static str>,
+}
+
+/// Commands refused in an Exchange: they would leave the connection in a
+/// state no reply count describes, or are the sidecar's to send.
+fn refused(name: &str, sub: Option<&str>) -> Option<&'static str> {
+    Some(match (name, sub) {
+        ("SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE", _) => "subscriptions need a lease",
+        ("MONITOR", _) => "MONITOR needs a lease",
+        ("AUTH", _) => "authentication is done by the sidecar",
+        ("HELLO", _) => "the protocol version is the sidecar's (redis.resp)",
+        ("QUIT", _) => "QUIT would close a pooled connection",
+        ("CLIENT", Some("REPLY")) => "CLIENT REPLY would desynchronize the replies",
+        _ => return None,
+    })
+}
+
+/// Commands that change session state lessor cannot put back cheaply: the
+/// connection is closed after the Exchange.
+fn changes_state(name: &str, sub: Option<&str>) -> Option<&'static str> {
+    Some(match (name, sub) {
+        ("MULTI", _) => "MULTI",
+        ("WATCH", _) => "WATCH",
+        ("READONLY", _) => "READONLY",
+        ("RESET", _) => "RESET",
+        ("CLIENT", Some("TRACKING")) => "CLIENT TRACKING",
+        ("CLIENT", Some("SETNAME")) => "CLIENT SETNAME",
+        _ => return None,
+    })
+}
+
+/// Checks the request without sending anything.
+fn vet(request: &[u8], max_frame: u64) -> Result<Effects, ExchangeError> {
+    let mut scanner = Scanner::new(true, max_frame);
+    let mut effects = Effects::default();
+    let mut problem = None;
+    scanner
+        .feed(request, |frame: Frame| {
+            effects.commands += 1;
+            let name = frame.command();
+            let sub = frame.arg(0);
+            if frame.kind != b'*' && frame.kind != b' ' {
+                problem.get_or_insert_with(|| "a command is an array of bulk strings".to_owned());
+            } else if let Some(why) = refused(&name, sub.as_deref()) {
+                problem.get_or_insert_with(|| format!("{name}: {why}"));
+            } else if name == "SELECT" {
+                effects.selects = true;
+            } else if name == "EXEC" || name == "DISCARD" {
+                // A transaction opened and closed within the request.
+                if effects.changes == Some("MULTI") {
+                    effects.changes = None;
+                }
+            } else if let Some(change) = changes_state(&name, sub.as_deref()) {
+                effects.changes.get_or_insert(change);
+            }
+        })
+        .map_err(|e: RespError| ExchangeError::Invalid(e.to_string()))?;
+    if let Some(problem) = problem {
+        return Err(ExchangeError::Invalid(problem));
+    }
+    if !scanner.at_boundary() {
+        return Err(ExchangeError::Invalid(
+            "the request ends inside a command".into(),
+        ));
+    }
+    if effects.commands == 0 {
+        return Err(ExchangeError::Invalid(
+            "the request holds no command".into(),
+        ));
+    }
+    Ok(effects)
+}
+
+/// Runs one Exchange.
+pub(crate) async fn exchange(
+    pools: &PoolSet,
+    request: ExchangeRequest,
+) -> Result<ExchangeReply, ExchangeError> {
+    let pool = pools
+        .get(&request.upstream)
+        .ok_or_else(|| ExchangeError::UnknownUpstream {
+            name: printable_name(&request.upstream),
+            known: pools.names().join(", "),
+        })?;
+    let span = tracing::info_span!(
+        target: TARGET,
+        "exchange",
+        otel.kind = "server",
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+        rpc.system = "grpc",
+        rpc.service = "lessor.v1.Pool",
+        rpc.method = "Exchange",
+        lessor.upstream = pool.name(),
+        lessor.protocol = pool.config().protocol.as_str(),
+        lessor.exchange.commands = Empty,
+        lessor.connection.id = Empty,
+        lessor.checkout.wait_us = Empty,
+    );
+    let started = Instant::now();
+    let result = run(pool, request, &span).instrument(span.clone()).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => {
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", e.to_string());
+            e.outcome()
+        }
+    };
+    pool.counters().exchanged(outcome, started.elapsed());
+    result
+}
+
+async fn run(
+    pool: &Arc<Pool>,
+    request: ExchangeRequest,
+    span: &tracing::Span,
+) -> Result<ExchangeReply, ExchangeError> {
+    let config = pool.config();
+    if config.protocol != Protocol::Redis {
+        return Err(ExchangeError::NotAProtocolUpstream(pool.name().to_owned()));
+    }
+    let max_frame = config.redis.max_frame.as_u64();
+    let effects = vet(&request.request, max_frame)?;
+    let checkout_timeout = clamp_ms(request.checkout_timeout_ms, config.pool.checkout_timeout);
+    let deadline = match request.timeout_ms {
+        0 => config.lease.idle_timeout,
+        ms => Duration::from_millis(u64::from(ms)),
+    };
+    span.record("lessor.exchange.commands", effects.commands as i64);
+    let mut leased = pool.checkout(checkout_timeout).await?;
+    span.record("lessor.connection.id", leased.conn().id() as i64);
+    span.record(
+        "lessor.checkout.wait_us",
+        i64::try_from(leased.waited.as_micros()).unwrap_or(i64::MAX),
+    );
+    let result = tokio::time::timeout(
+        deadline,
+        round_trip(&mut leased, &request.request, effects, pool, max_frame),
+    )
+    .await;
+    let conn = leased.conn();
+    let served = ExchangeReply {
+        reply: Bytes::new(),
+        connection_id: conn.id(),
+        reused: leased.reused,
+        waited: leased.waited,
+        endpoint: conn.endpoint_str().to_owned(),
+    };
+    match result {
+        Err(_) => {
+            leased.evict(EvictReason::LeaseExpired);
+            Err(ExchangeError::Timeout(deadline))
+        }
+        Ok(Err(e)) => {
+            leased.evict(EvictReason::UpstreamClosed);
+            Err(e)
+        }
+        Ok(Ok((reply, clean))) => {
+            match clean {
+                Ok(()) => {
+                    leased.give_back();
+                }
+                Err(change) => {
+                    tracing::debug!(upstream = %pool.name(), change, "exchange changed the session; connection closed");
+                    leased.evict(EvictReason::Dirty);
+                }
+            }
+            Ok(ExchangeReply { reply, ..served })
+        }
+    }
+}
+
+/// Writes the request, reads exactly its replies, and puts the session
+/// back. `Ok((reply, Err(change)))`: the reply is complete, but the
+/// connection must be closed.
+async fn round_trip(
+    leased: &mut Leased,
+    request: &[u8],
+    effects: Effects,
+    pool: &Arc<Pool>,
+    max_frame: u64,
+) -> Result<(Bytes, Result<(), &'static str>), ExchangeError> {
+    let stream = &mut leased.conn_mut().stream;
+    let upstream = |e: std::io::Error| ExchangeError::Upstream(e.to_string());
+    stream.write_all(request).await.map_err(upstream)?;
+    let reply = read_replies(stream, effects.commands, max_frame).await?;
+    if let Some(change) = effects.changes {
+        return Ok((reply, Err(change)));
+    }
+    if effects.selects {
+        // Back to the configured db, before anyone else gets the connection.
+        let mut select = Vec::new();
+        command(
+            &mut select,
+            &[b"SELECT", pool.config().redis.db.to_string().as_bytes()],
+        );
+        stream.write_all(&select).await.map_err(upstream)?;
+        let answer = read_replies(stream, 1, max_frame).await?;
+        if !answer.starts_with(b"+OK") {
+            return Ok((reply, Err("SELECT")));
+        }
+    }
+    Ok((reply, Ok(())))
+}
+
+/// Reads until `count` replies (push frames aside) are complete. The
+/// connection carries nothing else, so the bytes end exactly there.
+async fn read_replies(
+    stream: &mut tokio::net::TcpStream,
+    count: usize,
+    max_frame: u64,
+) -> Result<Bytes, ExchangeError> {
+    let mut scanner = Scanner::new(false, max_frame);
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut replies = 0;
+    let mut scanned = 0;
+    while replies < count {
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(buf.len().max(4096));
+        }
+        let n = stream
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| ExchangeError::Upstream(e.to_string()))?;
+        if n == 0 {
+            return Err(ExchangeError::Upstream(
+                "the upstream closed the connection".into(),
+            ));
+        }
+        if buf.len() as u64 > max_frame.saturating_mul(2) {
+            return Err(ExchangeError::Upstream(format!(
+                "reply larger than {} bytes (redis.max_frame)",
+                max_frame.saturating_mul(2)
+            )));
+        }
+        scanner
+            .feed(&buf[scanned..], |f| {
+                if !f.is_push() {
+                    replies += 1;
+                }
+            })
+            .map_err(|e| ExchangeError::Upstream(e.to_string()))?;
+        scanned = buf.len();
+    }
+    if !scanner.at_boundary() {
+        return Err(ExchangeError::Upstream(
+            "bytes beyond the last reply".into(),
+        ));
+    }
+    Ok(buf.freeze())
+}
+
+/// A client's millisecond value: 0 means the configured one, and nothing
+/// may exceed it.
+fn clamp_ms(ms: u32, cap: Duration) -> Duration {
+    match ms {
+        0 => cap,
+        ms => Duration::from_millis(u64::from(ms)).min(cap),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_vetted_before_anything_is_sent() {
+        let max = 1 << 20;
+        let ok = vet(b"*1\r\n$4\r\nPING\r\nGET k\r\n", max).unwrap();
+        assert_eq!(ok.commands, 2);
+        assert!(
+            vet(b"*2\r\n$3\r\nGET\r\n$1\r\n", max).is_err(),
+            "incomplete"
+        );
+        assert!(vet(b"", max).is_err(), "empty");
+        for bad in [
+            &b"SUBSCRIBE ch\r\n"[..],
+            b"MONITOR\r\n",
+            b"AUTH secret\r\n",
+            b"QUIT\r\n",
+            b"HELLO 3\r\n",
+            b"CLIENT REPLY OFF\r\n",
+            b":1\r\n",
+        ] {
+            assert!(
+                matches!(vet(bad, max), Err(ExchangeError::Invalid(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(vet(b"SELECT 5\r\n", max).unwrap().selects);
+        assert_eq!(vet(b"MULTI\r\n", max).unwrap().changes, Some("MULTI"));
+        assert_eq!(
+            vet(b"MULTI\r\nINCR a\r\nEXEC\r\n", max).unwrap().changes,
+            None
+        );
+    }
+}

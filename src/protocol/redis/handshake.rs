@@ -1,0 +1,107 @@
+//! Opening a Redis session on a fresh connection, inside `connect_timeout`:
+//! `AUTH` (password, or ACL user and password), `HELLO 3`, `SELECT`,
+//! `CLIENT SETNAME`, sent in one write and their replies read back. The
+//! password is read from its file or variable at each dial (a rotated Secret
+//! applies to new connections) and appears in no error.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::resp::Scanner;
+use crate::config::RedisConfig;
+
+/// Why a session could not be opened.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum OpenError {
+    /// The password could not be read (the file or variable, not its value).
+    #[error("cannot read the Redis password: {0}")]
+    Credentials(String),
+    /// The server refused the credentials.
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    /// Another step was refused (`SELECT` out of range, `HELLO` unknown).
+    #[error("{step} refused: {reason}")]
+    Refused {
+        /// The command, without arguments that could be secret.
+        step: &'static str,
+        /// The server's error.
+        reason: String,
+    },
+    /// The connection failed or the server answered something else.
+    #[error("Redis handshake failed: {0}")]
+    Io(String),
+}
+
+/// Appends one command as a RESP array of bulk strings.
+pub(crate) fn command(out: &mut Vec<u8>, args: &[&[u8]]) {
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Opens the configured session on `stream`.
+pub(crate) async fn open(stream: &mut TcpStream, cfg: &RedisConfig) -> Result<(), OpenError> {
+    let password = cfg
+        .password()
+        .map_err(|e| OpenError::Credentials(e.to_string()))?;
+    let mut request = Vec::new();
+    let mut steps = Vec::new();
+    if let Some(password) = &password {
+        match &cfg.username {
+            Some(user) => command(
+                &mut request,
+                &[b"AUTH", user.as_bytes(), password.as_bytes()],
+            ),
+            None => command(&mut request, &[b"AUTH", password.as_bytes()]),
+        }
+        steps.push("AUTH");
+    }
+    if cfg.resp == 3 {
+        command(&mut request, &[b"HELLO", b"3"]);
+        steps.push("HELLO 3");
+    }
+    if cfg.db != 0 {
+        command(&mut request, &[b"SELECT", cfg.db.to_string().as_bytes()]);
+        steps.push("SELECT");
+    }
+    if let Some(name) = &cfg.client_name {
+        command(&mut request, &[b"CLIENT", b"SETNAME", name.as_bytes()]);
+        steps.push("CLIENT SETNAME");
+    }
+    if steps.is_empty() {
+        return Ok(());
+    }
+    let io = |e: std::io::Error| OpenError::Io(e.to_string());
+    stream.write_all(&request).await.map_err(io)?;
+    drop(request);
+    let mut scanner = Scanner::new(false, 1 << 20);
+    let mut replies = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while replies.len() < steps.len() {
+        let n = stream.read(&mut buf).await.map_err(io)?;
+        if n == 0 {
+            return Err(OpenError::Io("the server closed the connection".into()));
+        }
+        scanner
+            .feed(&buf[..n], |f| replies.push(f))
+            .map_err(|e| OpenError::Io(e.to_string()))?;
+    }
+    for (step, reply) in steps.iter().zip(&replies) {
+        if reply.is_error() {
+            let reason = reply
+                .args
+                .first()
+                .map(|t| String::from_utf8_lossy(t).into_owned())
+                .unwrap_or_else(|| "an error reply".into());
+            return Err(if *step == "AUTH" {
+                OpenError::Auth(reason)
+            } else {
+                OpenError::Refused { step, reason }
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,381 @@
+//! What a lease on a Redis upstream has done to its connection, tracked
+//! from the bytes both ways: commands sent against replies received, the
+//! session state the commands changed, and the commands lessor answers
+//! itself (`QUIT`, `AUTH`, `HELLO`), whose bytes never reach Redis and
+//! whose replies are put in the reply stream at their place.
+//!
+//! A RETURN is honoured exactly when every command has its whole reply and
+//! nothing changed the session; otherwise the connection is closed and
+//! `Ended.detail` names what was unfinished.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+
+use super::resp::{Frame, RespError, Scanner};
+
+/// The reply lessor gives a client `AUTH` or `HELLO`.
+const AUTH_REFUSED: &[u8] = b"-ERR lessor: authentication is done by the sidecar\r\n";
+/// The reply to `QUIT`, which never reaches Redis.
+const QUIT_OK: &[u8] = b"+OK\r\n";
+/// Bytes of a command held back until its name is known (a name longer
+/// than this is no command lessor answers itself).
+const HOLD_MAX: usize = 1024;
+
+/// One reply the client is owed, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owed {
+    /// Redis will send it.
+    Upstream,
+    /// lessor sends it, once every reply before it has gone out.
+    Local(&'static [u8]),
+}
+
+/// What to do with the current command's bytes while it is incomplete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carry {
+    /// Between commands.
+    None,
+    /// Held back: its name is not known yet.
+    Held,
+    /// Forwarded as it arrives.
+    Forward,
+    /// Discarded: lessor answers it.
+    Drop,
+}
+
+/// The tracker of one lease's session.
+#[derive(Debug)]
+pub(crate) struct RedisSession {
+    commands: Scanner,
+    replies: Scanner,
+    owed: VecDeque<Owed>,
+    carry: Carry,
+    held: BytesMut,
+    /// Session state changed by a command, for `Ended.detail`.
+    changed: Option<String>,
+    /// `MULTI` without its `EXEC`/`DISCARD` yet.
+    multi: bool,
+    /// The client sent `QUIT`: the lease ends once its `+OK` is out.
+    quit: bool,
+    /// Local replies ready to go out now (every reply before them is out).
+    ready: BytesMut,
+}
+
+impl RedisSession {
+    /// A tracker for a fresh lease; `max_frame` bounds bulk strings.
+    pub(crate) fn new(max_frame: u64) -> Self {
+        Self {
+            commands: Scanner::new(true, max_frame),
+            replies: Scanner::new(false, max_frame),
+            owed: VecDeque::new(),
+            carry: Carry::None,
+            held: BytesMut::new(),
+            changed: None,
+            multi: false,
+            quit: false,
+            ready: BytesMut::new(),
+        }
+    }
+
+    /// Takes client bytes; returns what goes to Redis. Local replies that
+    /// are due now are kept for [`RedisSession::take_local`].
+    pub(crate) fn client_sent(&mut self, data: &Bytes) -> Result<Bytes, RespError> {
+        let mut ends = Vec::new();
+        self.commands.feed(data, |f| ends.push(f))?;
+        let mut out = BytesMut::new();
+        let mut start = 0;
+        for frame in ends {
+            let local = self.note_command(&frame);
+            let piece = &data[start..frame.end];
+            match (self.carry, local) {
+                (Carry::Drop, _) | (Carry::None | Carry::Held, Some(_)) => self.held.clear(),
+                (Carry::Held, None) => {
+                    out.extend_from_slice(&self.held.split());
+                    out.extend_from_slice(piece);
+                }
+                (Carry::None | Carry::Forward, None) => out.extend_from_slice(piece),
+                (Carry::Forward, Some(_)) => {
+                    // Known as a command to answer only after its head went
+                    // out: cannot happen (the head is held until named).
+                    out.extend_from_slice(piece);
+                }
+            }
+            self.owe(local.map_or(Owed::Upstream, Owed::Local));
+            self.carry = Carry::None;
+            start = frame.end;
+        }
+        let tail = &data[start..];
+        if !tail.is_empty() || self.carry != Carry::None {
+            match self.carry {
+                Carry::Drop => {}
+                Carry::Forward => out.extend_from_slice(tail),
+                Carry::None | Carry::Held => {
+                    self.held.extend_from_slice(tail);
+                    let named = self.commands.partial_command();
+                    match named.as_deref().map(local_reply) {
+                        Some(Some(_)) => {
+                            self.held.clear();
+                            self.carry = Carry::Drop;
+                        }
+                        Some(None) => {
+                            out.extend_from_slice(&self.held.split());
+                            self.carry = Carry::Forward;
+                        }
+                        None if self.held.len() > HOLD_MAX => {
+                            out.extend_from_slice(&self.held.split());
+                            self.carry = Carry::Forward;
+                        }
+                        None => self.carry = Carry::Held,
+                    }
+                }
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    /// Takes Redis bytes; returns what goes to the client (with any local
+    /// replies that fall due put at their place).
+    pub(crate) fn upstream_sent(&mut self, data: Bytes) -> Result<Bytes, RespError> {
+        let mut ends = Vec::new();
+        self.replies.feed(&data, |f: Frame| {
+            if !f.is_push() {
+                ends.push(f.end);
+            }
+        })?;
+        if ends.is_empty() || !self.owed.iter().any(|o| matches!(o, Owed::Local(_))) {
+            for _ in &ends {
+                self.answered();
+            }
+            return Ok(data);
+        }
+        let mut out = BytesMut::with_capacity(data.len() + 64);
+        let mut start = 0;
+        for end in ends {
+            out.extend_from_slice(&data[start..end]);
+            start = end;
+            self.answered();
+            out.extend_from_slice(&self.ready.split());
+        }
+        out.extend_from_slice(&data[start..]);
+        Ok(out.freeze())
+    }
+
+    /// Local replies due now (every reply before them has gone out).
+    pub(crate) fn take_local(&mut self) -> Option<Bytes> {
+        (!self.ready.is_empty()).then(|| self.ready.split().freeze())
+    }
+
+    /// The client said `QUIT` and its `+OK` has been handed out: the lease
+    /// ends as a RETURN.
+    pub(crate) fn quit_done(&self) -> bool {
+        self.quit && self.owed.is_empty() && self.ready.is_empty()
+    }
+
+    /// Whether the connection may go back to the pool, or why not.
+    pub(crate) fn verdict(&self) -> Result<(), String> {
+        let pending = self.owed.iter().filter(|o| **o == Owed::Upstream).count();
+        if pending > 0 {
+            return Err(format!(
+                "{pending} {} pending",
+                if pending == 1 { "reply" } else { "replies" }
+            ));
+        }
+        if !self.commands.at_boundary() && self.carry != Carry::Drop {
+            return Err("a command was sent in part".into());
+        }
+        if !self.replies.at_boundary() {
+            return Err("a reply was delivered in part".into());
+        }
+        if self.multi {
+            return Err("transaction open (MULTI)".into());
+        }
+        if let Some(changed) = &self.changed {
+            return Err(changed.clone());
+        }
+        Ok(())
+    }
+
+    fn owe(&mut self, owed: Owed) {
+        self.owed.push_back(owed);
+        self.release_due_locals();
+    }
+
+    /// One reply from Redis went out.
+    fn answered(&mut self) {
+        // A reply nobody is owed (after CLIENT REPLY OFF, say) changes
+        // nothing: the session is already marked changed.
+        if let Some(pos) = self.owed.iter().position(|o| *o == Owed::Upstream) {
+            self.owed.remove(pos);
+        }
+        self.release_due_locals();
+    }
+
+    /// Local replies at the front of the queue go out now.
+    fn release_due_locals(&mut self) {
+        while let Some(Owed::Local(bytes)) = self.owed.front() {
+            self.ready.extend_from_slice(bytes);
+            self.owed.pop_front();
+        }
+    }
+
+    /// Records what a complete command does; `Some(reply)` when lessor
+    /// answers it instead of Redis.
+    fn note_command(&mut self, frame: &Frame) -> Option<&'static [u8]> {
+        let name = frame.command();
+        let sub = frame.arg(0);
+        if let Some(reply) = local_reply(&name) {
+            if name == "QUIT" {
+                self.quit = true;
+            }
+            return Some(reply);
+        }
+        let change = match (name.as_str(), sub.as_deref()) {
+            ("MULTI", _) => {
+                self.multi = true;
+                None
+            }
+            ("EXEC" | "DISCARD", _) => {
+                self.multi = false;
+                None
+            }
+            ("SELECT", _) => Some("SELECT changed the db"),
+            ("WATCH", _) => Some("WATCH left keys watched"),
+            ("READONLY", _) => Some("READONLY"),
+            ("RESET", _) => Some("RESET"),
+            ("SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE", _) => Some("subscribed"),
+            ("MONITOR", _) => Some("MONITOR"),
+            ("CLIENT", Some("REPLY")) => Some("CLIENT REPLY changed"),
+            ("CLIENT", Some("TRACKING")) => Some("CLIENT TRACKING changed"),
+            ("CLIENT", Some("SETNAME")) => Some("CLIENT SETNAME changed the name"),
+            _ => None,
+        };
+        if let Some(change) = change {
+            self.changed.get_or_insert_with(|| change.to_owned());
+        }
+        None
+    }
+}
+
+/// The reply lessor gives instead of forwarding, for the commands it answers.
+fn local_reply(name: &str) -> Option<&'static [u8]> {
+    match name {
+        "QUIT" => Some(QUIT_OK),
+        "AUTH" | "HELLO" => Some(AUTH_REFUSED),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session() -> RedisSession {
+        RedisSession::new(1 << 20)
+    }
+
+    #[test]
+    fn replies_pending_until_each_arrives() {
+        let mut s = session();
+        let sent = s
+            .client_sent(&Bytes::from_static(b"INCR a\r\nINCR a\r\n"))
+            .unwrap();
+        assert_eq!(&sent[..], b"INCR a\r\nINCR a\r\n");
+        assert_eq!(s.verdict(), Err("2 replies pending".into()));
+        s.upstream_sent(Bytes::from_static(b":1\r\n:")).unwrap();
+        assert_eq!(s.verdict(), Err("1 reply pending".into()));
+        s.upstream_sent(Bytes::from_static(b"2\r\n")).unwrap();
+        assert_eq!(s.verdict(), Ok(()));
+    }
+
+    #[test]
+    fn auth_is_answered_in_order_and_never_forwarded() {
+        let mut s = session();
+        let sent = s
+            .client_sent(&Bytes::from_static(b"GET a\r\nAUTH pw\r\nGET b\r\n"))
+            .unwrap();
+        assert_eq!(&sent[..], b"GET a\r\nGET b\r\n");
+        assert_eq!(s.take_local(), None, "not before GET a's reply");
+        let out = s
+            .upstream_sent(Bytes::from_static(b"$1\r\nx\r\n$1\r\ny\r\n"))
+            .unwrap();
+        assert_eq!(
+            &out[..],
+            b"$1\r\nx\r\n-ERR lessor: authentication is done by the sidecar\r\n$1\r\ny\r\n"
+        );
+        assert_eq!(s.verdict(), Ok(()));
+    }
+
+    #[test]
+    fn a_split_auth_never_leaks_its_head() {
+        let mut s = session();
+        assert!(
+            s.client_sent(&Bytes::from_static(b"*2\r\n$4\r\nAU"))
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            s.client_sent(&Bytes::from_static(b"TH\r\n$2\r\npw"))
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            s.client_sent(&Bytes::from_static(b"\r\n"))
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            s.take_local().as_deref(),
+            Some(&b"-ERR lessor: authentication is done by the sidecar\r\n"[..])
+        );
+        let sent = s
+            .client_sent(&Bytes::from_static(b"*2\r\n$4\r\nPI"))
+            .unwrap();
+        assert!(sent.is_empty(), "held until named");
+        let sent = s
+            .client_sent(&Bytes::from_static(b"NG\r\n$2\r\nh"))
+            .unwrap();
+        assert_eq!(
+            &sent[..],
+            b"*2\r\n$4\r\nPING\r\n$2\r\nh",
+            "named: streams on"
+        );
+    }
+
+    #[test]
+    fn quit_is_answered_locally_and_ends_the_lease() {
+        let mut s = session();
+        assert!(
+            s.client_sent(&Bytes::from_static(b"QUIT\r\n"))
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(s.take_local().as_deref(), Some(QUIT_OK));
+        assert!(s.quit_done());
+        assert_eq!(s.verdict(), Ok(()));
+    }
+
+    #[test]
+    fn state_changes_are_named() {
+        for (cmd, why) in [
+            (&b"SELECT 5\r\n"[..], "SELECT changed the db"),
+            (b"SUBSCRIBE ch\r\n", "subscribed"),
+            (b"CLIENT REPLY OFF\r\n", "CLIENT REPLY changed"),
+        ] {
+            let mut s = session();
+            s.client_sent(&Bytes::copy_from_slice(cmd)).unwrap();
+            s.upstream_sent(Bytes::from_static(b"+OK\r\n")).unwrap();
+            assert_eq!(s.verdict(), Err(why.into()));
+        }
+        let mut s = session();
+        s.client_sent(&Bytes::from_static(b"MULTI\r\nSET a 1\r\n"))
+            .unwrap();
+        s.upstream_sent(Bytes::from_static(b"+OK\r\n+QUEUED\r\n"))
+            .unwrap();
+        assert_eq!(s.verdict(), Err("transaction open (MULTI)".into()));
+        s.client_sent(&Bytes::from_static(b"EXEC\r\n")).unwrap();
+        s.upstream_sent(Bytes::from_static(b"*1\r\n+OK\r\n"))
+            .unwrap();
+        assert_eq!(s.verdict(), Ok(()));
+    }
+}

@@ -1,0 +1,365 @@
+//! `protocol: redis` against a real redis-server with `requirepass` and an
+//! ACL user, on both engines: lessor opens the session (the client never
+//! authenticates), a wrong password is a dial failure that names
+//! authentication and never the password, and `Exchange` answers whole
+//! commands with exactly their replies, refusing what it cannot put back.
+
+use std::time::Duration;
+
+use lessor::EngineKind;
+use lessor_client::Client;
+use lessor_client::pb::Disposition;
+use tonic::Code;
+
+use crate::for_both_engines;
+use crate::support::redis::Redis;
+use crate::support::{Lessor, config_one, evictions};
+
+for_both_engines!(
+    resp_session_is_opened_by_the_sidecar,
+    resp_wrong_password_is_a_dial_failure_naming_authentication,
+    resp_exchange_answers_pipelined_commands_exactly,
+    resp_exchange_refuses_what_it_cannot_put_back,
+    resp_exchange_restores_the_db_after_select,
+    resp_exchange_timeout_evicts,
+    resp_lease_released_with_replies_pending_evicts_and_leaks_nothing,
+    resp_lease_select_multi_subscribe_never_reach_the_next_lease,
+    resp_lease_quit_is_a_return_and_auth_never_reaches_redis,
+);
+
+const PASSWORD: &str = "s3cret-for-tests";
+
+/// redis-server with a default-user password and an ACL user `app`.
+async fn server() -> Option<Redis> {
+    Redis::start_with(&[
+        "--requirepass",
+        PASSWORD,
+        "--user",
+        "app",
+        "on",
+        ">app-pass",
+        "~*",
+        "&*",
+        "+@all",
+    ])
+    .await
+}
+
+/// A lessor in front of `redis` as `protocol: redis`, the password in a file.
+async fn lessor(
+    redis: &Redis,
+    engine: EngineKind,
+    dir: &tempfile::TempDir,
+    redis_yaml: &str,
+    password: &str,
+) -> Lessor {
+    let file = dir.path().join("password");
+    std::fs::write(&file, format!("{password}\n")).unwrap();
+    Lessor::start(&config_one(
+        &redis.addr(),
+        engine,
+        &[
+            "protocol: redis",
+            &format!(
+                "redis: {{ password_file: \"{}\"{redis_yaml} }}",
+                file.display()
+            ),
+            "pool: { max_size: 4, min_idle: 1, connect_timeout: 5s, checkout_timeout: 5s }",
+        ],
+    ))
+    .await
+}
+
+async fn exchange(client: &Client, request: &str) -> Result<String, tonic::Status> {
+    match client.exchange("up", request.to_owned(), None).await {
+        Ok(r) => Ok(String::from_utf8_lossy(&r.reply).into_owned()),
+        Err(lessor_client::ClientError::Status(s)) => Err(s),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+async fn resp_session_is_opened_by_the_sidecar(engine: EngineKind) {
+    let Some(redis) = server().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let lessor = lessor(
+        &redis,
+        engine,
+        &dir,
+        ", username: app, db: 3, client_name: lessor-test",
+        "app-pass",
+    )
+    .await;
+    let mut lease = lessor
+        .client
+        .lease("up", &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(lease.granted().protocol, "redis");
+    lease.send("CLIENT INFO\r\n").await.unwrap();
+    let info = String::from_utf8_lossy(&lease.recv_at_least(20).await.unwrap()).into_owned();
+    assert!(info.contains(" db=3 "), "{info}");
+    assert!(info.contains(" name=lessor-test "), "{info}");
+    assert!(info.contains(" user=app "), "{info}");
+    lease.release(Disposition::Return).await.unwrap();
+}
+
+async fn resp_wrong_password_is_a_dial_failure_naming_authentication(engine: EngineKind) {
+    let Some(redis) = server().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = "not-the-password-123";
+    let lessor = lessor(&redis, engine, &dir, "", wrong).await;
+    let err = lessor
+        .client
+        .lease("up", &Default::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("authentication failed"), "{message}");
+    assert!(!message.contains(wrong), "the password leaked: {message}");
+    let stats = lessor.stats("up").await;
+    assert!(stats.connect_errors >= 1, "{stats:#?}");
+    assert!(!stats.ready);
+}
+
+async fn resp_exchange_answers_pipelined_commands_exactly(engine: EngineKind) {
+    let Some(redis) = server().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let lessor = lessor(&redis, engine, &dir, "", PASSWORD).await;
+    let client = &lessor.client;
+    assert_eq!(
+        exchange(client, "SET k v\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n")
+            .await
+            .unwrap(),
+        "+OK\r\n$1\r\nv\r\n+PONG\r\n"
+    );
+    // An error reply is the upstream's answer: a successful Exchange.
+    let err = exchange(client, "INCR k\r\n").await.unwrap();
+    assert!(err.starts_with("-ERR"), "{err}");
+    // 16 MiB each way.
+    let big = vec![b'x'; 16 << 20];
+    let mut set = format!("*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n${}\r\n", big.len()).into_bytes();
+    set.extend_from_slice(&big);
+    set.extend_from_slice(b"\r\n");
+    let ok = client.exchange("up", set, None).await.unwrap();
+    assert_eq!(&ok.reply[..], b"+OK\r\n");
+    let got = client
+        .exchange("up", &b"GET big\r\n"[..], None)
+        .await
+        .unwrap();
+    assert_eq!(
+        got.reply.len(),
+        big.len() + format!("${}\r\n\r\n", big.len()).len()
+    );
+    // Every Exchange returned its connection.
+    let stats = lessor.stats("up").await;
+    assert_eq!(stats.leased, 0);
+    assert_eq!(evictions(&stats, "dirty"), 0, "{stats:#?}");
+    lessor.assert_accounted().await;
+}
+
+async fn resp_exchange_refuses_what_it_cannot_put_back(engine: EngineKind) {
+    let Some(redis) = server().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let lessor = lessor(&redis, engine, &dir, "", PASSWORD).await;
+    let client = &lessor.client;
+    for bad in [
+        "*2\r\n$3\r\nGET\r\n$1\r\n",
+        "SUBSCRIBE news\r\n",
+        "MONITOR\r\n",
+        "CLIENT REPLY OFF\r\n",
+        "AUTH x\r\n",
+        "QUIT\r\n",
+        "PING\r\nAUTH default x\r\n",
+    ] {
+        let status = exchange(client, bad).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}: {status:?}");
+    }
+    let granted = lessor.stats("up").await.leases_granted;
+    assert_eq!(granted, 0, "nothing was sent");
+    let tcp = Lessor::start(&config_one(&redis.addr(), engine, &[])).await;
+    let status = exchange(&tcp.client, "PING\r\n").await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let status = tcp
+        .client
+        .exchange("nope", &b"PING\r\n"[..], None)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Some(Code::NotFound));
+}
+
+async fn resp_exchange_restores_the_db_after_select(engine: EngineKind) {
+    let Some(redis) = server().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let lessor = lessor(&redis, engine, &dir, "", PASSWORD).await;
+    let client = &lessor.client;
+    let reply = exchange(client, "SELECT 5\r\nCLIENT INFO\r\n")
+        .await
+        .unwrap();
+    assert!(reply.contains(" db=5 "), "{reply}");
+    let reply = exchange(client, "CLIENT INFO\r\n").await.unwrap();
+    assert!(reply.contains(" db=0 "), "{reply}");
+    // Put back, not closed.
+    let stats = lessor.stats("up").await;
+    assert_eq!(stats.evictions.values().sum::<u64>(), 0, "{stats:#?}");
+    // MULTI left open cannot be put back cheaply: closed, counted dirty.
+    let reply = exchange(client, "MULTI\r\nSET a 1\r\n").await.unwrap();
+    assert_eq!(reply, "+OK\r\n+QUEUED\r\n");
+    let stats = lessor.stats("up").await;
+    assert_eq!(evictions(&stats, "dirty"), 1, "{stats:#?}");
+    assert_eq!(exchange(client, "GET a\r\n").await.unwrap(), "$-1\r\n");
+    lessor.assert_accounted().await;
+}
+
+async fn resp_exchange_timeout_evicts(engine: EngineKind) {
+    let Some(redis) = server().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let lessor = lessor(&redis, engine, &dir, "", PASSWORD).await;
+    let err = lessor
+        .client
+        .exchange(
+            "up",
+            &b"BLPOP nothing 10\r\n"[..],
+            Some(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::DeadlineExceeded), "{err}");
+    let stats = lessor.stats("up").await;
+    assert_eq!(evictions(&stats, "lease_expired"), 1, "{stats:#?}");
+    // The late reply died with its connection.
+    assert_eq!(
+        exchange(&lessor.client, "PING\r\n").await.unwrap(),
+        "+PONG\r\n"
+    );
+    lessor.assert_accounted().await;
+}
+
+async fn resp_lease_released_with_replies_pending_evicts_and_leaks_nothing(engine: EngineKind) {
+    let Some(redis) = server().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let lessor = lessor(&redis, engine, &dir, "", PASSWORD).await;
+    let mut lease = lessor
+        .client
+        .lease("up", &Default::default())
+        .await
+        .unwrap();
+    let id = lease.granted().connection_id;
+    // 50 replies come at once; a blocking command holds the other 50 back.
+    let request = format!(
+        "{}BLPOP nothing 30\r\n{}",
+        "INCR n\r\n".repeat(50),
+        "INCR n\r\n".repeat(49)
+    );
+    lease.send(request).await.unwrap();
+    let mut got = Vec::new();
+    while got.iter().filter(|&&b| b == b'\n').count() < 50 {
+        got.extend_from_slice(&lease.recv().await.unwrap().unwrap());
+    }
+    let ended = lease.release(Disposition::Return).await.unwrap();
+    assert_eq!(ended.disposition(), Disposition::Evict, "{ended:?}");
+    assert_eq!(ended.detail, "50 replies pending", "{ended:?}");
+    let mut next = lessor
+        .client
+        .lease("up", &Default::default())
+        .await
+        .unwrap();
+    assert_ne!(next.granted().connection_id, id);
+    next.send("PING\r\n").await.unwrap();
+    assert_eq!(&next.recv_at_least(7).await.unwrap()[..], b"+PONG\r\n");
+    next.release(Disposition::Return).await.unwrap();
+    lessor.assert_accounted().await;
+}
+
+async fn resp_lease_select_multi_subscribe_never_reach_the_next_lease(engine: EngineKind) {
+    let Some(redis) = server().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let lessor = lessor(&redis, engine, &dir, "", PASSWORD).await;
+    for (commands, reply_len, detail) in [
+        ("SELECT 5\r\n", 5, "SELECT"),
+        ("MULTI\r\nSET m 1\r\n", 14, "MULTI"),
+        ("SUBSCRIBE news\r\n", 30, "subscribed"),
+    ] {
+        let mut lease = lessor
+            .client
+            .lease("up", &Default::default())
+            .await
+            .unwrap();
+        lease.send(commands).await.unwrap();
+        lease.recv_at_least(reply_len).await.unwrap();
+        let ended = lease.release(Disposition::Return).await.unwrap();
+        assert_eq!(
+            ended.disposition(),
+            Disposition::Evict,
+            "{commands:?}: {ended:?}"
+        );
+        assert!(ended.detail.contains(detail), "{commands:?}: {ended:?}");
+    }
+    let mut next = lessor
+        .client
+        .lease("up", &Default::default())
+        .await
+        .unwrap();
+    next.send("CLIENT INFO\r\nSET m 2\r\nGET m\r\n")
+        .await
+        .unwrap();
+    let reply = String::from_utf8_lossy(&next.recv_at_least(40).await.unwrap()).into_owned();
+    let mut reply = reply;
+    while !reply.ends_with("$1\r\n2\r\n") {
+        reply.push_str(&String::from_utf8_lossy(
+            &next.recv().await.unwrap().unwrap(),
+        ));
+    }
+    assert!(
+        reply.contains(" db=0 ") && reply.contains(" multi=-1 "),
+        "{reply}"
+    );
+    assert!(reply.contains(" sub=0 "), "{reply}");
+    next.release(Disposition::Return).await.unwrap();
+    let stats = lessor.stats("up").await;
+    assert_eq!(evictions(&stats, "dirty"), 3, "{stats:#?}");
+    lessor.assert_accounted().await;
+}
+
+async fn resp_lease_quit_is_a_return_and_auth_never_reaches_redis(engine: EngineKind) {
+    let Some(redis) = server().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let lessor = lessor(&redis, engine, &dir, "", PASSWORD).await;
+    let mut lease = lessor
+        .client
+        .lease("up", &Default::default())
+        .await
+        .unwrap();
+    let id = lease.granted().connection_id;
+    lease
+        .send("PING\r\nAUTH default wrong\r\nPING\r\n")
+        .await
+        .unwrap();
+    let refused = b"+PONG\r\n-ERR lessor: authentication is done by the sidecar\r\n+PONG\r\n";
+    let got = lease.recv_at_least(refused.len()).await.unwrap();
+    assert_eq!(&got[..], &refused[..]);
+    lease.send("QUIT\r\n").await.unwrap();
+    assert_eq!(&lease.recv_at_least(5).await.unwrap()[..], b"+OK\r\n");
+    let ended = lease.finish().await.unwrap().expect("Ended after QUIT");
+    assert_eq!(ended.disposition(), Disposition::Return, "{ended:?}");
+    // The connection was not closed: the next lease gets it back.
+    let next = lessor
+        .client
+        .lease("up", &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(next.granted().connection_id, id);
+    next.release(Disposition::Return).await.unwrap();
+    let stats = lessor.stats("up").await;
+    assert_eq!(stats.evictions.values().sum::<u64>(), 0, "{stats:#?}");
+    // Redis never saw AUTH from a client: only lessor's own, one per dial.
+    let info = exchange(&lessor.client, "INFO commandstats\r\n")
+        .await
+        .unwrap();
+    let auths: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_auth:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0);
+    assert_eq!(auths, stats.connections_created, "{info}");
+}
