@@ -136,6 +136,20 @@ pub async fn lease(
     Ok(())
 }
 
+/// `a=1,b=2` of the nonzero counts, sorted; `-` when there are none.
+fn nonzero(counts: &std::collections::HashMap<String, u64>) -> String {
+    let mut items: Vec<_> = counts.iter().filter(|(_, n)| **n > 0).collect();
+    items.sort();
+    if items.is_empty() {
+        return "-".to_owned();
+    }
+    items
+        .iter()
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Renders `Stats` as a table, one row per upstream.
 pub fn stats_table(stats: &[UpstreamStats]) -> String {
     let header = [
@@ -154,17 +168,12 @@ pub fn stats_table(stats: &[UpstreamStats]) -> String {
         "CHECK_FAIL",
         "TIMEOUTS",
         "EVICTIONS",
+        "PROTOCOL",
+        "EXCHANGES",
     ];
     let rows: Vec<Vec<String>> = stats
         .iter()
         .map(|s| {
-            let mut evictions: Vec<_> = s.evictions.iter().filter(|(_, n)| **n > 0).collect();
-            evictions.sort();
-            let evictions = evictions
-                .iter()
-                .map(|(k, n)| format!("{k}={n}"))
-                .collect::<Vec<_>>()
-                .join(",");
             vec![
                 s.name.clone(),
                 s.engine.clone(),
@@ -180,11 +189,9 @@ pub fn stats_table(stats: &[UpstreamStats]) -> String {
                 s.health_checks.to_string(),
                 s.health_check_failures.to_string(),
                 s.checkout_timeouts.to_string(),
-                if evictions.is_empty() {
-                    "-".to_owned()
-                } else {
-                    evictions
-                },
+                nonzero(&s.evictions),
+                s.protocol.clone(),
+                nonzero(&s.exchanges),
             ]
         })
         .collect();
@@ -268,4 +275,191 @@ mod tests {
         assert!(lines[1].starts_with("redis"));
         assert!(lines[1].ends_with("dirty=2"), "{table}");
     }
+}
+
+/// Splits a command typed as text the way redis-cli does: words separated by
+/// spaces; `"..."` with `\n \r \t \" \\ \xNN` escapes, or `'...'` taken as is.
+pub fn split_command(text: &str) -> Result<Vec<Vec<u8>>, String> {
+    let mut words = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let Some(&first) = chars.peek() else {
+            break;
+        };
+        let mut word = Vec::new();
+        match first {
+            '"' => {
+                chars.next();
+                loop {
+                    match chars.next() {
+                        None => return Err(format!("unbalanced quotes in `{text}`")),
+                        Some('"') => break,
+                        Some('\\') => {
+                            let escaped = match chars.next() {
+                                Some('n') => "\n".to_owned(),
+                                Some('r') => "\r".to_owned(),
+                                Some('t') => "\t".to_owned(),
+                                Some('x') => {
+                                    let hex: String = chars.by_ref().take(2).collect();
+                                    let byte = u8::from_str_radix(&hex, 16)
+                                        .map_err(|_| format!("bad \\x escape in `{text}`"))?;
+                                    word.push(byte);
+                                    continue;
+                                }
+                                Some(c) => c.to_string(),
+                                None => return Err(format!("unbalanced quotes in `{text}`")),
+                            };
+                            word.extend_from_slice(escaped.as_bytes());
+                        }
+                        Some(c) => word.extend_from_slice(c.to_string().as_bytes()),
+                    }
+                }
+            }
+            '\'' => {
+                chars.next();
+                loop {
+                    match chars.next() {
+                        None => return Err(format!("unbalanced quotes in `{text}`")),
+                        Some('\'') => break,
+                        Some(c) => word.extend_from_slice(c.to_string().as_bytes()),
+                    }
+                }
+            }
+            _ => {
+                while let Some(&c) = chars.peek() {
+                    if c.is_whitespace() {
+                        break;
+                    }
+                    word.extend_from_slice(c.to_string().as_bytes());
+                    chars.next();
+                }
+            }
+        }
+        words.push(word);
+    }
+    if words.is_empty() {
+        return Err("an empty command".into());
+    }
+    Ok(words)
+}
+
+/// Shows RESP replies the way redis-cli does: `OK`, `(integer) 1`,
+/// `"value"`, `(nil)`, `(error) ERR ...`, numbered aggregates. Whatever is
+/// not RESP is shown escaped.
+pub fn render_replies(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match render_one(rest, 0, &mut out) {
+            Some(used) => rest = &rest[used..],
+            None => {
+                let _ = writeln!(out, "{}", escape(rest));
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Renders one complete reply; returns its length, or `None` if it is not
+/// one.
+fn render_one(buf: &[u8], indent: usize, out: &mut String) -> Option<usize> {
+    let line_end = buf.windows(2).position(|w| w == b"\r\n")?;
+    let line = std::str::from_utf8(&buf[1..line_end]).ok()?;
+    let after = line_end + 2;
+    let pad = " ".repeat(indent);
+    match buf[0] {
+        b'+' => {
+            let _ = writeln!(out, "{line}");
+            Some(after)
+        }
+        b'-' => {
+            let _ = writeln!(out, "(error) {line}");
+            Some(after)
+        }
+        b':' => {
+            let _ = writeln!(out, "(integer) {line}");
+            Some(after)
+        }
+        b',' => {
+            let _ = writeln!(out, "(double) {line}");
+            Some(after)
+        }
+        b'#' => {
+            let _ = writeln!(out, "({})", if line == "t" { "true" } else { "false" });
+            Some(after)
+        }
+        b'_' => {
+            let _ = writeln!(out, "(nil)");
+            Some(after)
+        }
+        b'$' | b'=' | b'!' => {
+            let len: i64 = line.parse().ok()?;
+            if len < 0 {
+                let _ = writeln!(out, "(nil)");
+                return Some(after);
+            }
+            let len = len as usize;
+            let body = buf.get(after..after + len)?;
+            let prefix = if buf[0] == b'!' { "(error) " } else { "" };
+            let _ = writeln!(out, "{prefix}\"{}\"", escape(body));
+            Some(after + len + 2)
+        }
+        b'*' | b'~' | b'>' | b'%' => {
+            let n: i64 = line.parse().ok()?;
+            if n < 0 {
+                let _ = writeln!(out, "(nil)");
+                return Some(after);
+            }
+            if n == 0 {
+                let _ = writeln!(out, "(empty array)");
+                return Some(after);
+            }
+            let items = if buf[0] == b'%' { n * 2 } else { n } as usize;
+            let mut used = after;
+            for i in 0..items {
+                if i > 0 {
+                    out.push_str(&pad);
+                }
+                let _ = write!(out, "{}) ", i + 1);
+                used += render_one(&buf[used..], indent + 3, out)?;
+            }
+            Some(used)
+        }
+        _ => None,
+    }
+}
+
+/// Runs `lessor exchange`: each text is one command (split like
+/// redis-cli), all sent in one Exchange; the replies are written to `out`.
+pub async fn exchange(
+    client: &Client,
+    upstream: &str,
+    texts: &[String],
+    timeout: Option<Duration>,
+    out: &mut String,
+) -> Result<(), ExchangeCommandError> {
+    let mut request = Vec::new();
+    for text in texts {
+        let words = split_command(text).map_err(ExchangeCommandError::Command)?;
+        let words: Vec<&[u8]> = words.iter().map(Vec::as_slice).collect();
+        crate::protocol::redis::resp::encode_command(&mut request, &words);
+    }
+    let reply = client.exchange(upstream, request, timeout).await?;
+    out.push_str(&render_replies(&reply.reply));
+    Ok(())
+}
+
+/// Why `lessor exchange` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeCommandError {
+    /// A command could not be split into words.
+    #[error("{0}")]
+    Command(String),
+    /// lessor refused or failed the Exchange.
+    #[error(transparent)]
+    Client(#[from] ClientError),
 }

@@ -19,8 +19,7 @@ use tracing::field::Empty;
 
 use crate::config::Protocol;
 use crate::pool::{CheckoutError, EvictReason, Leased, Pool, PoolSet, printable_name};
-use crate::protocol::redis::handshake::command;
-use crate::protocol::redis::resp::{Frame, RespError, Scanner};
+use crate::protocol::redis::resp::{Frame, RespError, Scanner, encode_command as command};
 use crate::telemetry::TARGET;
 
 /// Why an Exchange failed (an error reply from the upstream is not one of

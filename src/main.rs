@@ -51,6 +51,21 @@ enum Command {
         #[arg(long)]
         evict: bool,
     },
+    /// Send Redis commands in one Exchange and print the replies (each text
+    /// is one command, split like redis-cli: `'SET k "a b"'`).
+    Exchange {
+        /// The upstream's name (a `protocol: redis` upstream).
+        upstream: String,
+        /// Commands, one per argument.
+        #[arg(required = true)]
+        commands: Vec<String>,
+        /// lessor's gRPC address (host:port or unix:///path).
+        #[arg(long, env = "LESSOR_ADDR", default_value = "127.0.0.1:7070")]
+        target: String,
+        /// The replies' deadline (default: the upstream's lease.idle_timeout).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+    },
     /// Print every upstream's pool statistics.
     Stats {
         /// lessor's gRPC address (host:port or unix:///path).
@@ -116,10 +131,24 @@ fn main() -> ExitCode {
                 result
             })
         }
+        Command::Exchange {
+            upstream,
+            commands,
+            target,
+            timeout,
+        } => client_command(async move {
+            let client = Client::connect(&target)
+                .await
+                .map_err(cli::ExchangeCommandError::from)?;
+            let mut out = String::new();
+            let result = cli::exchange(&client, &upstream, &commands, timeout, &mut out).await;
+            print!("{out}");
+            result
+        }),
         Command::Stats { target, upstream } => client_command(async move {
             let client = Client::connect(&target).await?;
             print!("{}", cli::stats_table(&client.stats(&upstream).await?));
-            Ok(())
+            Ok::<_, lessor_client::ClientError>(())
         }),
         Command::Demo { leases } => {
             let runtime = match small_runtime(2) {
@@ -188,8 +217,8 @@ fn small_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-fn client_command(
-    work: impl std::future::Future<Output = Result<(), lessor_client::ClientError>>,
+fn client_command<E: std::fmt::Display>(
+    work: impl std::future::Future<Output = Result<(), E>>,
 ) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -143,6 +143,12 @@ fn to_pb(s: PoolSnapshot) -> UpstreamStats {
         checkout_timeouts: s.checkout_timeouts,
         ready: s.ready,
         connect_errors: s.connect_errors,
+        protocol: s.protocol.to_owned(),
+        exchanges: s
+            .exchanges
+            .into_iter()
+            .map(|(outcome, n)| (outcome.to_owned(), n))
+            .collect(),
         endpoints: s
             .endpoints
             .into_iter()

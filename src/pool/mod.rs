@@ -81,6 +81,10 @@ pub(crate) struct PoolSnapshot {
     pub name: String,
     /// `bb8` or `deadpool`.
     pub engine: &'static str,
+    /// `tcp` or `redis`.
+    pub protocol: &'static str,
+    /// Exchange calls by outcome.
+    pub exchanges: Vec<(&'static str, u64)>,
     /// Configured `max_size`.
     pub max_size: u32,
     /// Open connections.
@@ -265,6 +269,12 @@ impl Pool {
         PoolSnapshot {
             name: self.config.name.clone(),
             engine: self.config.engine.as_str(),
+            protocol: self.config.protocol.as_str(),
+            exchanges: EXCHANGE_OUTCOMES
+                .iter()
+                .zip(&c.exchanges)
+                .map(|(outcome, n)| (*outcome, load(n)))
+                .collect(),
             max_size: self.config.pool.max_size,
             connections: self.connections(),
             idle: self.idle(),

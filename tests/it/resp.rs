@@ -363,3 +363,93 @@ async fn resp_lease_quit_is_a_return_and_auth_never_reaches_redis(engine: Engine
         .unwrap_or(0);
     assert_eq!(auths, stats.connections_created, "{info}");
 }
+
+/// `lessor exchange` as a user runs it: commands split like redis-cli, the
+/// replies shown like redis-cli shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp_cli_exchange_prints_replies_readably() {
+    let Some(redis) = server().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let lessor = lessor(&redis, EngineKind::Bb8, &dir, "", PASSWORD).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_lessor"))
+        .args([
+            "exchange",
+            "up",
+            "--target",
+            &lessor.addr,
+            "SET greeting \"hello world\"",
+            "GET greeting",
+            "INCR greeting",
+            "RPUSH l a b",
+            "LRANGE l 0 -1",
+            "GET nothing",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout,
+        "OK\n\"hello world\"\n(error) ERR value is not an integer or out of range\n(integer) 2\n1) \"a\"\n2) \"b\"\n(nil)\n"
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_lessor"))
+        .args(["exchange", "up", "--target", &lessor.addr, "SUBSCRIBE x"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("InvalidArgument")
+            || String::from_utf8_lossy(&out.stderr).contains("invalid"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A password file that cannot be read fails at startup, naming the field;
+/// a wrong password never reaches lessor's logs, even at debug level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp_credentials_are_checked_at_start_and_never_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lessor.yaml");
+    std::fs::write(
+        &path,
+        "upstreams:\n  - name: c\n    address: \"127.0.0.1:6379\"\n    protocol: redis\n    redis: { password_file: /nonexistent/redis-password }\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_lessor"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("upstreams[0].redis.password_file"),
+        "{stderr}"
+    );
+
+    let Some(redis) = server().await else { return };
+    let wrong = "wrong-password-7f3a9c";
+    let served = crate::support::process::Served::start_with(
+        &format!(
+            "upstreams:\n  - name: c\n    address: \"{}\"\n    protocol: redis\n    redis: {{ password_env: LESSOR_TEST_REDIS_PASSWORD }}\n    pool: {{ min_idle: 1, checkout_timeout: 2s }}\n",
+            redis.addr()
+        ),
+        &[("LESSOR_TEST_REDIS_PASSWORD", wrong), ("RUST_LOG", "debug")],
+    )
+    .await;
+    let client = served.client().await;
+    let err = client.lease("c", &Default::default()).await.unwrap_err();
+    assert!(err.to_string().contains("authentication failed"), "{err}");
+    let stdout = served.stdout();
+    assert!(stdout.contains("authentication failed"), "{stdout}");
+    assert!(!stdout.contains(wrong), "the password is in the log");
+}

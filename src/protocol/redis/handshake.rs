@@ -7,7 +7,7 @@
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::resp::Scanner;
+use super::resp::{Scanner, encode_command as command};
 use crate::config::RedisConfig;
 
 /// Why a session could not be opened.
@@ -30,16 +30,6 @@ pub(crate) enum OpenError {
     /// The connection failed or the server answered something else.
     #[error("Redis handshake failed: {0}")]
     Io(String),
-}
-
-/// Appends one command as a RESP array of bulk strings.
-pub(crate) fn command(out: &mut Vec<u8>, args: &[&[u8]]) {
-    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
 }
 
 /// Opens the configured session on `stream`.

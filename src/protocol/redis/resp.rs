@@ -402,6 +402,16 @@ fn trim_crlf(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
+/// Appends one command as a RESP array of bulk strings.
+pub(crate) fn encode_command(out: &mut Vec<u8>, args: &[&[u8]]) {
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 /// A RESP length: a decimal number, or -1 (null).
 fn length(text: &[u8]) -> Result<Option<u64>, RespError> {
     let bad = || RespError::BadLength(String::from_utf8_lossy(text).into_owned());
