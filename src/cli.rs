@@ -242,41 +242,6 @@ pub fn stats_table(stats: &[UpstreamStats]) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn escapes_round_trip() {
-        let raw = b"PING\r\n\t\\ \x00\xff";
-        assert_eq!(unescape(&escape(raw)).unwrap(), raw);
-        assert_eq!(unescape("PING\\r\\n").unwrap(), b"PING\r\n");
-        assert_eq!(unescape("\\x41\\x0a").unwrap(), b"A\n");
-        assert!(unescape("\\q").unwrap_err().contains("unknown escape"));
-        assert!(unescape("\\xZZ").is_err());
-        assert!(unescape("ab\\").is_err());
-    }
-
-    #[test]
-    fn stats_table_lists_every_upstream_and_nonzero_evictions() {
-        let mut s = UpstreamStats {
-            name: "redis".into(),
-            engine: "bb8".into(),
-            max_size: 8,
-            ready: true,
-            ..Default::default()
-        };
-        s.evictions.insert("dirty".into(), 2);
-        s.evictions.insert("shutdown".into(), 0);
-        let table = stats_table(&[s]);
-        let lines: Vec<_> = table.lines().collect();
-        assert_eq!(lines.len(), 2);
-        assert!(lines[0].starts_with("UPSTREAM"));
-        assert!(lines[1].starts_with("redis"));
-        assert!(lines[1].ends_with("dirty=2"), "{table}");
-    }
-}
-
 /// Splits a command typed as text the way redis-cli does: words separated by
 /// spaces; `"..."` with `\n \r \t \" \\ \xNN` escapes, or `'...'` taken as is.
 pub fn split_command(text: &str) -> Result<Vec<Vec<u8>>, String> {
@@ -462,4 +427,66 @@ pub enum ExchangeCommandError {
     /// lessor refused or failed the Exchange.
     #[error(transparent)]
     Client(#[from] ClientError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_round_trip() {
+        let raw = b"PING\r\n\t\\ \x00\xff";
+        assert_eq!(unescape(&escape(raw)).unwrap(), raw);
+        assert_eq!(unescape("PING\\r\\n").unwrap(), b"PING\r\n");
+        assert_eq!(unescape("\\x41\\x0a").unwrap(), b"A\n");
+        assert!(unescape("\\q").unwrap_err().contains("unknown escape"));
+        assert!(unescape("\\xZZ").is_err());
+        assert!(unescape("ab\\").is_err());
+    }
+
+    #[test]
+    fn stats_table_lists_every_upstream_and_nonzero_evictions() {
+        let mut s = UpstreamStats {
+            name: "redis".into(),
+            engine: "bb8".into(),
+            max_size: 8,
+            ready: true,
+            ..Default::default()
+        };
+        s.evictions.insert("dirty".into(), 2);
+        s.evictions.insert("shutdown".into(), 0);
+        let table = stats_table(&[s]);
+        let lines: Vec<_> = table.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("UPSTREAM"));
+        assert!(lines[1].starts_with("redis"));
+        assert!(lines[1].contains(" dirty=2 "), "{table}");
+    }
+
+    #[test]
+    fn commands_split_like_redis_cli() {
+        let words = split_command(r#"SET k "a b\n\x41" 'c d'"#).unwrap();
+        assert_eq!(
+            words,
+            [
+                b"SET".to_vec(),
+                b"k".to_vec(),
+                b"a b\nA".to_vec(),
+                b"c d".to_vec()
+            ]
+        );
+        assert!(split_command("GET \"open").is_err());
+        assert!(split_command("   ").is_err());
+    }
+
+    #[test]
+    fn replies_render_like_redis_cli() {
+        let shown = render_replies(
+            b"+OK\r\n:3\r\n$-1\r\n*2\r\n$1\r\na\r\n*1\r\n:1\r\n-ERR no\r\n%1\r\n+k\r\n#t\r\nxyz",
+        );
+        assert_eq!(
+            shown,
+            "OK\n(integer) 3\n(nil)\n1) \"a\"\n2) 1) (integer) 1\n(error) ERR no\n1) k\n2) (true)\nxyz\n"
+        );
+    }
 }

@@ -51,6 +51,12 @@ impl LeaseGuard {
         }
     }
 
+    /// Records whether a protocol session is clean now: what decides a lease
+    /// that ends without [`LeaseGuard::set_verdict`] (its stream dropped).
+    pub(crate) fn set_clean(&mut self, clean: bool) {
+        self.verdict = Some(if clean { Ok(()) } else { Err(String::new()) });
+    }
+
     /// Records a protocol session's verdict (clean, or why not) for the
     /// end decision.
     pub(crate) fn set_verdict(&mut self, verdict: Result<(), String>) {

@@ -477,7 +477,10 @@ impl Active {
                         return Step::Data(data);
                     };
                     match session.upstream_sent(data) {
-                        Ok(data) => return Step::Data(data),
+                        Ok(data) => {
+                            self.guard.set_clean(session.is_clean());
+                            return Step::Data(data);
+                        }
                         Err(e) => {
                             return Step::End(End::UpstreamError, format!("upstream: {e}"));
                         }
@@ -562,7 +565,10 @@ impl Active {
                 let data = match &mut self.session {
                     None => data,
                     Some(session) => match session.client_sent(&data) {
-                        Ok(forward) => forward,
+                        Ok(forward) => {
+                            self.guard.set_clean(session.is_clean());
+                            forward
+                        }
                         Err(e) => {
                             return Some(Step::Violation(LeaseError::NotProtocol(e.to_string())));
                         }

@@ -136,7 +136,8 @@ async fn cli_lease_and_stats_against_a_running_lessor() {
     let lines: Vec<_> = stdout.lines().collect();
     assert!(lines[0].starts_with("UPSTREAM  ENGINE  READY"), "{stdout}");
     assert!(lines[1].starts_with("up        bb8     yes"), "{stdout}");
-    assert!(lines[1].ends_with("client_evict=1"), "{stdout}");
+    assert!(lines[1].contains(" client_evict=1 "), "{stdout}");
+    assert!(lines[1].ends_with("tcp       -"), "{stdout}");
 }
 
 #[tokio::test]

@@ -453,3 +453,69 @@ async fn resp_credentials_are_checked_at_start_and_never_logged() {
     assert!(stdout.contains("authentication failed"), "{stdout}");
     assert!(!stdout.contains(wrong), "the password is in the log");
 }
+
+/// redis-rs, unchanged, over a lease (its connection is the lease) and over
+/// Exchange, as `client/examples/redis_rs.rs` shows; with
+/// `lease.on_abort: return`, dropping redis-rs's connection returns the
+/// lessor connection, since every command had its reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp_redis_rs_runs_over_a_lease_and_over_exchange() {
+    let Some(redis) = server().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("password");
+    std::fs::write(&file, PASSWORD).unwrap();
+    let lessor = Lessor::start(&config_one(
+        &redis.addr(),
+        EngineKind::Bb8,
+        &[
+            "protocol: redis",
+            &format!("redis: {{ password_file: \"{}\" }}", file.display()),
+            "pool: { max_size: 2, min_idle: 1 }",
+            "lease: { on_abort: return }",
+        ],
+    ))
+    .await;
+    let lease = lessor
+        .client
+        .lease("up", &Default::default())
+        .await
+        .unwrap();
+    let id = lease.granted().connection_id;
+    let info = redis::RedisConnectionInfo::default().set_skip_set_lib_name();
+    let (mut conn, driver) = redis::aio::MultiplexedConnection::new_with_config(
+        &info,
+        lease,
+        redis::AsyncConnectionConfig::new(),
+    )
+    .await
+    .unwrap();
+    let driving = tokio::spawn(driver);
+    let () = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (v, n): (String, i64) = redis::pipe()
+        .cmd("GET")
+        .arg("k")
+        .cmd("INCR")
+        .arg("n")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!((v.as_str(), n), ("v", 1));
+    drop(conn);
+    driving.await.unwrap();
+    let stats = lessor
+        .wait_for("the dropped lease to return", |s| s.leased == 0)
+        .await;
+    assert_eq!(stats.evictions.values().sum::<u64>(), 0, "{stats:#?}");
+
+    let get = redis::cmd("GET").arg("k").get_packed_command();
+    let reply = lessor.client.exchange("up", get, None).await.unwrap();
+    let value: String =
+        redis::from_redis_value(redis::parse_redis_value(&reply.reply).unwrap()).unwrap();
+    assert_eq!(value, "v");
+    assert_eq!(reply.connection_id, id, "the lease's connection, returned");
+}

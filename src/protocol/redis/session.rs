@@ -172,6 +172,17 @@ impl RedisSession {
         self.quit && self.owed.is_empty() && self.ready.is_empty()
     }
 
+    /// Whether the connection may go back to the pool, without saying why
+    /// (cheap: kept current after every message, for a lease that is
+    /// dropped without a word).
+    pub(crate) fn is_clean(&self) -> bool {
+        !self.owed.iter().any(|o| *o == Owed::Upstream)
+            && (self.commands.at_boundary() || self.carry == Carry::Drop)
+            && self.replies.at_boundary()
+            && !self.multi
+            && self.changed.is_none()
+    }
+
     /// Whether the connection may go back to the pool, or why not.
     pub(crate) fn verdict(&self) -> Result<(), String> {
         let pending = self.owed.iter().filter(|o| **o == Owed::Upstream).count();
