@@ -96,6 +96,9 @@ pub struct LoadOptions {
     pub reply_bytes: usize,
     /// Send the request right behind Acquire, without waiting for Granted.
     pub pipeline: bool,
+    /// One `Exchange` per request instead of a lease (a `protocol: redis`
+    /// upstream).
+    pub exchange: bool,
 }
 
 /// What a load run measured.
@@ -134,7 +137,13 @@ impl LoadReport {
             opts.concurrency,
             self.seconds,
             opts.request.len(),
-            if opts.pipeline { ", pipelined" } else { "" }
+            if opts.exchange {
+                ", one Exchange each"
+            } else if opts.pipeline {
+                ", pipelined"
+            } else {
+                ""
+            }
         );
         let _ = writeln!(
             out,
@@ -220,18 +229,39 @@ pub async fn read_reply(lease: &mut Lease, n: usize) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// One request the way `opts` asks: a lease cycle, or an Exchange (whose
+/// acquire time is its checkout wait, as lessor reports it).
+async fn one(client: &Client, opts: &LoadOptions) -> Result<CycleTimes, BenchError> {
+    if !opts.exchange {
+        return lease_cycle(
+            client,
+            &opts.upstream,
+            &opts.request,
+            opts.reply_bytes,
+            opts.pipeline,
+        )
+        .await;
+    }
+    let start = Instant::now();
+    let reply = client
+        .exchange(&opts.upstream, opts.request.clone(), None)
+        .await?;
+    let took = start.elapsed();
+    if reply.reply.len() < opts.reply_bytes.max(1) {
+        return Err(BenchError::Reply(format!("{:?}", reply.reply)));
+    }
+    Ok(CycleTimes {
+        acquire: Duration::from_micros(reply.wait_us),
+        request: took,
+        cycle: took,
+    })
+}
+
 /// Runs `concurrency` lease loops against `opts.target` for `opts.duration`.
 pub async fn load(opts: &LoadOptions) -> Result<LoadReport, BenchError> {
     let client = Client::connect(&opts.target).await?;
     // One warm-up cycle: fails fast on a wrong upstream name.
-    lease_cycle(
-        &client,
-        &opts.upstream,
-        &opts.request,
-        opts.reply_bytes,
-        opts.pipeline,
-    )
-    .await?;
+    one(&client, opts).await?;
     let deadline = Instant::now() + opts.duration;
     let started = Instant::now();
     let opts = Arc::new(opts.clone());
@@ -243,15 +273,7 @@ pub async fn load(opts: &LoadOptions) -> Result<LoadReport, BenchError> {
                 let (mut a, mut r, mut c) = (histogram(), histogram(), histogram());
                 let mut errors = 0u64;
                 while Instant::now() < deadline {
-                    match lease_cycle(
-                        &client,
-                        &opts.upstream,
-                        &opts.request,
-                        opts.reply_bytes,
-                        opts.pipeline,
-                    )
-                    .await
-                    {
+                    match one(&client, &opts).await {
                         Ok(t) => {
                             record(&mut a, t.acquire);
                             record(&mut r, t.request);

@@ -72,6 +72,10 @@ struct Args {
     /// Send the request right behind Acquire, without waiting for Granted.
     #[arg(long)]
     pipeline: bool,
+    /// One Exchange per request instead of a lease (a `protocol: redis`
+    /// upstream; give `--request` and `--reply-bytes`).
+    #[arg(long)]
+    exchange: bool,
     /// The request to send instead of a payload (escapes as in `lease --send`).
     #[arg(long)]
     request: Option<String>,
@@ -147,6 +151,7 @@ fn main() -> ExitCode {
         reply_bytes: args.reply_bytes.unwrap_or(request.len()),
         request: request.into(),
         pipeline: args.pipeline,
+        exchange: args.exchange,
     };
     match runtime.block_on(load::load(&opts)) {
         Ok(report) => {

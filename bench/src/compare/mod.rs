@@ -88,6 +88,8 @@ pub struct Throughput {
     pub c_bb8_per_sec: f64,
     /// Pipelined lease cycles per second on deadpool.
     pub c_deadpool_per_sec: f64,
+    /// Exchanges (`PING`) per second, with `--redis`.
+    pub e_per_sec: Option<f64>,
 }
 
 /// Everything one `--compare` run measured.
@@ -127,6 +129,12 @@ pub struct CompareReport {
     pub ratio_r_over_u_plus_t: f64,
     /// C throughput / U throughput at concurrency 32.
     pub ratio_c_over_u_throughput_32: f64,
+    /// With `--redis`: Exchange p50 over (U + T) p50.
+    pub ratio_e_over_u_plus_t: Option<f64>,
+    /// With `--redis`: Exchange throughput over U's, at concurrency 32.
+    pub ratio_e_over_u_throughput_32: Option<f64>,
+    /// With `--redis`: lessor's CPU time per 1000 Exchanges, in ms.
+    pub cpu_ms_per_1k_exchanges: Option<f64>,
 }
 
 const SERVER_WORKERS: usize = 1;
@@ -355,6 +363,10 @@ pub async fn run(opts: &CompareOptions) -> Result<CompareReport, BenchError> {
         });
     }
 
+    if opts.redis {
+        exchange_latencies(&client, n, &mut measures).await?;
+    }
+
     let phase = if opts.quick {
         Duration::from_millis(500)
     } else {
@@ -394,11 +406,24 @@ pub async fn run(opts: &CompareOptions) -> Result<CompareReport, BenchError> {
                 .await?,
             );
         }
+        let e_rate = if opts.redis {
+            let client = client.clone();
+            Some(
+                rate(concurrency, phase, move || {
+                    let client = client.clone();
+                    async move { exchange_once(&client, b"PING\r\n", 7).await }
+                })
+                .await?,
+            )
+        } else {
+            None
+        };
         throughput.push(Throughput {
             concurrency,
             u_per_sec: u_rate,
             c_bb8_per_sec: c_rates[0],
             c_deadpool_per_sec: c_rates[1],
+            e_per_sec: e_rate,
         });
     }
 
@@ -421,6 +446,29 @@ pub async fn run(opts: &CompareOptions) -> Result<CompareReport, BenchError> {
             .sum::<u64>()
         + 2 * (n + WARMUP) as u64;
     let cpu_ms = lessor.cpu_ms().saturating_sub(cpu_start);
+    let cpu_ms_per_1k_exchanges = if opts.redis {
+        let count = if opts.quick { 5_000 } else { 50_000 };
+        let before = lessor.cpu_ms();
+        let client = client.clone();
+        let done = Arc::new(AtomicU64::new(0));
+        let workers: Vec<_> = (0..32)
+            .map(|_| {
+                let (client, done) = (client.clone(), done.clone());
+                tokio::spawn(async move {
+                    while done.fetch_add(1, Ordering::Relaxed) < count {
+                        exchange_once(&client, b"PING\r\n", 7).await?;
+                    }
+                    Ok::<_, BenchError>(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await.map_err(std::io::Error::other)??;
+        }
+        Some(lessor.cpu_ms().saturating_sub(before) as f64 * 1000.0 / count as f64)
+    } else {
+        None
+    };
     drop(client);
     lessor.stop().await;
 
@@ -449,6 +497,11 @@ pub async fn run(opts: &CompareOptions) -> Result<CompareReport, BenchError> {
             .map_or(0, |m| m.latency.p50) as f64
     };
     let at32 = throughput.iter().find(|t| t.concurrency == 32);
+    let ratio_e_over_u_plus_t = opts
+        .redis
+        .then(|| p50("E PING") / (p50("U") + p50("T")).max(1.0));
+    let ratio_e_over_u_throughput_32 =
+        at32.and_then(|t| Some(t.e_per_sec? / t.u_per_sec.max(1e-9)));
     let report = CompareReport {
         upstream: if opts.redis { "redis" } else { "echo" }.into(),
         payload: request.len(),
@@ -467,12 +520,69 @@ pub async fn run(opts: &CompareOptions) -> Result<CompareReport, BenchError> {
         rss_after_all_kib,
         stability_cycles,
         cpu_ms_per_1k_cycles: cpu_ms as f64 * 1000.0 / total_cycles.max(1) as f64,
+        ratio_e_over_u_plus_t,
+        ratio_e_over_u_throughput_32,
+        cpu_ms_per_1k_exchanges,
     };
     if let Some(path) = &opts.json {
         let json = serde_json::to_string_pretty(&report).map_err(std::io::Error::other)?;
         std::fs::write(path, json)?;
     }
     Ok(report)
+}
+
+/// One Exchange, its reply checked for length.
+async fn exchange_once(
+    client: &Client,
+    request: &'static [u8],
+    reply_len: usize,
+) -> Result<(), BenchError> {
+    let reply = client.exchange("resp", request, None).await?;
+    if reply.reply.len() == reply_len {
+        Ok(())
+    } else {
+        Err(BenchError::Reply(format!("{:?}", reply.reply)))
+    }
+}
+
+/// E (Exchange of `PING`, and of `GET` of a 64-byte value) and R resp (a
+/// held lease on the protocol upstream: the streaming path's parsing cost).
+async fn exchange_latencies(
+    client: &Client,
+    n: usize,
+    measures: &mut Vec<Measure>,
+) -> Result<(), BenchError> {
+    let value = "v".repeat(64);
+    client
+        .exchange("resp", format!("SET bench:k {value}\r\n"), None)
+        .await?;
+    let get_len = format!("$64\r\n{value}\r\n").len();
+    for (name, request, reply_len) in [
+        ("E PING", &b"PING\r\n"[..], 7),
+        ("E GET", &b"GET bench:k\r\n"[..], get_len),
+    ] {
+        let latency = sample(n, || exchange_once(client, request, reply_len)).await?;
+        measures.push(Measure {
+            name: name.into(),
+            what: "Exchange, one unary call (protocol: redis)".into(),
+            latency,
+        });
+    }
+    let mut lease = client.lease("resp", &LeaseOptions::default()).await?;
+    let mut samples = Samples::new();
+    for _ in 0..n + WARMUP {
+        let start = Instant::now();
+        lease.send(Bytes::from_static(b"PING\r\n")).await?;
+        read_reply(&mut lease, 7).await?;
+        samples.record(start.elapsed());
+    }
+    lease.release(Disposition::Return).await?;
+    measures.push(Measure {
+        name: "R resp".into(),
+        what: "request/response through a held lease, protocol: redis".into(),
+        latency: samples.percentiles(),
+    });
+    Ok(())
 }
 
 async fn sample<F, Fut>(n: usize, mut op: F) -> Result<Percentiles, BenchError>

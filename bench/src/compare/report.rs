@@ -28,15 +28,28 @@ impl CompareReport {
                 m.name, m.what, l.p50, l.p90, l.p99, l.p999
             );
         }
+        let exchanges = self.throughput.iter().any(|t| t.e_per_sec.is_some());
         let _ = writeln!(
             out,
-            "\n| concurrency | U echoes/s | C bb8 leases/s | C deadpool leases/s | C bb8 / U |"
+            "\n| concurrency | U echoes/s | C bb8 leases/s | C deadpool leases/s | C bb8 / U |{}",
+            if exchanges {
+                " E exchanges/s | E / U |"
+            } else {
+                ""
+            }
         );
-        let _ = writeln!(out, "|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            out,
+            "|---:|---:|---:|---:|---:|{}",
+            if exchanges { "---:|---:|" } else { "" }
+        );
         for t in &self.throughput {
+            let e = t.e_per_sec.map_or(String::new(), |e| {
+                format!(" {e:.0} | {:.2} |", e / t.u_per_sec.max(1e-9))
+            });
             let _ = writeln!(
                 out,
-                "| {} | {:.0} | {:.0} | {:.0} | {:.2} |",
+                "| {} | {:.0} | {:.0} | {:.0} | {:.2} |{e}",
                 t.concurrency,
                 t.u_per_sec,
                 t.c_bb8_per_sec,
@@ -67,6 +80,20 @@ impl CompareReport {
             self.ratio_c_over_u_throughput_32,
             verdict(self.ratio_c_over_u_throughput_32 >= 0.5)
         );
+        if let Some(r) = self.ratio_e_over_u_plus_t {
+            let _ = writeln!(
+                out,
+                "| E PING p50 / (U + T) p50 | {r:.2} | ≤ 1.20 | {} |",
+                verdict(r <= 1.2)
+            );
+        }
+        if let Some(r) = self.ratio_e_over_u_throughput_32 {
+            let _ = writeln!(
+                out,
+                "| E throughput / U throughput at 32 | {r:.2} | ≥ 0.80 | {} |",
+                verdict(r >= 0.8)
+            );
+        }
         let _ = writeln!(
             out,
             "| idle RSS, 4 upstreams × 32 connections | {:.1} MiB | ≤ 20 MiB | {} |",
@@ -92,6 +119,9 @@ impl CompareReport {
             "| lessor CPU per 1000 lease cycles | {:.1} ms | | |",
             self.cpu_ms_per_1k_cycles
         );
+        if let Some(cpu) = self.cpu_ms_per_1k_exchanges {
+            let _ = writeln!(out, "| lessor CPU per 1000 Exchanges | {cpu:.1} ms | | |");
+        }
         out
     }
 }

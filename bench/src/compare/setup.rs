@@ -101,6 +101,14 @@ pub(crate) fn one_upstream_config(addr: &str, opts: &CompareOptions) -> String {
             health(opts)
         );
     }
+    if opts.redis {
+        // The same server through the protocol adapter: Exchange, and the
+        // parsing cost on the streaming path (R resp against R bb8).
+        let _ = write!(
+            yaml,
+            "  - name: resp\n    address: \"{addr}\"\n    engine: bb8\n    protocol: redis\n    pool: {{ max_size: 160, min_idle: 8 }}\n"
+        );
+    }
     yaml
 }
 
