@@ -190,6 +190,7 @@ pub(crate) fn lease_span() -> Span {
         server.address = Empty,
         server.port = Empty,
         lessor.upstream = Empty,
+        lessor.protocol = Empty,
         lessor.lease.id = Empty,
         lessor.connection.id = Empty,
         lessor.connection.reused = Empty,
@@ -346,6 +347,8 @@ where
         let checkout_timeout = clamp_ms(acquire.checkout_timeout_ms, config.pool.checkout_timeout);
         let max_lease = clamp_ms(acquire.max_lease_ms, config.lease.max_duration);
         self.span.record("lessor.upstream", pool.name());
+        self.span
+            .record("lessor.protocol", config.protocol.as_str());
         let checkout_span = tracing::info_span!(
             target: TARGET,
             "checkout",

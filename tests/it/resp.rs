@@ -519,3 +519,37 @@ async fn resp_redis_rs_runs_over_a_lease_and_over_exchange() {
     assert_eq!(value, "v");
     assert_eq!(reply.connection_id, id, "the lease's connection, returned");
 }
+
+/// `resp: 3` opens the session with `HELLO 3`; the password is read again at
+/// every dial, so a rotated Secret applies to new connections without a
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp_hello_3_and_a_rotated_password() {
+    let Some(redis) = server().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let lessor = lessor(&redis, EngineKind::Bb8, &dir, ", resp: 3", PASSWORD).await;
+    let info = exchange(&lessor.client, "CLIENT INFO\r\n").await.unwrap();
+    assert!(info.contains(" resp=3"), "{info}");
+    // Rotate: the server's password, then the mounted file.
+    let rotated = "rotated-password-42";
+    let reply = exchange(
+        &lessor.client,
+        &format!("CONFIG SET requirepass {rotated}\r\n"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply, "+OK\r\n");
+    std::fs::write(dir.path().join("password"), rotated).unwrap();
+    // Every pooled connection goes; the next dial reads the new file.
+    let killed = exchange(&lessor.client, "CLIENT KILL TYPE normal SKIPME no\r\n")
+        .await
+        .unwrap_or_default();
+    assert!(killed.starts_with(':'), "{killed}");
+    crate::support::eventually("a connection dialed with the rotated password", || async {
+        matches!(
+            lessor.client.exchange("up", &b"PING\r\n"[..], None).await,
+            Ok(r) if &r.reply[..] == b"+PONG\r\n"
+        )
+    })
+    .await;
+}
