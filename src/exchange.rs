@@ -18,6 +18,7 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 use crate::config::Protocol;
+use crate::lease::clamp_ms;
 use crate::pool::{CheckoutError, EvictReason, Leased, Pool, PoolSet, printable_name};
 use crate::protocol::redis::resp::{Frame, RespError, Scanner, encode_command as command};
 use crate::telemetry::TARGET;
@@ -358,15 +359,6 @@ async fn read_replies(
         ));
     }
     Ok(buf.freeze())
-}
-
-/// A client's millisecond value: 0 means the configured one, and nothing
-/// may exceed it.
-fn clamp_ms(ms: u32, cap: Duration) -> Duration {
-    match ms {
-        0 => cap,
-        ms => Duration::from_millis(u64::from(ms)).min(cap),
-    }
 }
 
 #[cfg(test)]

@@ -149,15 +149,10 @@ impl Client {
         first: Option<Bytes>,
     ) -> Result<Lease, ClientError> {
         let (tx, rx) = mpsc::channel(8);
-        let ms = |d: Option<Duration>| {
-            d.map_or(0, |d| {
-                u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1)
-            })
-        };
         let acquire = Acquire {
             upstream: upstream.to_owned(),
-            checkout_timeout_ms: ms(options.checkout_timeout),
-            max_lease_ms: ms(options.max_lease),
+            checkout_timeout_ms: millis(options.checkout_timeout),
+            max_lease_ms: millis(options.max_lease),
         };
         // The channel has room for both; the receiver is alive: cannot fail.
         let _ = tx.try_send(request(lease_request::Msg::Acquire(acquire)));
@@ -201,16 +196,11 @@ impl Client {
         request: impl Into<Bytes>,
         timeout: Option<Duration>,
     ) -> Result<ExchangeResponse, ClientError> {
-        let ms = |d: Option<Duration>| {
-            d.map_or(0, |d| {
-                u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1)
-            })
-        };
         let request = ExchangeRequest {
             upstream: upstream.to_owned(),
             request: request.into(),
             checkout_timeout_ms: 0,
-            timeout_ms: ms(timeout),
+            timeout_ms: millis(timeout),
         };
         Ok(self.inner.clone().exchange(request).await?.into_inner())
     }
@@ -272,6 +262,14 @@ fn endpoint(target: &str, uri: &str) -> Result<Endpoint, ClientError> {
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(10))
         })
+}
+
+/// A duration as the API's milliseconds: 0 means "the configured value", so
+/// a set duration is at least 1 ms.
+fn millis(d: Option<Duration>) -> u32 {
+    d.map_or(0, |d| {
+        u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1)
+    })
 }
 
 fn request(msg: lease_request::Msg) -> LeaseRequest {

@@ -18,5 +18,5 @@ pub(crate) mod pump;
 pub(crate) mod state;
 pub(crate) mod watchdog;
 
-pub(crate) use pump::{InboundError, LeaseContext, LeaseError, lease_span, lease_stream};
+pub(crate) use pump::{InboundError, LeaseContext, LeaseError, clamp_ms, lease_span, lease_stream};
 pub(crate) use state::Fate;

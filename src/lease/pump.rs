@@ -677,7 +677,7 @@ async fn write_some(wr: &mut WriteHalf<'_>, pending: &mut Option<Bytes>) -> io::
 
 /// A client's millisecond value, where 0 means "the configured one" and
 /// nothing may exceed it.
-fn clamp_ms(ms: u32, cap: Duration) -> Duration {
+pub(crate) fn clamp_ms(ms: u32, cap: Duration) -> Duration {
     match ms {
         0 => cap,
         ms => Duration::from_millis(u64::from(ms)).min(cap),
