@@ -2,6 +2,7 @@
 //! hold by construction: [`LeaseGuard::finish`] consumes the guard, and a guard
 //! dropped unfinished (client gone, task cancelled, panic) finishes as an abort.
 
+use crate::protocol::redis::session::Restore;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -22,6 +23,9 @@ pub(crate) struct LeaseGuard {
     /// A protocol upstream's verdict on the session (`None` for `tcp`): it
     /// stands in for the direction of the last bytes.
     verdict: Option<Result<(), String>>,
+    /// What puts a changed but clean session back before the connection
+    /// returns.
+    restore: Option<Restore>,
 }
 
 /// What a finished lease did, for logs and (later) spans and metrics.
@@ -48,7 +52,13 @@ impl LeaseGuard {
             bytes_to_upstream: 0,
             bytes_to_client: 0,
             verdict: None,
+            restore: None,
         }
+    }
+
+    /// Asks for the session to be restored before its connection returns.
+    pub(crate) fn set_restore(&mut self, restore: Restore) {
+        self.restore = Some(restore);
     }
 
     /// Records whether a protocol session is clean now: what decides a lease
@@ -121,6 +131,12 @@ impl LeaseGuard {
         let counters = leased.pool().counters();
         let held = self.started.elapsed();
         match outcome.fate {
+            Fate::Return if self.restore.is_some() => {
+                counters.lease_returned.observe(held);
+                if let Some(restore) = self.restore.take() {
+                    restore.run(leased);
+                }
+            }
             Fate::Return => {
                 counters.lease_returned.observe(held);
                 if !leased.give_back() {

@@ -612,7 +612,14 @@ impl Active {
         }
         let mut guard = self.guard;
         if let Some(session) = &self.session {
-            guard.set_verdict(session.verdict());
+            let verdict = session.verdict();
+            let redis = &guard.leased().pool().config().redis;
+            if verdict.is_ok()
+                && let Some(restore) = session.restore(redis.db, redis.max_frame.as_u64())
+            {
+                guard.set_restore(restore);
+            }
+            guard.set_verdict(verdict);
         }
         let done = guard.finish(end);
         if !span.is_disabled() {

@@ -192,6 +192,13 @@ impl Pool {
         }
     }
 
+    /// Runs work that finishes with one of the pool's connections (a probe
+    /// that outlived its checkout, a session being restored) in a task the
+    /// pool owns, so shutdown waits for it.
+    pub(crate) fn spawn(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(work);
+    }
+
     /// Waits for probes that outlived their checkouts (after [`Pool::close`]).
     pub(crate) async fn wait_tasks(&self) {
         self.tasks.wait().await;

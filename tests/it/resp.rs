@@ -275,10 +275,13 @@ async fn resp_lease_select_multi_subscribe_never_reach_the_next_lease(engine: En
     let Some(redis) = server().await else { return };
     let dir = tempfile::tempdir().unwrap();
     let lessor = lessor(&redis, engine, &dir, "", PASSWORD).await;
-    for (commands, reply_len, detail) in [
-        ("SELECT 5\r\n", 5, "SELECT"),
-        ("MULTI\r\nSET m 1\r\n", 14, "MULTI"),
-        ("SUBSCRIBE news\r\n", 30, "subscribed"),
+    // Restorable: lessor undoes it (SELECT 0, DISCARD, UNWATCH) before the
+    // connection goes back. Not restorable: the connection is closed.
+    for (commands, reply_len, disposition, detail) in [
+        ("SELECT 5\r\n", 5, Disposition::Return, ""),
+        ("MULTI\r\nSET m 1\r\n", 14, Disposition::Return, ""),
+        ("WATCH m\r\n", 5, Disposition::Return, ""),
+        ("SUBSCRIBE news\r\n", 30, Disposition::Evict, "subscribed"),
     ] {
         let mut lease = lessor
             .client
@@ -288,36 +291,48 @@ async fn resp_lease_select_multi_subscribe_never_reach_the_next_lease(engine: En
         lease.send(commands).await.unwrap();
         lease.recv_at_least(reply_len).await.unwrap();
         let ended = lease.release(Disposition::Return).await.unwrap();
-        assert_eq!(
-            ended.disposition(),
-            Disposition::Evict,
-            "{commands:?}: {ended:?}"
-        );
+        assert_eq!(ended.disposition(), disposition, "{commands:?}: {ended:?}");
         assert!(ended.detail.contains(detail), "{commands:?}: {ended:?}");
     }
-    let mut next = lessor
-        .client
-        .lease("up", &Default::default())
-        .await
-        .unwrap();
-    next.send("CLIENT INFO\r\nSET m 2\r\nGET m\r\n")
-        .await
-        .unwrap();
-    let reply = String::from_utf8_lossy(&next.recv_at_least(40).await.unwrap()).into_owned();
-    let mut reply = reply;
-    while !reply.ends_with("$1\r\n2\r\n") {
-        reply.push_str(&String::from_utf8_lossy(
-            &next.recv().await.unwrap().unwrap(),
-        ));
+    // Every connection, whichever the next lease gets, is on db 0, outside
+    // a transaction, subscribed to nothing.
+    let stats = lessor
+        .wait_for("restored connections back", |s| s.leased == 0)
+        .await;
+    // Held together, so each is a different connection.
+    let mut held = Vec::new();
+    for _ in 0..stats.connections {
+        held.push(
+            lessor
+                .client
+                .lease("up", &Default::default())
+                .await
+                .unwrap(),
+        );
     }
-    assert!(
-        reply.contains(" db=0 ") && reply.contains(" multi=-1 "),
-        "{reply}"
-    );
-    assert!(reply.contains(" sub=0 "), "{reply}");
-    next.release(Disposition::Return).await.unwrap();
+    for mut next in held {
+        next.send("CLIENT INFO\r\nSET m 2\r\nGET m\r\n")
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        let read = async {
+            while !reply.ends_with("$1\r\n2\r\n") {
+                reply.push_str(&String::from_utf8_lossy(
+                    &next.recv().await.unwrap().unwrap(),
+                ));
+            }
+        };
+        let done = tokio::time::timeout(crate::support::PATIENCE, read).await;
+        assert!(done.is_ok(), "no plain reply to GET: {reply}");
+        assert!(
+            reply.contains(" db=0 ") && reply.contains(" multi=-1 "),
+            "{reply}"
+        );
+        assert!(reply.contains(" sub=0 "), "{reply}");
+        next.release(Disposition::Return).await.unwrap();
+    }
     let stats = lessor.stats("up").await;
-    assert_eq!(evictions(&stats, "dirty"), 3, "{stats:#?}");
+    assert_eq!(evictions(&stats, "dirty"), 1, "{stats:#?}");
     lessor.assert_accounted().await;
 }
 
@@ -338,6 +353,13 @@ async fn resp_lease_quit_is_a_return_and_auth_never_reaches_redis(engine: Engine
     let refused = b"+PONG\r\n-ERR lessor: authentication is done by the sidecar\r\n+PONG\r\n";
     let got = lease.recv_at_least(refused.len()).await.unwrap();
     assert_eq!(&got[..], &refused[..]);
+    // min_idle's refill done first: the connection QUIT returns is then the
+    // most recently returned, the one the next checkout takes.
+    lessor
+        .wait_for("the refill beside the lease", |s| {
+            s.idle >= 1 && s.leased == 1
+        })
+        .await;
     lease.send("QUIT\r\n").await.unwrap();
     assert_eq!(&lease.recv_at_least(5).await.unwrap()[..], b"+OK\r\n");
     let ended = lease.finish().await.unwrap().expect("Ended after QUIT");
@@ -505,6 +527,13 @@ async fn resp_redis_rs_runs_over_a_lease_and_over_exchange() {
         .await
         .unwrap();
     assert_eq!((v.as_str(), n), ("v", 1));
+    // min_idle's refill done first, so the connection returned below is the
+    // most recently returned one, which the Exchange then takes.
+    lessor
+        .wait_for("the refill beside the lease", |s| {
+            s.idle >= 1 && s.leased == 1
+        })
+        .await;
     drop(conn);
     driving.await.unwrap();
     let stats = lessor

@@ -12,7 +12,8 @@ use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
 
-use super::resp::{Frame, RespError, Scanner};
+use super::resp::{Frame, RespError, Scanner, encode_command};
+use crate::pool::{EvictReason, Leased};
 
 /// The reply lessor gives a client `AUTH` or `HELLO`.
 const AUTH_REFUSED: &[u8] = b"-ERR lessor: authentication is done by the sidecar\r\n";
@@ -54,8 +55,12 @@ pub(crate) struct RedisSession {
     held: BytesMut,
     /// Session state changed by a command, for `Ended.detail`.
     changed: Option<String>,
-    /// `MULTI` without its `EXEC`/`DISCARD` yet.
+    /// `MULTI` without its `EXEC`/`DISCARD` yet (restored with `DISCARD`).
     multi: bool,
+    /// Keys watched (restored with `UNWATCH`).
+    watching: bool,
+    /// The db was changed by `SELECT` (restored with `SELECT <db>`).
+    selected: bool,
     /// The client sent `QUIT`: the lease ends once its `+OK` is out.
     quit: bool,
     /// Local replies ready to go out now (every reply before them is out).
@@ -73,6 +78,8 @@ impl RedisSession {
             held: BytesMut::new(),
             changed: None,
             multi: false,
+            watching: false,
+            selected: false,
             quit: false,
             ready: BytesMut::new(),
         }
@@ -180,6 +187,8 @@ impl RedisSession {
             && (self.commands.at_boundary() || self.carry == Carry::Drop)
             && self.replies.at_boundary()
             && !self.multi
+            && !self.watching
+            && !self.selected
             && self.changed.is_none()
     }
 
@@ -198,13 +207,37 @@ impl RedisSession {
         if !self.replies.at_boundary() {
             return Err("a reply was delivered in part".into());
         }
-        if self.multi {
-            return Err("transaction open (MULTI)".into());
-        }
         if let Some(changed) = &self.changed {
             return Err(changed.clone());
         }
         Ok(())
+    }
+
+    /// What puts a clean-but-changed session back as it was opened: a
+    /// `MULTI` discarded, watches dropped, the configured db selected again.
+    /// `None` when there is nothing to undo. Only for a session whose
+    /// [`RedisSession::verdict`] is clean.
+    pub(crate) fn restore(&self, db: u32, max_frame: u64) -> Option<Restore> {
+        let mut request = Vec::new();
+        let mut undone = Vec::new();
+        if self.multi {
+            encode_command(&mut request, &[b"DISCARD"]);
+            undone.push("MULTI");
+        }
+        if self.watching && !self.multi {
+            encode_command(&mut request, &[b"UNWATCH"]);
+            undone.push("WATCH");
+        }
+        if self.selected {
+            encode_command(&mut request, &[b"SELECT", db.to_string().as_bytes()]);
+            undone.push("SELECT");
+        }
+        (!undone.is_empty()).then(|| Restore {
+            replies: undone.len(),
+            request,
+            max_frame,
+            undone: undone.join(", "),
+        })
     }
 
     fn owe(&mut self, owed: Owed) {
@@ -247,11 +280,23 @@ impl RedisSession {
                 None
             }
             ("EXEC" | "DISCARD", _) => {
+                // Both end the transaction and drop every watch.
                 self.multi = false;
+                self.watching = false;
                 None
             }
-            ("SELECT", _) => Some("SELECT changed the db"),
-            ("WATCH", _) => Some("WATCH left keys watched"),
+            ("SELECT", _) => {
+                self.selected = true;
+                None
+            }
+            ("WATCH", _) => {
+                self.watching = true;
+                None
+            }
+            ("UNWATCH", _) => {
+                self.watching = false;
+                None
+            }
             ("READONLY", _) => Some("READONLY"),
             ("RESET", _) => Some("RESET"),
             ("SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE", _) => Some("subscribed"),
@@ -265,6 +310,62 @@ impl RedisSession {
             self.changed.get_or_insert_with(|| change.to_owned());
         }
         None
+    }
+}
+
+/// Commands that undo a lease's session changes, sent before its
+/// connection goes back to the pool.
+#[derive(Debug, Clone)]
+pub(crate) struct Restore {
+    request: Vec<u8>,
+    replies: usize,
+    max_frame: u64,
+    /// What is undone, for logs.
+    undone: String,
+}
+
+/// How long the undo may take before the connection is closed instead.
+const RESTORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Restore {
+    /// Sends the undo on the lease's connection in a task of the pool's, and
+    /// returns the connection when every reply is `+OK`; otherwise closes
+    /// it (counted `dirty`). The connection is not idle until then, so no
+    /// other lease can see the session half restored.
+    pub(crate) fn run(self, mut leased: Leased) {
+        let pool = leased.pool().clone();
+        pool.spawn(async move {
+            let stream = &mut leased.conn_mut().stream;
+            let undo = async {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                stream.write_all(&self.request).await.ok()?;
+                let mut scanner = Scanner::new(false, self.max_frame);
+                let (mut replies, mut ok) = (0, true);
+                let mut buf = [0u8; 512];
+                while replies < self.replies {
+                    let n = stream.read(&mut buf).await.ok()?;
+                    if n == 0 {
+                        return None;
+                    }
+                    scanner
+                        .feed(&buf[..n], |f| {
+                            replies += 1;
+                            ok &= f.kind == b'+';
+                        })
+                        .ok()?;
+                }
+                (ok && scanner.at_boundary()).then_some(())
+            };
+            match tokio::time::timeout(RESTORE_TIMEOUT, undo).await {
+                Ok(Some(())) => {
+                    leased.give_back();
+                }
+                _ => {
+                    tracing::debug!(undone = %self.undone, "session restore failed; connection closed");
+                    leased.evict(EvictReason::Dirty);
+                }
+            }
+        });
     }
 }
 
@@ -369,8 +470,7 @@ mod tests {
     #[test]
     fn state_changes_are_named() {
         for (cmd, why) in [
-            (&b"SELECT 5\r\n"[..], "SELECT changed the db"),
-            (b"SUBSCRIBE ch\r\n", "subscribed"),
+            (&b"SUBSCRIBE ch\r\n"[..], "subscribed"),
             (b"CLIENT REPLY OFF\r\n", "CLIENT REPLY changed"),
         ] {
             let mut s = session();
@@ -379,14 +479,27 @@ mod tests {
             assert_eq!(s.verdict(), Err(why.into()));
         }
         let mut s = session();
-        s.client_sent(&Bytes::from_static(b"MULTI\r\nSET a 1\r\n"))
+        s.client_sent(&Bytes::from_static(
+            b"SELECT 5\r\nWATCH k\r\nMULTI\r\nSET a 1\r\n",
+        ))
+        .unwrap();
+        s.upstream_sent(Bytes::from_static(b"+OK\r\n+OK\r\n+OK\r\n+QUEUED\r\n"))
             .unwrap();
-        s.upstream_sent(Bytes::from_static(b"+OK\r\n+QUEUED\r\n"))
-            .unwrap();
-        assert_eq!(s.verdict(), Err("transaction open (MULTI)".into()));
+        assert_eq!(s.verdict(), Ok(()), "clean, but changed");
+        assert!(!s.is_clean());
+        let undo = s.restore(0, 1 << 20).unwrap();
+        assert_eq!(undo.undone, "MULTI, SELECT");
+        assert_eq!(undo.replies, 2);
+        assert_eq!(
+            &undo.request[..],
+            b"*1\r\n$7\r\nDISCARD\r\n*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n"
+        );
         s.client_sent(&Bytes::from_static(b"EXEC\r\n")).unwrap();
         s.upstream_sent(Bytes::from_static(b"*1\r\n+OK\r\n"))
             .unwrap();
-        assert_eq!(s.verdict(), Ok(()));
+        assert_eq!(
+            s.restore(0, 1 << 20).map(|r| r.undone),
+            Some("SELECT".into())
+        );
     }
 }
