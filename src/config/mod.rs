@@ -586,6 +586,11 @@ pub struct LeaseConfig {
     pub idle_timeout: Duration,
     /// What a lease that ends without `Release` does with its connection.
     pub on_abort: OnAbort,
+    /// On a protocol upstream, how long a RETURN with replies still pending
+    /// may wait for them (read and discarded) before the connection is
+    /// closed instead. Default 0: closed at once.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for LeaseConfig {
@@ -594,6 +599,7 @@ impl Default for LeaseConfig {
             max_duration: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(60),
             on_abort: OnAbort::Evict,
+            drain_timeout: Duration::ZERO,
         }
     }
 }

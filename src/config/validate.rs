@@ -232,6 +232,12 @@ impl UpstreamConfig {
         }
         positive(format!("{at}.lease.max_duration"), self.lease.max_duration)?;
         positive(format!("{at}.lease.idle_timeout"), self.lease.idle_timeout)?;
+        if self.lease.drain_timeout > Duration::from_secs(60) {
+            return Err(invalid(
+                format!("{at}.lease.drain_timeout"),
+                "must be at most 60s (a released lease holds its connection that long)",
+            ));
+        }
         Ok(())
     }
 }

@@ -302,6 +302,10 @@ where
                         self.phase = Phase::Granted(cell);
                         Some(Ok(response(lease_response::Msg::Data(bytes))))
                     }
+                    Step::End(end @ End::Release(Disposition::Return), detail) => {
+                        active.drain().await;
+                        active.end(end, detail, &self.span).map(Ok)
+                    }
                     Step::End(end, detail) => active.end(end, detail, &self.span).map(Ok),
                     Step::Violation(e) => {
                         fail_span(&self.span, &e);
@@ -508,6 +512,38 @@ impl Active {
                 }
             }
         }
+    }
+
+    /// A RETURN on a protocol upstream with replies still due: reads and
+    /// drops them for at most `lease.drain_timeout`, so the connection can
+    /// go back instead of being closed. The client has released; the
+    /// replies are no one's any more.
+    async fn drain(&mut self) {
+        let timeout = self.guard.leased().pool().config().lease.drain_timeout;
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        if timeout.is_zero() || !session.drainable() {
+            return;
+        }
+        let stream = &mut self.guard.conn_mut().stream;
+        let mut buf = BytesMut::with_capacity(READ_FIRST);
+        let drained = tokio::time::timeout(timeout, async {
+            while session.drainable() {
+                buf.clear();
+                match stream.read_buf(&mut buf).await {
+                    Ok(n) if n > 0 => {
+                        if session.upstream_sent(buf.split().freeze()).is_err() {
+                            return;
+                        }
+                    }
+                    _ => return,
+                }
+            }
+        })
+        .await;
+        let _ = drained;
+        self.guard.set_clean(session.is_clean());
     }
 
     /// The limit that ends the lease at `now`, if one has passed (`revoked`:

@@ -25,6 +25,7 @@ for_both_engines!(
     resp_lease_released_with_replies_pending_evicts_and_leaks_nothing,
     resp_lease_select_multi_subscribe_never_reach_the_next_lease,
     resp_lease_quit_is_a_return_and_auth_never_reaches_redis,
+    resp_lease_drain_timeout_waits_for_a_blocked_reply,
 );
 
 const PASSWORD: &str = "s3cret-for-tests";
@@ -581,4 +582,51 @@ async fn resp_hello_3_and_a_rotated_password() {
         )
     })
     .await;
+}
+
+/// With `lease.drain_timeout`, a RETURN while a blocking command's reply is
+/// still due waits for it (and drops it) instead of closing the connection;
+/// the next lease never sees it.
+async fn resp_lease_drain_timeout_waits_for_a_blocked_reply(engine: EngineKind) {
+    let Some(redis) = server().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("password");
+    std::fs::write(&file, PASSWORD).unwrap();
+    let lessor = Lessor::start(&config_one(
+        &redis.addr(),
+        engine,
+        &[
+            "protocol: redis",
+            &format!("redis: {{ password_file: \"{}\" }}", file.display()),
+            "pool: { max_size: 2, min_idle: 1 }",
+            "lease: { drain_timeout: 10s }",
+        ],
+    ))
+    .await;
+    let mut lease = lessor
+        .client
+        .lease("up", &Default::default())
+        .await
+        .unwrap();
+    let id = lease.granted().connection_id;
+    lessor
+        .wait_for("the refill beside the lease", |s| {
+            s.idle >= 1 && s.leased == 1
+        })
+        .await;
+    lease.send("BLPOP nothing 1\r\n").await.unwrap();
+    // Released at once: the reply (a nil, after a second) is still due.
+    let ended = lease.release(Disposition::Return).await.unwrap();
+    assert_eq!(ended.disposition(), Disposition::Return, "{ended:?}");
+    let mut next = lessor
+        .client
+        .lease("up", &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(next.granted().connection_id, id, "drained and returned");
+    next.send("PING\r\n").await.unwrap();
+    assert_eq!(&next.recv_at_least(7).await.unwrap()[..], b"+PONG\r\n");
+    next.release(Disposition::Return).await.unwrap();
+    let stats = lessor.stats("up").await;
+    assert_eq!(stats.evictions.values().sum::<u64>(), 0, "{stats:#?}");
 }

@@ -192,6 +192,15 @@ impl RedisSession {
             && self.changed.is_none()
     }
 
+    /// Whether reading (and dropping) the replies still due would make the
+    /// session clean: every command was sent whole and nothing else is
+    /// wrong.
+    pub(crate) fn drainable(&self) -> bool {
+        self.changed.is_none()
+            && (self.commands.at_boundary() || self.carry == Carry::Drop)
+            && (self.owed.iter().any(|o| *o == Owed::Upstream) || !self.replies.at_boundary())
+    }
+
     /// Whether the connection may go back to the pool, or why not.
     pub(crate) fn verdict(&self) -> Result<(), String> {
         let pending = self.owed.iter().filter(|o| **o == Owed::Upstream).count();
