@@ -651,7 +651,7 @@ impl Active {
             let verdict = session.verdict();
             let redis = &guard.leased().pool().config().redis;
             if verdict.is_ok()
-                && let Some(restore) = session.restore(redis.db, redis.max_frame.as_u64())
+                && let Some(restore) = session.restore(redis)
             {
                 guard.set_restore(restore);
             }

@@ -276,12 +276,13 @@ async fn resp_lease_select_multi_subscribe_never_reach_the_next_lease(engine: En
     let Some(redis) = server().await else { return };
     let dir = tempfile::tempdir().unwrap();
     let lessor = lessor(&redis, engine, &dir, "", PASSWORD).await;
-    // Restorable: lessor undoes it (SELECT 0, DISCARD, UNWATCH) before the
+    // Restorable: lessor undoes it (SELECT 0, DISCARD, UNWATCH, the name) before the
     // connection goes back. Not restorable: the connection is closed.
     for (commands, reply_len, disposition, detail) in [
         ("SELECT 5\r\n", 5, Disposition::Return, ""),
         ("MULTI\r\nSET m 1\r\n", 14, Disposition::Return, ""),
         ("WATCH m\r\n", 5, Disposition::Return, ""),
+        ("CLIENT SETNAME evil\r\n", 5, Disposition::Return, ""),
         ("SUBSCRIBE news\r\n", 30, Disposition::Evict, "subscribed"),
     ] {
         let mut lease = lessor
@@ -330,6 +331,7 @@ async fn resp_lease_select_multi_subscribe_never_reach_the_next_lease(engine: En
             "{reply}"
         );
         assert!(reply.contains(" sub=0 "), "{reply}");
+        assert!(reply.contains(" name= "), "{reply}");
         next.release(Disposition::Return).await.unwrap();
     }
     let stats = lessor.stats("up").await;

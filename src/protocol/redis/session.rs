@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use bytes::{Bytes, BytesMut};
 
 use super::resp::{Frame, RespError, Scanner, encode_command};
+use crate::config::RedisConfig;
 use crate::pool::{EvictReason, Leased};
 
 /// The reply lessor gives a client `AUTH` or `HELLO`.
@@ -61,6 +62,12 @@ pub(crate) struct RedisSession {
     watching: bool,
     /// The db was changed by `SELECT` (restored with `SELECT <db>`).
     selected: bool,
+    /// `CLIENT SETNAME` (restored with the configured name, or none).
+    renamed: bool,
+    /// `CLIENT TRACKING` (restored with `CLIENT TRACKING OFF`).
+    tracking: bool,
+    /// `READONLY` (restored with `READWRITE`).
+    readonly: bool,
     /// The client sent `QUIT`: the lease ends once its `+OK` is out.
     quit: bool,
     /// Local replies ready to go out now (every reply before them is out).
@@ -80,6 +87,9 @@ impl RedisSession {
             multi: false,
             watching: false,
             selected: false,
+            renamed: false,
+            tracking: false,
+            readonly: false,
             quit: false,
             ready: BytesMut::new(),
         }
@@ -189,6 +199,9 @@ impl RedisSession {
             && !self.multi
             && !self.watching
             && !self.selected
+            && !self.renamed
+            && !self.tracking
+            && !self.readonly
             && self.changed.is_none()
     }
 
@@ -223,10 +236,13 @@ impl RedisSession {
     }
 
     /// What puts a clean-but-changed session back as it was opened: a
-    /// `MULTI` discarded, watches dropped, the configured db selected again.
-    /// `None` when there is nothing to undo. Only for a session whose
-    /// [`RedisSession::verdict`] is clean.
-    pub(crate) fn restore(&self, db: u32, max_frame: u64) -> Option<Restore> {
+    /// `MULTI` discarded, watches dropped, the configured db selected again,
+    /// the configured name, tracking off, read-write. `None` when there is
+    /// nothing to undo. Only for a session whose [`RedisSession::verdict`]
+    /// is clean.
+    pub(crate) fn restore(&self, cfg: &RedisConfig) -> Option<Restore> {
+        let db = cfg.db;
+        let max_frame = cfg.max_frame.as_u64();
         let mut request = Vec::new();
         let mut undone = Vec::new();
         if self.multi {
@@ -240,6 +256,19 @@ impl RedisSession {
         if self.selected {
             encode_command(&mut request, &[b"SELECT", db.to_string().as_bytes()]);
             undone.push("SELECT");
+        }
+        if self.renamed {
+            let name = cfg.client_name.as_deref().unwrap_or("");
+            encode_command(&mut request, &[b"CLIENT", b"SETNAME", name.as_bytes()]);
+            undone.push("CLIENT SETNAME");
+        }
+        if self.tracking {
+            encode_command(&mut request, &[b"CLIENT", b"TRACKING", b"OFF"]);
+            undone.push("CLIENT TRACKING");
+        }
+        if self.readonly {
+            encode_command(&mut request, &[b"READWRITE"]);
+            undone.push("READONLY");
         }
         (!undone.is_empty()).then(|| Restore {
             replies: undone.len(),
@@ -306,13 +335,26 @@ impl RedisSession {
                 self.watching = false;
                 None
             }
-            ("READONLY", _) => Some("READONLY"),
+            ("READONLY", _) => {
+                self.readonly = true;
+                None
+            }
+            ("READWRITE", _) => {
+                self.readonly = false;
+                None
+            }
             ("RESET", _) => Some("RESET"),
             ("SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE", _) => Some("subscribed"),
             ("MONITOR", _) => Some("MONITOR"),
             ("CLIENT", Some("REPLY")) => Some("CLIENT REPLY changed"),
-            ("CLIENT", Some("TRACKING")) => Some("CLIENT TRACKING changed"),
-            ("CLIENT", Some("SETNAME")) => Some("CLIENT SETNAME changed the name"),
+            ("CLIENT", Some("TRACKING")) => {
+                self.tracking = true;
+                None
+            }
+            ("CLIENT", Some("SETNAME")) => {
+                self.renamed = true;
+                None
+            }
             _ => None,
         };
         if let Some(change) = change {
@@ -496,7 +538,7 @@ mod tests {
             .unwrap();
         assert_eq!(s.verdict(), Ok(()), "clean, but changed");
         assert!(!s.is_clean());
-        let undo = s.restore(0, 1 << 20).unwrap();
+        let undo = s.restore(&RedisConfig::default()).unwrap();
         assert_eq!(undo.undone, "MULTI, SELECT");
         assert_eq!(undo.replies, 2);
         assert_eq!(
@@ -507,7 +549,7 @@ mod tests {
         s.upstream_sent(Bytes::from_static(b"*1\r\n+OK\r\n"))
             .unwrap();
         assert_eq!(
-            s.restore(0, 1 << 20).map(|r| r.undone),
+            s.restore(&RedisConfig::default()).map(|r| r.undone),
             Some("SELECT".into())
         );
     }
