@@ -183,6 +183,9 @@ fn serve(config: Config, log_format: LogFormat) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        // Handlers before any socket: once a probe can see lessor, a
+        // SIGTERM drains it.
+        let shutdown = lessor::first_signal();
         let listeners = match lessor::Listeners::bind(&config).await {
             Ok(l) => l,
             Err(e) => return fail(&e),
@@ -194,7 +197,7 @@ fn serve(config: Config, log_format: LogFormat) -> ExitCode {
             spans: telemetry.spans.clone(),
             ..Default::default()
         };
-        let served = lessor::run_with(config, listeners, lessor::first_signal(), options).await;
+        let served = lessor::run_with(config, listeners, shutdown, options).await;
         telemetry.shutdown(flush_within).await;
         match served {
             Ok(()) => ExitCode::SUCCESS,
