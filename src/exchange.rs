@@ -20,7 +20,8 @@ use tracing::field::Empty;
 use crate::config::Protocol;
 use crate::lease::clamp_ms;
 use crate::pool::{CheckoutError, EvictReason, Leased, Pool, PoolSet, printable_name};
-use crate::protocol::redis::resp::{Frame, RespError, Scanner, encode_command as command};
+use crate::protocol::redis::resp::{Frame, RespError, Scanner};
+use crate::protocol::redis::session::RedisSession;
 use crate::telemetry::TARGET;
 
 /// Why an Exchange failed (an error reply from the upstream is not one of
@@ -100,17 +101,6 @@ pub(crate) struct ExchangeReply {
     pub endpoint: String,
 }
 
-/// What a vetted request will do to the session.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Effects {
-    /// Commands, each answered by one reply.
-    commands: usize,
-    /// A `SELECT` changes the db: the configured one is selected again after.
-    selects: bool,
-    /// Another change of session state: the connection is closed after.
-    changes: Option<&'static str>,
-}
-
 /// Commands refused in an Exchange: they would leave the connection in a
 /// state no reply count describes, or are the sidecar's to send.
 fn refused(name: &str, sub: Option<&str>) -> Option<&'static str> {
@@ -125,43 +115,20 @@ fn refused(name: &str, sub: Option<&str>) -> Option<&'static str> {
     })
 }
 
-/// Commands that change session state lessor cannot put back cheaply: the
-/// connection is closed after the Exchange.
-fn changes_state(name: &str, sub: Option<&str>) -> Option<&'static str> {
-    Some(match (name, sub) {
-        ("MULTI", _) => "MULTI",
-        ("WATCH", _) => "WATCH",
-        ("READONLY", _) => "READONLY",
-        ("RESET", _) => "RESET",
-        ("CLIENT", Some("TRACKING")) => "CLIENT TRACKING",
-        ("CLIENT", Some("SETNAME")) => "CLIENT SETNAME",
-        _ => return None,
-    })
-}
-
-/// Checks the request without sending anything.
-fn vet(request: &[u8], max_frame: u64) -> Result<Effects, ExchangeError> {
+/// Checks the request without sending anything; returns how many commands
+/// (each answered by one reply) it holds.
+fn vet(request: &[u8], max_frame: u64) -> Result<usize, ExchangeError> {
     let mut scanner = Scanner::new(true, max_frame);
-    let mut effects = Effects::default();
+    let mut commands = 0;
     let mut problem = None;
     scanner
         .feed(request, |frame: Frame| {
-            effects.commands += 1;
+            commands += 1;
             let name = frame.command();
-            let sub = frame.arg(0);
             if frame.kind != b'*' && frame.kind != b' ' {
                 problem.get_or_insert_with(|| "a command is an array of bulk strings".to_owned());
-            } else if let Some(why) = refused(&name, sub.as_deref()) {
+            } else if let Some(why) = refused(&name, frame.arg(0).as_deref()) {
                 problem.get_or_insert_with(|| format!("{name}: {why}"));
-            } else if name == "SELECT" {
-                effects.selects = true;
-            } else if name == "EXEC" || name == "DISCARD" {
-                // A transaction opened and closed within the request.
-                if effects.changes == Some("MULTI") {
-                    effects.changes = None;
-                }
-            } else if let Some(change) = changes_state(&name, sub.as_deref()) {
-                effects.changes.get_or_insert(change);
             }
         })
         .map_err(|e: RespError| ExchangeError::Invalid(e.to_string()))?;
@@ -173,12 +140,12 @@ fn vet(request: &[u8], max_frame: u64) -> Result<Effects, ExchangeError> {
             "the request ends inside a command".into(),
         ));
     }
-    if effects.commands == 0 {
+    if commands == 0 {
         return Err(ExchangeError::Invalid(
             "the request holds no command".into(),
         ));
     }
-    Ok(effects)
+    Ok(commands)
 }
 
 /// Runs one Exchange.
@@ -231,13 +198,13 @@ async fn run(
         return Err(ExchangeError::NotAProtocolUpstream(pool.name().to_owned()));
     }
     let max_frame = config.redis.max_frame.as_u64();
-    let effects = vet(&request.request, max_frame)?;
+    let commands = vet(&request.request, max_frame)?;
     let checkout_timeout = clamp_ms(request.checkout_timeout_ms, config.pool.checkout_timeout);
     let deadline = match request.timeout_ms {
         0 => config.lease.idle_timeout,
         ms => Duration::from_millis(u64::from(ms)),
     };
-    span.record("lessor.exchange.commands", effects.commands as i64);
+    span.record("lessor.exchange.commands", commands as i64);
     let mut leased = pool.checkout(checkout_timeout).await?;
     span.record("lessor.connection.id", leased.conn().id() as i64);
     span.record(
@@ -246,7 +213,7 @@ async fn run(
     );
     let result = tokio::time::timeout(
         deadline,
-        round_trip(&mut leased, &request.request, effects, pool, max_frame),
+        round_trip(&mut leased, &request.request, commands, pool),
     )
     .await;
     let conn = leased.conn();
@@ -272,7 +239,7 @@ async fn run(
                     leased.give_back();
                 }
                 Err(change) => {
-                    tracing::debug!(upstream = %pool.name(), change, "exchange changed the session; connection closed");
+                    tracing::debug!(upstream = %pool.name(), %change, "exchange changed the session; connection closed");
                     leased.evict(EvictReason::Dirty);
                 }
             }
@@ -282,34 +249,35 @@ async fn run(
 }
 
 /// Writes the request, reads exactly its replies, and puts the session
-/// back. `Ok((reply, Err(change)))`: the reply is complete, but the
+/// back the way a lease's is (the same tracker decides what changed and
+/// undoes it). `Ok((reply, Err(why)))`: the reply is complete, but the
 /// connection must be closed.
 async fn round_trip(
     leased: &mut Leased,
-    request: &[u8],
-    effects: Effects,
+    request: &Bytes,
+    commands: usize,
     pool: &Arc<Pool>,
-    max_frame: u64,
-) -> Result<(Bytes, Result<(), &'static str>), ExchangeError> {
+) -> Result<(Bytes, Result<(), String>), ExchangeError> {
+    let redis = &pool.config().redis;
+    let max_frame = redis.max_frame.as_u64();
+    let mut session = RedisSession::new(max_frame);
+    let invalid = |e: RespError| ExchangeError::Invalid(e.to_string());
+    // Vetted: nothing in it is answered locally, so it goes out whole.
+    let sent = session.client_sent(request).map_err(invalid)?;
     let stream = &mut leased.conn_mut().stream;
     let upstream = |e: std::io::Error| ExchangeError::Upstream(e.to_string());
-    stream.write_all(request).await.map_err(upstream)?;
-    let reply = read_replies(stream, effects.commands, max_frame).await?;
-    if let Some(change) = effects.changes {
-        return Ok((reply, Err(change)));
+    stream.write_all(&sent).await.map_err(upstream)?;
+    let reply = read_replies(stream, commands, max_frame).await?;
+    session
+        .upstream_sent(reply.clone())
+        .map_err(|e| ExchangeError::Upstream(e.to_string()))?;
+    if let Err(why) = session.verdict() {
+        return Ok((reply, Err(why)));
     }
-    if effects.selects {
-        // Back to the configured db, before anyone else gets the connection.
-        let mut select = Vec::new();
-        command(
-            &mut select,
-            &[b"SELECT", pool.config().redis.db.to_string().as_bytes()],
-        );
-        stream.write_all(&select).await.map_err(upstream)?;
-        let answer = read_replies(stream, 1, max_frame).await?;
-        if !answer.starts_with(b"+OK") {
-            return Ok((reply, Err("SELECT")));
-        }
+    if let Some(restore) = session.restore(redis)
+        && !restore.apply(stream).await
+    {
+        return Ok((reply, Err("the session could not be restored".into())));
     }
     Ok((reply, Ok(())))
 }
@@ -368,8 +336,7 @@ mod tests {
     #[test]
     fn requests_are_vetted_before_anything_is_sent() {
         let max = 1 << 20;
-        let ok = vet(b"*1\r\n$4\r\nPING\r\nGET k\r\n", max).unwrap();
-        assert_eq!(ok.commands, 2);
+        assert_eq!(vet(b"*1\r\n$4\r\nPING\r\nGET k\r\n", max).unwrap(), 2);
         assert!(
             vet(b"*2\r\n$3\r\nGET\r\n$1\r\n", max).is_err(),
             "incomplete"
@@ -390,11 +357,6 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
-        assert!(vet(b"SELECT 5\r\n", max).unwrap().selects);
-        assert_eq!(vet(b"MULTI\r\n", max).unwrap().changes, Some("MULTI"));
-        assert_eq!(
-            vet(b"MULTI\r\nINCR a\r\nEXEC\r\n", max).unwrap().changes,
-            None
-        );
+        assert_eq!(vet(b"MULTI\r\nINCR a\r\nEXEC\r\n", max).unwrap(), 3);
     }
 }

@@ -100,55 +100,56 @@ impl RedisSession {
     pub(crate) fn client_sent(&mut self, data: &Bytes) -> Result<Bytes, RespError> {
         let mut ends = Vec::new();
         self.commands.feed(data, |f| ends.push(f))?;
-        let mut out = BytesMut::new();
+        // What goes out, as ranges of `data` and held bytes: in the common
+        // case (nothing answered locally, nothing held) that is all of
+        // `data`, sent without a copy.
+        let mut out = Pieces::default();
         let mut start = 0;
         for frame in ends {
             let local = self.note_command(&frame);
-            let piece = &data[start..frame.end];
             match (self.carry, local) {
                 (Carry::Drop, _) | (Carry::None | Carry::Held, Some(_)) => self.held.clear(),
                 (Carry::Held, None) => {
-                    out.extend_from_slice(&self.held.split());
-                    out.extend_from_slice(piece);
+                    out.held(self.held.split().freeze());
+                    out.range(start, frame.end);
                 }
-                (Carry::None | Carry::Forward, None) => out.extend_from_slice(piece),
-                (Carry::Forward, Some(_)) => {
-                    // Known as a command to answer only after its head went
-                    // out: cannot happen (the head is held until named).
-                    out.extend_from_slice(piece);
-                }
+                // `Forward` with a local reply cannot happen: a command's head
+                // is held until its name is known.
+                (Carry::None | Carry::Forward, _) => out.range(start, frame.end),
             }
             self.owe(local.map_or(Owed::Upstream, Owed::Local));
             self.carry = Carry::None;
             start = frame.end;
         }
-        let tail = &data[start..];
-        if !tail.is_empty() || self.carry != Carry::None {
+        if start < data.len() || self.carry != Carry::None {
             match self.carry {
                 Carry::Drop => {}
-                Carry::Forward => out.extend_from_slice(tail),
+                Carry::Forward => out.range(start, data.len()),
                 Carry::None | Carry::Held => {
-                    self.held.extend_from_slice(tail);
-                    let named = self.commands.partial_command();
-                    match named.as_deref().map(local_reply) {
+                    match self.commands.partial_command().as_deref().map(local_reply) {
                         Some(Some(_)) => {
                             self.held.clear();
                             self.carry = Carry::Drop;
                         }
                         Some(None) => {
-                            out.extend_from_slice(&self.held.split());
+                            out.held(self.held.split().freeze());
+                            out.range(start, data.len());
                             self.carry = Carry::Forward;
                         }
-                        None if self.held.len() > HOLD_MAX => {
-                            out.extend_from_slice(&self.held.split());
-                            self.carry = Carry::Forward;
+                        None => {
+                            self.held.extend_from_slice(&data[start..]);
+                            if self.held.len() > HOLD_MAX {
+                                out.held(self.held.split().freeze());
+                                self.carry = Carry::Forward;
+                            } else {
+                                self.carry = Carry::Held;
+                            }
                         }
-                        None => self.carry = Carry::Held,
                     }
                 }
             }
         }
-        Ok(out.freeze())
+        Ok(out.into_bytes(data))
     }
 
     /// Takes Redis bytes; returns what goes to the client (with any local
@@ -364,6 +365,52 @@ impl RedisSession {
     }
 }
 
+/// The bytes to forward, as ranges of the input and held bytes, so that the
+/// input is forwarded without a copy when it goes out whole.
+#[derive(Default)]
+struct Pieces(Vec<Piece>);
+
+enum Piece {
+    Range(usize, usize),
+    Held(Bytes),
+}
+
+impl Pieces {
+    fn range(&mut self, start: usize, end: usize) {
+        if let Some(Piece::Range(_, last)) = self.0.last_mut()
+            && *last == start
+        {
+            *last = end;
+        } else if start < end {
+            self.0.push(Piece::Range(start, end));
+        }
+    }
+
+    fn held(&mut self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            self.0.push(Piece::Held(bytes));
+        }
+    }
+
+    fn into_bytes(self, data: &Bytes) -> Bytes {
+        match self.0.as_slice() {
+            [] => Bytes::new(),
+            [Piece::Range(a, b)] => data.slice(*a..*b),
+            [Piece::Held(bytes)] => bytes.clone(),
+            pieces => {
+                let mut out = BytesMut::new();
+                for piece in pieces {
+                    match piece {
+                        Piece::Range(a, b) => out.extend_from_slice(&data[*a..*b]),
+                        Piece::Held(bytes) => out.extend_from_slice(bytes),
+                    }
+                }
+                out.freeze()
+            }
+        }
+    }
+}
+
 /// Commands that undo a lease's session changes, sent before its
 /// connection goes back to the pool.
 #[derive(Debug, Clone)]
@@ -386,37 +433,45 @@ impl Restore {
     pub(crate) fn run(self, mut leased: Leased) {
         let pool = leased.pool().clone();
         pool.spawn(async move {
-            let stream = &mut leased.conn_mut().stream;
-            let undo = async {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                stream.write_all(&self.request).await.ok()?;
-                let mut scanner = Scanner::new(false, self.max_frame);
-                let (mut replies, mut ok) = (0, true);
-                let mut buf = [0u8; 512];
-                while replies < self.replies {
-                    let n = stream.read(&mut buf).await.ok()?;
-                    if n == 0 {
-                        return None;
-                    }
-                    scanner
-                        .feed(&buf[..n], |f| {
-                            replies += 1;
-                            ok &= f.kind == b'+';
-                        })
-                        .ok()?;
-                }
-                (ok && scanner.at_boundary()).then_some(())
-            };
-            match tokio::time::timeout(RESTORE_TIMEOUT, undo).await {
-                Ok(Some(())) => {
-                    leased.give_back();
-                }
-                _ => {
-                    tracing::debug!(undone = %self.undone, "session restore failed; connection closed");
-                    leased.evict(EvictReason::Dirty);
-                }
+            if self.apply(&mut leased.conn_mut().stream).await {
+                leased.give_back();
+            } else {
+                leased.evict(EvictReason::Dirty);
             }
         });
+    }
+
+    /// Sends the undo and reads its replies, within `RESTORE_TIMEOUT`;
+    /// whether every one was `+OK`.
+    pub(crate) async fn apply(&self, stream: &mut tokio::net::TcpStream) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let undo = async {
+            stream.write_all(&self.request).await.ok()?;
+            let mut scanner = Scanner::new(false, self.max_frame);
+            let (mut replies, mut ok) = (0, true);
+            let mut buf = [0u8; 512];
+            while replies < self.replies {
+                let n = stream.read(&mut buf).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                scanner
+                    .feed(&buf[..n], |f| {
+                        replies += 1;
+                        ok &= f.kind == b'+';
+                    })
+                    .ok()?;
+            }
+            (ok && scanner.at_boundary()).then_some(())
+        };
+        let done = matches!(
+            tokio::time::timeout(RESTORE_TIMEOUT, undo).await,
+            Ok(Some(()))
+        );
+        if !done {
+            tracing::debug!(undone = %self.undone, "session restore failed; connection closed");
+        }
+        done
     }
 }
 
@@ -449,6 +504,21 @@ mod tests {
         assert_eq!(s.verdict(), Err("1 reply pending".into()));
         s.upstream_sent(Bytes::from_static(b"2\r\n")).unwrap();
         assert_eq!(s.verdict(), Ok(()));
+    }
+
+    #[test]
+    fn whole_commands_go_out_without_a_copy() {
+        let mut s = session();
+        let data = Bytes::from(b"SET k v\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n".to_vec());
+        let sent = s.client_sent(&data).unwrap();
+        assert_eq!(sent, data);
+        assert_eq!(sent.as_ptr(), data.as_ptr(), "the same bytes, not a copy");
+        // A large value streams through in pieces, each forwarded as is.
+        let head = Bytes::from(b"*3\r\n$3\r\nSET\r\n$1\r\nb\r\n$100000\r\nxxxx".to_vec());
+        let sent = s.client_sent(&head).unwrap();
+        assert_eq!(sent.as_ptr(), head.as_ptr());
+        let body = Bytes::from(vec![b'x'; 99_996]);
+        assert_eq!(s.client_sent(&body).unwrap().as_ptr(), body.as_ptr());
     }
 
     #[test]
