@@ -17,7 +17,9 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::pool::{EXCHANGE_OUTCOMES, EvictReason, HistogramSnapshot, PoolSet};
+use crate::pool::{
+    Counters, EXCHANGE_OUTCOMES, EvictReason, Histogram, HistogramSnapshot, PoolSet,
+};
 use crate::telemetry::SpanCounters;
 
 /// Exposition formats.
@@ -376,31 +378,26 @@ impl Collector for PoolCollector {
                     &c.lease_evicted.snapshot(),
                 )?;
             }
-            let mut m = e.encode_descriptor(
-                "lessor_exchange_duration_seconds",
-                "How long Exchange calls took, checkout included.",
-                None,
-                MetricType::Histogram,
-            )?;
-            for p in &pools {
-                histogram(
-                    &mut m,
-                    &[("upstream", p.name())],
-                    &p.counters().exchange_duration.snapshot(),
-                )?;
-            }
-            let mut m = e.encode_descriptor(
-                "lessor_checkout_wait_seconds",
-                "How long checkouts took, successful or not.",
-                None,
-                MetricType::Histogram,
-            )?;
-            for p in &pools {
-                histogram(
-                    &mut m,
-                    &[("upstream", p.name())],
-                    &p.counters().checkout_wait.snapshot(),
-                )?;
+            for (name, help, of) in [
+                (
+                    "lessor_exchange_duration_seconds",
+                    "How long Exchange calls took, checkout included.",
+                    (|c: &Counters| &c.exchange_duration) as fn(&Counters) -> &Histogram,
+                ),
+                (
+                    "lessor_checkout_wait_seconds",
+                    "How long checkouts took, successful or not.",
+                    |c: &Counters| &c.checkout_wait,
+                ),
+            ] {
+                let mut m = e.encode_descriptor(name, help, None, MetricType::Histogram)?;
+                for p in &pools {
+                    histogram(
+                        &mut m,
+                        &[("upstream", p.name())],
+                        &of(p.counters()).snapshot(),
+                    )?;
+                }
             }
         }
         Ok(())

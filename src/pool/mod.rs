@@ -38,7 +38,9 @@ pub(crate) use self::engine::{Engine, EngineError, PoolConn};
 pub(crate) use self::error::CheckoutError;
 pub(crate) use self::leased::Leased;
 pub(crate) use self::set::{PoolSet, printable_name};
-pub(crate) use self::stats::{Counters, EXCHANGE_OUTCOMES, EvictReason, HistogramSnapshot};
+pub(crate) use self::stats::{
+    Counters, EXCHANGE_OUTCOMES, EvictReason, Histogram, HistogramSnapshot,
+};
 
 use crate::config::UpstreamConfig;
 use crate::discovery::{EndpointSnapshot, SourceStatus};

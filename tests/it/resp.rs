@@ -71,6 +71,15 @@ async fn lessor(
     .await
 }
 
+/// redis-server as [`server`] makes it, and a lessor in front of it with
+/// the default user's password in a file.
+async fn fixture(engine: EngineKind) -> Option<(Redis, tempfile::TempDir, Lessor)> {
+    let redis = server().await?;
+    let dir = tempfile::tempdir().unwrap();
+    let lessor = lessor(&redis, engine, &dir, "", PASSWORD).await;
+    Some((redis, dir, lessor))
+}
+
 async fn exchange(client: &Client, request: &str) -> Result<String, tonic::Status> {
     match client.exchange("up", request.to_owned(), None).await {
         Ok(r) => Ok(String::from_utf8_lossy(&r.reply).into_owned()),
@@ -124,9 +133,9 @@ async fn resp_wrong_password_is_a_dial_failure_naming_authentication(engine: Eng
 }
 
 async fn resp_exchange_answers_pipelined_commands_exactly(engine: EngineKind) {
-    let Some(redis) = server().await else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let lessor = lessor(&redis, engine, &dir, "", PASSWORD).await;
+    let Some((_redis, _dir, lessor)) = fixture(engine).await else {
+        return;
+    };
     let client = &lessor.client;
     assert_eq!(
         exchange(client, "SET k v\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n")
@@ -160,9 +169,9 @@ async fn resp_exchange_answers_pipelined_commands_exactly(engine: EngineKind) {
 }
 
 async fn resp_exchange_refuses_what_it_cannot_put_back(engine: EngineKind) {
-    let Some(redis) = server().await else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let lessor = lessor(&redis, engine, &dir, "", PASSWORD).await;
+    let Some((redis, _dir, lessor)) = fixture(engine).await else {
+        return;
+    };
     let client = &lessor.client;
     for bad in [
         "*2\r\n$3\r\nGET\r\n$1\r\n",
@@ -190,9 +199,9 @@ async fn resp_exchange_refuses_what_it_cannot_put_back(engine: EngineKind) {
 }
 
 async fn resp_exchange_restores_the_db_after_select(engine: EngineKind) {
-    let Some(redis) = server().await else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let lessor = lessor(&redis, engine, &dir, "", PASSWORD).await;
+    let Some((_redis, _dir, lessor)) = fixture(engine).await else {
+        return;
+    };
     let client = &lessor.client;
     let reply = exchange(client, "SELECT 5\r\nCLIENT INFO\r\n")
         .await
@@ -216,9 +225,9 @@ async fn resp_exchange_restores_the_db_after_select(engine: EngineKind) {
 }
 
 async fn resp_exchange_timeout_evicts(engine: EngineKind) {
-    let Some(redis) = server().await else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let lessor = lessor(&redis, engine, &dir, "", PASSWORD).await;
+    let Some((_redis, _dir, lessor)) = fixture(engine).await else {
+        return;
+    };
     let err = lessor
         .client
         .exchange(
@@ -240,9 +249,9 @@ async fn resp_exchange_timeout_evicts(engine: EngineKind) {
 }
 
 async fn resp_lease_released_with_replies_pending_evicts_and_leaks_nothing(engine: EngineKind) {
-    let Some(redis) = server().await else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let lessor = lessor(&redis, engine, &dir, "", PASSWORD).await;
+    let Some((_redis, _dir, lessor)) = fixture(engine).await else {
+        return;
+    };
     let mut lease = lessor
         .client
         .lease("up", &Default::default())
@@ -276,9 +285,9 @@ async fn resp_lease_released_with_replies_pending_evicts_and_leaks_nothing(engin
 }
 
 async fn resp_lease_select_multi_subscribe_never_reach_the_next_lease(engine: EngineKind) {
-    let Some(redis) = server().await else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let lessor = lessor(&redis, engine, &dir, "", PASSWORD).await;
+    let Some((_redis, _dir, lessor)) = fixture(engine).await else {
+        return;
+    };
     // Restorable: lessor undoes it (SELECT 0, DISCARD, UNWATCH, the name) before the
     // connection goes back. Not restorable: the connection is closed.
     for (commands, reply_len, disposition, detail) in [
@@ -343,9 +352,9 @@ async fn resp_lease_select_multi_subscribe_never_reach_the_next_lease(engine: En
 }
 
 async fn resp_lease_quit_is_a_return_and_auth_never_reaches_redis(engine: EngineKind) {
-    let Some(redis) = server().await else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let lessor = lessor(&redis, engine, &dir, "", PASSWORD).await;
+    let Some((_redis, _dir, lessor)) = fixture(engine).await else {
+        return;
+    };
     let mut lease = lessor
         .client
         .lease("up", &Default::default())
