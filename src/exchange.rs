@@ -211,11 +211,8 @@ async fn run(
         "lessor.checkout.wait_us",
         i64::try_from(leased.waited.as_micros()).unwrap_or(i64::MAX),
     );
-    let result = tokio::time::timeout(
-        deadline,
-        round_trip(&mut leased, &request.request, commands, pool),
-    )
-    .await;
+    let result =
+        tokio::time::timeout(deadline, round_trip(&mut leased, &request.request, pool)).await;
     let conn = leased.conn();
     let served = ExchangeReply {
         reply: Bytes::new(),
@@ -255,7 +252,6 @@ async fn run(
 async fn round_trip(
     leased: &mut Leased,
     request: &Bytes,
-    commands: usize,
     pool: &Arc<Pool>,
 ) -> Result<(Bytes, Result<(), String>), ExchangeError> {
     let redis = &pool.config().redis;
@@ -267,10 +263,7 @@ async fn round_trip(
     let stream = &mut leased.conn_mut().stream;
     let upstream = |e: std::io::Error| ExchangeError::Upstream(e.to_string());
     stream.write_all(&sent).await.map_err(upstream)?;
-    let reply = read_replies(stream, commands, max_frame).await?;
-    session
-        .upstream_sent(reply.clone())
-        .map_err(|e| ExchangeError::Upstream(e.to_string()))?;
+    let reply = read_replies(stream, &mut session, max_frame).await?;
     if let Err(why) = session.verdict() {
         return Ok((reply, Err(why)));
     }
@@ -282,21 +275,19 @@ async fn round_trip(
     Ok((reply, Ok(())))
 }
 
-/// Reads until `count` replies (push frames aside) are complete. The
-/// connection carries nothing else, so the bytes end exactly there.
+/// Reads until the session has every reply it is owed, scanning each read
+/// once. The connection carries nothing else, so the bytes end there.
 async fn read_replies(
     stream: &mut tokio::net::TcpStream,
-    count: usize,
+    session: &mut RedisSession,
     max_frame: u64,
 ) -> Result<Bytes, ExchangeError> {
-    let mut scanner = Scanner::new(false, max_frame);
     let mut buf = BytesMut::with_capacity(4096);
-    let mut replies = 0;
-    let mut scanned = 0;
-    while replies < count {
+    while session.replies_due() > 0 {
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(buf.len().max(4096));
         }
+        let start = buf.len();
         let n = stream
             .read_buf(&mut buf)
             .await
@@ -312,19 +303,9 @@ async fn read_replies(
                 max_frame.saturating_mul(2)
             )));
         }
-        scanner
-            .feed(&buf[scanned..], |f| {
-                if !f.is_push() {
-                    replies += 1;
-                }
-            })
+        session
+            .replies_read(&buf[start..])
             .map_err(|e| ExchangeError::Upstream(e.to_string()))?;
-        scanned = buf.len();
-    }
-    if !scanner.at_boundary() {
-        return Err(ExchangeError::Upstream(
-            "bytes beyond the last reply".into(),
-        ));
     }
     Ok(buf.freeze())
 }

@@ -179,6 +179,27 @@ impl RedisSession {
         Ok(out.freeze())
     }
 
+    /// Counts replies read where lessor owes nothing itself (an Exchange,
+    /// whose commands were vetted): the bytes are only scanned, not handed
+    /// back, so the caller keeps them in one buffer.
+    pub(crate) fn replies_read(&mut self, data: &[u8]) -> Result<(), RespError> {
+        let mut replies = 0;
+        self.replies.feed(data, |f: Frame| {
+            if !f.is_push() {
+                replies += 1;
+            }
+        })?;
+        for _ in 0..replies {
+            self.answered();
+        }
+        Ok(())
+    }
+
+    /// Replies Redis still owes.
+    pub(crate) fn replies_due(&self) -> usize {
+        self.owed.iter().filter(|o| **o == Owed::Upstream).count()
+    }
+
     /// Local replies due now (every reply before them has gone out).
     pub(crate) fn take_local(&mut self) -> Option<Bytes> {
         (!self.ready.is_empty()).then(|| self.ready.split().freeze())
