@@ -186,7 +186,8 @@ impl Client {
     }
 
     /// One request and exactly its reply, on a pooled connection of a
-    /// protocol upstream (`protocol: redis`): whole commands in, their
+    /// protocol upstream (`protocol: redis` or `postgres`): whole commands
+    /// (or frontend messages ending with a Query or Sync) in, their
     /// replies out, the connection returned clean. `timeout` bounds the
     /// reply (default: the upstream's `lease.idle_timeout`). An error reply
     /// from the upstream is a successful Exchange.
@@ -203,6 +204,17 @@ impl Client {
             timeout_ms: millis(timeout),
         };
         Ok(self.inner.clone().exchange(request).await?.into_inner())
+    }
+
+    /// Asks the upstream to cancel what a live PostgreSQL lease is running
+    /// (lessor sends the session's CancelRequest). Best effort: the lease's
+    /// own reply says whether the query was cancelled. Returns the endpoint
+    /// the request went to.
+    pub async fn cancel(&self, lease_id: &str) -> Result<String, ClientError> {
+        let request = crate::pb::CancelRequest {
+            lease_id: lease_id.to_owned(),
+        };
+        Ok(self.inner.clone().cancel(request).await?.into_inner().endpoint)
     }
 
     /// `Stats` of one upstream, or of all when `upstream` is empty.

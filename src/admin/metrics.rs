@@ -236,6 +236,14 @@ impl Collector for PoolCollector {
         )?;
         family(
             &mut e,
+            "lessor_rollbacks",
+            "Transactions a lease or Exchange left open, rolled back before the connection was idle again.",
+            pools
+                .iter()
+                .map(|p| (up(p.name()), counter(load(&p.counters().rollbacks)))),
+        )?;
+        family(
+            &mut e,
             "lessor_checkout_timeouts",
             "Checkouts that reached their deadline.",
             pools
@@ -388,6 +396,11 @@ impl Collector for PoolCollector {
                     "lessor_checkout_wait_seconds",
                     "How long checkouts took, successful or not.",
                     |c: &Counters| &c.checkout_wait,
+                ),
+                (
+                    "lessor_session_restore_seconds",
+                    "How long making a used session idle-ready took (Redis undo; PostgreSQL rollback and reset).",
+                    |c: &Counters| &c.session_restore,
                 ),
             ] {
                 let mut m = e.encode_descriptor(name, help, None, MetricType::Histogram)?;

@@ -233,10 +233,13 @@ pub struct UpstreamConfig {
     pub name: String,
     /// Where the endpoints come from: `address`, or one `discovery` source.
     pub source: Source,
-    /// How lessor treats the bytes: `tcp` (opaque) or `redis` (parsed).
+    /// How lessor treats the bytes: `tcp` (opaque), `redis` or `postgres`
+    /// (parsed).
     pub protocol: Protocol,
     /// The Redis session lessor opens, for `protocol: redis`.
     pub redis: RedisConfig,
+    /// The PostgreSQL session lessor opens, for `protocol: postgres`.
+    pub postgres: PostgresConfig,
     /// Ejection of endpoints that keep failing.
     #[serde(default)]
     pub outlier: OutlierConfig,
@@ -311,6 +314,8 @@ struct RawUpstream {
     #[serde(default)]
     redis: Option<RedisConfig>,
     #[serde(default)]
+    postgres: Option<PostgresConfig>,
+    #[serde(default)]
     outlier: OutlierConfig,
     #[serde(default)]
     engine: EngineKind,
@@ -342,19 +347,36 @@ impl TryFrom<RawUpstream> for UpstreamConfig {
         if raw.redis.is_some() && raw.protocol != Protocol::Redis {
             return Err("a `redis:` block needs `protocol: redis`".into());
         }
+        match (&raw.postgres, raw.protocol) {
+            (Some(_), Protocol::Postgres) | (None, Protocol::Tcp | Protocol::Redis) => {}
+            (Some(_), _) => return Err("a `postgres:` block needs `protocol: postgres`".into()),
+            (None, Protocol::Postgres) => {
+                return Err("`protocol: postgres` needs a `postgres:` block (at least `user`)".into());
+            }
+        }
         let mut health = raw.health;
-        if raw.protocol == Protocol::Redis && health.probe.is_none() {
-            health.probe = Some(ProbeConfig {
-                send: "PING\r\n".into(),
-                expect: "+PONG\r\n".into(),
-                timeout: default_probe_timeout(),
-            });
+        if health.probe.is_none() {
+            // The protocol's own no-op: a PING, or an empty simple query
+            // (EmptyQueryResponse, then ReadyForQuery, idle).
+            let (send, expect) = match raw.protocol {
+                Protocol::Tcp => ("", ""),
+                Protocol::Redis => ("PING\r\n", "+PONG\r\n"),
+                Protocol::Postgres => ("Q\0\0\0\x05\0", "I\0\0\0\x04Z\0\0\0\x05I"),
+            };
+            if !send.is_empty() {
+                health.probe = Some(ProbeConfig {
+                    send: send.into(),
+                    expect: expect.into(),
+                    timeout: default_probe_timeout(),
+                });
+            }
         }
         Ok(Self {
             name: raw.name,
             source,
             protocol: raw.protocol,
             redis: raw.redis.unwrap_or_default(),
+            postgres: raw.postgres.unwrap_or_default(),
             outlier: raw.outlier,
             engine: raw.engine,
             pool: raw.pool,
@@ -711,7 +733,7 @@ impl Config {
 mod protocol;
 mod validate;
 
-pub(crate) use protocol::{Protocol, RedisConfig};
+pub(crate) use protocol::{OnOpenTransaction, PostgresConfig, Protocol, RedisConfig};
 
 #[cfg(test)]
 mod tests;

@@ -1,8 +1,10 @@
 //! How lessor treats an upstream's bytes (`protocol:`), and the settings of
-//! the session it opens on a protocol upstream's connections (`redis:`).
+//! the session it opens on a protocol upstream's connections (`redis:`,
+//! `postgres:`).
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use bytesize::ByteSize;
 use serde::Deserialize;
@@ -17,6 +19,10 @@ pub enum Protocol {
     /// RESP, parsed both ways: lessor authenticates, and a RETURN is honoured
     /// exactly when the session is clean.
     Redis,
+    /// The PostgreSQL wire protocol (v3), parsed both ways: lessor runs the
+    /// startup and authentication, never returns a session inside a
+    /// transaction, and resets it before it is idle again.
+    Postgres,
 }
 
 impl Protocol {
@@ -25,6 +31,7 @@ impl Protocol {
         match self {
             Self::Tcp => "tcp",
             Self::Redis => "redis",
+            Self::Postgres => "postgres",
         }
     }
 }
@@ -84,18 +91,122 @@ impl RedisConfig {
     /// The password, read now from its file or variable (`None`: no AUTH).
     /// A trailing newline in the file is not part of it.
     pub fn password(&self) -> std::io::Result<Option<String>> {
-        if let Some(path) = &self.password_file {
-            let text = std::fs::read_to_string(path)?;
-            return Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()));
+        read_password(self.password_file.as_deref(), self.password_env.as_deref())
+    }
+}
+
+/// A password from a file (a mounted Secret; one trailing newline is not
+/// part of it) or an environment variable, read at each dial; `None` when
+/// neither is configured.
+fn read_password(file: Option<&Path>, env: Option<&str>) -> std::io::Result<Option<String>> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)?;
+        return Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()));
+    }
+    if let Some(var) = env {
+        return std::env::var(var).map(Some).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("environment variable {var} is not set"),
+            )
+        });
+    }
+    Ok(None)
+}
+
+/// What a lease (or Exchange) that leaves a transaction open does to its
+/// connection before it may be idle again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOpenTransaction {
+    /// `ROLLBACK`, then the reset; the connection stays pooled.
+    #[default]
+    Rollback,
+    /// The connection is closed (`Ended.reason` DIRTY).
+    Evict,
+}
+
+impl OnOpenTransaction {
+    /// The name in config, for `Ended.detail`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rollback => "rollback",
+            Self::Evict => "evict",
         }
-        if let Some(var) = &self.password_env {
-            return std::env::var(var).map(Some).map_err(|_| {
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!("environment variable {var} is not set"),
-                )
-            });
+    }
+}
+
+/// The PostgreSQL session lessor opens on each connection. Credentials never
+/// appear in logs, traces, metrics, `Stats` or errors.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// The role to log in as (required).
+    pub user: String,
+    /// The database; the user's name when absent (as libpq does).
+    pub database: Option<String>,
+    /// A file holding the password (a mounted Secret), re-read on each dial.
+    pub password_file: Option<PathBuf>,
+    /// An environment variable holding the password, read on each dial.
+    pub password_env: Option<String>,
+    /// `application_name`, seen in `pg_stat_activity`. Default `lessor`.
+    pub application_name: String,
+    /// Further startup parameters (`search_path`, `TimeZone`, `options`...):
+    /// the state every lease starts from, and the state `reset` returns to.
+    pub parameters: BTreeMap<String, String>,
+    /// Sent as a simple query before a used connection is idle again.
+    /// Default `DISCARD ALL`; `""` keeps whatever a lease left (`SET`,
+    /// prepared statements, temp tables) for the next one.
+    pub reset: String,
+    /// What a transaction left open at the end of a lease does.
+    pub on_open_transaction: OnOpenTransaction,
+    /// The largest message accepted either way, and the largest Exchange
+    /// request; a larger one ends the lease (evicted) or fails the
+    /// Exchange. Default 64 MiB.
+    pub max_frame: ByteSize,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            user: String::new(),
+            database: None,
+            password_file: None,
+            password_env: None,
+            application_name: "lessor".into(),
+            parameters: BTreeMap::new(),
+            reset: "DISCARD ALL".into(),
+            on_open_transaction: OnOpenTransaction::Rollback,
+            max_frame: ByteSize::mib(64),
         }
-        Ok(None)
+    }
+}
+
+impl fmt::Debug for PostgresConfig {
+    /// Every field but the parameters' values, which may be anything.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("user", &self.user)
+            .field("database", &self.database())
+            .field("password_file", &self.password_file)
+            .field("password_env", &self.password_env)
+            .field("application_name", &self.application_name)
+            .field("parameters", &self.parameters.keys().collect::<Vec<_>>())
+            .field("reset", &self.reset)
+            .field("on_open_transaction", &self.on_open_transaction)
+            .finish()
+    }
+}
+
+impl PostgresConfig {
+    /// The password, read now from its file or variable (`None`: the server
+    /// must not ask for one).
+    pub fn password(&self) -> std::io::Result<Option<String>> {
+        read_password(self.password_file.as_deref(), self.password_env.as_deref())
+    }
+
+    /// The database to connect to.
+    pub fn database(&self) -> &str {
+        self.database.as_deref().unwrap_or(&self.user)
     }
 }

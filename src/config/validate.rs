@@ -42,6 +42,31 @@ impl Config {
     }
 }
 
+/// One of `password_file` and `password_env` at most; the file must be
+/// readable now (a typo in a Secret's mount path fails at startup, not at
+/// the first dial).
+fn password_source(
+    block: &str,
+    file: Option<&std::path::Path>,
+    env: Option<&str>,
+) -> Result<(), ConfigError> {
+    if file.is_some() && env.is_some() {
+        return Err(invalid(
+            format!("{block}.password_file"),
+            "set one of password_file and password_env",
+        ));
+    }
+    if let Some(path) = file
+        && let Err(e) = std::fs::read(path)
+    {
+        return Err(invalid(
+            format!("{block}.password_file"),
+            format!("cannot read {}: {e}", path.display()),
+        ));
+    }
+    Ok(())
+}
+
 fn positive(field: String, d: Duration) -> Result<(), ConfigError> {
     if d.is_zero() {
         return Err(invalid(field, "must be greater than zero"));
@@ -54,12 +79,7 @@ impl UpstreamConfig {
     /// a Secret's mount path fails at startup, not at the first dial).
     fn validate_redis(&self, at: &str) -> Result<(), ConfigError> {
         let r = &self.redis;
-        if r.password_file.is_some() && r.password_env.is_some() {
-            return Err(invalid(
-                format!("{at}.redis.password_file"),
-                "set one of password_file and password_env",
-            ));
-        }
+        password_source(&format!("{at}.redis"), r.password_file.as_deref(), r.password_env.as_deref())?;
         if !(2..=3).contains(&r.resp) {
             return Err(invalid(format!("{at}.redis.resp"), "must be 2 or 3"));
         }
@@ -84,13 +104,48 @@ impl UpstreamConfig {
                 "must be at least 1KiB",
             ));
         }
-        if let Some(path) = &r.password_file
-            && let Err(e) = std::fs::read(path)
-        {
-            return Err(invalid(
-                format!("{at}.redis.password_file"),
-                format!("cannot read {}: {e}", path.display()),
-            ));
+        Ok(())
+    }
+
+    /// The `postgres:` block: a user, startup parameters the protocol can
+    /// carry, and a readable password file.
+    fn validate_postgres(&self, at: &str) -> Result<(), ConfigError> {
+        let p = &self.postgres;
+        let at = format!("{at}.postgres");
+        password_source(&at, p.password_file.as_deref(), p.password_env.as_deref())?;
+        if p.user.is_empty() {
+            return Err(invalid(format!("{at}.user"), "is required"));
+        }
+        let no_nul = |field: String, value: &str| {
+            if value.contains('\0') {
+                Err(invalid(field, "must not contain NUL"))
+            } else {
+                Ok(())
+            }
+        };
+        no_nul(format!("{at}.user"), &p.user)?;
+        no_nul(format!("{at}.database"), p.database())?;
+        no_nul(format!("{at}.application_name"), &p.application_name)?;
+        no_nul(format!("{at}.reset"), &p.reset)?;
+        for (name, value) in &p.parameters {
+            let field = format!("{at}.parameters.{name}");
+            if name.is_empty() {
+                return Err(invalid(field, "a parameter needs a name"));
+            }
+            if matches!(
+                name.as_str(),
+                "user" | "database" | "application_name" | "replication"
+            ) {
+                return Err(invalid(
+                    field,
+                    "is set by its own key (user, database, application_name) or not at all (replication)",
+                ));
+            }
+            no_nul(field.clone(), name)?;
+            no_nul(field, value)?;
+        }
+        if p.max_frame.as_u64() < 1024 {
+            return Err(invalid(format!("{at}.max_frame"), "must be at least 1KiB"));
         }
         Ok(())
     }
@@ -150,8 +205,10 @@ impl UpstreamConfig {
                 ));
             }
         }
-        if self.protocol == Protocol::Redis {
-            self.validate_redis(at)?;
+        match self.protocol {
+            Protocol::Tcp => {}
+            Protocol::Redis => self.validate_redis(at)?,
+            Protocol::Postgres => self.validate_postgres(at)?,
         }
         if self.outlier.consecutive_failures == 0 {
             return Err(invalid(

@@ -49,6 +49,9 @@ impl PoolService {
 
 type LeaseStream = Pin<Box<dyn Stream<Item = Result<LeaseResponse, Status>> + Send>>;
 
+/// How long delivering a CancelRequest may take.
+const CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[tonic::async_trait]
 impl pb::pool_server::Pool for PoolService {
     type LeaseStream = LeaseStream;
@@ -97,6 +100,22 @@ impl pb::pool_server::Pool for PoolService {
             reused: done.reused,
             wait_us: done.waited.as_micros().try_into().unwrap_or(u64::MAX),
             endpoint: done.endpoint,
+        }))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let lease_id = request.into_inner().lease_id;
+        let endpoint = self
+            .ctx
+            .cancels
+            .cancel(&lease_id, CANCEL_TIMEOUT)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::CancelResponse {
+            endpoint: endpoint.to_string(),
         }))
     }
 

@@ -35,7 +35,8 @@ pub(crate) fn code(e: &LeaseError) -> Code {
         | LeaseError::EmptyRequest
         | LeaseError::FrameTooLarge { .. }
         | LeaseError::AfterRelease
-        | LeaseError::NotProtocol(_) => Code::InvalidArgument,
+        | LeaseError::NotProtocol(_)
+        | LeaseError::Refused(_) => Code::InvalidArgument,
     }
 }
 
@@ -77,5 +78,16 @@ impl From<LeaseError> for Status {
 impl InboundError for Status {
     fn is_violation(&self) -> bool {
         self.code() == Code::OutOfRange
+    }
+}
+
+impl From<crate::lease::cancel::CancelError> for Status {
+    fn from(e: crate::lease::cancel::CancelError) -> Self {
+        use crate::lease::cancel::CancelError;
+        let code = match e {
+            CancelError::NotFound(_) => Code::NotFound,
+            CancelError::Unreachable { .. } => Code::Unavailable,
+        };
+        Status::new(code, e.to_string())
     }
 }

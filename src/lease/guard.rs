@@ -2,7 +2,7 @@
 //! hold by construction: [`LeaseGuard::finish`] consumes the guard, and a guard
 //! dropped unfinished (client gone, task cancelled, panic) finishes as an abort.
 
-use crate::protocol::redis::session::Restore;
+use crate::protocol::Restore;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 

@@ -24,12 +24,12 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::field::Empty;
 use tracing::{Instrument, Span};
 
+use super::cancel::{CancelTarget, Cancels, Registered};
 use super::guard::LeaseGuard;
 use super::state::{Direction, End};
 use super::watchdog::{LeaseCell, Unparked, Watchdog};
-use crate::config::Protocol;
 use crate::pool::{CheckoutError, PoolSet};
-use crate::protocol::redis::session::RedisSession;
+use crate::protocol::{Session, SessionError};
 use crate::telemetry::TARGET;
 use lessor_client::pb::{
     Disposition, Ended, Granted, LeaseRequest, LeaseResponse, lease_request, lease_response,
@@ -85,6 +85,11 @@ pub enum LeaseError {
     /// A protocol upstream's lease carried bytes that are not its protocol.
     #[error("{0}")]
     NotProtocol(String),
+    /// A protocol upstream's lease tried to do the sidecar's part (a
+    /// PostgreSQL StartupMessage or password message); nothing of it was
+    /// forwarded, so the connection stays as clean as it was.
+    #[error("{0}")]
+    Refused(String),
     /// The transport refused a client message (e.g. one over its size
     /// limit). Kept whole, so the transport can answer with its own error.
     #[error(transparent)]
@@ -113,6 +118,8 @@ pub(crate) struct LeaseContext {
     pub revoke: CancellationToken,
     /// Ends leases parked on a client that stopped reading.
     pub watchdog: Arc<Watchdog>,
+    /// Live PostgreSQL leases, for `Cancel`.
+    pub cancels: Arc<Cancels>,
     next_id: AtomicU64,
     id_salt: u64,
 }
@@ -131,6 +138,7 @@ impl LeaseContext {
             acquire_timeout,
             revoke,
             watchdog: Arc::default(),
+            cancels: Arc::default(),
             next_id: AtomicU64::new(1),
             id_salt: fastrand::u64(..),
         }
@@ -248,7 +256,9 @@ pub(crate) struct Active {
     /// turn would lock the token's tree each time.
     revoked: Pin<Box<WaitForCancellationFutureOwned>>,
     /// The session tracker of a protocol upstream.
-    session: Option<RedisSession>,
+    session: Option<Session>,
+    /// Keeps a PostgreSQL lease cancellable while it lives.
+    _cancellable: Option<Registered>,
 }
 
 enum Step {
@@ -309,7 +319,11 @@ where
                     Step::End(end, detail) => active.end(end, detail, &self.span).map(Ok),
                     Step::Violation(e) => {
                         fail_span(&self.span, &e);
-                        active.end(End::Violation, e.to_string(), &self.span);
+                        let end = match e {
+                            LeaseError::Refused(_) => End::Refused,
+                            _ => End::Violation,
+                        };
+                        active.end(end, e.to_string(), &self.span);
                         Some(Err(e))
                     }
                 }
@@ -389,6 +403,16 @@ where
             protocol: config.protocol.as_str().to_owned(),
             ..Granted::default()
         };
+        let mut granted = granted;
+        if let Some(backend) = &conn.backend {
+            granted.server_parameters = backend
+                .parameters
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            granted.backend_pid = backend.pid;
+            granted.backend_secret = backend.secret.clone();
+        }
         checkout_span.record("lessor.checkout.wait_us", granted.wait_us as i64);
         let span = &self.span;
         if !span.is_disabled() {
@@ -408,6 +432,18 @@ where
             wait_us = granted.wait_us,
             "lease granted"
         );
+        let cancellable = conn
+            .backend
+            .as_ref()
+            .and_then(|b| b.secret_i32().map(|secret| (b.pid, secret)))
+            .map(|(pid, secret)| {
+                let target = CancelTarget {
+                    endpoint: conn.endpoint(),
+                    pid,
+                    secret,
+                };
+                ctx.cancels.register(&lease_id, target)
+            });
         let idle_timeout = config.lease.idle_timeout;
         let now = tokio::time::Instant::now();
         let expires_at = now + max_lease;
@@ -423,8 +459,8 @@ where
             timer: Box::pin(tokio::time::sleep_until(expires_at.min(now + idle_timeout))),
             last_activity: now,
             revoked: Box::pin(ctx.revoke.clone().cancelled_owned()),
-            session: (config.protocol == Protocol::Redis)
-                .then(|| RedisSession::new(config.redis.max_frame.as_u64())),
+            session: Session::for_upstream(config),
+            _cancellable: cancellable,
         };
         Ok((Box::new(active), granted))
     }
@@ -439,9 +475,10 @@ impl Active {
     {
         loop {
             if let Some(session) = &self.session
-                && session.quit_done()
+                && session.said_goodbye()
             {
-                // QUIT, answered: a goodbye, honoured as a RETURN.
+                // QUIT (answered) or Terminate: a goodbye, honoured as a
+                // RETURN.
                 return Step::End(End::Release(Disposition::Return), String::new());
             }
             if self.read_buf.capacity() - self.read_buf.len() < self.read_size / 4 {
@@ -608,8 +645,11 @@ impl Active {
                             self.guard.set_clean(session.is_clean());
                             forward
                         }
-                        Err(e) => {
-                            return Some(Step::Violation(LeaseError::NotProtocol(e.to_string())));
+                        Err(SessionError::Refused(e)) => {
+                            return Some(Step::Violation(LeaseError::Refused(e)));
+                        }
+                        Err(SessionError::NotProtocol(e)) => {
+                            return Some(Step::Violation(LeaseError::NotProtocol(e)));
                         }
                     },
                 };
@@ -619,7 +659,7 @@ impl Active {
                 // Replies lessor gives itself (QUIT, AUTH), due now.
                 self.session
                     .as_mut()
-                    .and_then(RedisSession::take_local)
+                    .and_then(Session::take_local)
                     .map(Step::Data)
             }
             Some(lease_request::Msg::Release(release)) => {
@@ -641,18 +681,16 @@ impl Active {
 
     /// Finishes the lease, records how on its span, and builds its `Ended`,
     /// if its row sends one.
-    pub(crate) fn end(self, end: End, detail: String, span: &Span) -> Option<LeaseResponse> {
+    pub(crate) fn end(mut self, end: End, detail: String, span: &Span) -> Option<LeaseResponse> {
         let upstream = self.guard.leased().pool().name().to_owned();
         if matches!(end, End::Expired | End::Idle | End::Shutdown) {
             tracing::info!(target: TARGET, { lessor.revoke.reason = ?end, lessor.revoke.detail = %detail }, "revoked");
         }
         let mut guard = self.guard;
-        if let Some(session) = &self.session {
-            let verdict = session.verdict();
-            let redis = &guard.leased().pool().config().redis;
-            if verdict.is_ok()
-                && let Some(restore) = session.restore(redis)
-            {
+        if let Some(session) = &mut self.session {
+            let (verdict, restore) = session.conclude(guard.leased().pool().config());
+            crate::protocol::note_reported(guard.conn_mut(), session.take_reported());
+            if let Some(restore) = restore {
                 guard.set_restore(restore);
             }
             guard.set_verdict(verdict);

@@ -25,6 +25,9 @@ pub(crate) enum End {
     Abort,
     /// The client broke the protocol after `Granted`.
     Violation,
+    /// The client sent what the sidecar refuses to forward (a PostgreSQL
+    /// StartupMessage); nothing of it reached the upstream.
+    Refused,
     /// The upstream closed the connection (EOF, reset, broken pipe).
     UpstreamClosed,
     /// Another I/O error on the upstream socket.
@@ -97,6 +100,14 @@ pub(crate) fn conclude(
         End::Violation => Outcome {
             ended: None,
             fate: Fate::Evict(EvictReason::ClientAbort),
+        },
+        End::Refused => Outcome {
+            ended: None,
+            fate: if clean(last, socket) {
+                Fate::Return
+            } else {
+                Fate::Evict(EvictReason::ClientAbort)
+            },
         },
         End::UpstreamClosed => evict(EndReason::UpstreamClosed, EvictReason::UpstreamClosed),
         End::UpstreamError => evict(EndReason::UpstreamError, EvictReason::UpstreamClosed),

@@ -32,6 +32,8 @@ pub(crate) struct Conn {
     /// Set just before an engine guard drops it: bb8 closes connections
     /// whose `has_broken` says so, which is its only eviction path.
     pub(crate) broken: bool,
+    /// A PostgreSQL session's parameters and backend key, from its startup.
+    pub(crate) backend: Option<Box<crate::protocol::postgres::Backend>>,
 }
 
 impl Conn {
@@ -55,6 +57,7 @@ impl Conn {
             uses: 0,
             endpoint_ref,
             broken: false,
+            backend: None,
         }
     }
 

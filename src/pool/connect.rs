@@ -25,6 +25,7 @@ use super::conn::Conn;
 use super::stats::Counters;
 use crate::config::{KeepaliveConfig, PoolConfig};
 use crate::discovery::{EndpointRef, EndpointSet, NoEndpoint};
+use crate::protocol::postgres::Backend;
 use crate::protocol::{OpenError, Opener};
 
 /// Why a dial produced no connection.
@@ -186,7 +187,7 @@ impl Dialer {
         };
         drop(dialing);
         match connected {
-            Ok((stream, addr)) => {
+            Ok((stream, addr, backend)) => {
                 endpoint.record_success();
                 let was = std::mem::replace(&mut *self.last(), (Some(true), None)).0;
                 if was != Some(true) {
@@ -196,13 +197,15 @@ impl Dialer {
                     .connections_created
                     .fetch_add(1, Ordering::Relaxed);
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                Ok(Conn::new(
+                let mut conn = Conn::new(
                     stream,
                     id,
                     addr,
                     self.max_lifetime,
                     EndpointRef::new(endpoint),
-                ))
+                );
+                conn.backend = backend.map(Box::new);
+                Ok(conn)
             }
             Err(err) => {
                 let message = err.to_string();
@@ -221,7 +224,10 @@ impl Dialer {
         }
     }
 
-    async fn connect(&self, address: &str) -> Result<(TcpStream, SocketAddr), DialError> {
+    async fn connect(
+        &self,
+        address: &str,
+    ) -> Result<(TcpStream, SocketAddr, Option<Backend>), DialError> {
         let attempt = async {
             let addrs = tokio::net::lookup_host(address)
                 .await
@@ -253,11 +259,12 @@ impl Dialer {
                 addr,
                 source: Arc::new(e),
             })?;
-            self.opener
+            let backend = self
+                .opener
                 .open(&mut stream)
                 .await
                 .map_err(|source| DialError::Open { addr, source })?;
-            Ok((stream, addr))
+            Ok((stream, addr, backend))
         };
         tokio::time::timeout(self.connect_timeout, opened)
             .await

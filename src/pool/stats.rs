@@ -113,6 +113,11 @@ pub(crate) struct Counters {
     pub exchanges: [AtomicU64; EXCHANGE_OUTCOMES.len()],
     /// How long Exchanges took, checkout included, successful or not.
     pub exchange_duration: Histogram,
+    /// Transactions left open by a lease or Exchange, rolled back by lessor.
+    pub rollbacks: AtomicU64,
+    /// How long restoring a used session took (Redis undo, PostgreSQL
+    /// rollback and reset), successful or not.
+    pub session_restore: Histogram,
 }
 
 /// The outcomes an Exchange is counted under.
@@ -154,6 +159,8 @@ impl Default for Counters {
             checkout_wait: Histogram::new(WAIT_BUCKETS),
             exchanges: Default::default(),
             exchange_duration: Histogram::new(LEASE_BUCKETS),
+            rollbacks: AtomicU64::new(0),
+            session_restore: Histogram::new(WAIT_BUCKETS),
         }
     }
 }

@@ -3,14 +3,47 @@
 //! lessor opens the session itself (credentials stay in the sidecar), knows
 //! exactly whether a released connection is clean, and can answer a whole
 //! request in one `Exchange` call.
+//!
+//! The seam: an [`Opener`] runs a new connection's handshake, a [`Session`]
+//! tracks one lease's traffic and gives its verdict, and a [`Restore`] puts
+//! a used session back the way it was opened before the connection is idle
+//! again.
 
+pub(crate) mod postgres;
 pub(crate) mod redis;
 
+use bytes::Bytes;
 use tokio::net::TcpStream;
 
 use crate::config::{Protocol, UpstreamConfig};
+use crate::pool::{EvictReason, Leased};
+use postgres::Backend;
+use postgres::session::{ClientError, PgSession, Reset};
+use redis::session::RedisSession;
 
-pub(crate) use redis::handshake::OpenError;
+/// Why a session could not be opened.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum OpenError {
+    /// The password could not be read (the file or variable, not its value).
+    #[error("cannot read the password: {0}")]
+    Credentials(String),
+    /// The server refused the credentials; the text says so and names the
+    /// user, never the password.
+    #[error("{0}")]
+    Auth(String),
+    /// Another step was refused (`SELECT` out of range, no such database,
+    /// too many connections).
+    #[error("{step} refused: {reason}")]
+    Refused {
+        /// The step, without arguments that could be secret.
+        step: &'static str,
+        /// The server's error.
+        reason: String,
+    },
+    /// The connection failed or the server answered something else.
+    #[error("handshake failed: {0}")]
+    Io(String),
+}
 
 /// What a new connection needs before it joins the pool: nothing for `tcp`,
 /// the session handshake for a protocol upstream.
@@ -20,6 +53,8 @@ pub(crate) enum Opener {
     Tcp,
     /// `AUTH`, `HELLO`, `SELECT`, `CLIENT SETNAME` as configured.
     Redis(crate::config::RedisConfig),
+    /// StartupMessage and authentication, up to ReadyForQuery.
+    Postgres(crate::config::PostgresConfig),
 }
 
 impl Opener {
@@ -28,14 +63,199 @@ impl Opener {
         match config.protocol {
             Protocol::Tcp => Self::Tcp,
             Protocol::Redis => Self::Redis(config.redis.clone()),
+            Protocol::Postgres => Self::Postgres(config.postgres.clone()),
         }
     }
 
-    /// Opens the session on a connected socket (inside the dial's timeout).
-    pub(crate) async fn open(&self, stream: &mut TcpStream) -> Result<(), OpenError> {
+    /// Opens the session on a connected socket (inside the dial's timeout);
+    /// a PostgreSQL session reports its backend.
+    pub(crate) async fn open(&self, stream: &mut TcpStream) -> Result<Option<Backend>, OpenError> {
         match self {
-            Self::Tcp => Ok(()),
-            Self::Redis(cfg) => redis::handshake::open(stream, cfg).await,
+            Self::Tcp => Ok(None),
+            Self::Redis(cfg) => redis::handshake::open(stream, cfg).await.map(|()| None),
+            Self::Postgres(cfg) => postgres::handshake::open(stream, cfg).await.map(Some),
         }
+    }
+}
+
+/// Why a lease's client bytes were not forwarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum SessionError {
+    /// The client tried to do the sidecar's part (open or authenticate the
+    /// session); nothing of it was forwarded.
+    #[error("{0}")]
+    Refused(String),
+    /// The bytes are not the upstream's protocol.
+    #[error("{0}")]
+    NotProtocol(String),
+}
+
+/// The tracker of one lease on a protocol upstream.
+#[derive(Debug)]
+pub(crate) enum Session {
+    /// RESP commands and replies.
+    Redis(RedisSession),
+    /// PostgreSQL messages both ways.
+    Postgres(PgSession),
+}
+
+impl Session {
+    /// A tracker for a lease on `config`'s upstream; `None` for `tcp`.
+    pub(crate) fn for_upstream(config: &UpstreamConfig) -> Option<Self> {
+        match config.protocol {
+            Protocol::Tcp => None,
+            Protocol::Redis => Some(Self::Redis(RedisSession::new(
+                config.redis.max_frame.as_u64(),
+            ))),
+            Protocol::Postgres => Some(Self::Postgres(PgSession::new(&config.postgres))),
+        }
+    }
+
+    /// Takes client bytes; returns what goes to the upstream.
+    pub(crate) fn client_sent(&mut self, data: &Bytes) -> Result<Bytes, SessionError> {
+        match self {
+            Self::Redis(s) => s
+                .client_sent(data)
+                .map_err(|e| SessionError::NotProtocol(e.to_string())),
+            Self::Postgres(s) => s.client_sent(data).map_err(|e| match e {
+                ClientError::Refused(_) => SessionError::Refused(e.to_string()),
+                ClientError::NotProtocol(_) => SessionError::NotProtocol(e.to_string()),
+            }),
+        }
+    }
+
+    /// Takes upstream bytes; returns what goes to the client.
+    pub(crate) fn upstream_sent(&mut self, data: Bytes) -> Result<Bytes, String> {
+        match self {
+            Self::Redis(s) => s.upstream_sent(data).map_err(|e| e.to_string()),
+            Self::Postgres(s) => s
+                .upstream_sent(&data)
+                .map(|()| data)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Replies lessor gives itself, due now (Redis `QUIT`, `AUTH`).
+    pub(crate) fn take_local(&mut self) -> Option<Bytes> {
+        match self {
+            Self::Redis(s) => s.take_local(),
+            Self::Postgres(_) => None,
+        }
+    }
+
+    /// The client said goodbye (`QUIT`, answered; Terminate): the lease ends
+    /// as a RETURN.
+    pub(crate) fn said_goodbye(&self) -> bool {
+        match self {
+            Self::Redis(s) => s.quit_done(),
+            Self::Postgres(s) => s.terminated(),
+        }
+    }
+
+    /// Whether the connection may go back as it is, with nothing to restore.
+    pub(crate) fn is_clean(&self) -> bool {
+        match self {
+            Self::Redis(s) => s.is_clean(),
+            Self::Postgres(s) => s.is_clean(),
+        }
+    }
+
+    /// Whether reading the replies still due would make it returnable.
+    pub(crate) fn drainable(&self) -> bool {
+        match self {
+            Self::Redis(s) => s.drainable(),
+            Self::Postgres(s) => s.drainable(),
+        }
+    }
+
+    /// The verdict at the lease's end (`Err`: evict, and why), and what
+    /// restores a returnable session before it is idle.
+    pub(crate) fn conclude(&self, config: &UpstreamConfig) -> (Result<(), String>, Option<Restore>) {
+        let (verdict, restore) = match self {
+            Self::Redis(s) => {
+                let verdict = s.verdict();
+                let restore = verdict.is_ok().then(|| s.restore(&config.redis)).flatten();
+                (verdict, restore.map(Restore::Redis))
+            }
+            Self::Postgres(s) => {
+                let verdict = s.verdict(config.postgres.on_open_transaction);
+                let restore = verdict.is_ok().then(|| s.restore(&config.postgres)).flatten();
+                (verdict, restore.map(Restore::Postgres))
+            }
+        };
+        (verdict, restore)
+    }
+
+    /// ParameterStatus reports the lease saw, for the connection's record.
+    pub(crate) fn take_reported(&mut self) -> Vec<(String, String)> {
+        match self {
+            Self::Redis(_) => Vec::new(),
+            Self::Postgres(s) => s.take_reported(),
+        }
+    }
+}
+
+/// What puts a returnable session back the way it was opened.
+#[derive(Debug, Clone)]
+pub(crate) enum Restore {
+    /// Redis commands undoing `SELECT`, `MULTI`, `WATCH`...
+    Redis(redis::session::Restore),
+    /// `ROLLBACK` and/or the configured reset.
+    Postgres(Reset),
+}
+
+impl Restore {
+    /// Runs on the connection and returns it to the pool when it succeeds,
+    /// closes it (counted `dirty`) when not. Done in a task of the pool's,
+    /// the lease has ended; the connection is not idle until then, so no
+    /// other lease can see a session half restored. The time it takes is
+    /// counted in `lessor_session_restore_seconds`.
+    pub(crate) fn run(self, mut leased: Leased) {
+        let pool = leased.pool().clone();
+        pool.spawn(async move {
+            if self.apply(&mut leased).await {
+                leased.give_back();
+            } else {
+                leased.evict(EvictReason::Dirty);
+            }
+        });
+    }
+
+    /// Runs on the leased connection; whether it is idle-ready now.
+    pub(crate) async fn apply(&self, leased: &mut Leased) -> bool {
+        let started = std::time::Instant::now();
+        let pool = leased.pool().clone();
+        let counters = pool.counters();
+        let conn = leased.conn_mut();
+        let ok = match self {
+            Self::Redis(r) => r.apply(&mut conn.stream).await,
+            Self::Postgres(reset) => {
+                if reset.rollback {
+                    counters
+                        .rollbacks
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                match reset.apply(&mut conn.stream).await {
+                    Ok(reported) => {
+                        note_reported(conn, reported);
+                        true
+                    }
+                    Err(why) => {
+                        tracing::debug!(%why, "session reset failed; connection closed");
+                        false
+                    }
+                }
+            }
+        };
+        counters.session_restore.observe(started.elapsed());
+        ok
+    }
+}
+
+/// Applies ParameterStatus reports to a connection's record of its session,
+/// so the next `Granted.server_parameters` is current.
+pub(crate) fn note_reported(conn: &mut crate::pool::Conn, reported: Vec<(String, String)>) {
+    if let Some(backend) = conn.backend.as_mut() {
+        backend.parameters.extend(reported);
     }
 }

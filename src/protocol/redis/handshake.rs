@@ -9,28 +9,7 @@ use tokio::net::TcpStream;
 
 use super::resp::{Scanner, encode_command as command};
 use crate::config::RedisConfig;
-
-/// Why a session could not be opened.
-#[derive(Debug, Clone, thiserror::Error)]
-pub(crate) enum OpenError {
-    /// The password could not be read (the file or variable, not its value).
-    #[error("cannot read the Redis password: {0}")]
-    Credentials(String),
-    /// The server refused the credentials.
-    #[error("authentication failed: {0}")]
-    Auth(String),
-    /// Another step was refused (`SELECT` out of range, `HELLO` unknown).
-    #[error("{step} refused: {reason}")]
-    Refused {
-        /// The command, without arguments that could be secret.
-        step: &'static str,
-        /// The server's error.
-        reason: String,
-    },
-    /// The connection failed or the server answered something else.
-    #[error("Redis handshake failed: {0}")]
-    Io(String),
-}
+use crate::protocol::OpenError;
 
 /// Opens the configured session on `stream`.
 pub(crate) async fn open(stream: &mut TcpStream, cfg: &RedisConfig) -> Result<(), OpenError> {
@@ -87,7 +66,7 @@ pub(crate) async fn open(stream: &mut TcpStream, cfg: &RedisConfig) -> Result<()
                 .map(|t| String::from_utf8_lossy(t).into_owned())
                 .unwrap_or_else(|| "an error reply".into());
             return Err(if *step == "AUTH" {
-                OpenError::Auth(reason)
+                OpenError::Auth(format!("authentication failed: {reason}"))
             } else {
                 OpenError::Refused { step, reason }
             });

@@ -14,7 +14,6 @@ use bytes::{Bytes, BytesMut};
 
 use super::resp::{Frame, RespError, Scanner, encode_command};
 use crate::config::RedisConfig;
-use crate::pool::{EvictReason, Leased};
 
 /// The reply lessor gives a client `AUTH` or `HELLO`.
 const AUTH_REFUSED: &[u8] = b"-ERR lessor: authentication is done by the sidecar\r\n";
@@ -447,21 +446,6 @@ pub(crate) struct Restore {
 const RESTORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Restore {
-    /// Sends the undo on the lease's connection in a task of the pool's, and
-    /// returns the connection when every reply is `+OK`; otherwise closes
-    /// it (counted `dirty`). The connection is not idle until then, so no
-    /// other lease can see the session half restored.
-    pub(crate) fn run(self, mut leased: Leased) {
-        let pool = leased.pool().clone();
-        pool.spawn(async move {
-            if self.apply(&mut leased.conn_mut().stream).await {
-                leased.give_back();
-            } else {
-                leased.evict(EvictReason::Dirty);
-            }
-        });
-    }
-
     /// Sends the undo and reads its replies, within `RESTORE_TIMEOUT`;
     /// whether every one was `+OK`.
     pub(crate) async fn apply(&self, stream: &mut tokio::net::TcpStream) -> bool {

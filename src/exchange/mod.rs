@@ -37,7 +37,9 @@ pub(crate) enum ExchangeError {
         known: String,
     },
     /// The upstream's bytes are opaque to lessor.
-    #[error("upstream `{0}` is `protocol: tcp`; Exchange needs a protocol upstream (redis)")]
+    #[error(
+        "upstream `{0}` is `protocol: tcp`; Exchange needs a protocol upstream (redis, postgres)"
+    )]
     NotAProtocolUpstream(String),
     /// The request is not a whole number of acceptable commands; nothing
     /// was sent.
@@ -100,6 +102,8 @@ pub(crate) struct ExchangeReply {
     /// The upstream address.
     pub endpoint: String,
 }
+
+mod postgres;
 
 /// Commands refused in an Exchange: they would leave the connection in a
 /// state no reply count describes, or are the sidecar's to send.
@@ -194,33 +198,18 @@ async fn run(
     span: &tracing::Span,
 ) -> Result<ExchangeReply, ExchangeError> {
     let config = pool.config();
-    if config.protocol != Protocol::Redis {
-        return Err(ExchangeError::NotAProtocolUpstream(pool.name().to_owned()));
+    match config.protocol {
+        Protocol::Tcp => return Err(ExchangeError::NotAProtocolUpstream(pool.name().to_owned())),
+        Protocol::Postgres => return postgres::run(pool, request, span).await,
+        Protocol::Redis => {}
     }
     let max_frame = config.redis.max_frame.as_u64();
     let commands = vet(&request.request, max_frame)?;
-    let checkout_timeout = clamp_ms(request.checkout_timeout_ms, config.pool.checkout_timeout);
-    let deadline = match request.timeout_ms {
-        0 => config.lease.idle_timeout,
-        ms => Duration::from_millis(u64::from(ms)),
-    };
     span.record("lessor.exchange.commands", commands as i64);
-    let mut leased = pool.checkout(checkout_timeout).await?;
-    span.record("lessor.connection.id", leased.conn().id() as i64);
-    span.record(
-        "lessor.checkout.wait_us",
-        i64::try_from(leased.waited.as_micros()).unwrap_or(i64::MAX),
-    );
+    let (mut leased, deadline) = checkout(pool, &request, span).await?;
     let result =
         tokio::time::timeout(deadline, round_trip(&mut leased, &request.request, pool)).await;
-    let conn = leased.conn();
-    let served = ExchangeReply {
-        reply: Bytes::new(),
-        connection_id: conn.id(),
-        reused: leased.reused,
-        waited: leased.waited,
-        endpoint: conn.endpoint_str().to_owned(),
-    };
+    let served = ExchangeReply::served(&leased);
     match result {
         Err(_) => {
             leased.evict(EvictReason::LeaseExpired);
@@ -241,6 +230,42 @@ async fn run(
                 }
             }
             Ok(ExchangeReply { reply, ..served })
+        }
+    }
+}
+
+/// Checks out for an Exchange, recording the connection on its span;
+/// returns the reply's deadline too.
+async fn checkout(
+    pool: &Arc<Pool>,
+    request: &ExchangeRequest,
+    span: &tracing::Span,
+) -> Result<(Leased, Duration), ExchangeError> {
+    let config = pool.config();
+    let checkout_timeout = clamp_ms(request.checkout_timeout_ms, config.pool.checkout_timeout);
+    let deadline = match request.timeout_ms {
+        0 => config.lease.idle_timeout,
+        ms => Duration::from_millis(u64::from(ms)),
+    };
+    let leased = pool.checkout(checkout_timeout).await?;
+    span.record("lessor.connection.id", leased.conn().id() as i64);
+    span.record(
+        "lessor.checkout.wait_us",
+        i64::try_from(leased.waited.as_micros()).unwrap_or(i64::MAX),
+    );
+    Ok((leased, deadline))
+}
+
+impl ExchangeReply {
+    /// Where an Exchange on `leased` was served; the reply comes later.
+    fn served(leased: &Leased) -> Self {
+        let conn = leased.conn();
+        Self {
+            reply: Bytes::new(),
+            connection_id: conn.id(),
+            reused: leased.reused,
+            waited: leased.waited,
+            endpoint: conn.endpoint_str().to_owned(),
         }
     }
 }

@@ -1,0 +1,226 @@
+//! Opening a PostgreSQL session on a fresh connection, inside
+//! `connect_timeout`: the StartupMessage (user, database,
+//! `application_name`, parameters), then whichever authentication the
+//! server asks for (trust, cleartext, md5, SCRAM-SHA-256, with
+//! `postgres-protocol`'s message and SCRAM code), up to the first
+//! ReadyForQuery. Every ParameterStatus and the BackendKeyData are kept:
+//! they are what a driver adopting the session needs. The password is read
+//! at each dial and appears in no error.
+
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::backend::{ErrorResponseBody, Message};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::Backend;
+use crate::config::PostgresConfig;
+use crate::protocol::OpenError;
+
+/// Startup messages are small; a server that sends more is not one.
+const STARTUP_MAX: usize = 1 << 20;
+
+/// Opens the configured session on `stream`.
+pub(crate) async fn open(stream: &mut TcpStream, cfg: &PostgresConfig) -> Result<Backend, OpenError> {
+    let password = cfg
+        .password()
+        .map_err(|e| OpenError::Credentials(e.to_string()))?;
+    let user = cfg.user.as_str();
+    let mut params = vec![
+        ("user", user),
+        ("database", cfg.database()),
+        ("application_name", cfg.application_name.as_str()),
+    ];
+    params.extend(cfg.parameters.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let mut out = BytesMut::new();
+    frontend::startup_message(params, &mut out).map_err(io)?;
+    let mut conn = Wire {
+        stream,
+        buf: BytesMut::with_capacity(1024),
+    };
+    conn.send(&mut out).await?;
+    let mut backend = Backend::default();
+    let mut scram: Option<ScramSha256> = None;
+    let no_password = || {
+        OpenError::Auth(format!(
+            "authentication failed for user \"{user}\": the server asks for a password and \
+             none is configured (postgres.password_file or postgres.password_env)"
+        ))
+    };
+    loop {
+        match conn.next().await? {
+            Message::AuthenticationOk | Message::NoticeResponse(_) => {}
+            Message::AuthenticationCleartextPassword => {
+                let password = password.as_deref().ok_or_else(no_password)?;
+                frontend::password_message(password.as_bytes(), &mut out).map_err(io)?;
+                conn.send(&mut out).await?;
+            }
+            Message::AuthenticationMd5Password(body) => {
+                let password = password.as_deref().ok_or_else(no_password)?;
+                let hash = md5_hash(user.as_bytes(), password.as_bytes(), body.salt());
+                frontend::password_message(hash.as_bytes(), &mut out).map_err(io)?;
+                conn.send(&mut out).await?;
+            }
+            Message::AuthenticationSasl(body) => {
+                let password = password.as_deref().ok_or_else(no_password)?;
+                let mut mechanisms = body.mechanisms();
+                let mut offered = false;
+                while let Some(m) = fallible(mechanisms.next())? {
+                    offered |= m == SCRAM_SHA_256;
+                }
+                if !offered {
+                    return Err(OpenError::Refused {
+                        step: "authentication",
+                        reason: "the server offers no SASL mechanism lessor supports \
+                                 (SCRAM-SHA-256 without channel binding)"
+                            .into(),
+                    });
+                }
+                let s = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
+                    .map_err(io)?;
+                conn.send(&mut out).await?;
+                scram = Some(s);
+            }
+            Message::AuthenticationSaslContinue(body) => {
+                let s = scram.as_mut().ok_or_else(|| unexpected("SASLContinue"))?;
+                s.update(body.data()).map_err(|e| sasl(user, &e))?;
+                frontend::sasl_response(s.message(), &mut out).map_err(io)?;
+                conn.send(&mut out).await?;
+            }
+            Message::AuthenticationSaslFinal(body) => {
+                let s = scram.as_mut().ok_or_else(|| unexpected("SASLFinal"))?;
+                s.finish(body.data()).map_err(|e| sasl(user, &e))?;
+            }
+            Message::AuthenticationKerberosV5
+            | Message::AuthenticationScmCredential
+            | Message::AuthenticationGss
+            | Message::AuthenticationGssContinue(_)
+            | Message::AuthenticationSspi => {
+                return Err(OpenError::Refused {
+                    step: "authentication",
+                    reason: "the server asks for a method lessor does not support \
+                             (trust, password, md5 and scram-sha-256 are)"
+                        .into(),
+                });
+            }
+            Message::ParameterStatus(body) => {
+                let (name, value) = (fallible(body.name())?, fallible(body.value())?);
+                backend.parameters.insert(name.to_owned(), value.to_owned());
+            }
+            Message::BackendKeyData(body) => {
+                backend.pid = body.process_id();
+                backend.secret = bytes::Bytes::copy_from_slice(&body.secret_key().to_be_bytes());
+            }
+            Message::ErrorResponse(body) => return Err(refusal(&body, user)),
+            Message::ReadyForQuery(_) => return Ok(backend),
+            _ => return Err(unexpected("a message outside the startup")),
+        }
+    }
+}
+
+/// The server's refusal, by SQLSTATE: class 28 is the credentials', the
+/// rest (no such database, too many connections) is the session's.
+pub(crate) fn refusal(body: &ErrorResponseBody, user: &str) -> OpenError {
+    let error = ServerError::from_body(body);
+    if error.code.starts_with("28") {
+        OpenError::Auth(format!(
+            "authentication failed for user \"{user}\" (SQLSTATE {}: {})",
+            error.code, error.message
+        ))
+    } else {
+        OpenError::Refused {
+            step: "startup",
+            reason: error.to_string(),
+        }
+    }
+}
+
+/// The fields of an ErrorResponse worth showing.
+#[derive(Debug, Default)]
+pub(crate) struct ServerError {
+    /// `S`: ERROR, FATAL...
+    pub severity: String,
+    /// `C`: the SQLSTATE.
+    pub code: String,
+    /// `M`: the primary message.
+    pub message: String,
+}
+
+impl ServerError {
+    /// Reads the fields; malformed ones are left empty.
+    pub(crate) fn from_body(body: &ErrorResponseBody) -> Self {
+        let mut error = Self::default();
+        let mut fields = body.fields();
+        while let Ok(Some(field)) = fields.next() {
+            let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
+            match field.type_() {
+                b'S' => error.severity = value,
+                b'C' => error.code = value,
+                b'M' => error.message = value,
+                _ => {}
+            }
+        }
+        error
+    }
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (SQLSTATE {})", self.message, self.code)
+    }
+}
+
+/// The stream and what has been read of it but not parsed yet.
+struct Wire<'a> {
+    stream: &'a mut TcpStream,
+    buf: BytesMut,
+}
+
+impl Wire<'_> {
+    /// Writes and empties `out`.
+    async fn send(&mut self, out: &mut BytesMut) -> Result<(), OpenError> {
+        self.stream.write_all(out).await.map_err(io)?;
+        out.clear();
+        Ok(())
+    }
+
+    /// The next whole backend message.
+    async fn next(&mut self) -> Result<Message, OpenError> {
+        loop {
+            if let Some(message) = Message::parse(&mut self.buf).map_err(io)? {
+                return Ok(message);
+            }
+            if self.buf.len() > STARTUP_MAX {
+                return Err(unexpected("an oversized message"));
+            }
+            self.buf.reserve(1024);
+            if self.stream.read_buf(&mut self.buf).await.map_err(io)? == 0 {
+                return Err(OpenError::Io(
+                    "the server closed the connection during startup".into(),
+                ));
+            }
+        }
+    }
+}
+
+fn io(e: std::io::Error) -> OpenError {
+    OpenError::Io(e.to_string())
+}
+
+fn unexpected(what: &str) -> OpenError {
+    OpenError::Io(format!("PostgreSQL startup failed: unexpected {what}"))
+}
+
+fn sasl(user: &str, e: &std::io::Error) -> OpenError {
+    OpenError::Auth(format!(
+        "authentication failed for user \"{user}\" (SCRAM-SHA-256: {e})"
+    ))
+}
+
+fn fallible<T>(r: std::io::Result<T>) -> Result<T, OpenError> {
+    r.map_err(io)
+}
