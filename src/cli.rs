@@ -398,8 +398,10 @@ fn render_one(buf: &[u8], indent: usize, out: &mut String) -> Option<usize> {
     }
 }
 
-/// Runs `lessor exchange`: each text is one command (split like
-/// redis-cli), all sent in one Exchange; the replies are written to `out`.
+/// Runs `lessor exchange`: on a Redis upstream each text is one command
+/// (split like redis-cli); on a PostgreSQL upstream each is one simple
+/// query. All go in one Exchange; the replies are written to `out`
+/// (PostgreSQL results aligned like psql's).
 pub async fn exchange(
     client: &Client,
     upstream: &str,
@@ -407,15 +409,130 @@ pub async fn exchange(
     timeout: Option<Duration>,
     out: &mut String,
 ) -> Result<(), ExchangeCommandError> {
+    let postgres = client
+        .stats(upstream)
+        .await?
+        .first()
+        .is_some_and(|s| s.protocol == "postgres");
     let mut request = Vec::new();
     for text in texts {
+        if postgres {
+            let query = crate::exchange::query_message(text).ok_or_else(|| {
+                ExchangeCommandError::Command("a query cannot contain NUL".into())
+            })?;
+            request.extend_from_slice(&query);
+            continue;
+        }
         let words = split_command(text).map_err(ExchangeCommandError::Command)?;
         let words: Vec<&[u8]> = words.iter().map(Vec::as_slice).collect();
         crate::protocol::redis::resp::encode_command(&mut request, &words);
     }
     let reply = client.exchange(upstream, request, timeout).await?;
-    out.push_str(&render_replies(&reply.reply));
+    if postgres {
+        out.push_str(&render_postgres(&reply.reply));
+    } else {
+        out.push_str(&render_replies(&reply.reply));
+    }
     Ok(())
+}
+
+/// PostgreSQL backend messages as psql prints them: each result set as an
+/// aligned table with its row count, each command's tag, errors and
+/// notices with their SQLSTATE.
+pub fn render_postgres(bytes: &[u8]) -> String {
+    use fallible_iterator::FallibleIterator;
+    use postgres_protocol::message::backend::Message;
+    let mut buf = bytes::BytesMut::from(bytes);
+    let mut out = String::new();
+    let mut columns: Vec<String> = Vec::new();
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    while let Ok(Some(message)) = Message::parse(&mut buf) {
+        match message {
+            Message::RowDescription(body) => {
+                columns = body
+                    .fields()
+                    .map(|f| Ok(f.name().to_owned()))
+                    .collect()
+                    .unwrap_or_default();
+                rows.clear();
+            }
+            Message::DataRow(body) => {
+                let row = body
+                    .ranges()
+                    .map(|r| Ok(r.map_or_else(String::new, |r| text(&body.buffer()[r]))))
+                    .collect()
+                    .unwrap_or_default();
+                rows.push(row);
+            }
+            Message::CommandComplete(body) => {
+                let tag = body.tag().unwrap_or_default().to_owned();
+                if columns.is_empty() {
+                    out.push_str(&tag);
+                    out.push('\n');
+                } else {
+                    out.push_str(&aligned(&columns, &rows));
+                    columns.clear();
+                    rows.clear();
+                }
+            }
+            Message::ErrorResponse(body) => {
+                out.push_str(&server_message(body.fields()));
+                columns.clear();
+            }
+            Message::NoticeResponse(body) => out.push_str(&server_message(body.fields())),
+            Message::EmptyQueryResponse => out.push_str("(empty query)\n"),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// An ErrorResponse or NoticeResponse as one line.
+fn server_message(mut fields: postgres_protocol::message::backend::ErrorFields<'_>) -> String {
+    use fallible_iterator::FallibleIterator;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let (mut severity, mut code, mut message) = (String::new(), String::new(), String::new());
+    while let Ok(Some(f)) = fields.next() {
+        match f.type_() {
+            b'S' => severity = text(f.value_bytes()),
+            b'C' => code = text(f.value_bytes()),
+            b'M' => message = text(f.value_bytes()),
+            _ => {}
+        }
+    }
+    format!("{severity}:  {message} (SQLSTATE {code})\n")
+}
+
+/// One result set, psql's aligned format.
+fn aligned(columns: &[String], rows: &[Vec<String>]) -> String {
+    let width = |i: usize| {
+        rows.iter()
+            .filter_map(|r| r.get(i))
+            .chain(std::iter::once(&columns[i]))
+            .map(|v| v.chars().count())
+            .max()
+            .unwrap_or(0)
+    };
+    let widths: Vec<usize> = (0..columns.len()).map(width).collect();
+    let line = |cells: &[String]| {
+        let cells: Vec<String> = widths
+            .iter()
+            .enumerate()
+            .map(|(i, w)| format!(" {:<w$} ", cells.get(i).map_or("", String::as_str)))
+            .collect();
+        format!("{}\n", cells.join("|").trim_end())
+    };
+    let mut out = line(columns);
+    let dashes: Vec<String> = widths.iter().map(|w| "-".repeat(w + 2)).collect();
+    out.push_str(&dashes.join("+"));
+    out.push('\n');
+    for row in rows {
+        out.push_str(&line(row));
+    }
+    let n = rows.len();
+    out.push_str(&format!("({n} {})\n", if n == 1 { "row" } else { "rows" }));
+    out
 }
 
 /// Why `lessor exchange` failed.
@@ -432,6 +549,43 @@ pub enum ExchangeCommandError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn postgres_results_print_like_psql() {
+        // RowDescription (two columns), two DataRows, CommandComplete,
+        // ErrorResponse, ReadyForQuery.
+        let mut b = Vec::new();
+        let mut msg = |tag: u8, body: &[u8]| {
+            b.push(tag);
+            b.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+            b.extend_from_slice(body);
+        };
+        let field = |name: &str| {
+            let mut f = name.as_bytes().to_vec();
+            f.push(0);
+            f.extend_from_slice(&[0; 18]);
+            f
+        };
+        msg(b'T', &[&[0, 2][..], &field("id"), &field("name")].concat());
+        let row = |id: &str, name: &str| {
+            let mut r = vec![0, 2];
+            for v in [id, name] {
+                r.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                r.extend_from_slice(v.as_bytes());
+            }
+            r
+        };
+        msg(b'D', &row("1", "ada"));
+        msg(b'D', &row("22", "grace"));
+        msg(b'C', b"SELECT 2\0");
+        msg(b'E', b"SERROR\0C22012\0Mdivision by zero\0\0");
+        msg(b'Z', b"I");
+        assert_eq!(
+            render_postgres(&b),
+            " id | name\n----+-------\n 1  | ada\n 22 | grace\n(2 rows)\n\
+             ERROR:  division by zero (SQLSTATE 22012)\n"
+        );
+    }
 
     #[test]
     fn escapes_round_trip() {

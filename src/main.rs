@@ -51,12 +51,14 @@ enum Command {
         #[arg(long)]
         evict: bool,
     },
-    /// Send Redis commands in one Exchange and print the replies (each text
-    /// is one command, split like redis-cli: `'SET k "a b"'`).
+    /// Send Redis commands or PostgreSQL queries in one Exchange and print
+    /// the replies (Redis: each text is one command, split like redis-cli:
+    /// `'SET k "a b"'`; PostgreSQL: each text is one simple query, results
+    /// aligned like psql's).
     Exchange {
-        /// The upstream's name (a `protocol: redis` upstream).
+        /// The upstream's name (a `protocol: redis` or `postgres` upstream).
         upstream: String,
-        /// Commands, one per argument.
+        /// Commands or queries, one per argument.
         #[arg(required = true)]
         commands: Vec<String>,
         /// lessor's gRPC address (host:port or unix:///path).

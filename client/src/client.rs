@@ -214,7 +214,13 @@ impl Client {
         let request = crate::pb::CancelRequest {
             lease_id: lease_id.to_owned(),
         };
-        Ok(self.inner.clone().cancel(request).await?.into_inner().endpoint)
+        Ok(self
+            .inner
+            .clone()
+            .cancel(request)
+            .await?
+            .into_inner()
+            .endpoint)
     }
 
     /// `Stats` of one upstream, or of all when `upstream` is empty.

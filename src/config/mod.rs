@@ -351,7 +351,9 @@ impl TryFrom<RawUpstream> for UpstreamConfig {
             (Some(_), Protocol::Postgres) | (None, Protocol::Tcp | Protocol::Redis) => {}
             (Some(_), _) => return Err("a `postgres:` block needs `protocol: postgres`".into()),
             (None, Protocol::Postgres) => {
-                return Err("`protocol: postgres` needs a `postgres:` block (at least `user`)".into());
+                return Err(
+                    "`protocol: postgres` needs a `postgres:` block (at least `user`)".into(),
+                );
             }
         }
         let mut health = raw.health;

@@ -79,7 +79,11 @@ impl UpstreamConfig {
     /// a Secret's mount path fails at startup, not at the first dial).
     fn validate_redis(&self, at: &str) -> Result<(), ConfigError> {
         let r = &self.redis;
-        password_source(&format!("{at}.redis"), r.password_file.as_deref(), r.password_env.as_deref())?;
+        password_source(
+            &format!("{at}.redis"),
+            r.password_file.as_deref(),
+            r.password_env.as_deref(),
+        )?;
         if !(2..=3).contains(&r.resp) {
             return Err(invalid(format!("{at}.redis.resp"), "must be 2 or 3"));
         }

@@ -105,6 +105,8 @@ pub(crate) struct ExchangeReply {
 
 mod postgres;
 
+pub(crate) use postgres::query_message;
+
 /// Commands refused in an Exchange: they would leave the connection in a
 /// state no reply count describes, or are the sidecar's to send.
 fn refused(name: &str, sub: Option<&str>) -> Option<&'static str> {

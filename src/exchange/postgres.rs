@@ -12,7 +12,6 @@
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{ExchangeError, ExchangeReply, ExchangeRequest, checkout};
@@ -50,7 +49,9 @@ fn vet(request: &[u8], max_frame: u64) -> Result<(), ExchangeError> {
         }
         let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]);
         if len < 4 || len as u64 > max_frame {
-            return invalid(format!("a message of length {len} (postgres.max_frame: {max_frame})"));
+            return invalid(format!(
+                "a message of length {len} (postgres.max_frame: {max_frame})"
+            ));
         }
         let end = 1 + len as usize;
         if rest.len() < end {
@@ -61,7 +62,9 @@ fn vet(request: &[u8], max_frame: u64) -> Result<(), ExchangeError> {
             b'P' | b'B' | b'D' | b'E' | b'C' => unsynced = true,
             b'S' => unsynced = false,
             b'Q' if unsynced => {
-                return invalid("an extended-protocol batch must end with Sync before a Query".into());
+                return invalid(
+                    "an extended-protocol batch must end with Sync before a Query".into(),
+                );
             }
             b'Q' if copies_from_stdin(body) => {
                 return invalid("COPY FROM STDIN needs a lease".into());
@@ -85,7 +88,9 @@ fn copies_from_stdin(sql: &[u8]) -> bool {
     let text = String::from_utf8_lossy(sql).to_ascii_lowercase();
     let words: Vec<&str> = text.split_ascii_whitespace().collect();
     words.first().is_some_and(|w| *w == "copy")
-        && words.windows(2).any(|w| w[0] == "from" && w[1].starts_with("stdin"))
+        && words
+            .windows(2)
+            .any(|w| w[0] == "from" && w[1].starts_with("stdin"))
 }
 
 /// Runs one Exchange on a PostgreSQL upstream.
@@ -184,7 +189,13 @@ async fn round_trip(
 /// went back: reads the pipelined reset's answer and, when the request left
 /// a transaction open, rolls it back and resets again. The connection is
 /// not idle until then; any failure closes it.
-fn settle(mut leased: Leased, pipelined: Option<Reset>, rest: BytesMut, status: u8, cfg: PostgresConfig) {
+fn settle(
+    mut leased: Leased,
+    pipelined: Option<Reset>,
+    rest: BytesMut,
+    status: u8,
+    cfg: PostgresConfig,
+) {
     if pipelined.is_none() && status == b'I' {
         leased.give_back();
         return;
@@ -231,13 +242,14 @@ fn settle(mut leased: Leased, pipelined: Option<Reset>, rest: BytesMut, status: 
 /// A simple Query message, for callers building requests (the CLI).
 pub(crate) fn query_message(sql: &str) -> Option<Bytes> {
     let mut buf = BytesMut::new();
-    frontend::query(sql, &mut buf).ok()?;
+    postgres_protocol::message::frontend::query(sql, &mut buf).ok()?;
     Some(buf.freeze())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use postgres_protocol::message::frontend;
 
     fn q(sql: &str) -> Vec<u8> {
         query_message(sql).unwrap().to_vec()

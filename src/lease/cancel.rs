@@ -56,7 +56,11 @@ impl Cancels {
     /// Sends the CancelRequest for `lease_id` on a new connection, and waits
     /// (within `timeout`) for the server to close it, which it does once the
     /// request is handled.
-    pub(crate) async fn cancel(&self, lease_id: &str, timeout: Duration) -> Result<SocketAddr, CancelError> {
+    pub(crate) async fn cancel(
+        &self,
+        lease_id: &str,
+        timeout: Duration,
+    ) -> Result<SocketAddr, CancelError> {
         let target = self
             .lock()
             .get(lease_id)

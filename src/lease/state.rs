@@ -143,12 +143,13 @@ mod tests {
     ];
 
     /// Every way a lease ends, each once.
-    const ENDS: [End; 10] = [
+    const ENDS: [End; 11] = [
         End::Release(Disposition::Unspecified),
         End::Release(Disposition::Return),
         End::Release(Disposition::Evict),
         End::Abort,
         End::Violation,
+        End::Refused,
         End::UpstreamClosed,
         End::UpstreamError,
         End::Expired,
@@ -176,11 +177,11 @@ mod tests {
             (End::Release(Evict), _, _) => {
                 evicted(EndReason::ClientRelease, EvictReason::ClientEvict)
             }
-            (End::Abort, true, OnAbort::Return) => Outcome {
+            (End::Abort, true, OnAbort::Return) | (End::Refused, true, _) => Outcome {
                 ended: None,
                 fate: Fate::Return,
             },
-            (End::Abort | End::Violation, _, _) => Outcome {
+            (End::Abort | End::Violation | End::Refused, _, _) => Outcome {
                 ended: None,
                 fate: Fate::Evict(EvictReason::ClientAbort),
             },

@@ -170,7 +170,10 @@ impl Session {
 
     /// The verdict at the lease's end (`Err`: evict, and why), and what
     /// restores a returnable session before it is idle.
-    pub(crate) fn conclude(&self, config: &UpstreamConfig) -> (Result<(), String>, Option<Restore>) {
+    pub(crate) fn conclude(
+        &self,
+        config: &UpstreamConfig,
+    ) -> (Result<(), String>, Option<Restore>) {
         let (verdict, restore) = match self {
             Self::Redis(s) => {
                 let verdict = s.verdict();
@@ -179,7 +182,10 @@ impl Session {
             }
             Self::Postgres(s) => {
                 let verdict = s.verdict(config.postgres.on_open_transaction);
-                let restore = verdict.is_ok().then(|| s.restore(&config.postgres)).flatten();
+                let restore = verdict
+                    .is_ok()
+                    .then(|| s.restore(&config.postgres))
+                    .flatten();
                 (verdict, restore.map(Restore::Postgres))
             }
         };

@@ -110,7 +110,8 @@ impl Framer {
                 if self.have < HEADER {
                     break;
                 }
-                let len = i32::from_be_bytes([self.head[1], self.head[2], self.head[3], self.head[4]]);
+                let len =
+                    i32::from_be_bytes([self.head[1], self.head[2], self.head[3], self.head[4]]);
                 if len < 4 {
                     return Err(FrameError::Malformed {
                         tag: char::from(self.head[0]),

@@ -24,7 +24,10 @@ use crate::protocol::OpenError;
 const STARTUP_MAX: usize = 1 << 20;
 
 /// Opens the configured session on `stream`.
-pub(crate) async fn open(stream: &mut TcpStream, cfg: &PostgresConfig) -> Result<Backend, OpenError> {
+pub(crate) async fn open(
+    stream: &mut TcpStream,
+    cfg: &PostgresConfig,
+) -> Result<Backend, OpenError> {
     let password = cfg
         .password()
         .map_err(|e| OpenError::Credentials(e.to_string()))?;

@@ -215,11 +215,6 @@ impl PgSession {
         self.copy_in || self.copy_both
     }
 
-    /// ReadyForQuery messages still due.
-    pub(crate) fn replies_due(&self) -> u32 {
-        self.owed
-    }
-
     /// The transaction status of the last ReadyForQuery.
     pub(crate) fn status(&self) -> u8 {
         self.status
@@ -285,7 +280,11 @@ impl PgSession {
             return Err(why);
         }
         if self.status != b'I' && on_open == OnOpenTransaction::Evict {
-            let which = if self.status == b'E' { "failed transaction" } else { "transaction" };
+            let which = if self.status == b'E' {
+                "failed transaction"
+            } else {
+                "transaction"
+            };
             return Err(format!("{which} open, on_open_transaction: evict"));
         }
         Ok(())
@@ -343,7 +342,10 @@ impl Reset {
     /// Sends the queries and reads through their ReadyForQuery, within
     /// `RESET_TIMEOUT`. `Ok(reports)`: every query succeeded and the session
     /// is idle, with these ParameterStatus changes; `Err(why)` otherwise.
-    pub(crate) async fn apply(&self, stream: &mut TcpStream) -> Result<Vec<(String, String)>, String> {
+    pub(crate) async fn apply(
+        &self,
+        stream: &mut TcpStream,
+    ) -> Result<Vec<(String, String)>, String> {
         self.apply_with(stream, BytesMut::new(), true).await
     }
 
@@ -442,10 +444,13 @@ mod tests {
         let mut s = session();
         assert!(s.is_clean());
         s.client_sent(&query("SELECT 1")).unwrap();
-        assert_eq!(s.verdict(OnOpenTransaction::Rollback), Err("1 query pending".into()));
+        assert_eq!(
+            s.verdict(OnOpenTransaction::Rollback),
+            Err("1 query pending".into())
+        );
         assert!(s.drainable());
         s.upstream_sent(b"C\0\0\0\x0dSELECT 1\0Z\0\0").unwrap();
-        assert_eq!(s.replies_due(), 1);
+        assert_eq!(s.owed, 1);
         s.upstream_sent(b"\0\x05I").unwrap();
         assert_eq!(s.verdict(OnOpenTransaction::Rollback), Ok(()));
         assert!(!s.is_clean(), "used: the reset is due");
@@ -486,7 +491,10 @@ mod tests {
         let mut s = session();
         s.client_sent(&query("COPY t FROM STDIN")).unwrap();
         s.upstream_sent(b"G\0\0\0\x07\0\0\0").unwrap();
-        assert_eq!(s.verdict(OnOpenTransaction::Rollback), Err("COPY in progress".into()));
+        assert_eq!(
+            s.verdict(OnOpenTransaction::Rollback),
+            Err("COPY in progress".into())
+        );
         assert!(!s.drainable());
     }
 

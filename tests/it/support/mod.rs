@@ -6,6 +6,7 @@ pub mod kube_api;
 pub mod netns;
 pub mod otlp;
 pub mod ports;
+pub mod postgres;
 pub mod process;
 pub mod proxy;
 pub mod redis;

@@ -106,8 +106,7 @@ impl Postgres {
 
     fn into_dir(mut self) -> tempfile::TempDir {
         self.kill();
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
-        dir
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 
     /// `127.0.0.1:port`.
