@@ -276,3 +276,61 @@ fn discovery_sources() {
         );
     }
 }
+
+#[test]
+fn postgres_upstreams() {
+    let yaml = "upstreams:\n  - name: db\n    address: pg:5432\n    protocol: postgres\n    postgres: { user: app, parameters: { search_path: \"app,public\" }, on_open_transaction: evict }\n";
+    let c = Config::from_yaml(yaml).unwrap();
+    let up = &c.upstreams[0];
+    let pg = &up.postgres;
+    assert_eq!(
+        (pg.user.as_str(), pg.database()),
+        ("app", "app"),
+        "database defaults to the user"
+    );
+    assert_eq!(pg.reset, "DISCARD ALL");
+    assert_eq!(pg.application_name, "lessor");
+    assert_eq!(pg.on_open_transaction, OnOpenTransaction::Evict);
+    assert_eq!(pg.parameters["search_path"], "app,public");
+    let probe = up
+        .health
+        .probe
+        .as_ref()
+        .expect("the empty query by default");
+    assert_eq!(probe.send.as_bytes(), b"Q\0\0\0\x05\0");
+    assert_eq!(probe.expect.as_bytes(), b"I\0\0\0\x04Z\0\0\0\x05I");
+    let cases = [
+        ("    protocol: postgres\n", "needs a `postgres:` block"),
+        (
+            "    postgres: { user: app }\n",
+            "a `postgres:` block needs `protocol: postgres`",
+        ),
+        (
+            "    protocol: postgres\n    postgres: { database: app }\n",
+            "upstreams[0].postgres.user: is required",
+        ),
+        (
+            "    protocol: postgres\n    postgres: { user: app, parameters: { replication: \"true\" } }\n",
+            "upstreams[0].postgres.parameters.replication",
+        ),
+        (
+            "    protocol: postgres\n    postgres: { user: app, password_file: /nonexistent/pg-password }\n",
+            "upstreams[0].postgres.password_file: cannot read",
+        ),
+        (
+            "    protocol: postgres\n    postgres: { user: app, password_file: /x, password_env: X }\n",
+            "set one of password_file and password_env",
+        ),
+        (
+            "    protocol: postgres\n    postgres: { user: app, on_open_transaction: commit }\n",
+            "upstreams[0].postgres.on_open_transaction",
+        ),
+    ];
+    for (extra, want) in cases {
+        let got = err(&format!("{MINIMAL}{extra}"));
+        assert!(
+            got.contains(want),
+            "for {extra:?}: got {got:?}, want {want:?}"
+        );
+    }
+}

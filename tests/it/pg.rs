@@ -30,6 +30,8 @@ for_both_engines!(
     pg_terminate_is_a_return_and_a_client_startup_is_refused,
     pg_cancel_stops_a_running_query,
     pg_exchange_answers_whole_queries_and_cleans_up,
+    pg_default_probe_passes_and_a_pending_reply_drains,
+    pg_password_file_is_reread_on_each_dial,
 );
 
 /// A lessor in front of `pg` with one pooled connection, as `user` with
@@ -42,6 +44,19 @@ async fn lessor(
     password: Option<&str>,
     extra: &str,
 ) -> Lessor {
+    lessor_with(pg, engine, dir, user, password, extra, &[]).await
+}
+
+/// [`lessor`], with extra upstream keys (`health: ...`).
+async fn lessor_with(
+    pg: &Postgres,
+    engine: EngineKind,
+    dir: &tempfile::TempDir,
+    user: &str,
+    password: Option<&str>,
+    extra: &str,
+    keys: &[&str],
+) -> Lessor {
     let database = if extra.contains("database:") {
         ""
     } else {
@@ -53,16 +68,14 @@ async fn lessor(
         std::fs::write(&file, format!("{password}\n")).unwrap();
         block.push_str(&format!(", password_file: \"{}\"", file.display()));
     }
-    Lessor::start(&config_one(
-        &pg.addr(),
-        engine,
-        &[
-            "protocol: postgres",
-            &format!("postgres: {{ {block} }}"),
-            "pool: { max_size: 1, min_idle: 1, connect_timeout: 10s, checkout_timeout: 10s }",
-        ],
-    ))
-    .await
+    let block = format!("postgres: {{ {block} }}");
+    let mut lines = vec![
+        "protocol: postgres",
+        &block,
+        "pool: { max_size: 1, min_idle: 1, connect_timeout: 10s, checkout_timeout: 10s }",
+    ];
+    lines.extend_from_slice(keys);
+    Lessor::start(&config_one(&pg.addr(), engine, &lines)).await
 }
 
 async fn fixture(engine: EngineKind, extra: &str) -> Option<(Postgres, tempfile::TempDir, Lessor)> {
@@ -523,6 +536,14 @@ async fn pg_exchange_answers_whole_queries_and_cleans_up(engine: EngineKind) {
         (reply.rows, reply.status),
         (vec![Some("0".to_owned())], b'I')
     );
+    let metrics = crate::support::http::fetch(&lessor.admin, "/metrics", None)
+        .await
+        .unwrap()
+        .body;
+    assert!(
+        metrics.contains("lessor_rollbacks_total{upstream=\"up\"} 1"),
+        "{metrics}"
+    );
     // Session state does not outlive its Exchange.
     exchange(client, query_message("SET search_path = pg_catalog"))
         .await
@@ -628,4 +649,71 @@ async fn pg_served_credentials_stay_out_of_logs_and_the_cli_prints_results() {
         stdout,
         " one | name\n-----+--------\n 1   | lessor\n(1 row)\nERROR:  division by zero (SQLSTATE 22012)\n"
     );
+}
+
+async fn pg_default_probe_passes_and_a_pending_reply_drains(engine: EngineKind) {
+    let Some(pg) = Postgres::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let keys = [
+        "health: { skip_if_used_within: 0s }",
+        "lease: { drain_timeout: 10s }",
+    ];
+    let lessor = lessor_with(&pg, engine, &dir, "trustuser", None, "", &keys).await;
+    let client = &lessor.client;
+    let mut first = lease(client).await;
+    let id = first.granted().connection_id;
+    // Released while its reply is still coming: drained, then returned.
+    first
+        .send(query_message("SELECT pg_sleep(0.2)"))
+        .await
+        .unwrap();
+    let ended = first.release(Disposition::Return).await.unwrap();
+    assert_eq!(
+        (ended.disposition(), ended.reason()),
+        (Disposition::Return, EndReason::ClientRelease),
+        "{ended:?}"
+    );
+    for _ in 0..3 {
+        let mut next = next_lease_on(client, id).await;
+        assert_eq!(query(&mut next, "SELECT 1").await.status, b'I');
+        next.release(Disposition::Return).await.unwrap();
+    }
+    // Every checkout ran the empty-query probe, and every one passed.
+    let stats = lessor.stats("up").await;
+    assert!(stats.health_checks >= 3, "{stats:#?}");
+    assert_eq!(stats.health_check_failures, 0, "{stats:#?}");
+}
+
+async fn pg_password_file_is_reread_on_each_dial(engine: EngineKind) {
+    let Some(pg) = Postgres::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let lessor = lessor(&pg, engine, &dir, "md5user", Some("md5pw"), "").await;
+    let client = &lessor.client;
+    let idle = || async { lessor.stats("up").await.idle > 0 };
+    crate::support::eventually("the first dial", idle).await;
+    // The Secret rotates: the server's password and the mounted file. The
+    // session opened before keeps working.
+    pg.admin()
+        .await
+        .batch_execute("SET password_encryption = 'md5'; ALTER ROLE md5user PASSWORD 'rotated'")
+        .await
+        .unwrap();
+    std::fs::write(dir.path().join("md5user.password"), "rotated\n").unwrap();
+    let before = lease(client).await;
+    let old = before.granted().connection_id;
+    before.release(Disposition::Evict).await.unwrap();
+    // The refill dials after the rotation: only the file's new content
+    // opens the session.
+    crate::support::eventually("a dial with the rotated password", idle).await;
+    let mut next = lease(client).await;
+    assert_ne!(next.granted().connection_id, old, "a new dial");
+    assert_eq!(
+        query(&mut next, "SELECT current_user").await.rows,
+        [Some("md5user".into())]
+    );
+    next.release(Disposition::Return).await.unwrap();
 }
