@@ -40,6 +40,11 @@ struct Args {
     /// With --compare: a real redis-server (PING) as the upstream.
     #[arg(long)]
     redis: bool,
+    /// With --compare: PostgreSQL 15, PgBouncer and lessor side by side
+    /// (`SELECT 1` and a primary-key SELECT, direct, through PgBouncer,
+    /// through Exchange and through a lease).
+    #[arg(long, conflicts_with = "redis")]
+    postgres: bool,
     /// With --compare: also write the report as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -121,6 +126,15 @@ fn main() -> ExitCode {
             json: args.json,
             lessor_bin,
         };
+        if args.postgres {
+            return match runtime.block_on(compare::postgres::run(&opts)) {
+                Ok(report) => {
+                    print!("{}", report.render());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            };
+        }
         return match runtime.block_on(compare::run(&opts)) {
             Ok(report) => {
                 print!("{}", report.render());

@@ -196,9 +196,24 @@ fn settle(
     status: u8,
     cfg: PostgresConfig,
 ) {
-    if pipelined.is_none() && status == b'I' {
-        leased.give_back();
-        return;
+    if status == b'I' {
+        // Most often the reset's answer came in the same read as the reply.
+        let done = match &pipelined {
+            None => Some(Ok(Vec::new())),
+            Some(reset) => reset.answered_by(&rest),
+        };
+        if let Some(done) = done {
+            let counters = leased.pool().counters();
+            counters.session_restore.observe(std::time::Duration::ZERO);
+            match done {
+                Ok(reported) => {
+                    note_reported(leased.conn_mut(), reported);
+                    leased.give_back();
+                }
+                Err(_) => leased.evict(EvictReason::Dirty),
+            }
+            return;
+        }
     }
     let pool = leased.pool().clone();
     pool.clone().spawn(async move {

@@ -37,6 +37,33 @@ impl Upstream {
 /// Kills its child process on drop.
 pub(crate) struct ChildGuard(Child);
 
+impl ChildGuard {
+    pub(crate) fn new(child: Child) -> Self {
+        Self(child)
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+/// A process's user plus system CPU time, in milliseconds (from clock
+/// ticks); 0 once it is gone.
+pub(crate) fn cpu_ms_of(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the `(comm)`, which may hold spaces.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of stat(5): 11 and 12 here.
+    (ticks(11) + ticks(12)) * 10
+}
+
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -187,21 +214,9 @@ impl Lessor {
             .unwrap_or(0)
     }
 
-    /// User plus system CPU time, in milliseconds (from clock ticks).
+    /// User plus system CPU time, in milliseconds.
     pub(crate) fn cpu_ms(&self) -> u64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the `(comm)`, which may hold spaces.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        // utime and stime are fields 14 and 15 of stat(5): 11 and 12 here.
-        (ticks(11) + ticks(12)) * 10
+        cpu_ms_of(self.pid())
     }
 
     pub(crate) async fn stop(mut self) {

@@ -369,53 +369,98 @@ impl Reset {
                     .await
                     .map_err(|e| e.to_string())?;
             }
-            let mut framer = Framer::new(self.max_frame, KEPT);
-            let (mut replies, mut status, mut failed) = (0, b'I', None);
-            let mut reported = Vec::new();
+            let mut answer = Answer::new(self);
             let mut buf = read;
-            let mut first = true;
-            while replies < self.replies {
-                if !std::mem::take(&mut first) || buf.is_empty() {
-                    buf.clear();
-                    if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-                        return Err("the server closed the connection".into());
-                    }
+            answer.feed(&buf)?;
+            while answer.replies < self.replies {
+                buf.clear();
+                if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+                    return Err("the server closed the connection".into());
                 }
-                framer
-                    .feed(&buf, |event| {
-                        if let Event::End { whole, .. } = event {
-                            match whole.and_then(parse) {
-                                Some(Message::ReadyForQuery(body)) => {
-                                    replies += 1;
-                                    status = body.status();
-                                }
-                                Some(Message::ErrorResponse(body)) => {
-                                    let error = super::handshake::ServerError::from_body(&body);
-                                    failed.get_or_insert(error.to_string());
-                                }
-                                Some(Message::ParameterStatus(body)) => {
-                                    if let (Ok(n), Ok(v)) = (body.name(), body.value()) {
-                                        reported.push((n.to_owned(), v.to_owned()));
-                                    }
-                                }
-                                _ => {}
-                            }
-                        }
-                        Ok::<(), FrameError>(())
-                    })
-                    .map_err(|e| e.to_string())?;
+                answer.feed(&buf)?;
             }
-            if let Some(error) = failed {
-                return Err(error);
-            }
-            if status != b'I' || !framer.at_boundary() {
-                return Err("the session is not idle after the reset".into());
-            }
-            Ok(reported)
+            answer.outcome()
         };
         tokio::time::timeout(RESET_TIMEOUT, run)
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {RESET_TIMEOUT:?}")))
+    }
+
+    /// The outcome when `read` already holds the whole answer (a pipelined
+    /// reset often arrives with the reply before it); `None` when more is
+    /// due, and [`Reset::apply_with`] must read it.
+    pub(crate) fn answered_by(&self, read: &[u8]) -> Option<Result<Vec<(String, String)>, String>> {
+        let mut answer = Answer::new(self);
+        if let Err(e) = answer.feed(read) {
+            return Some(Err(e));
+        }
+        (answer.replies >= self.replies).then(|| answer.outcome())
+    }
+}
+
+/// The server's answer to a [`Reset`], as read so far.
+struct Answer {
+    framer: Framer,
+    replies: u32,
+    status: u8,
+    failed: Option<String>,
+    reported: Vec<(String, String)>,
+}
+
+impl Answer {
+    fn new(reset: &Reset) -> Self {
+        Self {
+            framer: Framer::new(reset.max_frame, KEPT),
+            replies: 0,
+            status: b'I',
+            failed: None,
+            reported: Vec::new(),
+        }
+    }
+
+    fn feed(&mut self, data: &[u8]) -> Result<(), String> {
+        let Self {
+            framer,
+            replies,
+            status,
+            failed,
+            reported,
+        } = self;
+        framer
+            .feed(data, |event| {
+                if let Event::End { whole, .. } = event {
+                    match whole.and_then(parse) {
+                        Some(Message::ReadyForQuery(body)) => {
+                            *replies += 1;
+                            *status = body.status();
+                        }
+                        Some(Message::ErrorResponse(body)) => {
+                            let error = super::handshake::ServerError::from_body(&body);
+                            failed.get_or_insert(error.to_string());
+                        }
+                        Some(Message::ParameterStatus(body)) => {
+                            if let (Ok(n), Ok(v)) = (body.name(), body.value()) {
+                                reported.push((n.to_owned(), v.to_owned()));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                Ok::<(), FrameError>(())
+            })
+            .map_err(|e| e.to_string())
+    }
+
+    /// Every query succeeded and the session is idle: its ParameterStatus
+    /// changes; otherwise why not.
+    fn outcome(self) -> Result<Vec<(String, String)>, String> {
+        if let Some(error) = self.failed {
+            return Err(error);
+        }
+        if self.status != b'I' || !self.framer.at_boundary() {
+            return Err("the session is not idle after the reset".into());
+        }
+        Ok(self.reported)
     }
 }
 
