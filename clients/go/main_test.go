@@ -29,6 +29,8 @@ var (
 	grpcAddr string
 	// pgAddr is the PostgreSQL behind the `db` upstream.
 	pgAddr string
+	// lessorBin and lessorDir start further lessors (a unix socket one).
+	lessorBin, lessorDir string
 )
 
 func TestMain(m *testing.M) {
@@ -59,11 +61,13 @@ func run(m *testing.M) (int, error) {
 	if pgAddr == "" {
 		return 0, fmt.Errorf("set LESSOR_TEST_PG_ADDR to a PostgreSQL with a trust login for postgres (scripts/test does)")
 	}
-	stopLessor, err := startLessor(bin, dir, upstreams(redisAddr, pgAddr))
+	lessorBin, lessorDir = bin, dir
+	addr, stopLessor, err := startLessor(bin, dir, "", upstreams(redisAddr, pgAddr))
 	if err != nil {
 		return 0, err
 	}
 	defer stopLessor()
+	grpcAddr = addr
 	return m.Run(), nil
 }
 
@@ -132,21 +136,26 @@ func startRedis() (string, func(), error) {
 	return "", nil, fmt.Errorf("redis-server did not start")
 }
 
-func startLessor(bin, dir, yaml string) (func(), error) {
+// startLessor starts `lessor serve` with yaml's upstreams, listening on
+// listen (a free loopback port when empty); returns its gRPC address.
+func startLessor(bin, dir, listen, yaml string) (string, func(), error) {
 	for attempt := 0; attempt < 4; attempt++ {
-		grpc := fmt.Sprintf("127.0.0.1:%d", freePort())
+		grpc := listen
+		if grpc == "" {
+			grpc = fmt.Sprintf("127.0.0.1:%d", freePort())
+		}
 		admin := fmt.Sprintf("127.0.0.1:%d", freePort())
-		path := filepath.Join(dir, "lessor.yaml")
+		path := filepath.Join(dir, fmt.Sprintf("lessor-%d.yaml", attempt))
 		config := fmt.Sprintf("grpc: { listen: %q }\nadmin: { listen: %q }\n%s", grpc, admin, yaml)
 		if err := os.WriteFile(path, []byte(config), 0o600); err != nil {
-			return nil, err
+			return "", nil, err
 		}
 		cmd := exec.Command(bin, "serve", "--config", path)
 		cmd.Stdout = os.Stderr
 		cmd.Stderr = os.Stderr
 		cmd.Env = append(os.Environ(), "RUST_LOG=warn")
 		if err := cmd.Start(); err != nil {
-			return nil, err
+			return "", nil, err
 		}
 		exited := make(chan struct{})
 		go func() { cmd.Wait(); close(exited) }()
@@ -159,12 +168,11 @@ func startLessor(bin, dir, yaml string) (func(), error) {
 			resp.Body.Close()
 			return resp.StatusCode == 200
 		}, exited) {
-			grpcAddr = grpc
-			return stop, nil
+			return grpc, stop, nil
 		}
 		stop()
 	}
-	return nil, fmt.Errorf("lessor serve did not become ready")
+	return "", nil, fmt.Errorf("lessor serve did not become ready")
 }
 
 // waitFor polls cond until it holds (true), the process exits, or
