@@ -68,6 +68,32 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
     },
+    /// List the live leases: who holds each (Acquire.holder, trace id), for
+    /// how long, how much it moved, and whether it waits on its client.
+    Leases {
+        /// Only this upstream's.
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Only leases older than this (e.g. 30s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<Duration>,
+        /// JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// lessor's admin address.
+        #[arg(long, env = "LESSOR_ADMIN_ADDR", default_value = "127.0.0.1:9090")]
+        admin: String,
+    },
+    /// Wait until lessor is ready (its /readyz answers 200): for an
+    /// application's entrypoint or an init container. Exits 1 on timeout.
+    Wait {
+        /// How long to wait.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// lessor's admin address.
+        #[arg(long, env = "LESSOR_ADMIN_ADDR", default_value = "127.0.0.1:9090")]
+        admin: String,
+    },
     /// Print every upstream's pool statistics.
     Stats {
         /// lessor's gRPC address (host:port or unix:///path).
@@ -152,6 +178,17 @@ fn main() -> ExitCode {
             print!("{}", cli::stats_table(&client.stats(&upstream).await?));
             Ok::<_, lessor_client::ClientError>(())
         }),
+        Command::Leases {
+            upstream,
+            older_than,
+            json,
+            admin,
+        } => client_command(async move {
+            let listing = cli::leases(&admin, upstream.as_deref(), older_than, json).await?;
+            print!("{listing}");
+            Ok::<_, cli::AdminCommandError>(())
+        }),
+        Command::Wait { timeout, admin } => client_command(cli::wait_ready(&admin, timeout)),
         Command::Demo { leases } => {
             let runtime = match small_runtime(2) {
                 Ok(rt) => rt,

@@ -327,9 +327,11 @@ pub async fn run_with(
         readiness.clone(),
         background.clone(),
     ));
+    let leases = Arc::new(crate::lease::registry::Leases::default());
     let admin_state = AdminState {
         readiness: readiness.clone(),
         registry: Arc::new(admin::metrics::registry(pools.clone(), options.spans)),
+        leases: leases.clone(),
     };
     let admin_addr = listeners.admin_addr();
     let admin_done = admin::spawn(listeners.admin, admin_state, admin_stop.clone())
@@ -341,11 +343,17 @@ pub async fn run_with(
     let max_frame = usize::try_from(config.grpc.max_frame.as_u64()).unwrap_or(usize::MAX);
     let ctx = Arc::new(LeaseContext::new(
         pools.clone(),
+        leases.clone(),
         max_frame,
         config.grpc.acquire_timeout,
         revoke.clone(),
     ));
     tracker.spawn(ctx.watchdog.clone().run(revoke.clone(), background.clone()));
+    tracker.spawn(crate::lease::registry::warn_overdue(
+        leases,
+        pools.clone(),
+        background.clone(),
+    ));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

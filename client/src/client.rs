@@ -86,6 +86,9 @@ pub struct LeaseOptions {
     /// gRPC metadata to send with the call, e.g. a W3C `traceparent` so the
     /// lease joins the caller's trace.
     pub metadata: Vec<(String, String)>,
+    /// What holds the lease (a route, a job), at most 256 bytes: shown in
+    /// lessor's `/debug/leases` and its overdue-lease warning.
+    pub holder: String,
 }
 
 impl Client {
@@ -153,6 +156,7 @@ impl Client {
             upstream: upstream.to_owned(),
             checkout_timeout_ms: millis(options.checkout_timeout),
             max_lease_ms: millis(options.max_lease),
+            holder: options.holder.clone(),
         };
         // The channel has room for both; the receiver is alive: cannot fail.
         let _ = tx.try_send(request(lease_request::Msg::Acquire(acquire)));

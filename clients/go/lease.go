@@ -28,6 +28,13 @@ func WithMaxLease(d time.Duration) LeaseOption {
 	return func(a *lessorv1.Acquire) { a.MaxLeaseMs = millis(d) }
 }
 
+// WithHolder names what holds the lease (a route, a job; at most 256
+// bytes): lessor shows it in /debug/leases and in its lease.warn_after
+// warning, so a leaked lease names its holder.
+func WithHolder(holder string) LeaseOption {
+	return func(a *lessorv1.Acquire) { a.Holder = holder }
+}
+
 // CloseTimeout bounds how long Close and Evict wait for lessor's Ended.
 var CloseTimeout = 5 * time.Second
 

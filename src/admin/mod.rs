@@ -14,6 +14,7 @@
 //!
 //! Also here: readiness itself, which `grpc::health` mirrors on the gRPC port.
 
+pub(crate) mod leases;
 pub(crate) mod metrics;
 pub(crate) mod readiness;
 
@@ -43,6 +44,8 @@ pub(crate) struct AdminState {
     pub readiness: Arc<Readiness>,
     /// The metrics registry.
     pub registry: Arc<Registry>,
+    /// Every live lease, for `/debug/leases`.
+    pub leases: Arc<crate::lease::registry::Leases>,
 }
 
 /// Most admin connections served at once. The kubelet and Prometheus need a
@@ -100,6 +103,7 @@ pub(crate) async fn serve(
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/debug/leases", get(debug_leases))
         .with_state(state);
     // The permit moves into the connection's task: the bound cannot leak.
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -147,6 +151,15 @@ pub(crate) async fn serve(
     tracker.close();
     tracker.wait().await;
     Ok(())
+}
+
+async fn debug_leases(State(state): State<AdminState>, RawQuery(query): RawQuery) -> Response {
+    match leases::render(&state.leases, query.as_deref().unwrap_or("")) {
+        Ok((body, content_type)) => {
+            ([(axum::http::header::CONTENT_TYPE, content_type)], body).into_response()
+        }
+        Err(e) => (axum::http::StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
 }
 
 async fn livez() -> &'static str {

@@ -615,6 +615,10 @@ pub struct LeaseConfig {
     /// closed instead. Default 0: closed at once.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// A lease held longer than this logs one warning naming its holder
+    /// and trace (leak detection). Default: off.
+    #[serde(with = "humantime_serde::option")]
+    pub warn_after: Option<Duration>,
 }
 
 impl Default for LeaseConfig {
@@ -624,6 +628,7 @@ impl Default for LeaseConfig {
             idle_timeout: Duration::from_secs(60),
             on_abort: OnAbort::Evict,
             drain_timeout: Duration::ZERO,
+            warn_after: None,
         }
     }
 }
@@ -695,6 +700,19 @@ mod humantime_serde {
                 "`{s}`: {e} (expected a duration such as 500ms, 2s, 5m)"
             ))
         })
+    }
+
+    /// The same for an optional duration (`warn_after`).
+    pub(super) mod option {
+        use std::time::Duration;
+
+        use serde::Deserializer;
+
+        pub(in super::super) fn deserialize<'de, D: Deserializer<'de>>(
+            de: D,
+        ) -> Result<Option<Duration>, D::Error> {
+            super::deserialize(de).map(Some)
+        }
     }
 }
 

@@ -61,18 +61,20 @@ impl pb::pool_server::Pool for PoolService {
         request: Request<Streaming<LeaseRequest>>,
     ) -> Result<Response<Self::LeaseStream>, Status> {
         let span = lease_span();
+        let trace_id = crate::telemetry::propagation::trace_id(request.metadata());
         if !span.is_disabled() {
             let parent = crate::telemetry::propagation::extract(request.metadata());
             let _ = span.set_parent(parent);
         }
         let failed = span.clone();
-        let stream = lease_stream(request.into_inner(), self.ctx.clone(), span).map(move |item| {
-            item.map_err(|e| {
-                let status = Status::from(e);
-                failed.record("rpc.grpc.status_code", status.code() as i64);
-                status
-            })
-        });
+        let stream =
+            lease_stream(request.into_inner(), self.ctx.clone(), span, trace_id).map(move |item| {
+                item.map_err(|e| {
+                    let status = Status::from(e);
+                    failed.record("rpc.grpc.status_code", status.code() as i64);
+                    status
+                })
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -110,7 +112,7 @@ impl pb::pool_server::Pool for PoolService {
         let lease_id = request.into_inner().lease_id;
         let endpoint = self
             .ctx
-            .cancels
+            .leases
             .cancel(&lease_id, CANCEL_TIMEOUT)
             .await
             .map_err(Status::from)?;

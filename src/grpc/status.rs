@@ -36,6 +36,7 @@ pub(crate) fn code(e: &LeaseError) -> Code {
         | LeaseError::FrameTooLarge { .. }
         | LeaseError::AfterRelease
         | LeaseError::NotProtocol(_)
+        | LeaseError::HolderTooLong(_)
         | LeaseError::Refused(_) => Code::InvalidArgument,
     }
 }
@@ -81,9 +82,9 @@ impl InboundError for Status {
     }
 }
 
-impl From<crate::lease::cancel::CancelError> for Status {
-    fn from(e: crate::lease::cancel::CancelError) -> Self {
-        use crate::lease::cancel::CancelError;
+impl From<crate::lease::registry::CancelError> for Status {
+    fn from(e: crate::lease::registry::CancelError) -> Self {
+        use crate::lease::registry::CancelError;
         let code = match e {
             CancelError::NotFound(_) => Code::NotFound,
             CancelError::Unreachable { .. } => Code::Unavailable,

@@ -5,7 +5,8 @@
 //! - `guard`: the RAII guard that finishes each checkout exactly once;
 //! - `pump`: the stream itself: Acquire, checkout, Granted, Data both ways,
 //!   Release or revocation, Ended;
-//! - `cancel`: the live PostgreSQL leases a `Cancel` call may name;
+//! - `registry`: every live lease (holder, trace, age, bytes, state), for
+//!   `/debug/leases`, `lease.warn_after` and `Cancel`;
 //! - `watchdog`: ends leases whose client stopped reading (hyper does not
 //!   poll a stream that waits for flow-control window), on time.
 //!
@@ -14,9 +15,9 @@
 //! connection lost) drops the guard, which finishes the lease. One watchdog
 //! task per server covers the moments hyper does not poll.
 
-pub(crate) mod cancel;
 pub(crate) mod guard;
 pub(crate) mod pump;
+pub(crate) mod registry;
 pub(crate) mod state;
 pub(crate) mod watchdog;
 

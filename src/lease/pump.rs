@@ -24,8 +24,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::field::Empty;
 use tracing::{Instrument, Span};
 
-use super::cancel::{CancelTarget, Cancels, Registered};
 use super::guard::LeaseGuard;
+use super::registry::{CancelTarget, Leases, LiveLease, Registered};
 use super::state::{Direction, End};
 use super::watchdog::{LeaseCell, Unparked, Watchdog};
 use crate::pool::{CheckoutError, PoolSet};
@@ -38,6 +38,8 @@ use lessor_client::pb::{
 /// The first read buffer of a lease: enough for most replies, small enough
 /// that a lease costs little memory.
 const READ_FIRST: usize = 4 * 1024;
+/// The longest `Acquire.holder`: a name, not a payload.
+const HOLDER_MAX: usize = 256;
 /// The largest read (one read, one Data message): reads that fill their
 /// buffer double it up to this.
 const READ_MAX: usize = 64 * 1024;
@@ -79,6 +81,9 @@ pub enum LeaseError {
     /// A message after `Release`.
     #[error("no message may follow Release")]
     AfterRelease,
+    /// `Acquire.holder` is longer than [`HOLDER_MAX`] bytes.
+    #[error("Acquire.holder is {0} bytes; at most 256")]
+    HolderTooLong(usize),
     /// The sidecar is shutting down.
     #[error("lessor is shutting down")]
     ShuttingDown,
@@ -118,16 +123,17 @@ pub(crate) struct LeaseContext {
     pub revoke: CancellationToken,
     /// Ends leases parked on a client that stopped reading.
     pub watchdog: Arc<Watchdog>,
-    /// Live PostgreSQL leases, for `Cancel`.
-    pub cancels: Arc<Cancels>,
+    /// Every live lease: `/debug/leases`, `Cancel`, `lease.warn_after`.
+    pub leases: Arc<Leases>,
     next_id: AtomicU64,
     id_salt: u64,
 }
 
 impl LeaseContext {
-    /// A context over `pools`.
+    /// A context over `pools`, registering live leases in `leases`.
     pub(crate) fn new(
         pools: Arc<PoolSet>,
+        leases: Arc<Leases>,
         max_frame: usize,
         acquire_timeout: Duration,
         revoke: CancellationToken,
@@ -138,7 +144,7 @@ impl LeaseContext {
             acquire_timeout,
             revoke,
             watchdog: Arc::default(),
-            cancels: Arc::default(),
+            leases,
             next_id: AtomicU64::new(1),
             id_salt: fastrand::u64(..),
         }
@@ -163,6 +169,7 @@ pub(crate) fn lease_stream<S, E>(
     inbound: S,
     ctx: Arc<LeaseContext>,
     span: Span,
+    trace_id: String,
 ) -> impl Stream<Item = Result<LeaseResponse, LeaseError>> + Send + 'static
 where
     S: Stream<Item = Result<LeaseRequest, E>> + Send + Unpin + 'static,
@@ -173,6 +180,7 @@ where
         ctx,
         phase: Phase::Start,
         span,
+        trace_id,
     };
     futures::stream::unfold(pump, |mut pump| async move {
         let span = pump.span.clone();
@@ -223,6 +231,8 @@ struct Pump<S> {
     ctx: Arc<LeaseContext>,
     phase: Phase,
     span: Span,
+    /// The caller's W3C trace id, for `/debug/leases` (empty: none came).
+    trace_id: String,
 }
 
 enum Phase {
@@ -257,8 +267,8 @@ pub(crate) struct Active {
     revoked: Pin<Box<WaitForCancellationFutureOwned>>,
     /// The session tracker of a protocol upstream.
     session: Option<Session>,
-    /// Keeps a PostgreSQL lease cancellable while it lives.
-    _cancellable: Option<Registered>,
+    /// The lease's entry in the registry of live leases, kept current.
+    live: Registered,
 }
 
 enum Step {
@@ -300,7 +310,10 @@ where
             },
             Phase::Granted(cell) => {
                 let mut active = match cell.unpark() {
-                    Unparked::Active(active) => active,
+                    Unparked::Active(active) => {
+                        active.live.parked(false);
+                        active
+                    }
                     // The watchdog ended it while it was parked.
                     Unparked::Ended(ended) => return ended.map(Ok),
                 };
@@ -308,11 +321,13 @@ where
                     Step::Data(bytes) => {
                         // Parked until hyper polls again, which it does only
                         // once the client has window for this message.
+                        active.live.parked(true);
                         cell.park(active);
                         self.phase = Phase::Granted(cell);
                         Some(Ok(response(lease_response::Msg::Data(bytes))))
                     }
                     Step::End(end @ End::Release(Disposition::Return), detail) => {
+                        active.live.ending();
                         active.drain().await;
                         active.end(end, detail, &self.span).map(Ok)
                     }
@@ -353,6 +368,9 @@ where
             })) => acquire,
             Some(Ok(_)) => return Err(Some(LeaseError::FirstNotAcquire)),
         };
+        if acquire.holder.len() > HOLDER_MAX {
+            return Err(Some(LeaseError::HolderTooLong(acquire.holder.len())));
+        }
         let ctx = &self.ctx;
         let pool = ctx
             .pools
@@ -432,18 +450,24 @@ where
             wait_us = granted.wait_us,
             "lease granted"
         );
-        let cancellable = conn
+        let cancel = conn
             .backend
             .as_ref()
             .and_then(|b| b.secret_i32().map(|secret| (b.pid, secret)))
-            .map(|(pid, secret)| {
-                let target = CancelTarget {
-                    endpoint: conn.endpoint(),
-                    pid,
-                    secret,
-                };
-                ctx.cancels.register(&lease_id, target)
+            .map(|(pid, secret)| CancelTarget {
+                endpoint: conn.endpoint(),
+                pid,
+                secret,
             });
+        let live = ctx.leases.register(LiveLease::new(
+            lease_id.clone(),
+            pool.name().to_owned(),
+            conn.endpoint_str().to_owned(),
+            conn.id(),
+            acquire.holder.clone(),
+            self.trace_id.clone(),
+            cancel,
+        ));
         let idle_timeout = config.lease.idle_timeout;
         let now = tokio::time::Instant::now();
         let expires_at = now + max_lease;
@@ -460,7 +484,7 @@ where
             last_activity: now,
             revoked: Box::pin(ctx.revoke.clone().cancelled_owned()),
             session: Session::for_upstream(config),
-            _cancellable: cancellable,
+            live,
         };
         Ok((Box::new(active), granted))
     }
@@ -512,6 +536,7 @@ impl Active {
                 }
                 Event::Read(Ok(n)) => {
                     self.guard.record(Direction::ToClient, n);
+                    self.live.moved(false, n);
                     self.last_activity = tokio::time::Instant::now();
                     if n >= self.read_size {
                         self.read_size = (self.read_size * 2).min(READ_MAX);
@@ -540,6 +565,7 @@ impl Active {
                 }
                 Event::Wrote(Ok(n)) => {
                     self.guard.record(Direction::ToUpstream, n);
+                    self.live.moved(true, n);
                     self.last_activity = tokio::time::Instant::now();
                 }
                 Event::Message(msg) => {

@@ -29,3 +29,20 @@ impl Extractor for MetadataExtractor<'_> {
 pub(crate) fn extract(metadata: &MetadataMap) -> Context {
     opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)))
 }
+
+/// The caller's W3C trace id (32 hex digits), when `metadata` carries a
+/// valid `traceparent`; empty otherwise. Read whether or not traces are
+/// exported: `/debug/leases` shows it either way.
+pub(crate) fn trace_id(metadata: &MetadataMap) -> String {
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::TraceContextExt;
+    let context = opentelemetry_sdk::propagation::TraceContextPropagator::new()
+        .extract(&MetadataExtractor(metadata));
+    let span = context.span();
+    let span_context = span.span_context();
+    if span_context.is_valid() {
+        span_context.trace_id().to_string()
+    } else {
+        String::new()
+    }
+}

@@ -9,6 +9,7 @@ mod conformance;
 mod discovery;
 mod faults;
 mod leak;
+mod ops;
 mod pg;
 mod pool;
 mod proto_golden;
