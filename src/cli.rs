@@ -708,14 +708,35 @@ pub async fn wait_ready(admin: &str, timeout: Duration) -> Result<(), AdminComma
     }
 }
 
+/// Runs `lessor pause|resume|reconnect [UPSTREAM]` and `lessor shutdown`:
+/// a POST to the control address (`admin.control_listen`); returns what
+/// lessor did.
+pub async fn control(
+    control: &str,
+    action: &str,
+    upstream: Option<&str>,
+) -> Result<String, AdminCommandError> {
+    let path = match upstream {
+        Some(u) => format!("/admin/{action}?upstream={u}"),
+        None => format!("/admin/{action}"),
+    };
+    admin_call(control, "POST", &path).await
+}
+
 /// GET on the admin server; the body when the status is 200.
 async fn admin_get(admin: &str, path: &str) -> Result<String, AdminCommandError> {
-    let got = crate::admin::fetch(admin, path).await.map_err(|source| {
-        AdminCommandError::Unreachable {
+    admin_call(admin, "GET", path).await
+}
+
+/// One request to the admin or control address; the body when the status
+/// is 200.
+async fn admin_call(admin: &str, method: &str, path: &str) -> Result<String, AdminCommandError> {
+    let got = crate::admin::request(admin, method, path)
+        .await
+        .map_err(|source| AdminCommandError::Unreachable {
             addr: admin.to_owned(),
             source,
-        }
-    })?;
+        })?;
     if got.status != 200 {
         return Err(AdminCommandError::Refused {
             status: got.status,

@@ -89,6 +89,7 @@ pub async fn run(leases: usize) -> Result<String, DemoError> {
     let listeners = Listeners {
         grpc: Listener::bind(&"127.0.0.1:0".parse().expect("a literal address")).await?,
         admin: TcpListener::bind("127.0.0.1:0").await?,
+        control: None,
     };
     let lessor_addr = listeners.grpc.local_addr();
     let admin_addr = listeners.admin_addr();

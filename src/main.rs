@@ -94,6 +94,39 @@ enum Command {
         #[arg(long, env = "LESSOR_ADMIN_ADDR", default_value = "127.0.0.1:9090")]
         admin: String,
     },
+    /// Stop granting connections of an upstream (all without one): new
+    /// checkouts wait, bounded by their deadline; live leases carry on.
+    Pause {
+        /// The upstream; every upstream when absent.
+        upstream: Option<String>,
+        /// lessor's control address (admin.control_listen).
+        #[arg(long, env = "LESSOR_CONTROL_ADDR", default_value = "127.0.0.1:9091")]
+        control: String,
+    },
+    /// Grant connections again after `pause`.
+    Resume {
+        /// The upstream; every upstream when absent.
+        upstream: Option<String>,
+        /// lessor's control address (admin.control_listen).
+        #[arg(long, env = "LESSOR_CONTROL_ADDR", default_value = "127.0.0.1:9091")]
+        control: String,
+    },
+    /// Replace every connection dialed so far (a failover, a rotated
+    /// password): idle ones close now, leased ones when their lease ends.
+    Reconnect {
+        /// The upstream; every upstream when absent.
+        upstream: Option<String>,
+        /// lessor's control address (admin.control_listen).
+        #[arg(long, env = "LESSOR_CONTROL_ADDR", default_value = "127.0.0.1:9091")]
+        control: String,
+    },
+    /// Ask the running sidecar to drain and exit, as SIGTERM does (for an
+    /// application's preStop hook).
+    Shutdown {
+        /// lessor's control address (admin.control_listen).
+        #[arg(long, env = "LESSOR_CONTROL_ADDR", default_value = "127.0.0.1:9091")]
+        control: String,
+    },
     /// Print every upstream's pool statistics.
     Stats {
         /// lessor's gRPC address (host:port or unix:///path).
@@ -189,6 +222,12 @@ fn main() -> ExitCode {
             Ok::<_, cli::AdminCommandError>(())
         }),
         Command::Wait { timeout, admin } => client_command(cli::wait_ready(&admin, timeout)),
+        Command::Pause { upstream, control } => control_command(&control, "pause", upstream),
+        Command::Resume { upstream, control } => control_command(&control, "resume", upstream),
+        Command::Reconnect { upstream, control } => {
+            control_command(&control, "reconnect", upstream)
+        }
+        Command::Shutdown { control } => control_command(&control, "shutdown", None),
         Command::Demo { leases } => {
             let runtime = match small_runtime(2) {
                 Ok(rt) => rt,
@@ -257,6 +296,14 @@ fn small_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
         .thread_name("lessor")
         .enable_all()
         .build()
+}
+
+fn control_command(control: &str, action: &str, upstream: Option<String>) -> ExitCode {
+    client_command(async move {
+        let done = cli::control(control, action, upstream.as_deref()).await?;
+        print!("{done}");
+        Ok::<_, cli::AdminCommandError>(())
+    })
 }
 
 fn client_command<E: std::fmt::Display>(

@@ -67,6 +67,9 @@ pub struct Listeners {
     pub grpc: Listener,
     /// The admin HTTP server.
     pub admin: TcpListener,
+    /// The control endpoints (pause, resume, reconnect, shutdown); `None`
+    /// disables them.
+    pub control: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -81,7 +84,24 @@ impl Listeners {
                 addr: addr.to_string(),
                 source,
             })?;
-        Ok(Self { grpc, admin })
+        let control = match config.admin.control_listen {
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| ServerError::Bind {
+                            addr: addr.to_string(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
+        Ok(Self {
+            grpc,
+            admin,
+            control,
+        })
     }
 
     /// The admin server's bound address.
@@ -334,7 +354,16 @@ pub async fn run_with(
         leases: leases.clone(),
     };
     let admin_addr = listeners.admin_addr();
-    let admin_done = admin::spawn(listeners.admin, admin_state, admin_stop.clone())
+    // `/admin/shutdown` drains like SIGTERM.
+    let control_shutdown = CancellationToken::new();
+    let control = listeners.control.map(|l| {
+        let state = admin::control::ControlState {
+            pools: pools.clone(),
+            shutdown: control_shutdown.clone(),
+        };
+        (l, state)
+    });
+    let admin_done = admin::spawn(listeners.admin, admin_state, control, admin_stop.clone())
         .map_err(ServerError::Admin)?;
     // The admin thread outlives nothing: if this future is dropped (an
     // embedder aborts it) rather than run to the end, it stops too.
@@ -374,9 +403,19 @@ pub async fn run_with(
     );
     let incoming = incoming(listeners.grpc, open_tx.clone(), stop_accepting.clone());
     let grace = config.shutdown.grace;
+    let min_delay = config.shutdown.min_delay;
     let drain = async {
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            () = control_shutdown.cancelled() => {}
+        }
         readiness.drain();
+        if !min_delay.is_zero() {
+            // Not ready, still accepting: clients that have not yet seen the
+            // endpoint go away can still connect.
+            tracing::info!(min_delay = ?min_delay, "shutdown: not ready; accepting new clients a little longer");
+            tokio::time::sleep(min_delay).await;
+        }
         tracing::info!(grace = ?grace, "shutdown: not ready; refusing new clients, waiting for connected ones");
         stop_accepting.cancel();
         tokio::select! {

@@ -40,6 +40,7 @@ async fn sidecar(tracker: &TaskTracker, stop: CancellationToken) -> String {
             .await
             .unwrap(),
         admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        control: None,
     };
     let addr = listeners.grpc.local_addr();
     tracker.spawn(lessor::run_with(

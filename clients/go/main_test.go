@@ -146,7 +146,7 @@ func startLessor(bin, dir, listen, yaml string) (string, func(), error) {
 		}
 		admin := fmt.Sprintf("127.0.0.1:%d", freePort())
 		path := filepath.Join(dir, fmt.Sprintf("lessor-%d.yaml", attempt))
-		config := fmt.Sprintf("grpc: { listen: %q }\nadmin: { listen: %q }\n%s", grpc, admin, yaml)
+		config := fmt.Sprintf("grpc: { listen: %q }\nadmin: { listen: %q, control_listen: \"\" }\n%s", grpc, admin, yaml)
 		if err := os.WriteFile(path, []byte(config), 0o600); err != nil {
 			return "", nil, err
 		}

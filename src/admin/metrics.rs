@@ -209,6 +209,14 @@ impl Collector for PoolCollector {
         )?;
         family(
             &mut e,
+            "lessor_upstream_paused",
+            "1 while an operator has paused the upstream (checkouts wait).",
+            pools
+                .iter()
+                .map(|p| (up(p.name()), gauge(i64::from(p.is_paused())))),
+        )?;
+        family(
+            &mut e,
             "lessor_leases",
             "Leases granted.",
             pools

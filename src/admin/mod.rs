@@ -14,6 +14,7 @@
 //!
 //! Also here: readiness itself, which `grpc::health` mirrors on the gRPC port.
 
+pub(crate) mod control;
 pub(crate) mod leases;
 pub(crate) mod metrics;
 pub(crate) mod readiness;
@@ -65,11 +66,16 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 pub(crate) fn spawn(
     listener: TcpListener,
     state: AdminState,
+    control: Option<(TcpListener, control::ControlState)>,
     stop: CancellationToken,
 ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
     // A tokio listener belongs to the runtime that made it: hand the socket
     // over as a std one and register it again on the admin runtime.
     let listener = listener.into_std()?;
+    let control = match control {
+        Some((l, state)) => Some((l.into_std()?, state)),
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -78,13 +84,37 @@ pub(crate) fn spawn(
         .name("lessor-admin".into())
         .spawn(move || {
             runtime.block_on(async move {
-                let served = match TcpListener::from_std(listener) {
-                    Ok(listener) => serve(listener, state, stop.cancelled_owned()).await,
-                    Err(e) => Err(e),
+                let admin = async {
+                    let served = match TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            serve(listener, routes(state), stop.clone().cancelled_owned()).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "admin server failed");
+                    }
                 };
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "admin server failed");
-                }
+                let control = async {
+                    let Some((listener, state)) = control else {
+                        return;
+                    };
+                    let served = match TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            serve(
+                                listener,
+                                control::router(state),
+                                stop.clone().cancelled_owned(),
+                            )
+                            .await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "control server failed");
+                    }
+                };
+                tokio::join!(admin, control);
             });
             let _ = done_tx.send(());
         })?;
@@ -96,15 +126,9 @@ pub(crate) fn spawn(
 /// every connection task is owned here and waited for.
 pub(crate) async fn serve(
     listener: TcpListener,
-    state: AdminState,
+    app: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new()
-        .route("/livez", get(livez))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/debug/leases", get(debug_leases))
-        .with_state(state);
     // The permit moves into the connection's task: the bound cannot leak.
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let tracker = TaskTracker::new();
@@ -151,6 +175,16 @@ pub(crate) async fn serve(
     tracker.close();
     tracker.wait().await;
     Ok(())
+}
+
+/// The read-only routes of the admin address.
+fn routes(state: AdminState) -> axum::Router {
+    axum::Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/debug/leases", get(debug_leases))
+        .with_state(state)
 }
 
 async fn debug_leases(State(state): State<AdminState>, RawQuery(query): RawQuery) -> Response {
@@ -213,10 +247,15 @@ pub(crate) struct Fetched {
 /// A minimal HTTP/1.0 GET of our own admin endpoints, for `lessor demo`:
 /// reading two plain-text endpoints needs no HTTP client dependency.
 pub(crate) async fn fetch(addr: &str, path: &str) -> std::io::Result<Fetched> {
+    request(addr, "GET", path).await
+}
+
+/// One HTTP/1.0 request of `method` (no body); the status and the body.
+pub(crate) async fn request(addr: &str, method: &str, path: &str) -> std::io::Result<Fetched> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    let request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await?;

@@ -112,8 +112,13 @@ fn explain(p: &PoolReadiness) -> String {
             None => "not dialed yet".to_owned(),
         }
     };
-    if p.discovered && p.source.synced {
+    let detail = if p.discovered && p.source.synced {
         format!("{detail}; {}", p.source.detail)
+    } else {
+        detail
+    };
+    if p.paused {
+        format!("{detail}; paused (lessor resume to grant again)")
     } else {
         detail
     }

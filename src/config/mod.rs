@@ -128,14 +128,33 @@ impl<'de> Deserialize<'de> for UnixMode {
 pub struct AdminConfig {
     /// Default `0.0.0.0:9090`: the kubelet probes the pod IP.
     pub listen: SocketAddr,
+    /// The state-changing endpoints (`/admin/pause`, `resume`, `reconnect`,
+    /// `shutdown`): loopback by default (`127.0.0.1:9091`), so only the pod's
+    /// own containers reach them, never the pod IP; `""` disables them.
+    #[serde(deserialize_with = "optional_addr")]
+    pub control_listen: Option<SocketAddr>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            control_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9091))),
         }
     }
+}
+
+/// An `ip:port`, or `""` for none.
+fn optional_addr<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(de)?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{text}`: {e} (expected ip:port, or \"\" for none)"
+        ))
+    })
 }
 
 /// A listening address: TCP, or a Unix domain socket shared through a volume.
@@ -640,12 +659,18 @@ pub struct ShutdownConfig {
     /// Longest wait for clients to leave before leases are revoked. Default 20s.
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
+    /// After SIGTERM, how long lessor keeps accepting new clients (already
+    /// not ready) before it refuses them: time for the endpoint removal to
+    /// reach every client. Default 0.
+    #[serde(with = "humantime_serde")]
+    pub min_delay: Duration,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
         Self {
             grace: Duration::from_secs(20),
+            min_delay: Duration::ZERO,
         }
     }
 }

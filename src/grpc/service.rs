@@ -165,6 +165,7 @@ fn to_pb(s: PoolSnapshot) -> UpstreamStats {
         ready: s.ready,
         connect_errors: s.connect_errors,
         protocol: s.protocol.to_owned(),
+        paused: s.paused,
         exchanges: s
             .exchanges
             .into_iter()

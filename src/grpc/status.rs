@@ -15,7 +15,9 @@ pub(crate) fn checkout_code(e: &CheckoutError) -> Code {
             Code::ResourceExhausted
         }
         CheckoutError::Unavailable(_) | CheckoutError::Closed => Code::Unavailable,
-        CheckoutError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+        CheckoutError::DeadlineExceeded { .. } | CheckoutError::Paused { .. } => {
+            Code::DeadlineExceeded
+        }
     }
 }
 

@@ -30,6 +30,19 @@ impl Pool {
             return Err(CheckoutError::TooManyWaiters(max_waiters));
         }
         let start = Instant::now();
+        if self.is_paused() {
+            let deadline = tokio::time::Instant::now() + timeout;
+            if !self.unpaused(deadline).await {
+                self.counters
+                    .checkout_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.checkout_wait.observe(start.elapsed());
+                return Err(CheckoutError::Paused {
+                    waited: start.elapsed(),
+                });
+            }
+        }
+        let timeout = timeout.saturating_sub(start.elapsed());
         // Set while a probe runs for this checkout: a deadline that cuts one
         // short is the deadline's fault, not the upstream's.
         let probing = AtomicBool::new(false);
@@ -234,6 +247,10 @@ impl Pool {
     pub(crate) fn vet(&self, conn: PoolConn, now: Instant, at: VetFor) -> Vetted {
         if conn.retired() {
             self.evict(conn, EvictReason::EndpointRemoved);
+            return Vetted::Evicted;
+        }
+        if self.superseded(&conn) {
+            self.evict(conn, EvictReason::Reconnect);
             return Vetted::Evicted;
         }
         if conn.expired(now) {

@@ -20,6 +20,8 @@ pub(crate) struct Conn {
     endpoint_str: String,
     /// Dial time `+ max_lifetime - jitter`: closed at or after this instant.
     expires_at: Instant,
+    /// When it was dialed: a `reconnect` closes the ones dialed before it.
+    born: Instant,
     /// When a lease last gave the connection back (creation before that).
     /// Engines' own "last used" clocks count from checkout, not return
     /// (deadpool counts from checkout), so the idle timeout and the probe window use this one.
@@ -52,6 +54,7 @@ impl Conn {
             endpoint,
             endpoint_str: endpoint.to_string(),
             expires_at: now + jittered(max_lifetime),
+            born: now,
             idle_since: now,
             validated_at: now,
             uses: 0,
@@ -59,6 +62,11 @@ impl Conn {
             broken: false,
             backend: None,
         }
+    }
+
+    /// When the connection was dialed.
+    pub(crate) fn born(&self) -> Instant {
+        self.born
     }
 
     /// The discovered endpoint this connection belongs to.

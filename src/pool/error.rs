@@ -26,6 +26,12 @@ pub enum CheckoutError {
     /// The pool is shutting down.
     #[error("pool is shutting down")]
     Closed,
+    /// The upstream stayed paused (`lessor pause`) until the deadline.
+    #[error("upstream paused (lessor pause): no connection granted within {waited:?}")]
+    Paused {
+        /// How long the checkout waited.
+        waited: Duration,
+    },
     /// The deadline passed while a health check ran; the check finishes in
     /// the background, and a healthy connection goes back to the pool.
     #[error("checkout deadline of {waited:?} passed during a health check")]

@@ -56,6 +56,10 @@ impl Leased {
             self.pool.evict(conn, EvictReason::EndpointRemoved);
             return false;
         }
+        if self.pool.superseded(&conn) {
+            self.pool.evict(conn, EvictReason::Reconnect);
+            return false;
+        }
         conn.mark_idle(Instant::now());
         conn.put_back();
         true

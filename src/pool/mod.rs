@@ -74,6 +74,8 @@ pub(crate) struct PoolReadiness {
     pub leased: u32,
     /// The last dial's error, if it failed.
     pub last_dial_error: Option<String>,
+    /// Paused by an operator (shown; it does not make the pod unready).
+    pub paused: bool,
 }
 
 /// A point-in-time view of a pool, for `Stats`, metrics and readiness.
@@ -113,6 +115,8 @@ pub(crate) struct PoolSnapshot {
     pub checkout_timeouts: u64,
     /// Whether the upstream can serve a lease now.
     pub ready: bool,
+    /// Paused by an operator: checkouts wait.
+    pub paused: bool,
     /// Every endpoint (one for a static address).
     pub endpoints: Vec<EndpointSnapshot>,
 }
@@ -132,6 +136,12 @@ pub(crate) struct Pool {
     closed: AtomicBool,
     /// Probes that outlive the checkout that started them.
     tasks: TaskTracker,
+    /// `lessor pause`: checkouts wait (bounded by their deadline) until
+    /// `resume`; live leases carry on.
+    paused: tokio::sync::watch::Sender<bool>,
+    /// `lessor reconnect`: connections dialed before this instant are
+    /// closed at their next return, or at once when idle.
+    reconnect_before: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Pool {
@@ -160,6 +170,8 @@ impl Pool {
             refill_wanted: Notify::new(),
             ready_signal,
             closed: AtomicBool::new(false),
+            paused: tokio::sync::watch::Sender::new(false),
+            reconnect_before: std::sync::Mutex::new(None),
             tasks: TaskTracker::new(),
         })
     }
@@ -263,7 +275,72 @@ impl Pool {
             idle: self.idle(),
             leased: self.counters.leased.load(Ordering::Relaxed),
             last_dial_error: self.dialer.last_error(),
+            paused: self.is_paused(),
         }
+    }
+
+    /// Stops granting connections: checkouts wait until [`Pool::resume`]
+    /// (or their deadline); live leases are not touched.
+    pub(crate) fn pause(&self) {
+        if !self.paused.send_replace(true) {
+            tracing::info!(upstream = %self.config.name, "upstream paused");
+        }
+    }
+
+    /// Grants connections again; waiting checkouts proceed.
+    pub(crate) fn resume(&self) {
+        if self.paused.send_replace(false) {
+            tracing::info!(upstream = %self.config.name, "upstream resumed");
+        }
+    }
+
+    /// Whether the upstream is paused.
+    pub(crate) fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Waits until the upstream is not paused; false when `deadline`
+    /// passes first.
+    pub(crate) async fn unpaused(&self, deadline: tokio::time::Instant) -> bool {
+        let mut rx = self.paused.subscribe();
+        tokio::time::timeout_at(deadline, rx.wait_for(|paused| !*paused))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Every connection dialed until now is replaced: idle ones are closed
+    /// at once, leased ones when their lease ends, and `min_idle` refills
+    /// with new dials (a failover's new address, a rotated password).
+    pub(crate) fn reconnect(&self) {
+        let now = std::time::Instant::now();
+        *self
+            .reconnect_before
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(now);
+        let mut keep = Vec::new();
+        while let Some(conn) = self.engine.try_get_idle(&self.counters) {
+            if self.superseded(&conn) {
+                self.evict(conn, EvictReason::Reconnect);
+            } else {
+                keep.push(conn);
+            }
+            if keep.len() >= self.config.pool.max_size as usize {
+                break;
+            }
+        }
+        for conn in keep.into_iter().rev() {
+            conn.put_back();
+        }
+        tracing::info!(upstream = %self.config.name, "reconnect: connections dialed before now are replaced");
+        self.refill_wanted.notify_one();
+    }
+
+    /// Whether `lessor reconnect` replaced this connection.
+    pub(crate) fn superseded(&self, conn: &Conn) -> bool {
+        self.reconnect_before
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|before| conn.born() < before)
     }
 
     /// Dials under way now (connections the pool is opening).
@@ -279,6 +356,7 @@ impl Pool {
             name: self.config.name.clone(),
             engine: self.config.engine.as_str(),
             protocol: self.config.protocol.as_str(),
+            paused: self.is_paused(),
             exchanges: EXCHANGE_OUTCOMES
                 .iter()
                 .zip(&c.exchanges)

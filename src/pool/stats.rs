@@ -33,11 +33,14 @@ pub(crate) enum EvictReason {
     /// A background dial finished after checkouts had filled the pool: the
     /// connection had no slot and was closed unused.
     Surplus,
+    /// An operator asked for new connections (`lessor reconnect`): one
+    /// dialed before was closed at its return, or at once when idle.
+    Reconnect,
 }
 
 impl EvictReason {
     /// Every reason, in a stable order.
-    pub(crate) const ALL: [EvictReason; 12] = [
+    pub(crate) const ALL: [EvictReason; 13] = [
         Self::HealthCheck,
         Self::IdleTimeout,
         Self::MaxLifetime,
@@ -50,6 +53,7 @@ impl EvictReason {
         Self::Shutdown,
         Self::EndpointRemoved,
         Self::Surplus,
+        Self::Reconnect,
     ];
 
     /// The wire and label name.
@@ -67,6 +71,7 @@ impl EvictReason {
             Self::Shutdown => "shutdown",
             Self::EndpointRemoved => "endpoint_removed",
             Self::Surplus => "surplus",
+            Self::Reconnect => "reconnect",
         }
     }
 

@@ -162,6 +162,7 @@ fn leak_tasks_return_to_baseline(engine: EngineKind) {
                 .await
                 .unwrap(),
             admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            control: None,
         }
     });
     let addr = listeners.grpc.local_addr();
@@ -306,6 +307,7 @@ async fn leak_admin_thread_stops_with_an_aborted_server() {
             .await
             .unwrap(),
         admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        control: None,
     };
     let admin = listeners.admin_addr();
     let served = tokio::spawn(lessor::run(config, listeners, std::future::pending()));

@@ -139,3 +139,202 @@ async fn ops_live_leases_name_their_holder_and_trace() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Runs `lessor ARGS...`; its exit code and stdout (stderr appended).
+async fn lessor_cli(args: &[&str]) -> (Option<i32>, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_lessor"))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), text)
+}
+
+async fn post(addr: &str, path: &str) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+/// PgBouncer's PAUSE / RESUME / RECONNECT: a paused upstream makes new
+/// checkouts wait (a live lease carries on, readiness does not change),
+/// resume lets them through, and reconnect replaces every connection: idle
+/// ones at once, a leased one at its return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_pause_resume_and_reconnect() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let served = Served::start(&format!(
+        "upstreams:\n  - name: cache\n    address: \"{}\"\n    pool: {{ max_size: 4, min_idle: 2, checkout_timeout: 10s }}\n  - name: other\n    address: \"{}\"\n",
+        redis.addr(),
+        redis.addr()
+    ))
+    .await;
+    let client = served.client().await;
+    let control = served.control.clone();
+    let mut live = client
+        .lease("cache", &LeaseOptions::default())
+        .await
+        .unwrap();
+    let live_id = live.granted().connection_id;
+
+    let (code, out) = lessor_cli(&["pause", "cache", "--control", &control]).await;
+    assert_eq!((code, out.as_str()), (Some(0), "paused: cache\n"));
+    let stats = served
+        .client()
+        .await
+        .stats("cache")
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(stats.paused && stats.ready, "{stats:#?}");
+    let metrics = http::fetch(&served.admin, "/metrics", None)
+        .await
+        .unwrap()
+        .body;
+    assert!(
+        metrics.contains("lessor_upstream_paused{upstream=\"cache\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lessor_upstream_paused{upstream=\"other\"} 0"),
+        "{metrics}"
+    );
+    let readyz = http::fetch(&served.admin, "/readyz?verbose", None)
+        .await
+        .unwrap();
+    assert_eq!(readyz.status, 200, "paused is not unready: {}", readyz.body);
+    assert!(readyz.body.contains("paused"), "{}", readyz.body);
+
+    // A checkout waits; a short one gives up saying why.
+    let waiter = {
+        let client = client.clone();
+        tokio::spawn(async move { client.lease("cache", &LeaseOptions::default()).await })
+    };
+    eventually("the checkout to wait", || async {
+        client.stats("cache").await.unwrap()[0].waiting == 1
+    })
+    .await;
+    let short = LeaseOptions {
+        checkout_timeout: Some(Duration::from_millis(200)),
+        ..LeaseOptions::default()
+    };
+    match client.lease("cache", &short).await {
+        Err(ClientError::Status(s)) => {
+            assert_eq!(s.code(), Code::DeadlineExceeded, "{s:?}");
+            assert!(s.message().contains("paused"), "{s:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The live lease carries on; another upstream is not paused.
+    live.send(&b"PING\r\n"[..]).await.unwrap();
+    assert_eq!(&live.recv_at_least(7).await.unwrap()[..], b"+PONG\r\n");
+    let other = client
+        .lease("other", &LeaseOptions::default())
+        .await
+        .unwrap();
+    other
+        .release(lessor_client::pb::Disposition::Return)
+        .await
+        .unwrap();
+
+    let (code, out) = lessor_cli(&["resume", "--control", &control]).await;
+    assert_eq!((code, out.as_str()), (Some(0), "resumed: cache, other\n"));
+    let granted = waiter.await.unwrap().unwrap();
+    granted
+        .release(lessor_client::pb::Disposition::Return)
+        .await
+        .unwrap();
+
+    // Reconnect: the idle connections close now, the leased one at its
+    // return, and every later lease is on a connection dialed after it.
+    let before = client.stats("cache").await.unwrap().remove(0);
+    let (code, out) = lessor_cli(&["reconnect", "cache", "--control", &control]).await;
+    assert_eq!((code, out.as_str()), (Some(0), "reconnecting: cache\n"));
+    let evicted = |s: &lessor_client::pb::UpstreamStats| crate::support::evictions(s, "reconnect");
+    let stats = client.stats("cache").await.unwrap().remove(0);
+    assert!(evicted(&stats) >= 1, "idle ones closed at once: {stats:#?}");
+    let ended = live
+        .release(lessor_client::pb::Disposition::Return)
+        .await
+        .unwrap();
+    assert_eq!(
+        ended.disposition(),
+        lessor_client::pb::Disposition::Evict,
+        "{ended:?}"
+    );
+    // Every connection open at the reconnect was closed for it.
+    eventually("every old connection to be replaced", || async {
+        evicted(&client.stats("cache").await.unwrap()[0]) >= u64::from(before.connections)
+    })
+    .await;
+    let next = client
+        .lease("cache", &LeaseOptions::default())
+        .await
+        .unwrap();
+    assert_ne!(next.granted().connection_id, live_id);
+    let after = client.stats("cache").await.unwrap().remove(0);
+    assert!(
+        after.connections_created > before.connections_created,
+        "{after:#?}"
+    );
+    next.release(lessor_client::pb::Disposition::Return)
+        .await
+        .unwrap();
+
+    // Bad requests, and the control endpoints are not on the admin port.
+    assert_eq!(post(&control, "/admin/pause?upstream=nope").await.0, 404);
+    assert_eq!(post(&control, "/admin/pause?colour=red").await.0, 400);
+    let get = http::fetch(&control, "/admin/pause", None).await.unwrap();
+    assert_eq!(get.status, 405);
+    assert_eq!(post(&served.admin, "/admin/pause").await.0, 404);
+    let (code, out) = lessor_cli(&["pause", "nope", "--control", &control]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("unknown upstream `nope`"), "{out}");
+}
+
+/// `lessor wait` returns once ready (and fails at its timeout when not);
+/// `lessor shutdown` drains like SIGTERM; during `shutdown.min_delay` the
+/// sidecar is unready but still takes new clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_wait_shutdown_and_min_delay() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let mut served = Served::start(&format!(
+        "shutdown: {{ grace: 5s, min_delay: 3s }}\nupstreams:\n  - name: cache\n    address: \"{}\"\n    pool: {{ min_idle: 1 }}\n",
+        redis.addr()
+    ))
+    .await;
+    let (code, out) = lessor_cli(&["wait", "--admin", &served.admin, "--timeout", "30s"]).await;
+    assert_eq!(code, Some(0), "{out}");
+
+    let (code, out) = lessor_cli(&["shutdown", "--control", &served.control]).await;
+    assert_eq!((code, out.as_str()), (Some(0), "draining\n"));
+    eventually("readiness to drop", || async {
+        http::fetch(&served.admin, "/readyz", None)
+            .await
+            .is_ok_and(|r| r.status == 503)
+    })
+    .await;
+    // Within min_delay: a new client still gets in.
+    let late = served.client().await;
+    assert_eq!(late.stats("cache").await.unwrap()[0].name, "cache");
+    drop(late);
+    assert_eq!(served.exit_code(PATIENCE).await, Some(0));
+
+    // An upstream that never answers: not ready, and `wait` says so.
+    let unready = Served::start(
+        "upstreams:\n  - name: gone\n    address: \"127.0.0.1:1\"\n    pool: { connect_timeout: 100ms }\n",
+    )
+    .await;
+    let (code, out) = lessor_cli(&["wait", "--admin", &unready.admin, "--timeout", "300ms"]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("not ready within"), "{out}");
+}

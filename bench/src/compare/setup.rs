@@ -173,7 +173,7 @@ impl Lessor {
         std::fs::write(
             &path,
             format!(
-                "grpc: {{ listen: \"{grpc}\" }}\nadmin: {{ listen: \"{admin}\" }}\nruntime: {{ worker_threads: {workers} }}\nshutdown: {{ grace: 1s }}\n{upstreams_yaml}"
+                "grpc: {{ listen: \"{grpc}\" }}\nadmin: {{ listen: \"{admin}\", control_listen: \"\" }}\nruntime: {{ worker_threads: {workers} }}\nshutdown: {{ grace: 1s }}\n{upstreams_yaml}"
             ),
         )?;
         let child = Command::new(bin)

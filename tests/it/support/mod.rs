@@ -110,6 +110,7 @@ impl Lessor {
         let listeners = Listeners {
             grpc: Listener::bind(&listen.parse().unwrap()).await.unwrap(),
             admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            control: None,
         };
         let addr = listeners.grpc.local_addr();
         let admin = listeners.admin_addr();

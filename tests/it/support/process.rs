@@ -13,6 +13,8 @@ pub struct Served {
     pub grpc: String,
     /// Admin HTTP `127.0.0.1:port`.
     pub admin: String,
+    /// The control endpoints' `127.0.0.1:port`.
+    pub control: String,
     dir: tempfile::TempDir,
 }
 
@@ -59,14 +61,16 @@ impl Served {
 
     /// One attempt: `None` when the process exited before it was live.
     async fn try_start(yaml: &str, env: &[(&str, &str)]) -> Option<Self> {
-        let (grpc, admin) = (
+        let (grpc, admin, control) = (
+            format!("127.0.0.1:{}", super::ports::reserve()),
             format!("127.0.0.1:{}", super::ports::reserve()),
             format!("127.0.0.1:{}", super::ports::reserve()),
         );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lessor.yaml");
-        let full =
-            format!("grpc: {{ listen: \"{grpc}\" }}\nadmin: {{ listen: \"{admin}\" }}\n{yaml}");
+        let full = format!(
+            "grpc: {{ listen: \"{grpc}\" }}\nadmin: {{ listen: \"{admin}\", control_listen: \"{control}\" }}\n{yaml}"
+        );
         std::fs::write(&path, full).unwrap();
         let stdout = std::fs::File::create(dir.path().join("stdout")).unwrap();
         let mut command = command(env!("CARGO_BIN_EXE_lessor"));
@@ -89,6 +93,7 @@ impl Served {
             child,
             grpc,
             admin,
+            control,
             dir,
         };
         let deadline = tokio::time::Instant::now() + super::PATIENCE;
