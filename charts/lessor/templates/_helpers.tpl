@@ -126,10 +126,22 @@ sidecar.native (with restartPolicy: Always), else under containers. */}}
     {{- with .Values.sidecar.env }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
+  {{- with .Values.sidecar.envFrom }}
+  envFrom:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   volumeMounts:
     - name: lessor-config
       mountPath: /etc/lessor
       readOnly: true
+    {{- range $i, $m := .Values.sidecar.secretMounts }}
+    - name: {{ printf "lessor-secret-%d" $i }}
+      mountPath: {{ $m.mountPath | quote }}
+      readOnly: true
+    {{- end }}
+    {{- with .Values.sidecar.extraVolumeMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
   {{- with .Values.sidecar.probes }}
   startupProbe:
     {{- toYaml .startup | nindent 4 }}
@@ -149,4 +161,17 @@ sidecar.native (with restartPolicy: Always), else under containers. */}}
 - name: lessor-config
   configMap:
     name: {{ include "lessor.configName" . }}
+{{- range $i, $m := .Values.sidecar.secretMounts }}
+- name: {{ printf "lessor-secret-%d" $i }}
+  secret:
+    secretName: {{ $m.secretName | quote }}
+    defaultMode: {{ $m.defaultMode | default 288 }}
+    {{- with $m.items }}
+    items:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+{{- end }}
+{{- with .Values.sidecar.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}

@@ -339,3 +339,77 @@ def test_parent_chart_uses_the_named_templates(tmp_path):
     assert config_map["metadata"]["name"] == "web-lessor-config"
     assert "cart-redis:6379" in config_map["data"]["lessor.yaml"]
     assert len(deployment["spec"]["template"]["metadata"]["annotations"]["checksum/lessor-config"]) == 64
+
+
+def test_secrets_are_mounted_read_only_and_stay_out_of_the_config():
+    values = {
+        "config": {
+            "upstreams": [
+                {
+                    "name": "orders",
+                    "address": "orders-db:5432",
+                    "protocol": "postgres",
+                    "postgres": {
+                        "user": "orders",
+                        "database": "orders",
+                        "password_file": "/var/run/secrets/pg/password",
+                    },
+                },
+                {
+                    "name": "cache",
+                    "address": "redis:6379",
+                    "protocol": "redis",
+                    "redis": {"password_env": "REDIS_PASSWORD"},
+                },
+            ]
+        },
+        "sidecar": {
+            "secretMounts": [
+                {
+                    "secretName": "orders-db",
+                    "mountPath": "/var/run/secrets/pg",
+                    "items": [{"key": "password", "path": "password"}],
+                }
+            ],
+            "envFrom": [{"secretRef": {"name": "redis-credentials"}}],
+            "extraVolumes": [{"name": "ca", "configMap": {"name": "db-ca"}}],
+            "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/ssl/db", "readOnly": True}],
+        },
+    }
+    for native in [True, False]:
+        values["sidecar"]["native"] = native
+        docs = render(values)
+        validate_all(docs)
+        spec = pod_spec(docs)
+        container = sidecar(spec)
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        secret_mount = mounts["/var/run/secrets/pg"]
+        assert secret_mount["readOnly"] is True
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        secret = volumes[secret_mount["name"]]["secret"]
+        assert secret["secretName"] == "orders-db"
+        assert secret["items"] == [{"key": "password", "path": "password"}]
+        assert secret["defaultMode"] == 0o440
+        assert "ca" in volumes and mounts["/etc/ssl/db"]["name"] == "ca"
+        assert container["envFrom"] == [{"secretRef": {"name": "redis-credentials"}}]
+        # The ConfigMap names where the password is, never what it is.
+        config = one(docs, "ConfigMap")["data"]["lessor.yaml"]
+        assert "/var/run/secrets/pg/password" in config
+        assert "password:" not in config.replace("password_file:", "").replace("password_env:", "")
+    # And lessor accepts the rendered config's shape (the file itself only
+    # exists in the pod: check-config must name it, not crash).
+    rendered = yaml.safe_load(one(render(values), "ConfigMap")["data"]["lessor.yaml"])
+    assert rendered["upstreams"][0]["postgres"]["password_file"] == "/var/run/secrets/pg/password"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"sidecar": {"secretMounts": [{"secretName": "x"}]}},
+        {"sidecar": {"secretMounts": [{"secretName": "x", "mountPath": "relative"}]}},
+        {"sidecar": {"secretMounts": [{"secretName": "x", "mountPath": "/a", "colour": 1}]}},
+    ],
+)
+def test_schema_rejects_bad_secret_mounts(bad):
+    with pytest.raises(Exception):
+        render(bad)
