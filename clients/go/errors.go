@@ -16,11 +16,13 @@ var (
 	// ErrUnknownUpstream: no upstream of that name is configured (NOT_FOUND;
 	// also a Cancel for a lease that is not live).
 	ErrUnknownUpstream = errors.New("lessor: unknown upstream")
-	// ErrPoolExhausted: too many checkouts are already waiting
-	// (RESOURCE_EXHAUSTED: pool.max_waiters).
+	// ErrPoolExhausted: every connection stayed leased until the checkout
+	// timeout, or too many checkouts were already waiting
+	// (RESOURCE_EXHAUSTED).
 	ErrPoolExhausted = errors.New("lessor: pool exhausted")
-	// ErrCheckoutTimeout: no connection within the checkout timeout
-	// (DEADLINE_EXCEEDED), or an Exchange's reply missed its deadline.
+	// ErrCheckoutTimeout: a deadline passed inside lessor
+	// (DEADLINE_EXCEEDED): the upstream stayed paused, a health check ran
+	// past the checkout timeout, or an Exchange's reply came too late.
 	ErrCheckoutTimeout = errors.New("lessor: deadline exceeded")
 	// ErrUnavailable: the upstream cannot be reached, refused the session
 	// (a wrong password), or lessor is shutting down (UNAVAILABLE).
