@@ -413,3 +413,109 @@ def test_secrets_are_mounted_read_only_and_stay_out_of_the_config():
 def test_schema_rejects_bad_secret_mounts(bad):
     with pytest.raises(Exception):
         render(bad)
+
+
+def live_metric_names():
+    """The metric names a real `lessor serve` exports (histograms with their
+    _bucket/_sum/_count series), read from its /metrics."""
+    import socket
+    import time
+    import urllib.request
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        admin = f"127.0.0.1:{free_port()}"
+        config = Path(tmp) / "lessor.yaml"
+        config.write_text(
+            f'grpc: {{ listen: "127.0.0.1:{free_port()}" }}\n'
+            f'admin: {{ listen: "{admin}", control_listen: "" }}\n'
+            "upstreams:\n"
+            '  - name: db\n    address: "127.0.0.1:1"\n    readiness: optional\n'
+            "    pool: { min_idle: 0 }\n"
+        )
+        proc = subprocess.Popen([lessor_bin(), "serve", "--config", str(config)], stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 30
+            while True:
+                try:
+                    body = urllib.request.urlopen(f"http://{admin}/metrics", timeout=2).read().decode()
+                    break
+                except OSError:
+                    assert time.time() < deadline, "lessor serve did not answer /metrics"
+                    time.sleep(0.05)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    names = set()
+    for line in body.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            if kind == "histogram":
+                names |= {name + "_bucket", name + "_sum", name + "_count"}
+            elif kind == "counter":
+                names |= {name, name + "_total"}
+            else:
+                names.add(name)
+        elif line and not line.startswith("#"):
+            names.add(line.split("{")[0].split(" ")[0])
+    return names
+
+
+def promql_metric_names(node):
+    """Every metric name a parsed PromQL expression selects."""
+    import promql_parser
+
+    if isinstance(node, promql_parser.VectorSelector):
+        return {node.name} if node.name else set()
+    found = set()
+    for attr in ["expr", "lhs", "rhs", "vector_selector", "param"]:
+        child = getattr(node, attr, None)
+        if child is not None and not isinstance(child, (int, float, str)):
+            found |= promql_metric_names(child)
+    for arg in getattr(node, "args", None) or []:
+        found |= promql_metric_names(arg)
+    return found
+
+
+def test_dashboard_queries_parse_and_use_exported_metrics():
+    import json
+
+    import promql_parser
+
+    assert not [d for d in render() if d["metadata"]["name"].endswith("-dashboard")], "off by default"
+    docs = render({"dashboard": {"enabled": True}})
+    validate_all(docs)
+    cm = one(docs, "ConfigMap", "shop-lessor-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(cm["data"]["lessor.json"])
+    exported = live_metric_names()
+    used = set()
+    titles = []
+    for panel in dashboard["panels"]:
+        titles.append(panel["title"])
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            # Grafana's own variables, as Grafana substitutes them.
+            expr = target["expr"].replace("$__rate_interval", "5m")
+            names = promql_metric_names(promql_parser.parse(expr))
+            assert names, f"{panel['title']}: no metric in {expr}"
+            unknown = names - exported
+            assert not unknown, f"{panel['title']}: {unknown} not exported by lessor"
+            used |= names
+    for needed in [
+        "lessor_pool_connections",
+        "lessor_pool_waiters",
+        "lessor_checkout_wait_seconds_bucket",
+        "lessor_lease_duration_seconds_bucket",
+        "lessor_evictions_total",
+        "lessor_connect_errors_total",
+        "lessor_endpoint_ejected",
+        "lessor_upstream_ready",
+        "lessor_trace_spans_total",
+    ]:
+        assert needed in used, f"no panel shows {needed}"
+    assert len(titles) == len(set(titles))
