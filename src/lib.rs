@@ -35,6 +35,7 @@ mod grpc;
 mod lease;
 mod pool;
 mod protocol;
+mod reload;
 mod server;
 mod shutdown;
 mod telemetry;

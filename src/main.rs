@@ -159,8 +159,11 @@ fn main() -> ExitCode {
             }
             Err(e) => invalid_config(&e),
         },
-        Command::Serve { config, log_format } => match Config::load(&config) {
-            Ok(config) => serve(config, log_format),
+        Command::Serve {
+            config: path,
+            log_format,
+        } => match Config::load(&path) {
+            Ok(config) => serve(config, path, log_format),
             Err(e) => invalid_config(&e),
         },
         Command::Lease {
@@ -248,7 +251,7 @@ fn parse_log_format(s: &str) -> Result<LogFormat, String> {
     LogFormat::parse(s).ok_or_else(|| format!("`{s}`: expected text or json"))
 }
 
-fn serve(config: Config, log_format: LogFormat) -> ExitCode {
+fn serve(config: Config, path: PathBuf, log_format: LogFormat) -> ExitCode {
     let runtime = match small_runtime(config.runtime.worker_threads) {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
@@ -273,6 +276,7 @@ fn serve(config: Config, log_format: LogFormat) -> ExitCode {
         let flush_within = Duration::from_secs(1);
         let options = lessor::RunOptions {
             spans: telemetry.spans.clone(),
+            config_path: Some(path),
             ..Default::default()
         };
         let served = lessor::run_with(config, listeners, shutdown, options).await;

@@ -303,6 +303,9 @@ pub struct RunOptions {
     /// Name resolution for DNS discovery (the system's by default; tests
     /// substitute their own answers).
     pub resolver: Arc<dyn Resolver>,
+    /// The file the config came from: SIGHUP, or a change of the file,
+    /// reloads it. `None`: no reload.
+    pub config_path: Option<PathBuf>,
 }
 
 impl Default for RunOptions {
@@ -310,6 +313,7 @@ impl Default for RunOptions {
         Self {
             spans: Arc::default(),
             resolver: Arc::new(SystemResolver),
+            config_path: None,
         }
     }
 }
@@ -348,9 +352,26 @@ pub async fn run_with(
         background.clone(),
     ));
     let leases = Arc::new(crate::lease::registry::Leases::default());
+    let reloads = Arc::new(crate::reload::Reloads::new(
+        &config,
+        options.config_path.as_deref(),
+    ));
+    if let Some(path) = options.config_path.clone() {
+        tracker.spawn(crate::reload::watch(
+            path,
+            config.clone(),
+            pools.clone(),
+            reloads.clone(),
+            background.clone(),
+        ));
+    }
     let admin_state = AdminState {
         readiness: readiness.clone(),
-        registry: Arc::new(admin::metrics::registry(pools.clone(), options.spans)),
+        registry: Arc::new(admin::metrics::registry(
+            pools.clone(),
+            options.spans,
+            reloads.clone(),
+        )),
         leases: leases.clone(),
     };
     let admin_addr = listeners.admin_addr();

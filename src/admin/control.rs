@@ -100,7 +100,7 @@ fn each(
     };
     for name in &names {
         if let Some(pool) = state.pools.get(name) {
-            action(pool);
+            action(&pool);
         }
     }
     format!("{done}: {}\n", names.join(", ")).into_response()

@@ -50,8 +50,13 @@ impl Format {
 }
 
 /// The registry behind `/metrics`.
-pub(crate) fn registry(pools: Arc<PoolSet>, spans: Arc<SpanCounters>) -> Registry {
+pub(crate) fn registry(
+    pools: Arc<PoolSet>,
+    spans: Arc<SpanCounters>,
+    reloads: Arc<crate::reload::Reloads>,
+) -> Registry {
     let mut registry = Registry::default();
+    registry.register_collector(Box::new(ReloadCollector { reloads }));
     registry.register_collector(Box::new(PoolCollector { pools }));
     // The data plane's runtime, captured here: the admin server that encodes
     // the metrics runs on a runtime of its own.
@@ -59,6 +64,32 @@ pub(crate) fn registry(pools: Arc<PoolSet>, spans: Arc<SpanCounters>) -> Registr
     registry.register_collector(Box::new(ProcessCollector { data_plane }));
     registry.register_collector(Box::new(SpanCollector { spans }));
     registry
+}
+
+/// Config reloads by result, and the hash of the config running now.
+#[derive(Debug)]
+struct ReloadCollector {
+    reloads: Arc<crate::reload::Reloads>,
+}
+
+impl Collector for ReloadCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let r = &self.reloads;
+        let samples = crate::reload::RESULTS
+            .map(|result| ([("result", result)], ConstCounter::new(r.count(result))));
+        family(
+            &mut e,
+            "lessor_config_reloads",
+            "Config reloads (SIGHUP or a change of the file), by result.",
+            samples,
+        )?;
+        family(
+            &mut e,
+            "lessor_config_info",
+            "1, labelled with the hash of the config running now.",
+            [([("hash", r.hash())], ConstGauge::new(1i64))],
+        )
+    }
 }
 
 /// Trace export accounting: a collector that is slow or down shows here as
@@ -150,7 +181,7 @@ fn histogram(
 
 impl Collector for PoolCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let pools: Vec<_> = self.pools.iter().collect();
+        let pools = self.pools.all();
         let up = |name: &str| [("upstream", name.to_owned())];
         let counter = |v: u64| ConstCounter::new(v);
         let gauge = |v: i64| ConstGauge::new(v);

@@ -70,6 +70,7 @@ impl Readiness {
     pub(crate) fn report(&self) -> Report {
         let upstreams: Vec<_> = self
             .pools
+            .all()
             .iter()
             .map(|pool| {
                 let facts = pool.readiness();

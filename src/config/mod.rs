@@ -52,7 +52,7 @@ fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError 
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The gRPC API the application talks to.
@@ -70,7 +70,7 @@ pub struct Config {
 }
 
 /// Where the gRPC API listens and how large a frame it accepts.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GrpcConfig {
     /// `host:port` or `unix:///path`. Default `127.0.0.1:7070`: only the pod's
@@ -123,7 +123,7 @@ impl<'de> Deserialize<'de> for UnixMode {
 }
 
 /// Where the admin HTTP server (`/livez`, `/readyz`, `/metrics`) listens.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Default `0.0.0.0:9090`: the kubelet probes the pod IP.
@@ -245,7 +245,7 @@ pub enum OnAbort {
 }
 
 /// One upstream service and its pool.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(try_from = "RawUpstream")]
 pub struct UpstreamConfig {
     /// What clients put in `Acquire.upstream`; also a metric label.
@@ -282,7 +282,7 @@ pub struct UpstreamConfig {
 /// Where an upstream's endpoints come from. The YAML has three keys for it
 /// (`address`, `discovery.dns`, `discovery.kubernetes`); parsing turns the
 /// one that is set into this, so nothing at run time checks which.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Source {
     /// A static `host:port`; a DNS name resolves at dial time.
     Address(String),
@@ -320,7 +320,7 @@ impl fmt::Display for Source {
 }
 
 /// An upstream as written: its source still as three optional keys.
-#[derive(Deserialize)]
+#[derive(Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
     name: String,
@@ -409,7 +409,7 @@ impl TryFrom<RawUpstream> for UpstreamConfig {
 }
 
 /// The `discovery:` block as written: one of its keys is the source.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 struct DiscoveryConfig {
     dns: Option<DnsDiscovery>,
@@ -417,7 +417,7 @@ struct DiscoveryConfig {
 }
 
 /// DNS discovery.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DnsDiscovery {
     /// The name to resolve (`redis-headless.shop.svc.cluster.local`).
@@ -434,7 +434,7 @@ fn default_dns_refresh() -> Duration {
 }
 
 /// Kubernetes EndpointSlice discovery.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesDiscovery {
     /// The Service whose slices (`kubernetes.io/service-name=SERVICE`) are watched.
@@ -470,7 +470,7 @@ impl fmt::Display for PortRef {
 /// Outlier ejection: an endpoint whose dials or probes fail
 /// `consecutive_failures` times in a row gets no new connections for
 /// `base_ejection`, doubling while it keeps failing, up to `max_ejection`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutlierConfig {
     /// Failures in a row that eject. Default 3.
@@ -494,7 +494,7 @@ impl Default for OutlierConfig {
 }
 
 /// Sizes and timeouts of one upstream's pool.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     /// Most connections open at once, leased or idle. Default 32.
@@ -544,7 +544,7 @@ impl Default for PoolConfig {
 
 /// TCP keepalive timing: a dead peer is noticed after about
 /// `idle + interval * probes` of silence (default 15s + 3 x 5s = 30s).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeepaliveConfig {
     /// Silence before the first probe. Default 15s.
@@ -575,7 +575,7 @@ impl PoolConfig {
 }
 
 /// Health checks of one upstream's connections.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// How often idle connections are checked in the background. Default 5s.
@@ -600,7 +600,7 @@ impl Default for HealthConfig {
 }
 
 /// A send/expect probe: write `send`, read exactly `expect.len()` bytes, compare.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ProbeConfig {
     /// Bytes to write (YAML double-quoted strings take `\r\n`).
@@ -617,7 +617,7 @@ fn default_probe_timeout() -> Duration {
 }
 
 /// Limits on each lease.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LeaseConfig {
     /// A lease older than this is revoked (`LEASE_EXPIRED`). Default 5m.
@@ -653,7 +653,7 @@ impl Default for LeaseConfig {
 }
 
 /// How a SIGTERM drains.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
     /// Longest wait for clients to leave before leases are revoked. Default 20s.
@@ -676,7 +676,7 @@ impl Default for ShutdownConfig {
 }
 
 /// The tokio runtime.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
     /// Worker threads. Default 2: a sidecar must not take every core of a node.
@@ -702,7 +702,7 @@ pub enum OtlpProtocol {
 }
 
 /// OTLP trace export; `OTEL_*` environment variables win over these.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     /// Collector URL; empty turns export off.

@@ -38,7 +38,7 @@ impl Protocol {
 
 /// The Redis session lessor opens on each connection. Credentials never
 /// appear in logs, traces, metrics, `Stats` or errors.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// ACL user (`AUTH user password`); `AUTH password` alone when absent.
@@ -138,7 +138,7 @@ impl OnOpenTransaction {
 
 /// The PostgreSQL session lessor opens on each connection. Credentials never
 /// appear in logs, traces, metrics, `Stats` or errors.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresConfig {
     /// The role to log in as (required).

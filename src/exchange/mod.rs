@@ -181,7 +181,7 @@ pub(crate) async fn exchange(
         lessor.checkout.wait_us = Empty,
     );
     let started = Instant::now();
-    let result = run(pool, request, &span).instrument(span.clone()).await;
+    let result = run(&pool, request, &span).instrument(span.clone()).await;
     let outcome = match &result {
         Ok(_) => "ok",
         Err(e) => {

@@ -37,6 +37,7 @@ impl PoolService {
         let exchange = self
             .ctx
             .pools
+            .all()
             .iter()
             .filter(|p| p.config().protocol == crate::config::Protocol::Redis)
             .map(|p| usize::try_from(p.config().redis.max_frame.as_u64()).unwrap_or(usize::MAX))
@@ -128,7 +129,7 @@ impl pb::pool_server::Pool for PoolService {
         let want = request.into_inner().upstream;
         let pools = &self.ctx.pools;
         let upstreams = if want.is_empty() {
-            pools.iter().map(|p| to_pb(p.snapshot())).collect()
+            pools.all().iter().map(|p| to_pb(p.snapshot())).collect()
         } else {
             let pool = pools.get(&want).ok_or_else(|| {
                 Status::not_found(format!(

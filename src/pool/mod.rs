@@ -142,6 +142,9 @@ pub(crate) struct Pool {
     /// `lessor reconnect`: connections dialed before this instant are
     /// closed at their next return, or at once when idle.
     reconnect_before: std::sync::Mutex<Option<std::time::Instant>>,
+    /// A reload replaced or removed this pool: every connection it still
+    /// has is closed at its return, whenever it was dialed.
+    retired: AtomicBool,
 }
 
 impl Pool {
@@ -172,6 +175,7 @@ impl Pool {
             closed: AtomicBool::new(false),
             paused: tokio::sync::watch::Sender::new(false),
             reconnect_before: std::sync::Mutex::new(None),
+            retired: AtomicBool::new(false),
             tasks: TaskTracker::new(),
         })
     }
@@ -335,12 +339,32 @@ impl Pool {
         self.refill_wanted.notify_one();
     }
 
+    /// Takes the pool out of service after a reload replaced or removed its
+    /// upstream: every connection is replaced (idle ones close now, leased
+    /// ones at their return); checkouts already under way still finish.
+    pub(crate) fn retire(&self) {
+        tracing::info!(upstream = %self.config.name, "pool retired by a reload");
+        self.retired.store(true, Ordering::Release);
+        self.reconnect();
+    }
+
+    /// Waits until the pool is ready (a new pool of a reload), or until
+    /// `deadline`.
+    pub(crate) async fn warm(&self, deadline: tokio::time::Instant) {
+        let mut changes = self.ready_signal.subscribe();
+        while !self.ready() && tokio::time::Instant::now() < deadline {
+            let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
+        }
+    }
+
     /// Whether `lessor reconnect` replaced this connection.
     pub(crate) fn superseded(&self, conn: &Conn) -> bool {
-        self.reconnect_before
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_some_and(|before| conn.born() < before)
+        self.retired.load(Ordering::Acquire)
+            || self
+                .reconnect_before
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_some_and(|before| conn.born() < before)
     }
 
     /// Dials under way now (connections the pool is opening).

@@ -1,8 +1,8 @@
 //! Every configured upstream's pool, looked up by name on each Acquire.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -13,12 +13,56 @@ use super::{Pool, ReadySignal};
 use crate::config::UpstreamConfig;
 use crate::discovery::Resolver;
 
-/// The pools, in configuration order. Immutable after start.
+/// The pools, in configuration order. A reload swaps in a new list (new
+/// and changed upstreams' pools, warmed first); lookups take the current one.
 pub(crate) struct PoolSet {
-    pools: Vec<Arc<Pool>>,
-    by_name: HashMap<String, usize>,
+    current: RwLock<Arc<Pools>>,
     /// Shared by every pool: raised when any pool's readiness may change.
     ready_signal: ReadySignal,
+    /// Connection ids are unique across every pool, old and new.
+    next_conn_id: Arc<AtomicU64>,
+    /// Where pools run, once started: a reload starts new ones there.
+    runner: Mutex<Option<Runner>>,
+    /// Pools a reload replaced or removed, draining: closed at shutdown.
+    retired: Mutex<Vec<Arc<Pool>>>,
+}
+
+/// One list of pools, with its index.
+struct Pools {
+    list: Vec<Arc<Pool>>,
+    by_name: HashMap<String, usize>,
+}
+
+impl Pools {
+    fn new(list: Vec<Arc<Pool>>) -> Self {
+        let by_name = list
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name().to_owned(), i))
+            .collect();
+        Self { list, by_name }
+    }
+}
+
+/// What starting a pool needs.
+#[derive(Clone)]
+struct Runner {
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+    resolver: Arc<dyn Resolver>,
+    /// Each pool's own stop, a child of `cancel`: a retired pool's loops end.
+    stops: HashMap<usize, CancellationToken>,
+}
+
+/// What a reload did to the upstreams.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Reloaded {
+    /// Upstreams that did not exist.
+    pub added: Vec<String>,
+    /// Upstreams whose settings changed (a new pool replaced the old one).
+    pub changed: Vec<String>,
+    /// Upstreams no longer configured.
+    pub removed: Vec<String>,
 }
 
 impl PoolSet {
@@ -31,16 +75,20 @@ impl PoolSet {
             .iter()
             .map(|u| Pool::new(u.clone(), next_conn_id.clone(), ready_signal.clone()))
             .collect();
-        let by_name = pools
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.name().to_owned(), i))
-            .collect();
         Self {
-            pools,
-            by_name,
+            current: RwLock::new(Arc::new(Pools::new(pools))),
             ready_signal,
+            next_conn_id,
+            runner: Mutex::new(None),
+            retired: Mutex::new(Vec::new()),
         }
+    }
+
+    fn current(&self) -> Arc<Pools> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Changes whenever some pool's readiness may have changed (or
@@ -63,45 +111,167 @@ impl PoolSet {
         cancel: &CancellationToken,
         resolver: Arc<dyn Resolver>,
     ) {
-        for pool in &self.pools {
-            crate::discovery::start(
-                pool.config(),
-                pool.endpoints().clone(),
-                resolver.clone(),
-                tracker,
-                cancel,
-            );
-            tracker.spawn(pool.clone().maintain(cancel.clone()));
+        let mut runner = Runner {
+            tracker: tracker.clone(),
+            cancel: cancel.clone(),
+            resolver,
+            stops: HashMap::new(),
+        };
+        for pool in &self.current().list {
+            runner.run(pool);
         }
+        *self.runner.lock().unwrap_or_else(PoisonError::into_inner) = Some(runner);
     }
 
     /// The pool named `name`.
-    pub(crate) fn get(&self, name: &str) -> Option<&Arc<Pool>> {
-        self.by_name.get(name).map(|&i| &self.pools[i])
+    pub(crate) fn get(&self, name: &str) -> Option<Arc<Pool>> {
+        let current = self.current();
+        current.by_name.get(name).map(|&i| current.list[i].clone())
     }
 
     /// All pools, in configuration order.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<Pool>> {
-        self.pools.iter()
+    pub(crate) fn all(&self) -> Vec<Arc<Pool>> {
+        self.current().list.clone()
     }
 
     /// The configured names, in order.
-    pub(crate) fn names(&self) -> Vec<&str> {
-        self.pools.iter().map(|p| p.name()).collect()
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.current()
+            .list
+            .iter()
+            .map(|p| p.name().to_owned())
+            .collect()
+    }
+
+    /// Applies a reloaded list of upstreams: a pool for each new or changed
+    /// upstream is started and warmed (until ready, or `warm_for`) before it
+    /// takes the name; an unchanged upstream keeps its pool and
+    /// connections; a replaced or removed pool drains: its idle connections
+    /// close now, its leased ones when their lease ends.
+    pub(crate) async fn reload(
+        &self,
+        upstreams: &[UpstreamConfig],
+        warm_for: std::time::Duration,
+    ) -> Reloaded {
+        let old = self.current();
+        let mut done = Reloaded::default();
+        let mut list = Vec::with_capacity(upstreams.len());
+        let mut fresh = Vec::new();
+        for u in upstreams {
+            match old.by_name.get(&u.name).map(|&i| &old.list[i]) {
+                Some(pool) if pool.config() == u => list.push(pool.clone()),
+                existing => {
+                    let pool = Pool::new(
+                        u.clone(),
+                        self.next_conn_id.clone(),
+                        self.ready_signal.clone(),
+                    );
+                    if existing.is_some() {
+                        done.changed.push(u.name.clone());
+                    } else {
+                        done.added.push(u.name.clone());
+                    }
+                    fresh.push(pool.clone());
+                    list.push(pool);
+                }
+            }
+        }
+        let runner = self
+            .runner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(mut runner) = runner {
+            for pool in &fresh {
+                runner.run(pool);
+            }
+            let deadline = tokio::time::Instant::now() + warm_for;
+            for pool in &fresh {
+                pool.warm(deadline).await;
+            }
+            if let Some(r) = self
+                .runner
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_mut()
+            {
+                r.stops.extend(runner.stops.drain());
+            }
+        }
+        let kept: std::collections::HashSet<*const Pool> =
+            list.iter().map(Arc::as_ptr).collect();
+        let gone: Vec<Arc<Pool>> = old
+            .list
+            .iter()
+            .filter(|p| !kept.contains(&Arc::as_ptr(p)))
+            .cloned()
+            .collect();
+        for pool in &gone {
+            if !upstreams.iter().any(|u| u.name == pool.name()) {
+                done.removed.push(pool.name().to_owned());
+            }
+        }
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(Pools::new(list));
+        for pool in gone {
+            if let Some(stop) = self
+                .runner
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_mut()
+                .and_then(|r| r.stops.remove(&(Arc::as_ptr(&pool) as usize)))
+            {
+                stop.cancel();
+            }
+            pool.retire();
+            self.retired
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(pool);
+        }
+        self.signal_readiness();
+        done
     }
 
     /// Waits for every pool's background probes (after [`PoolSet::close`]).
     pub(crate) async fn wait_tasks(&self) {
-        for pool in &self.pools {
+        for pool in self.all_with_retired() {
             pool.wait_tasks().await;
         }
     }
 
-    /// Closes every pool (shutdown).
+    /// Closes every pool, retired ones included (shutdown).
     pub(crate) fn close(&self) {
-        for pool in &self.pools {
+        for pool in self.all_with_retired() {
             pool.close();
         }
+    }
+
+    fn all_with_retired(&self) -> Vec<Arc<Pool>> {
+        let mut all = self.all();
+        all.extend(
+            self.retired
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .cloned(),
+        );
+        all
+    }
+}
+
+impl Runner {
+    /// Starts `pool`'s discovery and maintenance under a stop of its own.
+    fn run(&mut self, pool: &Arc<Pool>) {
+        let stop = self.cancel.child_token();
+        crate::discovery::start(
+            pool.config(),
+            pool.endpoints().clone(),
+            self.resolver.clone(),
+            &self.tracker,
+            &stop,
+        );
+        self.tracker.spawn(pool.clone().maintain(stop.clone()));
+        self.stops.insert(Arc::as_ptr(pool) as usize, stop);
     }
 }
 

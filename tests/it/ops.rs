@@ -338,3 +338,187 @@ async fn ops_wait_shutdown_and_min_delay() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("not ready within"), "{out}");
 }
+
+fn reload_yaml(redis: &Redis, max_size: u32, extra: bool) -> String {
+    let mut yaml = format!(
+        "upstreams:\n  - name: cache\n    address: \"{}\"\n    pool: {{ max_size: {max_size}, min_idle: 1, checkout_timeout: 10s }}\n",
+        redis.addr()
+    );
+    if extra {
+        yaml.push_str(&format!(
+            "  - name: extra\n    address: \"{}\"\n    protocol: redis\n    pool: {{ min_idle: 1 }}\n",
+            redis.addr()
+        ));
+    }
+    yaml
+}
+
+async fn metric(admin: &str, line_start: &str) -> Option<String> {
+    let body = http::fetch(admin, "/metrics", None).await.ok()?.body;
+    body.lines()
+        .find(|l| l.starts_with(line_start))
+        .map(str::to_owned)
+}
+
+/// Hot reload against a real `lessor serve`: `max_size` grows and shrinks
+/// under load without a failed lease; an upstream is added (warm before it
+/// counts) and removed with a live lease (which finishes, its connection
+/// closed); an invalid file and a setting that needs a restart are refused
+/// and reported, and the file is watched without SIGHUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_hot_reload() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let served = Served::start(&reload_yaml(&redis, 2, false)).await;
+    let client = served.client().await;
+    let admin = served.admin.clone();
+
+    // Load: two loops of lease cycles through every reload below.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load: Vec<_> = (0..2)
+        .map(|_| {
+            let client = client.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut done = 0u64;
+                while !stop.is_cancelled() {
+                    let mut lease = client.lease("cache", &LeaseOptions::default()).await?;
+                    lease.send(&b"PING\r\n"[..]).await?;
+                    lease.recv_at_least(7).await?;
+                    lease
+                        .release(lessor_client::pb::Disposition::Return)
+                        .await?;
+                    done += 1;
+                }
+                Ok::<u64, ClientError>(done)
+            })
+        })
+        .collect();
+
+    // Grow, by SIGHUP.
+    served.rewrite(&reload_yaml(&redis, 6, false));
+    served.signal("HUP");
+    eventually("max_size 6", || async {
+        client.stats("cache").await.unwrap()[0].max_size == 6
+    })
+    .await;
+    // Room for more than the old size at once.
+    let options = LeaseOptions::default();
+    let held: Vec<_> = futures::future::join_all((0..4).map(|_| client.lease("cache", &options)))
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    drop(held);
+    // Shrink, by rewriting the file only: the watch sees it.
+    served.rewrite(&reload_yaml(&redis, 1, false));
+    eventually("max_size 1", || async {
+        client.stats("cache").await.unwrap()[0].max_size == 1
+    })
+    .await;
+    stop.cancel();
+    for task in load {
+        let done = task
+            .await
+            .unwrap()
+            .expect("no lease failed across the reloads");
+        assert!(done > 0);
+    }
+    eventually("reloads counted", || async {
+        metric(&admin, "lessor_config_reloads_total{result=\"ok\"}")
+            .await
+            .is_some_and(|l| l.ends_with(" 2"))
+    })
+    .await;
+
+    // Add an upstream; it is ready when it takes its name.
+    served.rewrite(&reload_yaml(&redis, 1, true));
+    served.signal("HUP");
+    eventually("the new upstream", || async {
+        client
+            .stats("")
+            .await
+            .unwrap()
+            .iter()
+            .any(|s| s.name == "extra")
+    })
+    .await;
+    let readyz = http::fetch(&admin, "/readyz", None).await.unwrap();
+    assert_eq!(readyz.status, 200, "{}", readyz.body);
+    let mut live = client
+        .lease("extra", &LeaseOptions::default())
+        .await
+        .unwrap();
+    // Remove it while the lease lives: new leases are refused, the live one
+    // finishes, and its connection is closed.
+    served.rewrite(&reload_yaml(&redis, 1, false));
+    served.signal("HUP");
+    eventually("the upstream to be gone", || async {
+        !client
+            .stats("")
+            .await
+            .unwrap()
+            .iter()
+            .any(|s| s.name == "extra")
+    })
+    .await;
+    match client.lease("extra", &LeaseOptions::default()).await {
+        Err(ClientError::Status(s)) => assert_eq!(s.code(), Code::NotFound, "{s:?}"),
+        other => panic!("{other:?}"),
+    }
+    live.send(&b"PING\r\n"[..]).await.unwrap();
+    assert_eq!(&live.recv_at_least(7).await.unwrap()[..], b"+PONG\r\n");
+    let ended = live
+        .release(lessor_client::pb::Disposition::Return)
+        .await
+        .unwrap();
+    assert_eq!(
+        ended.disposition(),
+        lessor_client::pb::Disposition::Evict,
+        "{ended:?}"
+    );
+
+    // An invalid file: refused with its field, nothing changes.
+    let hash = metric(&admin, "lessor_config_info").await.unwrap();
+    served.rewrite(&reload_yaml(&redis, 0, false));
+    served.signal("HUP");
+    eventually("the invalid reload to be reported", || async {
+        served
+            .stdout()
+            .contains("upstreams[0].pool.max_size: must be at least 1")
+    })
+    .await;
+    assert_eq!(
+        metric(&admin, "lessor_config_reloads_total{result=\"invalid\"}")
+            .await
+            .unwrap(),
+        "lessor_config_reloads_total{result=\"invalid\"} 1"
+    );
+    assert_eq!(client.stats("cache").await.unwrap()[0].max_size, 1);
+    assert_ne!(metric(&admin, "lessor_config_info").await.unwrap(), hash);
+
+    // A setting that needs a restart: reported, the rest applied.
+    served.rewrite(&format!(
+        "runtime: {{ worker_threads: 3 }}\n{}",
+        reload_yaml(&redis, 3, false)
+    ));
+    served.signal("HUP");
+    eventually("max_size 3", || async {
+        client.stats("cache").await.unwrap()[0].max_size == 3
+    })
+    .await;
+    assert!(
+        served.stdout().contains("these settings need a restart"),
+        "{}",
+        served.stdout()
+    );
+    assert!(
+        metric(
+            &admin,
+            "lessor_config_reloads_total{result=\"restart_required\"}"
+        )
+        .await
+        .is_some_and(|l| l.ends_with(" 1"))
+    );
+}

@@ -15,6 +15,8 @@ pub struct Served {
     pub admin: String,
     /// The control endpoints' `127.0.0.1:port`.
     pub control: String,
+    /// The listen lines every version of its config file starts with.
+    prefix: String,
     dir: tempfile::TempDir,
 }
 
@@ -68,9 +70,10 @@ impl Served {
         );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lessor.yaml");
-        let full = format!(
-            "grpc: {{ listen: \"{grpc}\" }}\nadmin: {{ listen: \"{admin}\", control_listen: \"{control}\" }}\n{yaml}"
+        let prefix = format!(
+            "grpc: {{ listen: \"{grpc}\" }}\nadmin: {{ listen: \"{admin}\", control_listen: \"{control}\" }}\n"
         );
+        let full = format!("{prefix}{yaml}");
         std::fs::write(&path, full).unwrap();
         let stdout = std::fs::File::create(dir.path().join("stdout")).unwrap();
         let mut command = command(env!("CARGO_BIN_EXE_lessor"));
@@ -94,6 +97,7 @@ impl Served {
             grpc,
             admin,
             control,
+            prefix,
             dir,
         };
         let deadline = tokio::time::Instant::now() + super::PATIENCE;
@@ -114,6 +118,15 @@ impl Served {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("lessor serve did not come up:\n{}", served.stdout());
+    }
+
+    /// Replaces the config file's content after the listen lines (the way
+    /// a ConfigMap update lands: a new file renamed over the old one).
+    pub fn rewrite(&self, yaml: &str) {
+        let path = self.dir.path().join("lessor.yaml");
+        let next = self.dir.path().join("lessor.yaml.next");
+        std::fs::write(&next, format!("{}{yaml}", self.prefix)).unwrap();
+        std::fs::rename(&next, &path).unwrap();
     }
 
     /// What the process wrote to stdout so far.
