@@ -396,6 +396,9 @@ def test_secrets_are_mounted_read_only_and_stay_out_of_the_config():
         config = one(docs, "ConfigMap")["data"]["lessor.yaml"]
         assert "/var/run/secrets/pg/password" in config
         assert "password:" not in config.replace("password_file:", "").replace("password_env:", "")
+    text = notes(values)
+    assert "Secret orders-db at /var/run/secrets/pg" in text
+    assert "password_file" in notes()
     # And lessor accepts the rendered config's shape (the file itself only
     # exists in the pod: check-config must name it, not crash).
     rendered = yaml.safe_load(one(render(values), "ConfigMap")["data"]["lessor.yaml"])
