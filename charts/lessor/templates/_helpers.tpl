@@ -142,6 +142,10 @@ sidecar.native (with restartPolicy: Always), else under containers. */}}
     {{- with .Values.sidecar.extraVolumeMounts }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
+  {{- with .Values.sidecar.lifecycle }}
+  lifecycle:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   {{- with .Values.sidecar.probes }}
   startupProbe:
     {{- toYaml .startup | nindent 4 }}

@@ -374,6 +374,7 @@ def test_secrets_are_mounted_read_only_and_stay_out_of_the_config():
             "envFrom": [{"secretRef": {"name": "redis-credentials"}}],
             "extraVolumes": [{"name": "ca", "configMap": {"name": "db-ca"}}],
             "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/ssl/db", "readOnly": True}],
+            "lifecycle": {"preStop": {"exec": {"command": ["lessor", "shutdown"]}}},
         },
     }
     for native in [True, False]:
@@ -392,6 +393,7 @@ def test_secrets_are_mounted_read_only_and_stay_out_of_the_config():
         assert secret["defaultMode"] == 0o440
         assert "ca" in volumes and mounts["/etc/ssl/db"]["name"] == "ca"
         assert container["envFrom"] == [{"secretRef": {"name": "redis-credentials"}}]
+        assert container["lifecycle"]["preStop"]["exec"]["command"] == ["lessor", "shutdown"]
         # The ConfigMap names where the password is, never what it is.
         config = one(docs, "ConfigMap")["data"]["lessor.yaml"]
         assert "/var/run/secrets/pg/password" in config
