@@ -34,7 +34,7 @@ pub(crate) struct Reloads {
 
 impl Reloads {
     /// Accounting for a sidecar started from `path` (none: no file).
-    pub(crate) fn new(_config: &Config, path: Option<&Path>) -> Self {
+    pub(crate) fn new(path: Option<&Path>) -> Self {
         let hash = path
             .and_then(|p| std::fs::read(p).ok())
             .map(|bytes| digest(&bytes))

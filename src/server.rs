@@ -352,10 +352,7 @@ pub async fn run_with(
         background.clone(),
     ));
     let leases = Arc::new(crate::lease::registry::Leases::default());
-    let reloads = Arc::new(crate::reload::Reloads::new(
-        &config,
-        options.config_path.as_deref(),
-    ));
+    let reloads = Arc::new(crate::reload::Reloads::new(options.config_path.as_deref()));
     if let Some(path) = options.config_path.clone() {
         tracker.spawn(crate::reload::watch(
             path,

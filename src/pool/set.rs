@@ -198,8 +198,7 @@ impl PoolSet {
                 r.stops.extend(runner.stops.drain());
             }
         }
-        let kept: std::collections::HashSet<*const Pool> =
-            list.iter().map(Arc::as_ptr).collect();
+        let kept: std::collections::HashSet<*const Pool> = list.iter().map(Arc::as_ptr).collect();
         let gone: Vec<Arc<Pool>> = old
             .list
             .iter()

@@ -573,6 +573,22 @@ async fn pg_exchange_answers_whole_queries_and_cleans_up(engine: EngineKind) {
     frontend::sync(&mut batch);
     let reply = exchange(client, batch.freeze()).await.unwrap();
     assert_eq!(reply.rows, [Some("42".to_owned())]);
+    // A reply past its deadline: DEADLINE_EXCEEDED, the connection closed.
+    let slow = client
+        .exchange(
+            "up",
+            query_message("SELECT pg_sleep(5)"),
+            Some(std::time::Duration::from_millis(200)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(slow.code(), Some(Code::DeadlineExceeded), "{slow}");
+    let reply = exchange(client, query_message("SELECT 2")).await.unwrap();
+    assert_eq!(
+        reply.rows,
+        [Some("2".to_owned())],
+        "a new connection serves"
+    );
     // Refused before anything is sent.
     let mut startup = BytesMut::new();
     frontend::startup_message([("user", "postgres")], &mut startup).unwrap();
@@ -591,6 +607,11 @@ async fn pg_exchange_answers_whole_queries_and_cleans_up(engine: EngineKind) {
     let stats = lessor.stats("up").await;
     assert_eq!(evictions(&stats, "dirty"), 0, "{stats:#?}");
     assert_eq!(evictions(&stats, "upstream_closed"), 0, "{stats:#?}");
+    assert_eq!(
+        evictions(&stats, "lease_expired"),
+        1,
+        "the slow one: {stats:#?}"
+    );
     lessor.assert_accounted().await;
 }
 
