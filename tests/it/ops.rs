@@ -308,7 +308,7 @@ async fn ops_wait_shutdown_and_min_delay() {
         return;
     };
     let mut served = Served::start(&format!(
-        "shutdown: {{ grace: 5s, min_delay: 3s }}\nupstreams:\n  - name: cache\n    address: \"{}\"\n    pool: {{ min_idle: 1 }}\n",
+        "shutdown: {{ grace: 5s, min_delay: 6s }}\nupstreams:\n  - name: cache\n    address: \"{}\"\n    pool: {{ min_idle: 1 }}\n",
         redis.addr()
     ))
     .await;
@@ -327,7 +327,10 @@ async fn ops_wait_shutdown_and_min_delay() {
     let late = served.client().await;
     assert_eq!(late.stats("cache").await.unwrap()[0].name, "cache");
     drop(late);
-    assert_eq!(served.exit_code(PATIENCE).await, Some(0));
+    assert_eq!(
+        served.exit_code(PATIENCE + Duration::from_secs(6)).await,
+        Some(0)
+    );
 
     // An upstream that never answers: not ready, and `wait` says so.
     let unready = Served::start(

@@ -456,7 +456,6 @@ async fn pg_cancel_stops_a_running_query(engine: EngineKind) {
         .unwrap();
     // The query must be running before the cancel can stop it: the
     // CancelRequest of an idle session is ignored. Cancel until it lands.
-    let started = tokio::time::Instant::now();
     let reply = loop {
         assert!(!client.cancel(&lease_id).await.unwrap().is_empty());
         let mut buf = BytesMut::new();
@@ -480,7 +479,6 @@ async fn pg_cancel_stops_a_running_query(engine: EngineKind) {
         Some("57014"),
         "query_canceled: {reply:?}"
     );
-    assert!(started.elapsed() < std::time::Duration::from_secs(10));
     lease.release(Disposition::Return).await.unwrap();
     let mut next = next_lease_on(client, id).await;
     assert_eq!(query(&mut next, "SELECT 1").await.status, b'I');
