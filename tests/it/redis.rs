@@ -60,7 +60,10 @@ async fn redis_commands_through_a_lease_with_ping_probe(engine: EngineKind) {
 }
 
 async fn redis_client_kill_is_caught_on_checkout(engine: EngineKind) {
-    let Some((redis, lessor)) = start(engine, "pool: { min_idle: 2 }", "1h").await else {
+    // max_size 2: both leases below need both slots, so both killed sockets
+    // are vetted by checkouts, whatever order a refill puts fresh ones in.
+    let Some((redis, lessor)) = start(engine, "pool: { max_size: 2, min_idle: 2 }", "1h").await
+    else {
         return;
     };
     lessor.wait_for("min_idle", |s| s.idle == 2).await;
@@ -75,12 +78,18 @@ async fn redis_client_kill_is_caught_on_checkout(engine: EngineKind) {
         .await
         .unwrap();
     assert_eq!(reply, b":2\r\n", "{}", String::from_utf8_lossy(&reply));
-    // Once the FINs have landed, the checkout must skip both.
+    // Once the FINs have landed, checkouts must skip both.
     wait_close_wait(port_of(&redis.addr()), 2).await;
-    let mut lease = lessor.lease().await.unwrap();
-    lease.send("PING\r\n").await.unwrap();
-    assert_eq!(lease.recv_at_least(7).await.unwrap(), "+PONG\r\n");
-    lease.release(Disposition::Return).await.unwrap();
+    let mut leases = Vec::new();
+    for _ in 0..2 {
+        let mut lease = lessor.lease().await.unwrap();
+        lease.send("PING\r\n").await.unwrap();
+        assert_eq!(lease.recv_at_least(7).await.unwrap(), "+PONG\r\n");
+        leases.push(lease);
+    }
+    for lease in leases {
+        lease.release(Disposition::Return).await.unwrap();
+    }
     let s = lessor.stats("up").await;
     assert_eq!(evictions(&s, "health_check"), 2, "{s:#?}");
     assert_eq!(s.health_check_failures, 2);
