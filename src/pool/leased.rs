@@ -56,7 +56,7 @@ impl Leased {
             self.pool.evict(conn, EvictReason::EndpointRemoved);
             return false;
         }
-        if self.pool.superseded(&conn) {
+        if self.pool.is_retired() || self.pool.superseded(&conn) {
             self.pool.evict(conn, EvictReason::Reconnect);
             return false;
         }

@@ -359,12 +359,17 @@ impl Pool {
 
     /// Whether `lessor reconnect` replaced this connection.
     pub(crate) fn superseded(&self, conn: &Conn) -> bool {
+        self.reconnect_before
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|before| conn.born() < before)
+    }
+
+    /// Whether a reload retired this pool: a connection coming back is
+    /// closed, whenever it was dialed (a checkout that was already under way
+    /// at the swap still gets one, and uses it once).
+    pub(crate) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
-            || self
-                .reconnect_before
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .is_some_and(|before| conn.born() < before)
     }
 
     /// Dials under way now (connections the pool is opening).
