@@ -356,6 +356,14 @@ fn reload_yaml(redis: &Redis, max_size: u32, extra: bool) -> String {
     yaml
 }
 
+/// The value of the first sample line starting with `line_start`.
+async fn metric_value(admin: &str, line_start: &str) -> u64 {
+    metric(admin, line_start)
+        .await
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 async fn metric(admin: &str, line_start: &str) -> Option<String> {
     let body = http::fetch(admin, "/metrics", None).await.ok()?.body;
     body.lines()
@@ -428,10 +436,9 @@ async fn ops_hot_reload() {
             .expect("no lease failed across the reloads");
         assert!(done > 0);
     }
+    // At least one per change (a poll and a SIGHUP may both see one).
     eventually("reloads counted", || async {
-        metric(&admin, "lessor_config_reloads_total{result=\"ok\"}")
-            .await
-            .is_some_and(|l| l.ends_with(" 2"))
+        metric_value(&admin, "lessor_config_reloads_total{result=\"ok\"}").await >= 2
     })
     .await;
 
@@ -492,12 +499,7 @@ async fn ops_hot_reload() {
             .contains("upstreams[0].pool.max_size: must be at least 1")
     })
     .await;
-    assert_eq!(
-        metric(&admin, "lessor_config_reloads_total{result=\"invalid\"}")
-            .await
-            .unwrap(),
-        "lessor_config_reloads_total{result=\"invalid\"} 1"
-    );
+    assert!(metric_value(&admin, "lessor_config_reloads_total{result=\"invalid\"}").await >= 1);
     assert_eq!(client.stats("cache").await.unwrap()[0].max_size, 1);
     assert_ne!(metric(&admin, "lessor_config_info").await.unwrap(), hash);
 
@@ -516,12 +518,6 @@ async fn ops_hot_reload() {
         "{}",
         served.stdout()
     );
-    assert!(
-        metric(
-            &admin,
-            "lessor_config_reloads_total{result=\"restart_required\"}"
-        )
-        .await
-        .is_some_and(|l| l.ends_with(" 1"))
-    );
+    let restart = "lessor_config_reloads_total{result=\"restart_required\"}";
+    assert!(metric_value(&admin, restart).await >= 1);
 }
