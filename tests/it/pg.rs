@@ -243,7 +243,7 @@ async fn pg_startup_failures_are_clear_unavailable_errors(engine: EngineKind) {
         .unwrap();
     let mut held = Vec::new();
     for _ in 0..2 {
-        held.push(full.connect("trustuser", None).await);
+        held.push(full.connect_retrying("trustuser").await);
     }
     let message = failure(lessor(&full, engine, &dir, "trustuser", None, "").await).await;
     assert!(message.contains("53300"), "{message}");

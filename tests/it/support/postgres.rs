@@ -123,6 +123,31 @@ impl Postgres {
         // restart waits for the data directory's lock instead.
     }
 
+    /// A connection of the tests' own, retried while the server refuses it
+    /// (a slot freed by a closed session frees a moment after the close).
+    pub async fn connect_retrying(&self, user: &str) -> tokio_postgres::Client {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let mut config = tokio_postgres::Config::new();
+            config
+                .host("127.0.0.1")
+                .port(self.port)
+                .user(user)
+                .dbname("app");
+            match config.connect(tokio_postgres::NoTls).await {
+                Ok((client, connection)) => {
+                    tokio::spawn(connection);
+                    return client;
+                }
+                Err(e) => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "connect as {user}: {e:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A connection of the tests' own (tokio-postgres), as `user`.
     pub async fn connect(&self, user: &str, password: Option<&str>) -> tokio_postgres::Client {
         let mut config = tokio_postgres::Config::new();
