@@ -15,11 +15,13 @@
 //! connection lost) drops the guard, which finishes the lease. One watchdog
 //! task per server covers the moments hyper does not poll.
 
+pub(crate) mod error;
 pub(crate) mod guard;
 pub(crate) mod pump;
 pub(crate) mod registry;
 pub(crate) mod state;
 pub(crate) mod watchdog;
 
-pub(crate) use pump::{InboundError, LeaseContext, LeaseError, clamp_ms, lease_span, lease_stream};
+pub(crate) use error::{InboundError, LeaseError};
+pub(crate) use pump::{LeaseContext, clamp_ms, lease_span, lease_stream};
 pub(crate) use state::Fate;

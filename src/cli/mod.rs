@@ -9,6 +9,12 @@ use bytes::Bytes;
 use lessor_client::pb::{Disposition, UpstreamStats};
 use lessor_client::{Client, ClientError, LeaseOptions};
 
+mod admin;
+mod postgres;
+
+pub use admin::{AdminCommandError, control, leases, wait_ready};
+pub use postgres::render_postgres;
+
 /// Turns `PING\r\n` (as typed in a shell) into bytes: `\r \n \t \0 \\ \xNN`.
 pub fn unescape(text: &str) -> Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(text.len());
@@ -436,105 +442,6 @@ pub async fn exchange(
     Ok(())
 }
 
-/// PostgreSQL backend messages as psql prints them: each result set as an
-/// aligned table with its row count, each command's tag, errors and
-/// notices with their SQLSTATE.
-pub fn render_postgres(bytes: &[u8]) -> String {
-    use fallible_iterator::FallibleIterator;
-    use postgres_protocol::message::backend::Message;
-    let mut buf = bytes::BytesMut::from(bytes);
-    let mut out = String::new();
-    let mut columns: Vec<String> = Vec::new();
-    let mut rows: Vec<Vec<String>> = Vec::new();
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    while let Ok(Some(message)) = Message::parse(&mut buf) {
-        match message {
-            Message::RowDescription(body) => {
-                columns = body
-                    .fields()
-                    .map(|f| Ok(f.name().to_owned()))
-                    .collect()
-                    .unwrap_or_default();
-                rows.clear();
-            }
-            Message::DataRow(body) => {
-                let row = body
-                    .ranges()
-                    .map(|r| Ok(r.map_or_else(String::new, |r| text(&body.buffer()[r]))))
-                    .collect()
-                    .unwrap_or_default();
-                rows.push(row);
-            }
-            Message::CommandComplete(body) => {
-                let tag = body.tag().unwrap_or_default().to_owned();
-                if columns.is_empty() {
-                    out.push_str(&tag);
-                    out.push('\n');
-                } else {
-                    out.push_str(&aligned(&columns, &rows));
-                    columns.clear();
-                    rows.clear();
-                }
-            }
-            Message::ErrorResponse(body) => {
-                out.push_str(&server_message(body.fields()));
-                columns.clear();
-            }
-            Message::NoticeResponse(body) => out.push_str(&server_message(body.fields())),
-            Message::EmptyQueryResponse => out.push_str("(empty query)\n"),
-            _ => {}
-        }
-    }
-    out
-}
-
-/// An ErrorResponse or NoticeResponse as one line.
-fn server_message(mut fields: postgres_protocol::message::backend::ErrorFields<'_>) -> String {
-    use fallible_iterator::FallibleIterator;
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    let (mut severity, mut code, mut message) = (String::new(), String::new(), String::new());
-    while let Ok(Some(f)) = fields.next() {
-        match f.type_() {
-            b'S' => severity = text(f.value_bytes()),
-            b'C' => code = text(f.value_bytes()),
-            b'M' => message = text(f.value_bytes()),
-            _ => {}
-        }
-    }
-    format!("{severity}:  {message} (SQLSTATE {code})\n")
-}
-
-/// One result set, psql's aligned format.
-fn aligned(columns: &[String], rows: &[Vec<String>]) -> String {
-    let width = |i: usize| {
-        rows.iter()
-            .filter_map(|r| r.get(i))
-            .chain(std::iter::once(&columns[i]))
-            .map(|v| v.chars().count())
-            .max()
-            .unwrap_or(0)
-    };
-    let widths: Vec<usize> = (0..columns.len()).map(width).collect();
-    let line = |cells: &[String]| {
-        let cells: Vec<String> = widths
-            .iter()
-            .enumerate()
-            .map(|(i, w)| format!(" {:<w$} ", cells.get(i).map_or("", String::as_str)))
-            .collect();
-        format!("{}\n", cells.join("|").trim_end())
-    };
-    let mut out = line(columns);
-    let dashes: Vec<String> = widths.iter().map(|w| "-".repeat(w + 2)).collect();
-    out.push_str(&dashes.join("+"));
-    out.push('\n');
-    for row in rows {
-        out.push_str(&line(row));
-    }
-    let n = rows.len();
-    out.push_str(&format!("({n} {})\n", if n == 1 { "row" } else { "rows" }));
-    out
-}
-
 /// Why `lessor exchange` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeCommandError {
@@ -643,105 +550,4 @@ mod tests {
             "OK\n(integer) 3\n(nil)\n1) \"a\"\n2) 1) (integer) 1\n(error) ERR no\n1) k\n2) (true)\nxyz\n"
         );
     }
-}
-
-/// Why a command against the admin server failed.
-#[derive(Debug, thiserror::Error)]
-pub enum AdminCommandError {
-    /// The admin server could not be reached.
-    #[error("cannot reach lessor's admin server at {addr}: {source}")]
-    Unreachable {
-        /// The address tried.
-        addr: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// It answered with an error.
-    #[error("lessor answered {status}: {body}")]
-    Refused {
-        /// The HTTP status.
-        status: u16,
-        /// Its explanation.
-        body: String,
-    },
-    /// `lessor wait` ran out of time.
-    #[error("not ready within {0:?}")]
-    NotReady(Duration),
-}
-
-/// Runs `lessor leases`: the live leases from `/debug/leases` on the admin
-/// address, as the table (or JSON) the endpoint renders.
-pub async fn leases(
-    admin: &str,
-    upstream: Option<&str>,
-    older_than: Option<Duration>,
-    json: bool,
-) -> Result<String, AdminCommandError> {
-    let mut query = Vec::new();
-    if json {
-        query.push("format=json".to_owned());
-    }
-    if let Some(upstream) = upstream {
-        query.push(format!("upstream={upstream}"));
-    }
-    if let Some(age) = older_than {
-        query.push(format!("older_than={}ms", age.as_millis()));
-    }
-    let path = format!("/debug/leases?{}", query.join("&"));
-    admin_get(admin, &path).await
-}
-
-/// Runs `lessor wait`: polls `/readyz` until it answers 200, for an
-/// application's entrypoint or an init container.
-pub async fn wait_ready(admin: &str, timeout: Duration) -> Result<(), AdminCommandError> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Ok(got) = crate::admin::fetch(admin, "/readyz").await
-            && got.status == 200
-        {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(AdminCommandError::NotReady(timeout));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Runs `lessor pause|resume|reconnect [UPSTREAM]` and `lessor shutdown`:
-/// a POST to the control address (`admin.control_listen`); returns what
-/// lessor did.
-pub async fn control(
-    control: &str,
-    action: &str,
-    upstream: Option<&str>,
-) -> Result<String, AdminCommandError> {
-    let path = match upstream {
-        Some(u) => format!("/admin/{action}?upstream={u}"),
-        None => format!("/admin/{action}"),
-    };
-    admin_call(control, "POST", &path).await
-}
-
-/// GET on the admin server; the body when the status is 200.
-async fn admin_get(admin: &str, path: &str) -> Result<String, AdminCommandError> {
-    admin_call(admin, "GET", path).await
-}
-
-/// One request to the admin or control address; the body when the status
-/// is 200.
-async fn admin_call(admin: &str, method: &str, path: &str) -> Result<String, AdminCommandError> {
-    let got = crate::admin::request(admin, method, path)
-        .await
-        .map_err(|source| AdminCommandError::Unreachable {
-            addr: admin.to_owned(),
-            source,
-        })?;
-    if got.status != 200 {
-        return Err(AdminCommandError::Refused {
-            status: got.status,
-            body: got.body.trim_end().to_owned(),
-        });
-    }
-    Ok(got.body)
 }
