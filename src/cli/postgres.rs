@@ -53,20 +53,10 @@ pub fn render_postgres(bytes: &[u8]) -> String {
     out
 }
 
-/// An ErrorResponse or NoticeResponse as one line.
-fn server_message(mut fields: postgres_protocol::message::backend::ErrorFields<'_>) -> String {
-    use fallible_iterator::FallibleIterator;
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    let (mut severity, mut code, mut message) = (String::new(), String::new(), String::new());
-    while let Ok(Some(f)) = fields.next() {
-        match f.type_() {
-            b'S' => severity = text(f.value_bytes()),
-            b'C' => code = text(f.value_bytes()),
-            b'M' => message = text(f.value_bytes()),
-            _ => {}
-        }
-    }
-    format!("{severity}:  {message} (SQLSTATE {code})\n")
+/// An ErrorResponse or NoticeResponse as one line, psql's way.
+fn server_message(fields: postgres_protocol::message::backend::ErrorFields<'_>) -> String {
+    let e = crate::protocol::postgres::handshake::ServerError::from_fields(fields);
+    format!("{}:  {} (SQLSTATE {})\n", e.severity, e.message, e.code)
 }
 
 /// One result set, psql's aligned format.

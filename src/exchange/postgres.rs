@@ -17,8 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::{ExchangeError, ExchangeReply, ExchangeRequest, checkout};
 use crate::config::{OnOpenTransaction, PostgresConfig};
 use crate::pool::{EvictReason, Leased, Pool};
-use crate::protocol::note_reported;
 use crate::protocol::postgres::session::{PgSession, Reset};
+use crate::protocol::{Restore, note_reported};
 
 /// Frontend messages an Exchange may carry.
 fn refused(tag: u8) -> Option<&'static str> {
@@ -117,27 +117,40 @@ pub(super) async fn run(
             });
             Err(e)
         }
-        Ok(Ok((reply, rest, status))) => {
-            if status != b'I' && cfg.on_open_transaction == OnOpenTransaction::Evict {
+        Ok(Ok(replied)) => {
+            let reply = replied.reply.clone();
+            if replied.status != b'I' && cfg.on_open_transaction == OnOpenTransaction::Evict {
                 tracing::debug!(upstream = %pool.name(), "exchange left a transaction open; connection closed");
                 leased.evict(EvictReason::Dirty);
             } else {
-                settle(leased, pipelined, rest, status, cfg.clone());
+                note_reported(leased.conn_mut(), replied.reported);
+                settle(leased, pipelined, replied.rest, replied.status, cfg.clone());
             }
             Ok(ExchangeReply { reply, ..served })
         }
     }
 }
 
+/// What came back for the request.
+struct Replied {
+    /// Every backend message through the last ReadyForQuery.
+    reply: Bytes,
+    /// Bytes read past it: the pipelined reset's answer, begun.
+    rest: BytesMut,
+    /// The last ReadyForQuery's transaction status.
+    status: u8,
+    /// ParameterStatus reports in the reply, for the connection's record.
+    reported: Vec<(String, String)>,
+}
+
 /// Writes the request and the pipelined reset; reads up to the request's
-/// last ReadyForQuery. Returns the reply, the bytes read past it (the
-/// reset's answer, begun), and the transaction status.
+/// last ReadyForQuery.
 async fn round_trip(
     leased: &mut Leased,
     request: &Bytes,
     pipelined: Option<&Reset>,
     cfg: &PostgresConfig,
-) -> Result<(Bytes, BytesMut, u8), ExchangeError> {
+) -> Result<Replied, ExchangeError> {
     let mut session = PgSession::new(cfg);
     session
         .client_sent(request)
@@ -175,7 +188,12 @@ async fn round_trip(
         }
         if let Some(end) = settled {
             let rest = buf.split_off(start + end);
-            return Ok((buf.freeze(), rest, session.status()));
+            return Ok(Replied {
+                reply: buf.freeze(),
+                rest,
+                status: session.status(),
+                reported: session.take_reported(),
+            });
         }
         if buf.len() as u64 > max {
             return Err(ExchangeError::Upstream(format!(
@@ -218,34 +236,25 @@ fn settle(
     let pool = leased.pool().clone();
     pool.clone().spawn(async move {
         let started = std::time::Instant::now();
-        let conn = leased.conn_mut();
         let mut ok = true;
         if let Some(reset) = &pipelined {
             // Inside an open transaction the reset fails: the rollback
             // below then clears both.
+            let conn = leased.conn_mut();
             let done = reset.apply_with(&mut conn.stream, rest, false).await;
             ok = status != b'I' || done.is_ok();
             if let Ok(reported) = done {
                 note_reported(conn, reported);
             }
+            pool.counters().session_restore.observe(started.elapsed());
         }
-        if ok && status != b'I' {
-            pool.counters()
-                .rollbacks
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let again = Reset::new(&cfg, true, pipelined.is_some());
-            ok = match again {
-                Some(reset) => match reset.apply(&mut conn.stream).await {
-                    Ok(reported) => {
-                        note_reported(conn, reported);
-                        true
-                    }
-                    Err(_) => false,
-                },
-                None => true,
-            };
+        if ok
+            && status != b'I'
+            && let Some(rollback) = Reset::new(&cfg, true, pipelined.is_some())
+        {
+            // Counted and timed as after a lease.
+            ok = Restore::Postgres(rollback).apply(&mut leased).await;
         }
-        pool.counters().session_restore.observe(started.elapsed());
         if ok {
             leased.give_back();
         } else {

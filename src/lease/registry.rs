@@ -291,20 +291,13 @@ impl Drop for Registered {
 
 /// Logs, once per lease, every lease held longer than its upstream's
 /// `lease.warn_after`, with its holder and trace id: leak detection that
-/// names the leaker. Checks every 250 ms until `stop`.
+/// names the leaker. Checks every 250 ms until `stop`; costs nothing while
+/// no upstream sets `warn_after`.
 pub(crate) async fn warn_overdue(
     leases: Arc<Leases>,
     pools: Arc<crate::pool::PoolSet>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let any = pools.names().iter().any(|n| {
-        pools
-            .get(n)
-            .is_some_and(|p| p.config().lease.warn_after.is_some())
-    });
-    if !any {
-        return;
-    }
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -312,7 +305,17 @@ pub(crate) async fn warn_overdue(
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let overdue = leases.overdue(|name| pools.get(name)?.config().lease.warn_after);
+        // Read outside the registry's lock, once a tick (a reload may
+        // change them).
+        let limits: HashMap<String, Duration> = pools
+            .all()
+            .iter()
+            .filter_map(|p| Some((p.name().to_owned(), p.config().lease.warn_after?)))
+            .collect();
+        if limits.is_empty() {
+            continue;
+        }
+        let overdue = leases.overdue(|name| limits.get(name).copied());
         for lease in overdue {
             let s = lease.snapshot();
             tracing::warn!(

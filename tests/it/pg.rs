@@ -360,6 +360,20 @@ async fn pg_reset_discards_session_state_unless_disabled(engine: EngineKind) {
             assert_eq!(temp.error.as_deref(), Some("42P01"), "no such table");
         }
         next.release(Disposition::Return).await.unwrap();
+        // Granted reports the session as it is: what an Exchange's SET
+        // reported, or what the reset put back.
+        client
+            .exchange(
+                "up",
+                query_message("SET application_name = 'renamed'"),
+                None,
+            )
+            .await
+            .unwrap();
+        let last = next_lease_on(client, id).await;
+        let want = if kept { "renamed" } else { "lessor" };
+        assert_eq!(last.granted().server_parameters["application_name"], want);
+        last.release(Disposition::Return).await.unwrap();
     }
 }
 

@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
-use postgres_protocol::message::backend::{ErrorResponseBody, Message};
+use postgres_protocol::message::backend::{ErrorFields, ErrorResponseBody, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -142,7 +142,7 @@ pub(crate) fn refusal(body: &ErrorResponseBody, user: &str) -> OpenError {
     }
 }
 
-/// The fields of an ErrorResponse worth showing.
+/// The fields of an ErrorResponse (or NoticeResponse) worth showing.
 #[derive(Debug, Default)]
 pub(crate) struct ServerError {
     /// `S`: ERROR, FATAL...
@@ -154,10 +154,14 @@ pub(crate) struct ServerError {
 }
 
 impl ServerError {
-    /// Reads the fields; malformed ones are left empty.
+    /// Reads an ErrorResponse's fields; malformed ones are left empty.
     pub(crate) fn from_body(body: &ErrorResponseBody) -> Self {
+        Self::from_fields(body.fields())
+    }
+
+    /// Reads the fields of an ErrorResponse or a NoticeResponse.
+    pub(crate) fn from_fields(mut fields: ErrorFields<'_>) -> Self {
         let mut error = Self::default();
-        let mut fields = body.fields();
         while let Ok(Some(field)) = fields.next() {
             let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
             match field.type_() {

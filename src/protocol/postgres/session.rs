@@ -49,24 +49,57 @@ impl From<FrameError> for ClientError {
 pub(crate) struct PgSession {
     frontend: Framer,
     backend: Framer,
-    /// ReadyForQuery messages the server still owes.
-    owed: u32,
-    /// The status of the last ReadyForQuery: `I`, `T` or `E`.
-    status: u8,
+    /// What the server's messages said.
+    replies: Replies,
     /// Extended-protocol messages sent since the last Sync.
     unsynced: bool,
-    /// COPY FROM STDIN: the server waits for CopyDone or CopyFail.
-    copy_in: bool,
-    /// COPY BOTH (replication): never clean again.
-    copy_both: bool,
     /// The client said Terminate: nothing more is forwarded.
     terminated: bool,
     /// Something was forwarded, so the configured reset is due.
     used: bool,
     /// Whether a reset is configured (a used session is not clean without).
     resets: bool,
+}
+
+/// The session state the server's messages carry: one place reads them,
+/// for a lease's stream and for an Exchange's reply alike.
+#[derive(Debug)]
+struct Replies {
+    /// ReadyForQuery messages the server still owes.
+    owed: u32,
+    /// The status of the last ReadyForQuery: `I`, `T` or `E`.
+    status: u8,
+    /// COPY FROM STDIN: the server waits for CopyDone or CopyFail.
+    copy_in: bool,
+    /// COPY BOTH (replication): never clean again.
+    copy_both: bool,
     /// ParameterStatus reports seen, applied to the connection's record.
     reported: Vec<(String, String)>,
+}
+
+impl Replies {
+    /// One whole backend message (its bytes when its tag is kept).
+    fn on_message(&mut self, tag: u8, whole: Option<&mut BytesMut>) {
+        match tag {
+            b'Z' => {
+                self.owed = self.owed.saturating_sub(1);
+                self.copy_in = false;
+                if let Some(Message::ReadyForQuery(body)) = whole.and_then(parse) {
+                    self.status = body.status();
+                }
+            }
+            b'S' => {
+                if let Some(Message::ParameterStatus(body)) = whole.and_then(parse)
+                    && let (Ok(name), Ok(value)) = (body.name(), body.value())
+                {
+                    self.reported.push((name.to_owned(), value.to_owned()));
+                }
+            }
+            b'G' => self.copy_in = true,
+            b'W' => self.copy_both = true,
+            _ => {}
+        }
+    }
 }
 
 impl PgSession {
@@ -76,15 +109,17 @@ impl PgSession {
         Self {
             frontend: Framer::new(max, b""),
             backend: Framer::new(max, KEPT),
-            owed: 0,
-            status: b'I',
+            replies: Replies {
+                owed: 0,
+                status: b'I',
+                copy_in: false,
+                copy_both: false,
+                reported: Vec::new(),
+            },
             unsynced: false,
-            copy_in: false,
-            copy_both: false,
             terminated: false,
             used: false,
             resets: !cfg.reset.is_empty(),
-            reported: Vec::new(),
         }
     }
 
@@ -97,7 +132,7 @@ impl PgSession {
         let mut cut = None;
         let mut queries = 0;
         let mut unsynced = self.unsynced;
-        let mut copy_in = self.copy_in;
+        let mut copy_in = self.replies.copy_in;
         self.frontend.feed(data, |event| {
             if cut.is_some() {
                 return Ok(());
@@ -131,9 +166,9 @@ impl PgSession {
             }
             Ok(())
         })?;
-        self.owed += queries;
+        self.replies.owed += queries;
         self.unsynced = unsynced;
-        self.copy_in = copy_in;
+        self.replies.copy_in = copy_in;
         let out = match cut {
             Some(at) => {
                 self.terminated = true;
@@ -150,59 +185,29 @@ impl PgSession {
 
     /// Takes server bytes; they go to the client as they are.
     pub(crate) fn upstream_sent(&mut self, data: &[u8]) -> Result<(), FrameError> {
-        let (mut owed, mut status, mut copy_in, mut copy_both) =
-            (self.owed, self.status, self.copy_in, self.copy_both);
-        let reported = &mut self.reported;
+        let replies = &mut self.replies;
         self.backend.feed(data, |event| {
             if let Event::End { tag, whole, .. } = event {
-                match tag {
-                    b'Z' => {
-                        owed = owed.saturating_sub(1);
-                        copy_in = false;
-                        if let Some(Message::ReadyForQuery(body)) = whole.and_then(parse) {
-                            status = body.status();
-                        }
-                    }
-                    b'S' => {
-                        if let Some(Message::ParameterStatus(body)) = whole.and_then(parse)
-                            && let (Ok(name), Ok(value)) = (body.name(), body.value())
-                        {
-                            reported.push((name.to_owned(), value.to_owned()));
-                        }
-                    }
-                    b'G' => copy_in = true,
-                    b'W' => copy_both = true,
-                    _ => {}
-                }
+                replies.on_message(tag, whole);
             }
             Ok::<(), FrameError>(())
-        })?;
-        (self.owed, self.status, self.copy_in, self.copy_both) = (owed, status, copy_in, copy_both);
-        Ok(())
+        })
     }
 
     /// Takes server bytes that may run past the reply (an Exchange
-    /// pipelines its reset behind the request): scans up to the
+    /// pipelines its reset behind the request): reads up to the
     /// ReadyForQuery that settles the last query owed, and returns the
     /// offset just past it; `None` while more is due.
     pub(crate) fn reply_read(&mut self, data: &[u8]) -> Result<Option<usize>, FrameError> {
         let mut settled = None;
+        let replies = &mut self.replies;
         self.backend.feed(data, |event| {
             if settled.is_none()
                 && let Event::End { tag, end, whole } = event
             {
-                match tag {
-                    b'Z' => {
-                        self.owed = self.owed.saturating_sub(1);
-                        if let Some(Message::ReadyForQuery(body)) = whole.and_then(parse) {
-                            self.status = body.status();
-                        }
-                        if self.owed == 0 {
-                            settled = Some(end);
-                        }
-                    }
-                    b'G' | b'W' => self.copy_in = true,
-                    _ => {}
+                replies.on_message(tag, whole);
+                if tag == b'Z' && replies.owed == 0 {
+                    settled = Some(end);
                 }
             }
             Ok::<(), FrameError>(())
@@ -212,17 +217,17 @@ impl PgSession {
 
     /// Whether the server asked for COPY data (an Exchange cannot give it).
     pub(crate) fn wants_copy_data(&self) -> bool {
-        self.copy_in || self.copy_both
+        self.replies.copy_in || self.replies.copy_both
     }
 
     /// The transaction status of the last ReadyForQuery.
     pub(crate) fn status(&self) -> u8 {
-        self.status
+        self.replies.status
     }
 
     /// The ParameterStatus reports seen so far, taken.
     pub(crate) fn take_reported(&mut self) -> Vec<(String, String)> {
-        std::mem::take(&mut self.reported)
+        std::mem::take(&mut self.replies.reported)
     }
 
     /// The client said Terminate: the lease ends as a RETURN.
@@ -234,8 +239,8 @@ impl PgSession {
     /// rollback or reset: what decides a lease dropped without a word.
     pub(crate) fn is_clean(&self) -> bool {
         self.unfinished().is_none()
-            && self.owed == 0
-            && self.status == b'I'
+            && self.replies.owed == 0
+            && self.replies.status == b'I'
             && !(self.used && self.resets)
     }
 
@@ -243,28 +248,32 @@ impl PgSession {
     /// session returnable: every message was sent whole, no COPY, no
     /// unsynced batch.
     pub(crate) fn drainable(&self) -> bool {
-        (self.owed > 0 || !self.backend.at_boundary())
+        (self.replies.owed > 0 || !self.backend.at_boundary())
             && self.frontend.at_boundary()
             && !self.unsynced
-            && !self.copy_in
-            && !self.copy_both
+            && !self.replies.copy_in
+            && !self.replies.copy_both
     }
 
     /// What keeps the session from being returned even after a rollback.
     fn unfinished(&self) -> Option<String> {
-        Some(if self.copy_both {
+        Some(if self.replies.copy_both {
             "COPY BOTH (replication) in progress".into()
-        } else if self.copy_in {
+        } else if self.replies.copy_in {
             "COPY in progress".into()
         } else if !self.frontend.at_boundary() {
             "a message was sent in part".into()
         } else if self.unsynced {
             "an extended-protocol batch without its Sync".into()
-        } else if self.owed > 0 {
+        } else if self.replies.owed > 0 {
             format!(
                 "{} {} pending",
-                self.owed,
-                if self.owed == 1 { "query" } else { "queries" }
+                self.replies.owed,
+                if self.replies.owed == 1 {
+                    "query"
+                } else {
+                    "queries"
+                }
             )
         } else if !self.backend.at_boundary() {
             "a reply was delivered in part".into()
@@ -279,8 +288,8 @@ impl PgSession {
         if let Some(why) = self.unfinished() {
             return Err(why);
         }
-        if self.status != b'I' && on_open == OnOpenTransaction::Evict {
-            let which = if self.status == b'E' {
+        if self.replies.status != b'I' && on_open == OnOpenTransaction::Evict {
+            let which = if self.replies.status == b'E' {
                 "failed transaction"
             } else {
                 "transaction"
@@ -295,7 +304,7 @@ impl PgSession {
     /// session. `None`: nothing to run. Only for a session whose
     /// [`PgSession::verdict`] is clean.
     pub(crate) fn restore(&self, cfg: &PostgresConfig) -> Option<Reset> {
-        Reset::new(cfg, self.status != b'I', self.used)
+        Reset::new(cfg, self.replies.status != b'I', self.used)
     }
 }
 
@@ -495,7 +504,7 @@ mod tests {
         );
         assert!(s.drainable());
         s.upstream_sent(b"C\0\0\0\x0dSELECT 1\0Z\0\0").unwrap();
-        assert_eq!(s.owed, 1);
+        assert_eq!(s.replies.owed, 1);
         s.upstream_sent(b"\0\x05I").unwrap();
         assert_eq!(s.verdict(OnOpenTransaction::Rollback), Ok(()));
         assert!(!s.is_clean(), "used: the reset is due");
