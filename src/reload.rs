@@ -4,9 +4,15 @@
 //! validates the config. An invalid one is logged with its field error and
 //! ignored: the running config stays. Upstreams change live (new ones warm
 //! before they take their name, changed ones get a new pool, removed ones
-//! drain); what cannot change without a restart (listen addresses, worker
-//! threads, gRPC limits, telemetry, shutdown timing) is logged as "restart
-//! required" and otherwise ignored.
+//! drain); a reload whose new pool cannot open a session (a wrong password,
+//! an unreachable address) while the pool it replaces serves is refused as a
+//! whole and counted `failed`; what cannot change without a restart (listen
+//! addresses, worker threads, gRPC limits, telemetry, shutdown timing) is
+//! logged as "restart required" and otherwise ignored.
+//!
+//! `lessor_config_info{hash}` is the hash of the file in force: a refused
+//! file (invalid or failed) does not change it, and is not tried again until
+//! its content changes or SIGHUP asks.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,13 +28,13 @@ use crate::pool::PoolSet;
 const POLL: Duration = Duration::from_secs(2);
 
 /// The results a reload is counted under.
-pub(crate) const RESULTS: [&str; 3] = ["ok", "invalid", "restart_required"];
+pub(crate) const RESULTS: [&str; 4] = ["ok", "invalid", "failed", "restart_required"];
 
 /// Reload accounting for `/metrics`.
 #[derive(Debug)]
 pub(crate) struct Reloads {
     counts: [AtomicU64; RESULTS.len()],
-    /// The hash of the config file running now.
+    /// The hash of the config file in force (the last one applied).
     hash: Mutex<String>,
 }
 
@@ -98,6 +104,9 @@ pub(crate) async fn watch(
             None
         }
     };
+    // The last content tried, applied or not: a refused file is not tried
+    // again every poll, only when it changes or on SIGHUP.
+    let mut tried = reloads.hash();
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -119,12 +128,13 @@ pub(crate) async fn watch(
             continue;
         };
         let hash = digest(&bytes);
-        if !forced && hash == reloads.hash() {
+        if !forced && hash == tried {
             continue;
         }
-        reloads.set_hash(hash);
+        tried = hash.clone();
         if let Some(config) = reload(&path, &running, &pools, &reloads).await {
             running = config;
+            reloads.set_hash(hash);
         }
     }
 }
@@ -144,6 +154,28 @@ async fn reload(
             return None;
         }
     };
+    // A new pool gets its checkout timeout plus its connect timeout to warm.
+    let warm_for = config
+        .upstreams
+        .iter()
+        .map(|u| u.pool.checkout_timeout + u.pool.connect_timeout)
+        .max()
+        .unwrap_or_default();
+    let done = match pools.reload(&config.upstreams, warm_for).await {
+        Ok(done) => done,
+        Err(refused) => {
+            for (upstream, why) in &refused.not_warm {
+                tracing::error!(
+                    upstream = %upstream,
+                    error = %why,
+                    warm_for = ?warm_for,
+                    "config reload: the new pool cannot open a session; the running config stays"
+                );
+            }
+            reloads.counted("failed");
+            return None;
+        }
+    };
     let fixed = restart_required(running, &config);
     if !fixed.is_empty() {
         tracing::warn!(
@@ -152,14 +184,6 @@ async fn reload(
         );
         reloads.counted("restart_required");
     }
-    // A new pool gets its checkout timeout plus its connect timeout to warm.
-    let warm_for = config
-        .upstreams
-        .iter()
-        .map(|u| u.pool.checkout_timeout + u.pool.connect_timeout)
-        .max()
-        .unwrap_or_default();
-    let done = pools.reload(&config.upstreams, warm_for).await;
     tracing::info!(
         added = ?done.added,
         changed = ?done.changed,

@@ -65,6 +65,16 @@ pub(crate) struct Reloaded {
     pub removed: Vec<String>,
 }
 
+/// A reload refused because a new pool could not open a session within its
+/// warm-up time while the pool it would replace serves (or, for a new
+/// upstream, while it would gate readiness): nothing was swapped.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Refused {
+    /// Each upstream whose new pool did not warm, and why (its last dial
+    /// error, or what it still lacked).
+    pub not_warm: Vec<(String, String)>,
+}
+
 impl PoolSet {
     /// Builds one pool per upstream; connection ids are unique across them.
     /// Must run inside a tokio runtime. Dials nothing until [`PoolSet::start`].
@@ -148,15 +158,21 @@ impl PoolSet {
     /// takes the name; an unchanged upstream keeps its pool and
     /// connections; a replaced or removed pool drains: its idle connections
     /// close now, its leased ones when their lease ends.
+    ///
+    /// The swap is all or nothing: when a new pool is not ready by the end
+    /// of its warm-up while the pool it replaces is ready (a wrong password,
+    /// an unreachable new address), or a new `required` upstream is not,
+    /// every new pool is closed and the running pools stay: [`Refused`].
     pub(crate) async fn reload(
         &self,
         upstreams: &[UpstreamConfig],
         warm_for: std::time::Duration,
-    ) -> Reloaded {
+    ) -> Result<Reloaded, Refused> {
         let old = self.current();
         let mut done = Reloaded::default();
         let mut list = Vec::with_capacity(upstreams.len());
-        let mut fresh = Vec::new();
+        // Each new pool, with whether it must be ready to take its name.
+        let mut fresh: Vec<(Arc<Pool>, bool)> = Vec::new();
         for u in upstreams {
             match old.by_name.get(&u.name).map(|&i| &old.list[i]) {
                 Some(pool) if pool.config() == u => list.push(pool.clone()),
@@ -166,12 +182,17 @@ impl PoolSet {
                         self.next_conn_id.clone(),
                         self.ready_signal.clone(),
                     );
-                    if existing.is_some() {
-                        done.changed.push(u.name.clone());
-                    } else {
-                        done.added.push(u.name.clone());
-                    }
-                    fresh.push(pool.clone());
+                    let must_warm = match existing {
+                        Some(serving) => {
+                            done.changed.push(u.name.clone());
+                            serving.ready()
+                        }
+                        None => {
+                            done.added.push(u.name.clone());
+                            u.readiness == crate::config::ReadinessRole::Required
+                        }
+                    };
+                    fresh.push((pool.clone(), must_warm));
                     list.push(pool);
                 }
             }
@@ -182,12 +203,27 @@ impl PoolSet {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         if let Some(mut runner) = runner {
-            for pool in &fresh {
+            for (pool, _) in &fresh {
                 runner.run(pool);
             }
             let deadline = tokio::time::Instant::now() + warm_for;
-            for pool in &fresh {
+            for (pool, _) in &fresh {
                 pool.warm(deadline).await;
+            }
+            let not_warm: Vec<(String, String)> = fresh
+                .iter()
+                .filter(|(pool, must)| *must && !pool.ready())
+                .map(|(pool, _)| (pool.name().to_owned(), why_not_ready(pool)))
+                .collect();
+            if !not_warm.is_empty() {
+                for (pool, _) in &fresh {
+                    if let Some(stop) = runner.stops.remove(&(Arc::as_ptr(pool) as usize)) {
+                        stop.cancel();
+                    }
+                    pool.close();
+                }
+                self.signal_readiness();
+                return Err(Refused { not_warm });
             }
             if let Some(r) = self
                 .runner
@@ -228,7 +264,7 @@ impl PoolSet {
                 .push(pool);
         }
         self.signal_readiness();
-        done
+        Ok(done)
     }
 
     /// Waits for every pool's background probes (after [`PoolSet::close`]).
@@ -255,6 +291,17 @@ impl PoolSet {
                 .cloned(),
         );
         all
+    }
+}
+
+/// Why a new pool is not ready, for the log of a refused reload.
+fn why_not_ready(pool: &Pool) -> String {
+    let facts = pool.readiness();
+    match facts.last_dial_error {
+        Some(e) => format!("cannot open a session: {e}"),
+        None if !facts.source.synced => facts.source.detail,
+        None if !facts.any_usable => "no ready endpoint".to_owned(),
+        None => "no session opened within the warm-up time".to_owned(),
     }
 }
 

@@ -501,7 +501,8 @@ async fn ops_hot_reload() {
     .await;
     assert!(metric_value(&admin, "lessor_config_reloads_total{result=\"invalid\"}").await >= 1);
     assert_eq!(client.stats("cache").await.unwrap()[0].max_size, 1);
-    assert_ne!(metric(&admin, "lessor_config_info").await.unwrap(), hash);
+    // The hash is the config in force, not the refused file's.
+    assert_eq!(metric(&admin, "lessor_config_info").await.unwrap(), hash);
 
     // A setting that needs a restart: reported, the rest applied.
     served.rewrite(&format!(
@@ -520,4 +521,82 @@ async fn ops_hot_reload() {
     );
     let restart = "lessor_config_reloads_total{result=\"restart_required\"}";
     assert!(metric_value(&admin, restart).await >= 1);
+}
+
+fn password_yaml(redis: &Redis, password_file: &std::path::Path, max_size: u32) -> String {
+    format!(
+        "upstreams:\n  - name: cache\n    address: \"{}\"\n    protocol: redis\n    redis: {{ password_file: \"{}\" }}\n    pool: {{ max_size: {max_size}, min_idle: 1, connect_timeout: 500ms, checkout_timeout: 1s }}\n",
+        redis.addr(),
+        password_file.display()
+    )
+}
+
+/// A reload that points a serving upstream at a wrong password cannot open
+/// a session: it is refused as a whole (counted `failed`, logged with why),
+/// the old pool keeps serving and readiness never drops, and the config
+/// hash stays the one in force. A good file afterwards applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_reload_that_cannot_open_a_session_is_refused() {
+    let Some(redis) = Redis::start_with(&["--requirepass", "right-pw"]).await else {
+        return;
+    };
+    let secrets = tempfile::tempdir().unwrap();
+    let right = secrets.path().join("right");
+    let wrong = secrets.path().join("wrong");
+    std::fs::write(&right, "right-pw").unwrap();
+    std::fs::write(&wrong, "wrong-pw").unwrap();
+    let served = Served::start(&password_yaml(&redis, &right, 2)).await;
+    let client = served.client().await;
+    let admin = served.admin.clone();
+    eventually("ready", || async {
+        http::fetch(&admin, "/readyz", None)
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    let hash = metric(&admin, "lessor_config_info").await.unwrap();
+
+    served.rewrite(&password_yaml(&redis, &wrong, 2));
+    served.signal("HUP");
+    eventually("the failed reload to be counted", || async {
+        metric_value(&admin, "lessor_config_reloads_total{result=\"failed\"}").await >= 1
+    })
+    .await;
+    let out = served.stdout();
+    assert!(out.contains("the new pool cannot open a session"), "{out}");
+    assert!(out.contains("authentication failed"), "{out}");
+    assert!(!out.contains("wrong-pw"), "{out}");
+    assert_eq!(
+        metric_value(&admin, "lessor_config_reloads_total{result=\"ok\"}").await,
+        0
+    );
+    assert_eq!(metric(&admin, "lessor_config_info").await.unwrap(), hash);
+    // The old pool serves: ready, and a lease works.
+    let readyz = http::fetch(&admin, "/readyz", None).await.unwrap();
+    assert_eq!(readyz.status, 200, "{}", readyz.body);
+    let mut lease = client
+        .lease("cache", &LeaseOptions::default())
+        .await
+        .unwrap();
+    lease.send(&b"PING\r\n"[..]).await.unwrap();
+    assert_eq!(&lease.recv_at_least(7).await.unwrap()[..], b"+PONG\r\n");
+    lease
+        .release(lessor_client::pb::Disposition::Return)
+        .await
+        .unwrap();
+    assert_eq!(client.stats("cache").await.unwrap()[0].max_size, 2);
+
+    // A file that works applies, and its hash is the one shown.
+    served.rewrite(&password_yaml(&redis, &right, 3));
+    served.signal("HUP");
+    eventually("max_size 3", || async {
+        client.stats("cache").await.unwrap()[0].max_size == 3
+    })
+    .await;
+    eventually("the new hash", || async {
+        metric(&admin, "lessor_config_info").await.unwrap() != hash
+    })
+    .await;
+    let readyz = http::fetch(&admin, "/readyz", None).await.unwrap();
+    assert_eq!(readyz.status, 200, "{}", readyz.body);
 }
