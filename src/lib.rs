@@ -39,6 +39,8 @@ mod reload;
 mod server;
 mod shutdown;
 mod telemetry;
+#[doc(hidden)]
+pub mod testing;
 
 // The public API: what the `lessor` and `lessor-bench` binaries, the tests and
 // an embedder use. Everything else is `pub(crate)`; `unreachable_pub` keeps it

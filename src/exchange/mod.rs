@@ -20,7 +20,6 @@ use tracing::field::Empty;
 use crate::config::Protocol;
 use crate::lease::clamp_ms;
 use crate::pool::{CheckoutError, EvictReason, Leased, Pool, PoolSet, printable_name};
-use crate::protocol::redis::resp::{Frame, RespError, Scanner};
 use crate::protocol::redis::session::RedisSession;
 use crate::telemetry::TARGET;
 
@@ -107,51 +106,43 @@ mod postgres;
 
 pub(crate) use postgres::query_message;
 
-/// Commands refused in an Exchange: they would leave the connection in a
-/// state no reply count describes, or are the sidecar's to send.
-fn refused(name: &str, sub: Option<&str>) -> Option<&'static str> {
-    Some(match (name, sub) {
-        ("SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE", _) => "subscriptions need a lease",
-        ("MONITOR", _) => "MONITOR needs a lease",
-        ("AUTH", _) => "authentication is done by the sidecar",
-        ("HELLO", _) => "the protocol version is the sidecar's (redis.resp)",
-        ("QUIT", _) => "QUIT would close a pooled connection",
-        ("CLIENT", Some("REPLY")) => "CLIENT REPLY would desynchronize the replies",
-        _ => return None,
-    })
-}
+/// Requests larger than this are read on a blocking thread: reading costs
+/// O(bytes) (inline commands are split byte by byte), and a runtime worker
+/// must not stall for a large one.
+const VET_INLINE_MAX: usize = 256 * 1024;
 
-/// Checks the request without sending anything; returns how many commands
-/// (each answered by one reply) it holds.
-fn vet(request: &[u8], max_frame: u64) -> Result<usize, ExchangeError> {
-    let mut scanner = Scanner::new(true, max_frame);
-    let mut commands = 0;
-    let mut problem = None;
-    scanner
-        .feed(request, |frame: Frame| {
-            commands += 1;
-            let name = frame.command();
-            if frame.kind != b'*' && frame.kind != b' ' {
-                problem.get_or_insert_with(|| "a command is an array of bulk strings".to_owned());
-            } else if let Some(why) = refused(&name, frame.arg(0).as_deref()) {
-                problem.get_or_insert_with(|| format!("{name}: {why}"));
-            }
-        })
-        .map_err(|e: RespError| ExchangeError::Invalid(e.to_string()))?;
-    if let Some(problem) = problem {
-        return Err(ExchangeError::Invalid(problem));
+/// Reads the request as Redis will, without sending anything: the tracker
+/// that will count its replies, or why it cannot be carried.
+async fn vet(request: &Bytes, max_frame: u64, resp: u8) -> Result<RedisSession, ExchangeError> {
+    let read = {
+        let request = request.clone();
+        move || {
+            let mut session = RedisSession::for_exchange(max_frame, resp);
+            session.client_sent(&request).map(|_| session)
+        }
+    };
+    let result = if request.len() > VET_INLINE_MAX {
+        tokio::task::spawn_blocking(read)
+            .await
+            .map_err(|e| ExchangeError::Invalid(format!("request could not be read: {e}")))?
+    } else {
+        read()
+    };
+    let session = result.map_err(|e| ExchangeError::Invalid(e.to_string()))?;
+    if let Some(why) = session.refusal() {
+        return Err(ExchangeError::Invalid(why));
     }
-    if !scanner.at_boundary() {
+    if !session.at_boundary() {
         return Err(ExchangeError::Invalid(
             "the request ends inside a command".into(),
         ));
     }
-    if commands == 0 {
+    if session.replies_due() == 0 {
         return Err(ExchangeError::Invalid(
             "the request holds no command".into(),
         ));
     }
-    Ok(commands)
+    Ok(session)
 }
 
 /// Runs one Exchange.
@@ -176,7 +167,7 @@ pub(crate) async fn exchange(
         rpc.method = "Exchange",
         lessor.upstream = pool.name(),
         lessor.protocol = pool.config().protocol.as_str(),
-        lessor.exchange.commands = Empty,
+        lessor.exchange.replies = Empty,
         lessor.connection.id = Empty,
         lessor.checkout.wait_us = Empty,
     );
@@ -206,11 +197,14 @@ async fn run(
         Protocol::Redis => {}
     }
     let max_frame = config.redis.max_frame.as_u64();
-    let commands = vet(&request.request, max_frame)?;
-    span.record("lessor.exchange.commands", commands as i64);
+    let session = vet(&request.request, max_frame, config.redis.resp).await?;
+    span.record("lessor.exchange.replies", session.replies_due() as i64);
     let (mut leased, deadline) = checkout(pool, &request, span).await?;
-    let result =
-        tokio::time::timeout(deadline, round_trip(&mut leased, &request.request, pool)).await;
+    let result = tokio::time::timeout(
+        deadline,
+        round_trip(&mut leased, &request.request, session, pool),
+    )
+    .await;
     let served = ExchangeReply::served(&leased);
     match result {
         Err(_) => {
@@ -279,17 +273,15 @@ impl ExchangeReply {
 async fn round_trip(
     leased: &mut Leased,
     request: &Bytes,
+    mut session: RedisSession,
     pool: &Arc<Pool>,
 ) -> Result<(Bytes, Result<(), String>), ExchangeError> {
     let redis = &pool.config().redis;
     let max_frame = redis.max_frame.as_u64();
-    let mut session = RedisSession::new(max_frame);
-    let invalid = |e: RespError| ExchangeError::Invalid(e.to_string());
     // Vetted: nothing in it is answered locally, so it goes out whole.
-    let sent = session.client_sent(request).map_err(invalid)?;
     let stream = &mut leased.conn_mut().stream;
     let upstream = |e: std::io::Error| ExchangeError::Upstream(e.to_string());
-    stream.write_all(&sent).await.map_err(upstream)?;
+    stream.write_all(request).await.map_err(upstream)?;
     let reply = read_replies(stream, &mut session, max_frame).await?;
     if let Err(why) = session.verdict() {
         return Ok((reply, Err(why)));
@@ -341,30 +333,57 @@ async fn read_replies(
 mod tests {
     use super::*;
 
-    #[test]
-    fn requests_are_vetted_before_anything_is_sent() {
+    #[tokio::test]
+    async fn requests_are_vetted_before_anything_is_sent() {
         let max = 1 << 20;
-        assert_eq!(vet(b"*1\r\n$4\r\nPING\r\nGET k\r\n", max).unwrap(), 2);
+        let vetted = |r: &'static [u8]| async move { vet(&Bytes::from_static(r), max, 2).await };
+        assert_eq!(
+            vetted(b"*1\r\n$4\r\nPING\r\nGET k\r\n")
+                .await
+                .unwrap()
+                .replies_due(),
+            2
+        );
+        assert_eq!(
+            vetted(b"UNSUBSCRIBE a b c\r\n")
+                .await
+                .unwrap()
+                .replies_due(),
+            3,
+            "one reply per channel"
+        );
         assert!(
-            vet(b"*2\r\n$3\r\nGET\r\n$1\r\n", max).is_err(),
+            vetted(b"*2\r\n$3\r\nGET\r\n$1\r\n").await.is_err(),
             "incomplete"
         );
-        assert!(vet(b"", max).is_err(), "empty");
+        assert!(vetted(b"").await.is_err(), "empty");
+        assert!(vetted(b"\r\n*0\r\n").await.is_err(), "no command");
         for bad in [
             &b"SUBSCRIBE ch\r\n"[..],
+            b"\"SUBSCRIBE\" ch\r\n",
             b"MONITOR\r\n",
             b"AUTH secret\r\n",
             b"QUIT\r\n",
             b"HELLO 3\r\n",
+            b"'hello' 3\r\n",
+            b"\x0bHELLO 3\r\n",
             b"CLIENT REPLY OFF\r\n",
-            b":1\r\n",
+            b"RESET\r\n",
+            b"*1\r\n*1\r\n$4\r\nPING\r\n",
+            b"MULTI\r\nSUBSCRIBE a\r\nEXEC\r\n",
         ] {
             assert!(
-                matches!(vet(bad, max), Err(ExchangeError::Invalid(_))),
+                matches!(vetted(bad).await, Err(ExchangeError::Invalid(_))),
                 "{}",
                 String::from_utf8_lossy(bad)
             );
         }
-        assert_eq!(vet(b"MULTI\r\nINCR a\r\nEXEC\r\n", max).unwrap(), 3);
+        assert_eq!(
+            vetted(b"MULTI\r\nINCR a\r\nEXEC\r\n")
+                .await
+                .unwrap()
+                .replies_due(),
+            3
+        );
     }
 }

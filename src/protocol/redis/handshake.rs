@@ -46,7 +46,7 @@ pub(crate) async fn open(stream: &mut TcpStream, cfg: &RedisConfig) -> Result<()
     let io = |e: std::io::Error| OpenError::Io(e.to_string());
     stream.write_all(&request).await.map_err(io)?;
     drop(request);
-    let mut scanner = Scanner::new(false, 1 << 20);
+    let mut scanner = Scanner::new(1 << 20);
     let mut replies = Vec::new();
     let mut buf = vec![0u8; 4096];
     while replies.len() < steps.len() {

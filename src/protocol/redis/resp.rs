@@ -1,23 +1,28 @@
-//! An incremental RESP scanner: it finds where each frame ends in a byte
-//! stream that arrives in arbitrary pieces, without buffering or copying
-//! payloads. RESP2 and RESP3 (every type, nested aggregates, attributes,
-//! push frames, streamed strings and aggregates), and inline commands.
+//! An incremental scanner of Redis replies: it finds where each frame ends
+//! in a byte stream that arrives in arbitrary pieces, without buffering or
+//! copying payloads. RESP2 and RESP3 (every type, nested aggregates,
+//! attributes, push frames, streamed strings and aggregates). Commands, the
+//! other direction, are read by [`super::command`], which follows Redis's
+//! own request parser rather than RESP's grammar.
 //!
 //! Hand-written because the job is narrower than what RESP crates do: they
 //! decode a frame once it is whole in memory (redis-protocol, redis-rs),
 //! which for a 64 MiB reply means holding it all and re-parsing from the
 //! start as each read arrives. The pump needs only boundaries and a few
-//! small fields (a command's name and first arguments), in constant memory:
-//! a stack of open aggregates, one header line, and the small captured
-//! arguments. The property test checks it against redis-rs's parser.
+//! small fields (a reply's first element, an error's text), in bounded
+//! memory: a stack of open aggregates at most `MAX_DEPTH` deep, one header
+//! line, and the small captured element.
 
 use std::fmt;
 
-/// The longest header or inline line accepted (Redis's own inline limit).
+/// The longest header line accepted.
 pub(crate) const MAX_LINE: usize = 64 * 1024;
-/// Arguments of a command captured for inspection (its name and the first
-/// ones after it), each at most `CAPTURE_BYTES`.
-const CAPTURE_ARGS: usize = 4;
+/// The deepest nesting of aggregates accepted: far beyond what Redis sends
+/// (a script's nested tables stop near Lua's own limit of 200), and it
+/// bounds the scanner's stack at a few KiB.
+pub(crate) const MAX_DEPTH: usize = 512;
+/// The first element of a top-level array or push is captured (the kind of
+/// a pub/sub reply), at most `CAPTURE_BYTES`.
 const CAPTURE_BYTES: usize = 64;
 
 /// Why a byte stream is not RESP.
@@ -43,6 +48,9 @@ pub(crate) enum RespError {
     /// A bulk payload not followed by CRLF.
     #[error("not RESP: bulk payload without its CRLF")]
     MissingCrlf,
+    /// Aggregates nested deeper than `MAX_DEPTH`.
+    #[error("not RESP: aggregates nested deeper than {MAX_DEPTH}")]
+    TooDeep,
 }
 
 /// One complete top-level frame.
@@ -50,12 +58,11 @@ pub(crate) enum RespError {
 pub(crate) struct Frame {
     /// Offset just past the frame's last byte in the chunk that ended it.
     pub end: usize,
-    /// Its first byte (`*`, `$`, `+`, `-`, `>`, ...), or `b' '` for an inline
-    /// command.
+    /// Its first byte (`*`, `$`, `+`, `-`, `>`, ...).
     pub kind: u8,
-    /// The first elements of a top-level array or inline command, when they
-    /// are short strings (a command's name and first arguments); for a
-    /// simple string or error, its text (cut to 64 bytes).
+    /// The first element of a top-level array or push, when it is a bulk
+    /// string (`subscribe`, `message`...); for a simple string or error, its
+    /// text. Cut to 64 bytes.
     pub args: Vec<Vec<u8>>,
 }
 
@@ -70,30 +77,21 @@ impl Frame {
         matches!(self.kind, b'-' | b'!')
     }
 
-    /// The command's name, upper-cased (empty when not captured).
-    pub(crate) fn command(&self) -> String {
+    /// The captured first element, lower-cased (empty when not captured).
+    pub(crate) fn first(&self) -> String {
         self.args
             .first()
-            .map(|a| String::from_utf8_lossy(a).to_ascii_uppercase())
+            .map(|a| String::from_utf8_lossy(a).to_ascii_lowercase())
             .unwrap_or_default()
-    }
-
-    /// Argument `i` after the name, upper-cased, if captured.
-    pub(crate) fn arg(&self, i: usize) -> Option<String> {
-        self.args
-            .get(i + 1)
-            .map(|a| String::from_utf8_lossy(a).to_ascii_uppercase())
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// Expecting a type byte (or the start of an inline command).
+    /// Expecting a type byte.
     Type,
     /// Reading a header line of this type.
     Line(u8),
-    /// Reading an inline command's line.
-    Inline,
     /// Inside a bulk payload: this many payload bytes, then CRLF.
     Bulk { left: u64, crlf: u8 },
 }
@@ -123,8 +121,8 @@ pub(crate) struct Scanner {
     args: Vec<Vec<u8>>,
     /// Capturing the current bulk payload as an argument.
     capturing: bool,
-    /// Whether inline commands may appear (client to server).
-    inline: bool,
+    /// Elements of the top-level aggregate completed so far.
+    top_seen: u64,
     max_frame: u64,
     /// Bytes consumed since the current top-level frame began (0: between
     /// frames).
@@ -142,9 +140,9 @@ impl fmt::Debug for Scanner {
 }
 
 impl Scanner {
-    /// A scanner of commands (`inline`: inline commands allowed) or of
-    /// replies; bulk payloads over `max_frame` bytes are refused.
-    pub(crate) fn new(inline: bool, max_frame: u64) -> Self {
+    /// A scanner of replies; bulk payloads over `max_frame` bytes are
+    /// refused.
+    pub(crate) fn new(max_frame: u64) -> Self {
         Self {
             state: State::Type,
             stack: Vec::new(),
@@ -152,7 +150,7 @@ impl Scanner {
             top: 0,
             args: Vec::new(),
             capturing: false,
-            inline,
+            top_seen: 0,
             max_frame,
             in_frame: 0,
         }
@@ -161,19 +159,6 @@ impl Scanner {
     /// Whether the bytes so far end exactly at a frame boundary.
     pub(crate) fn at_boundary(&self) -> bool {
         self.in_frame == 0
-    }
-
-    /// The name of the command being read, once its first element is
-    /// complete: a command is decided on before its last byte arrives.
-    pub(crate) fn partial_command(&self) -> Option<String> {
-        if self.top != b'*' || self.in_frame == 0 {
-            return None;
-        }
-        let first = self.args.first()?;
-        if self.capturing && self.args.len() == 1 {
-            return None;
-        }
-        Some(String::from_utf8_lossy(first).to_ascii_uppercase())
     }
 
     /// Consumes `buf`, calling `on_frame` for each top-level frame that ends
@@ -193,22 +178,13 @@ impl Scanner {
                     if self.stack.is_empty() {
                         self.top = b;
                         self.args.clear();
+                        self.top_seen = 0;
                     }
                     match b {
                         b'+' | b'-' | b':' | b'$' | b'*' | b'_' | b',' | b'#' | b'(' | b'!'
                         | b'=' | b'%' | b'~' | b'>' | b'|' | b';' | b'.' => {
                             self.line.clear();
                             self.state = State::Line(b);
-                        }
-                        b'\r' | b'\n' if self.inline && self.stack.is_empty() => {
-                            // Empty lines between inline commands.
-                            self.in_frame = 0;
-                        }
-                        _ if self.inline && self.stack.is_empty() => {
-                            self.top = b' ';
-                            self.line.clear();
-                            self.line.push(b);
-                            self.state = State::Inline;
                         }
                         _ => return Err(RespError::BadType(b)),
                     }
@@ -221,21 +197,6 @@ impl Scanner {
                         let line = std::mem::take(&mut self.line);
                         self.header(kind, trim_crlf(&line), i, &mut on_frame)?;
                         self.line = line;
-                    }
-                }
-                State::Inline => {
-                    let (take, done) = line_part(&buf[i..]);
-                    self.push_line(&buf[i..i + take])?;
-                    i += take;
-                    if done {
-                        self.args = trim_crlf(&self.line)
-                            .split(|c| c.is_ascii_whitespace())
-                            .filter(|w| !w.is_empty())
-                            .take(CAPTURE_ARGS)
-                            .map(|w| w[..w.len().min(CAPTURE_BYTES)].to_vec())
-                            .collect();
-                        self.state = State::Type;
-                        self.element_done(i, &mut on_frame);
                     }
                 }
                 State::Bulk { left, crlf } => {
@@ -293,7 +254,7 @@ impl Scanner {
     ) -> Result<(), RespError> {
         self.state = State::Type;
         match kind {
-            b'$' | b'=' | b'!' if text == b"?" => self.open(None, false),
+            b'$' | b'=' | b'!' if text == b"?" => self.open(None, false)?,
             b'$' | b'=' | b'!' => match length(text)? {
                 None => self.element_done(i, on_frame),
                 Some(len) => self.bulk(len)?,
@@ -304,13 +265,13 @@ impl Scanner {
                 0 => self.close(i, on_frame),
                 len => self.bulk(len)?,
             },
-            b'*' | b'~' | b'>' | b'%' | b'|' if text == b"?" => self.open(None, false),
+            b'*' | b'~' | b'>' | b'%' | b'|' if text == b"?" => self.open(None, false)?,
             b'*' | b'~' | b'>' | b'%' | b'|' => {
                 let pairs = matches!(kind, b'%' | b'|');
                 match length(text)? {
                     None | Some(0) if kind == b'|' => {}
                     None | Some(0) => self.element_done(i, on_frame),
-                    Some(n) => self.open(Some(if pairs { n * 2 } else { n }), kind == b'|'),
+                    Some(n) => self.open(Some(if pairs { n * 2 } else { n }), kind == b'|')?,
                 }
             }
             // The end of a streamed aggregate.
@@ -324,8 +285,12 @@ impl Scanner {
         Ok(())
     }
 
-    fn open(&mut self, left: Option<u64>, attribute: bool) {
+    fn open(&mut self, left: Option<u64>, attribute: bool) -> Result<(), RespError> {
+        if self.stack.len() >= MAX_DEPTH {
+            return Err(RespError::TooDeep);
+        }
         self.stack.push(Open { left, attribute });
+        Ok(())
     }
 
     /// A streamed aggregate or string ended: it is one element of its parent.
@@ -341,12 +306,12 @@ impl Scanner {
                 max: self.max_frame,
             });
         }
-        // A command's name and first arguments: bulk strings directly in a
-        // top-level array.
-        self.capturing = self.top == b'*'
+        // The first element of a top-level array or push: what kind of
+        // pub/sub reply it is.
+        self.capturing = matches!(self.top, b'*' | b'>')
             && self.stack.len() == 1
             && self.stack[0].left.is_some()
-            && self.args.len() < CAPTURE_ARGS;
+            && self.top_seen == 0;
         if self.capturing {
             self.args.push(Vec::new());
         }
@@ -369,15 +334,18 @@ impl Scanner {
                     return;
                 }
                 Some(Open { left: None, .. }) => return,
-                Some(Open {
-                    left: Some(n),
-                    attribute,
-                }) => {
-                    *n -= 1;
-                    if *n > 0 {
+                Some(open) => {
+                    let attribute = open.attribute;
+                    let left = open.left.as_mut().map_or(0, |n| {
+                        *n -= 1;
+                        *n
+                    });
+                    if self.stack.len() == 1 {
+                        self.top_seen += 1;
+                    }
+                    if left > 0 {
                         return;
                     }
-                    let attribute = *attribute;
                     self.stack.pop();
                     if attribute {
                         // The annotated frame follows; it is the element.

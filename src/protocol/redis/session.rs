@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
 
+use super::command::{Command, CommandReader, Head, ProtocolError};
 use super::resp::{Frame, RespError, Scanner, encode_command};
 use crate::config::RedisConfig;
 
@@ -19,15 +20,19 @@ use crate::config::RedisConfig;
 const AUTH_REFUSED: &[u8] = b"-ERR lessor: authentication is done by the sidecar\r\n";
 /// The reply to `QUIT`, which never reaches Redis.
 const QUIT_OK: &[u8] = b"+OK\r\n";
-/// Bytes of a command held back until its name is known (a name longer
-/// than this is no command lessor answers itself).
-const HOLD_MAX: usize = 1024;
 
-/// One reply the client is owed, in order.
+/// One reply (or group of replies) the client is owed, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Owed {
-    /// Redis will send it.
-    Upstream,
+    /// Redis will send one reply.
+    Reply,
+    /// A pub/sub command: one reply per channel (arrays in RESP2, pushes in
+    /// RESP3, each naming `kind`), or a single error when it is refused.
+    Group {
+        kind: &'static str,
+        left: u64,
+        total: u64,
+    },
     /// lessor sends it, once every reply before it has gone out.
     Local(&'static [u8]),
 }
@@ -41,20 +46,39 @@ enum Carry {
     Held,
     /// Forwarded as it arrives.
     Forward,
-    /// Discarded: lessor answers it.
+    /// Discarded: lessor answers it, or Redis would never read it.
     Drop,
 }
 
-/// The tracker of one lease's session.
+/// What becomes of one complete command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Forward,
+    Drop,
+}
+
+/// The tracker of one lease's session (or one Exchange's request).
 #[derive(Debug)]
 pub(crate) struct RedisSession {
-    commands: Scanner,
+    commands: CommandReader,
     replies: Scanner,
+    /// The protocol the connection speaks (`redis.resp`): pub/sub replies
+    /// are pushes in RESP3.
+    resp: u8,
     owed: VecDeque<Owed>,
     carry: Carry,
+    /// The head of a command whose name is not known yet (bounded: an
+    /// inline line or a count or length line, each at most 64 KiB, or a
+    /// name of at most `NAME_MAX` bytes).
     held: BytesMut,
     /// Session state changed by a command, for `Ended.detail`.
     changed: Option<String>,
+    /// Why the count of replies due is not known exactly (the session is
+    /// evicted, never guessed at).
+    unknown: Option<&'static str>,
+    /// An Exchange: the first command it cannot carry, with why.
+    refused: Option<String>,
+    exchange: bool,
     /// `MULTI` without its `EXEC`/`DISCARD` yet (restored with `DISCARD`).
     multi: bool,
     /// Keys watched (restored with `UNWATCH`).
@@ -63,89 +87,148 @@ pub(crate) struct RedisSession {
     selected: bool,
     /// `CLIENT SETNAME` (restored with the configured name, or none).
     renamed: bool,
-    /// `CLIENT TRACKING` (restored with `CLIENT TRACKING OFF`).
+    /// `CLIENT TRACKING on` (restored with `CLIENT TRACKING OFF`).
     tracking: bool,
     /// `READONLY` (restored with `READWRITE`).
     readonly: bool,
-    /// The client sent `QUIT`: the lease ends once its `+OK` is out.
+    /// `CLIENT NO-EVICT on` (restored with `CLIENT NO-EVICT off`).
+    no_evict: bool,
+    /// `CLIENT NO-TOUCH on` (restored with `CLIENT NO-TOUCH off`).
+    no_touch: bool,
+    /// `CLIENT REPLY OFF`: Redis answers nothing until `CLIENT REPLY ON`.
+    reply_off: bool,
+    /// `CLIENT REPLY SKIP` was the last request: the next gets no reply.
+    skip_next: bool,
+    /// The request being answered gets no reply (`CLIENT REPLY SKIP`).
+    skip: bool,
+    /// Subscribed to something: an argument-less unsubscribe answers once
+    /// per subscription, which lessor does not count.
+    subscribed: bool,
+    /// The client sent `QUIT`: Redis would read nothing after it, and the
+    /// lease ends once its `+OK` is out.
     quit: bool,
     /// Local replies ready to go out now (every reply before them is out).
     ready: BytesMut,
+    /// Every complete command, for the differential tests.
+    log: Option<Vec<Command>>,
 }
 
 impl RedisSession {
-    /// A tracker for a fresh lease; `max_frame` bounds bulk strings.
-    pub(crate) fn new(max_frame: u64) -> Self {
+    /// A tracker for a fresh lease on a connection speaking RESP `resp`;
+    /// `max_frame` bounds bulk strings.
+    pub(crate) fn new(max_frame: u64, resp: u8) -> Self {
         Self {
-            commands: Scanner::new(true, max_frame),
-            replies: Scanner::new(false, max_frame),
+            commands: CommandReader::new(max_frame),
+            replies: Scanner::new(max_frame),
+            resp,
             owed: VecDeque::new(),
             carry: Carry::None,
             held: BytesMut::new(),
             changed: None,
+            unknown: None,
+            refused: None,
+            exchange: false,
             multi: false,
             watching: false,
             selected: false,
             renamed: false,
             tracking: false,
             readonly: false,
+            no_evict: false,
+            no_touch: false,
+            reply_off: false,
+            skip_next: false,
+            skip: false,
+            subscribed: false,
             quit: false,
             ready: BytesMut::new(),
+            log: None,
         }
     }
 
+    /// A tracker for an Exchange: commands lessor would answer itself, or
+    /// whose replies it could not count, are refused (see
+    /// [`RedisSession::refusal`]) instead of carried.
+    pub(crate) fn for_exchange(max_frame: u64, resp: u8) -> Self {
+        Self {
+            exchange: true,
+            ..Self::new(max_frame, resp)
+        }
+    }
+
+    /// Keeps every complete command (its first arguments), for tests that
+    /// hold the tracker to the real server.
+    pub(crate) fn keep_log(&mut self) {
+        self.log = Some(Vec::new());
+    }
+
+    /// The commands kept by [`RedisSession::keep_log`].
+    pub(crate) fn log(&self) -> &[Command] {
+        self.log.as_deref().unwrap_or_default()
+    }
+
     /// Takes client bytes; returns what goes to Redis. Local replies that
-    /// are due now are kept for [`RedisSession::take_local`].
-    pub(crate) fn client_sent(&mut self, data: &Bytes) -> Result<Bytes, RespError> {
-        let mut ends = Vec::new();
-        self.commands.feed(data, |f| ends.push(f))?;
+    /// are due now are kept for [`RedisSession::take_local`]. A protocol
+    /// error forwards nothing of `data`: Redis would close the connection
+    /// there, and the lease ends evicted.
+    pub(crate) fn client_sent(&mut self, data: &Bytes) -> Result<Bytes, ProtocolError> {
+        let mut done = Vec::new();
+        if let Err(e) = self.commands.feed(data, |c| done.push(c)) {
+            if let Some(log) = self.log.as_mut() {
+                log.extend(done);
+            }
+            return Err(e);
+        }
         // What goes out, as ranges of `data` and held bytes: in the common
         // case (nothing answered locally, nothing held) that is all of
         // `data`, sent without a copy.
         let mut out = Pieces::default();
         let mut start = 0;
-        for frame in ends {
-            let local = self.note_command(&frame);
-            match (self.carry, local) {
-                (Carry::Drop, _) | (Carry::None | Carry::Held, Some(_)) => self.held.clear(),
-                (Carry::Held, None) => {
+        for command in done {
+            let action = if self.quit {
+                Action::Drop
+            } else {
+                self.note(&command)
+            };
+            match (self.carry, action) {
+                (Carry::Drop, _) | (_, Action::Drop) => self.held.clear(),
+                (Carry::Held, Action::Forward) => {
                     out.held(self.held.split().freeze());
-                    out.range(start, frame.end);
+                    out.range(start, command.end);
                 }
-                // `Forward` with a local reply cannot happen: a command's head
-                // is held until its name is known.
-                (Carry::None | Carry::Forward, _) => out.range(start, frame.end),
+                (Carry::None | Carry::Forward, Action::Forward) => {
+                    out.range(start, command.end);
+                }
             }
-            self.owe(local.map_or(Owed::Upstream, Owed::Local));
             self.carry = Carry::None;
-            start = frame.end;
+            start = command.end;
+            if let Some(log) = self.log.as_mut() {
+                log.push(command);
+            }
         }
-        if start < data.len() || self.carry != Carry::None {
+        if start < data.len() {
             match self.carry {
                 Carry::Drop => {}
                 Carry::Forward => out.range(start, data.len()),
-                Carry::None | Carry::Held => {
-                    match self.commands.partial_command().as_deref().map(local_reply) {
-                        Some(Some(_)) => {
-                            self.held.clear();
-                            self.carry = Carry::Drop;
-                        }
-                        Some(None) => {
-                            out.held(self.held.split().freeze());
-                            out.range(start, data.len());
-                            self.carry = Carry::Forward;
-                        }
-                        None => {
-                            self.held.extend_from_slice(&data[start..]);
-                            if self.held.len() > HOLD_MAX {
-                                out.held(self.held.split().freeze());
-                                self.carry = Carry::Forward;
-                            } else {
-                                self.carry = Carry::Held;
-                            }
-                        }
+                Carry::None | Carry::Held => match self.commands.head() {
+                    _ if self.quit => {
+                        self.held.clear();
+                        self.carry = Carry::Drop;
                     }
-                }
+                    Head::Named(name) if local_reply(&name).is_some() => {
+                        self.held.clear();
+                        self.carry = Carry::Drop;
+                    }
+                    Head::Unknown => {
+                        self.held.extend_from_slice(&data[start..]);
+                        self.carry = Carry::Held;
+                    }
+                    Head::Named(_) | Head::Long | Head::Between => {
+                        out.held(self.held.split().freeze());
+                        out.range(start, data.len());
+                        self.carry = Carry::Forward;
+                    }
+                },
             }
         }
         Ok(out.into_bytes(data))
@@ -154,24 +237,20 @@ impl RedisSession {
     /// Takes Redis bytes; returns what goes to the client (with any local
     /// replies that fall due put at their place).
     pub(crate) fn upstream_sent(&mut self, data: Bytes) -> Result<Bytes, RespError> {
-        let mut ends = Vec::new();
-        self.replies.feed(&data, |f: Frame| {
-            if !f.is_push() {
-                ends.push(f.end);
-            }
-        })?;
-        if ends.is_empty() || !self.owed.iter().any(|o| matches!(o, Owed::Local(_))) {
-            for _ in &ends {
-                self.answered();
+        let mut frames = Vec::new();
+        self.replies.feed(&data, |f: Frame| frames.push(f))?;
+        if !self.owed.iter().any(|o| matches!(o, Owed::Local(_))) {
+            for f in &frames {
+                self.answered(f);
             }
             return Ok(data);
         }
         let mut out = BytesMut::with_capacity(data.len() + 64);
         let mut start = 0;
-        for end in ends {
-            out.extend_from_slice(&data[start..end]);
-            start = end;
-            self.answered();
+        for f in &frames {
+            out.extend_from_slice(&data[start..f.end]);
+            start = f.end;
+            self.answered(f);
             out.extend_from_slice(&self.ready.split());
         }
         out.extend_from_slice(&data[start..]);
@@ -182,21 +261,37 @@ impl RedisSession {
     /// whose commands were vetted): the bytes are only scanned, not handed
     /// back, so the caller keeps them in one buffer.
     pub(crate) fn replies_read(&mut self, data: &[u8]) -> Result<(), RespError> {
-        let mut replies = 0;
-        self.replies.feed(data, |f: Frame| {
-            if !f.is_push() {
-                replies += 1;
-            }
-        })?;
-        for _ in 0..replies {
-            self.answered();
+        let mut frames = Vec::new();
+        self.replies.feed(data, |f: Frame| frames.push(f))?;
+        for f in &frames {
+            self.answered(f);
         }
         Ok(())
     }
 
     /// Replies Redis still owes.
-    pub(crate) fn replies_due(&self) -> usize {
-        self.owed.iter().filter(|o| **o == Owed::Upstream).count()
+    pub(crate) fn replies_due(&self) -> u64 {
+        self.owed
+            .iter()
+            .map(|o| match o {
+                Owed::Reply => 1,
+                Owed::Group { left, .. } => *left,
+                Owed::Local(_) => 0,
+            })
+            .sum()
+    }
+
+    /// Whether the bytes so far end between commands.
+    pub(crate) fn at_boundary(&self) -> bool {
+        self.commands.at_boundary()
+    }
+
+    /// An Exchange's request holds something it cannot carry.
+    pub(crate) fn refusal(&self) -> Option<String> {
+        self.refused.clone().or_else(|| {
+            self.unknown
+                .map(|why| format!("its replies could not be counted: {why}"))
+        })
     }
 
     /// Local replies due now (every reply before them has gone out).
@@ -214,16 +309,27 @@ impl RedisSession {
     /// (cheap: kept current after every message, for a lease that is
     /// dropped without a word).
     pub(crate) fn is_clean(&self) -> bool {
-        !self.owed.iter().any(|o| *o == Owed::Upstream)
+        self.owed.iter().all(|o| matches!(o, Owed::Local(_)))
             && (self.commands.at_boundary() || self.carry == Carry::Drop)
             && self.replies.at_boundary()
-            && !self.multi
-            && !self.watching
-            && !self.selected
-            && !self.renamed
-            && !self.tracking
-            && !self.readonly
+            && !self.state_changed()
             && self.changed.is_none()
+            && self.unknown.is_none()
+    }
+
+    /// Session state a restore puts back.
+    fn state_changed(&self) -> bool {
+        self.multi
+            || self.watching
+            || self.selected
+            || self.renamed
+            || self.tracking
+            || self.readonly
+            || self.no_evict
+            || self.no_touch
+            || self.reply_off
+            || self.skip
+            || self.skip_next
     }
 
     /// Whether reading (and dropping) the replies still due would make the
@@ -231,13 +337,17 @@ impl RedisSession {
     /// wrong.
     pub(crate) fn drainable(&self) -> bool {
         self.changed.is_none()
+            && self.unknown.is_none()
             && (self.commands.at_boundary() || self.carry == Carry::Drop)
-            && (self.owed.iter().any(|o| *o == Owed::Upstream) || !self.replies.at_boundary())
+            && (self.replies_due() > 0 || !self.replies.at_boundary())
     }
 
     /// Whether the connection may go back to the pool, or why not.
     pub(crate) fn verdict(&self) -> Result<(), String> {
-        let pending = self.owed.iter().filter(|o| **o == Owed::Upstream).count();
+        if let Some(why) = self.unknown {
+            return Err(format!("replies not countable: {why}"));
+        }
+        let pending = self.replies_due();
         if pending > 0 {
             return Err(format!(
                 "{pending} {} pending",
@@ -253,43 +363,54 @@ impl RedisSession {
         if let Some(changed) = &self.changed {
             return Err(changed.clone());
         }
+        if self.reply_off && self.multi {
+            return Err("CLIENT REPLY OFF inside MULTI".into());
+        }
         Ok(())
     }
 
-    /// What puts a clean-but-changed session back as it was opened: a
-    /// `MULTI` discarded, watches dropped, the configured db selected again,
-    /// the configured name, tracking off, read-write. `None` when there is
-    /// nothing to undo. Only for a session whose [`RedisSession::verdict`]
-    /// is clean.
+    /// What puts a clean-but-changed session back as it was opened: replies
+    /// on again, a `MULTI` discarded, watches dropped, the configured db
+    /// selected again, the configured name, tracking, no-evict and
+    /// no-touch off, read-write. `None` when there is nothing to undo. Only
+    /// for a session whose [`RedisSession::verdict`] is clean.
     pub(crate) fn restore(&self, cfg: &RedisConfig) -> Option<Restore> {
         let db = cfg.db;
         let max_frame = cfg.max_frame.as_u64();
         let mut request = Vec::new();
         let mut undone = Vec::new();
+        let mut undo = |args: &[&[u8]], what: &'static str| {
+            encode_command(&mut request, args);
+            undone.push(what);
+        };
+        // First, so that every later undo is answered.
+        if self.reply_off || self.skip || self.skip_next {
+            undo(&[b"CLIENT", b"REPLY", b"ON"], "CLIENT REPLY");
+        }
         if self.multi {
-            encode_command(&mut request, &[b"DISCARD"]);
-            undone.push("MULTI");
+            undo(&[b"DISCARD"], "MULTI");
         }
         if self.watching && !self.multi {
-            encode_command(&mut request, &[b"UNWATCH"]);
-            undone.push("WATCH");
+            undo(&[b"UNWATCH"], "WATCH");
         }
         if self.selected {
-            encode_command(&mut request, &[b"SELECT", db.to_string().as_bytes()]);
-            undone.push("SELECT");
+            undo(&[b"SELECT", db.to_string().as_bytes()], "SELECT");
         }
         if self.renamed {
             let name = cfg.client_name.as_deref().unwrap_or("");
-            encode_command(&mut request, &[b"CLIENT", b"SETNAME", name.as_bytes()]);
-            undone.push("CLIENT SETNAME");
+            undo(&[b"CLIENT", b"SETNAME", name.as_bytes()], "CLIENT SETNAME");
         }
         if self.tracking {
-            encode_command(&mut request, &[b"CLIENT", b"TRACKING", b"OFF"]);
-            undone.push("CLIENT TRACKING");
+            undo(&[b"CLIENT", b"TRACKING", b"OFF"], "CLIENT TRACKING");
+        }
+        if self.no_evict {
+            undo(&[b"CLIENT", b"NO-EVICT", b"OFF"], "CLIENT NO-EVICT");
+        }
+        if self.no_touch {
+            undo(&[b"CLIENT", b"NO-TOUCH", b"OFF"], "CLIENT NO-TOUCH");
         }
         if self.readonly {
-            encode_command(&mut request, &[b"READWRITE"]);
-            undone.push("READONLY");
+            undo(&[b"READWRITE"], "READONLY");
         }
         (!undone.is_empty()).then(|| Restore {
             replies: undone.len(),
@@ -299,17 +420,43 @@ impl RedisSession {
         })
     }
 
-    fn owe(&mut self, owed: Owed) {
-        self.owed.push_back(owed);
-        self.release_due_locals();
-    }
-
-    /// One reply from Redis went out.
-    fn answered(&mut self) {
-        // A reply nobody is owed (after CLIENT REPLY OFF, say) changes
-        // nothing: the session is already marked changed.
-        if let Some(pos) = self.owed.iter().position(|o| *o == Owed::Upstream) {
-            self.owed.remove(pos);
+    /// One frame from Redis went out: it answers the oldest owed reply, or
+    /// is out-of-band (a RESP3 push that answers no command).
+    fn answered(&mut self, frame: &Frame) {
+        let pos = self.owed.iter().position(|o| !matches!(o, Owed::Local(_)));
+        match pos.map(|p| (p, self.owed[p])) {
+            Some((p, Owed::Group { kind, left, total })) => {
+                let counts = (frame.is_push() || (self.resp == 2 && frame.kind == b'*'))
+                    && frame.first() == kind;
+                if counts {
+                    if left > 1 {
+                        self.owed[p] = Owed::Group {
+                            kind,
+                            left: left - 1,
+                            total,
+                        };
+                    } else {
+                        self.owed.remove(p);
+                    }
+                } else if frame.is_push() {
+                    // Out of band (an invalidation, a message).
+                } else {
+                    // A refused command gets one error instead of its group.
+                    if !(frame.is_error() && left == total) {
+                        self.unknown
+                            .get_or_insert("a pub/sub reply of another kind");
+                    }
+                    self.owed.remove(p);
+                }
+            }
+            Some((_, _)) if frame.is_push() => {}
+            Some((p, _)) => {
+                self.owed.remove(p);
+            }
+            None if frame.is_push() => {}
+            None => {
+                self.unknown.get_or_insert("a reply no command was owed");
+            }
         }
         self.release_due_locals();
     }
@@ -322,37 +469,137 @@ impl RedisSession {
         }
     }
 
-    /// Records what a complete command does; `Some(reply)` when lessor
-    /// answers it instead of Redis.
-    fn note_command(&mut self, frame: &Frame) -> Option<&'static [u8]> {
-        let name = frame.command();
-        let sub = frame.arg(0);
+    fn owe(&mut self, owed: Owed) {
+        self.owed.push_back(owed);
+        self.release_due_locals();
+    }
+
+    /// Records what a complete request does to the session and what it is
+    /// owed, as Redis would process it.
+    fn note(&mut self, command: &Command) -> Action {
+        if command.argc == 0 {
+            // Redis skips an empty request, but it still ends a SKIP.
+            self.skip = std::mem::take(&mut self.skip_next);
+            return Action::Forward;
+        }
+        let name = command.name();
+        let sub = command.arg(0);
+        let mut silent = self.reply_off || self.skip;
+        let mut action = Action::Forward;
+        // Replies Redis sends for it, unless silenced.
+        let mut owed = Some(Owed::Reply);
         if let Some(reply) = local_reply(&name) {
             if name == "QUIT" {
                 self.quit = true;
             }
-            return Some(reply);
+            owed = Some(Owed::Local(reply));
+            action = Action::Drop;
+        } else if self.multi
+            && !matches!(
+                name.as_str(),
+                "EXEC" | "DISCARD" | "MULTI" | "WATCH" | "RESET"
+            )
+        {
+            // Queued: `+QUEUED` now, its effect at EXEC.
+            match (name.as_str(), sub.as_deref()) {
+                (n, _) if pubsub_kind(n).is_some() => {
+                    self.uncountable("a pub/sub command inside MULTI");
+                }
+                ("CLIENT", Some("REPLY")) => self.uncountable("CLIENT REPLY inside MULTI"),
+                _ => self.note_effect(&name, sub.as_deref(), command),
+            }
+        } else if let Some(kind) = pubsub_kind(&name) {
+            owed = self.note_pubsub(&name, kind, command, silent);
+        } else {
+            match (name.as_str(), sub.as_deref()) {
+                ("MULTI", _) if command.argc == 1 => self.multi = true,
+                ("EXEC" | "DISCARD", _) if command.argc == 1 && self.multi => {
+                    // Both end the transaction and drop every watch.
+                    self.multi = false;
+                    self.watching = false;
+                }
+                ("WATCH", _) if command.argc >= 2 && !self.multi => self.watching = true,
+                ("CLIENT", Some("REPLY")) if command.argc == 3 => {
+                    match command.arg(1).as_deref() {
+                        Some("ON") => {
+                            // Answered: ON lifts the silence before replying.
+                            self.reply_off = false;
+                            self.skip = false;
+                            silent = false;
+                        }
+                        Some("OFF") => {
+                            self.reply_off = true;
+                            owed = None;
+                        }
+                        Some("SKIP") => {
+                            if !self.reply_off {
+                                self.skip_next = true;
+                            }
+                            owed = None;
+                        }
+                        _ => {}
+                    }
+                }
+                _ => self.note_effect(&name, sub.as_deref(), command),
+            }
         }
-        let change = match (name.as_str(), sub.as_deref()) {
-            ("MULTI", _) => {
-                self.multi = true;
-                None
-            }
-            ("EXEC" | "DISCARD", _) => {
-                // Both end the transaction and drop every watch.
-                self.multi = false;
-                self.watching = false;
-                None
-            }
+        if self.exchange
+            && let Some(why) = refused_in_exchange(&name, sub.as_deref())
+        {
+            self.refuse(&name, why);
+        }
+        if let Some(owed) = owed
+            && !silent
+        {
+            self.owe(owed);
+        }
+        self.skip = std::mem::take(&mut self.skip_next);
+        action
+    }
+
+    /// A pub/sub command outside MULTI: one reply per channel (one in all
+    /// for an argument-less unsubscribe), or one error for a wrong arity.
+    fn note_pubsub(
+        &mut self,
+        name: &str,
+        kind: &'static str,
+        command: &Command,
+        silent: bool,
+    ) -> Option<Owed> {
+        let subscribing = !name.contains("UNSUB");
+        if subscribing && command.argc < 2 {
+            return Some(Owed::Reply);
+        }
+        if silent {
+            // Pushes may still be delivered under CLIENT REPLY OFF.
+            self.uncountable("a pub/sub command with replies off");
+            return None;
+        }
+        let channels = command.argc - 1;
+        if channels == 0 && self.subscribed {
+            self.uncountable("an unsubscribe from every channel");
+        }
+        if subscribing {
+            self.subscribed = true;
+            self.changed.get_or_insert_with(|| "subscribed".to_owned());
+        }
+        Some(Owed::Group {
+            kind,
+            left: channels.max(1),
+            total: channels.max(1),
+        })
+    }
+
+    /// The session state a command changes (outside MULTI, or when a queued
+    /// one runs at EXEC: marked at once, which at worst undoes nothing).
+    fn note_effect(&mut self, name: &str, sub: Option<&str>, command: &Command) {
+        let on = || command.arg(1).as_deref() == Some("ON");
+        let change = match (name, sub) {
             ("SELECT", _) => {
                 self.selected = true;
                 None
             }
-            ("WATCH", _) => {
-                self.watching = true;
-                None
-            }
-            ("UNWATCH", _) => {
+            ("UNWATCH", _) if !self.multi => {
                 self.watching = false;
                 None
             }
@@ -365,15 +612,28 @@ impl RedisSession {
                 None
             }
             ("RESET", _) => Some("RESET"),
-            ("SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE", _) => Some("subscribed"),
-            ("MONITOR", _) => Some("MONITOR"),
-            ("CLIENT", Some("REPLY")) => Some("CLIENT REPLY changed"),
+            ("MONITOR", _) => {
+                self.uncountable("MONITOR");
+                Some("MONITOR")
+            }
+            ("SYNC" | "PSYNC", _) => {
+                self.uncountable("a replication stream");
+                Some("replication stream")
+            }
             ("CLIENT", Some("TRACKING")) => {
-                self.tracking = true;
+                self.tracking = on() || (self.tracking && command.arg(1).as_deref() != Some("OFF"));
                 None
             }
             ("CLIENT", Some("SETNAME")) => {
                 self.renamed = true;
+                None
+            }
+            ("CLIENT", Some("NO-EVICT")) => {
+                self.no_evict = on() || (self.no_evict && command.arg(1).as_deref() != Some("OFF"));
+                None
+            }
+            ("CLIENT", Some("NO-TOUCH")) => {
+                self.no_touch = on() || (self.no_touch && command.arg(1).as_deref() != Some("OFF"));
                 None
             }
             _ => None,
@@ -381,8 +641,50 @@ impl RedisSession {
         if let Some(change) = change {
             self.changed.get_or_insert_with(|| change.to_owned());
         }
-        None
     }
+
+    fn uncountable(&mut self, why: &'static str) {
+        self.unknown.get_or_insert(why);
+    }
+
+    fn refuse(&mut self, name: &str, why: &str) {
+        self.refused
+            .get_or_insert_with(|| format!("{}: {why}", printable(name)));
+    }
+}
+
+/// The pub/sub family of a command, as its replies name it.
+fn pubsub_kind(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "SUBSCRIBE" => "subscribe",
+        "PSUBSCRIBE" => "psubscribe",
+        "SSUBSCRIBE" => "ssubscribe",
+        "UNSUBSCRIBE" => "unsubscribe",
+        "PUNSUBSCRIBE" => "punsubscribe",
+        "SUNSUBSCRIBE" => "sunsubscribe",
+        _ => return None,
+    })
+}
+
+/// Commands refused in an Exchange: they would leave the connection in a
+/// state no reply count describes, or are the sidecar's to send.
+fn refused_in_exchange(name: &str, sub: Option<&str>) -> Option<&'static str> {
+    Some(match (name, sub) {
+        ("SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE", _) => "subscriptions need a lease",
+        ("MONITOR", _) => "MONITOR needs a lease",
+        ("SYNC" | "PSYNC", _) => "replication needs a lease",
+        ("RESET", _) => "RESET would undo the sidecar's session",
+        ("AUTH", _) => "authentication is done by the sidecar",
+        ("HELLO", _) => "the protocol version is the sidecar's (redis.resp)",
+        ("QUIT", _) => "QUIT would close a pooled connection",
+        ("CLIENT", Some("REPLY")) => "CLIENT REPLY would desynchronize the replies",
+        _ => return None,
+    })
+}
+
+/// A command name as it may be shown: printable, and short.
+fn printable(name: &str) -> String {
+    name.chars().take(32).flat_map(char::escape_debug).collect()
 }
 
 /// The bytes to forward, as ranges of the input and held bytes, so that the
@@ -452,7 +754,7 @@ impl Restore {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let undo = async {
             stream.write_all(&self.request).await.ok()?;
-            let mut scanner = Scanner::new(false, self.max_frame);
+            let mut scanner = Scanner::new(self.max_frame);
             let (mut replies, mut ok) = (0, true);
             let mut buf = [0u8; 512];
             while replies < self.replies {
@@ -494,7 +796,7 @@ mod tests {
     use super::*;
 
     fn session() -> RedisSession {
-        RedisSession::new(1 << 20)
+        RedisSession::new(1 << 20, 2)
     }
 
     #[test]
@@ -595,15 +897,24 @@ mod tests {
 
     #[test]
     fn state_changes_are_named() {
-        for (cmd, why) in [
-            (&b"SUBSCRIBE ch\r\n"[..], "subscribed"),
-            (b"CLIENT REPLY OFF\r\n", "CLIENT REPLY changed"),
-        ] {
-            let mut s = session();
-            s.client_sent(&Bytes::copy_from_slice(cmd)).unwrap();
-            s.upstream_sent(Bytes::from_static(b"+OK\r\n")).unwrap();
-            assert_eq!(s.verdict(), Err(why.into()));
-        }
+        let mut s = session();
+        s.client_sent(&Bytes::from_static(b"SUBSCRIBE ch\r\n"))
+            .unwrap();
+        s.upstream_sent(Bytes::from_static(
+            b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n",
+        ))
+        .unwrap();
+        assert_eq!(s.verdict(), Err("subscribed".into()));
+        let mut s = session();
+        s.client_sent(&Bytes::from_static(
+            b"CLIENT REPLY OFF\r\nGET a\r\nCLIENT NO-EVICT on\r\n",
+        ))
+        .unwrap();
+        assert_eq!(s.replies_due(), 0, "nothing is answered with replies off");
+        assert_eq!(s.verdict(), Ok(()));
+        assert!(!s.is_clean());
+        let undo = s.restore(&RedisConfig::default()).unwrap();
+        assert_eq!(undo.undone, "CLIENT REPLY, CLIENT NO-EVICT");
         let mut s = session();
         s.client_sent(&Bytes::from_static(
             b"SELECT 5\r\nWATCH k\r\nMULTI\r\nSET a 1\r\n",
@@ -627,5 +938,57 @@ mod tests {
             s.restore(&RedisConfig::default()).map(|r| r.undone),
             Some("SELECT".into())
         );
+    }
+
+    #[test]
+    fn quoted_and_blank_prefixed_commands_are_seen_as_redis_sees_them() {
+        let mut s = session();
+        let sent = s
+            .client_sent(&Bytes::from_static(b"\"SELECT\" 5\r\n'MULTI'\r\n"))
+            .unwrap();
+        assert_eq!(sent.len(), 21, "forwarded");
+        s.upstream_sent(Bytes::from_static(b"+OK\r\n+OK\r\n"))
+            .unwrap();
+        let undo = s.restore(&RedisConfig::default()).unwrap();
+        assert_eq!(undo.undone, "MULTI, SELECT");
+        // A local command after any number of blanks is never forwarded.
+        let mut s = session();
+        let mut blanks = vec![b' '; 5000];
+        blanks.extend_from_slice(b"\x0bHELLO 3");
+        assert!(s.client_sent(&Bytes::from(blanks)).unwrap().is_empty());
+        assert!(
+            s.client_sent(&Bytes::from_static(b"\r\n"))
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(s.take_local().as_deref(), Some(AUTH_REFUSED));
+    }
+
+    #[test]
+    fn replies_are_counted_as_redis_sends_them() {
+        let mut s = session();
+        s.client_sent(&Bytes::from_static(
+            b"UNSUBSCRIBE a b\r\n$11\r\nBLPOP q1 10\r\n",
+        ))
+        .unwrap();
+        assert_eq!(s.replies_due(), 4, "one per channel, then `$11` and BLPOP");
+        let mut s = RedisSession::new(1 << 20, 3);
+        s.client_sent(&Bytes::from_static(b"PUNSUBSCRIBE\r\nPING\r\n"))
+            .unwrap();
+        s.upstream_sent(Bytes::from_static(
+            b">3\r\n$12\r\npunsubscribe\r\n_\r\n:0\r\n+PONG\r\n",
+        ))
+        .unwrap();
+        assert_eq!(s.verdict(), Ok(()));
+        let mut s = session();
+        s.client_sent(&Bytes::from_static(
+            b"CLIENT REPLY SKIP\r\nGET a\r\nGET b\r\n",
+        ))
+        .unwrap();
+        assert_eq!(s.replies_due(), 1, "the skipped GET gets no reply");
+        let mut s = session();
+        s.client_sent(&Bytes::from_static(b"SUBSCRIBE a\r\nUNSUBSCRIBE\r\n"))
+            .unwrap();
+        assert!(s.verdict().unwrap_err().contains("not countable"));
     }
 }

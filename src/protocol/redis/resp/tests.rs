@@ -2,26 +2,33 @@ use proptest::prelude::*;
 
 use super::*;
 
-fn frames(input: &[u8], inline: bool) -> Result<Vec<Frame>, RespError> {
-    let mut scanner = Scanner::new(inline, 1 << 30);
+fn frames(input: &[u8]) -> Result<Vec<Frame>, RespError> {
+    let mut scanner = Scanner::new(1 << 30);
     let mut out = Vec::new();
     scanner.feed(input, |f| out.push(f))?;
     Ok(out)
 }
 
 #[test]
-fn commands_and_their_arguments() {
-    let got = frames(
-        b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nvalue\r\nPING\r\n",
-        true,
-    )
-    .unwrap();
-    assert_eq!(got.len(), 2);
-    assert_eq!(got[0].command(), "SET");
-    assert_eq!(got[0].arg(0).as_deref(), Some("K"));
-    assert_eq!(got[0].end, 31);
-    assert_eq!(got[1].command(), "PING");
-    assert_eq!(got[1].kind, b' ');
+fn the_first_element_of_an_array_or_push_is_captured() {
+    let got = frames(b"*3\r\n$9\r\nSubscribe\r\n$1\r\nc\r\n:1\r\n>2\r\n$10\r\ninvalidate\r\n*0\r\n*2\r\n:1\r\n$1\r\nx\r\n").unwrap();
+    assert_eq!(got[0].first(), "subscribe");
+    assert_eq!(got[1].first(), "invalidate");
+    assert!(got[1].is_push());
+    assert_eq!(
+        got[2].first(),
+        "",
+        "only a first element that is a bulk string"
+    );
+}
+
+#[test]
+fn nesting_is_bounded() {
+    let mut deep = b"*1\r\n".repeat(MAX_DEPTH);
+    deep.extend_from_slice(b":1\r\n");
+    assert_eq!(frames(&deep).unwrap().len(), 1);
+    let deeper = b"*1\r\n".repeat(MAX_DEPTH + 1);
+    assert_eq!(frames(&deeper), Err(RespError::TooDeep));
 }
 
 #[test]
@@ -32,7 +39,7 @@ fn resp3_aggregates_attributes_pushes_and_streams() {
         $?\r\n;2\r\nab\r\n;0\r\n\
         *?\r\n:1\r\n*1\r\n,1.5\r\n.\r\n\
         =7\r\ntxt:abc\r\n(123\r\n!3\r\nerr\r\n~0\r\n*-1\r\n$-1\r\n";
-    let got = frames(input, false).unwrap();
+    let got = frames(input).unwrap();
     let kinds: Vec<u8> = got.iter().map(|f| f.kind).collect();
     assert_eq!(kinds, b"%$>$*=(!~*$".to_vec(), "{got:?}");
     assert!(got[2].is_push());
@@ -42,19 +49,14 @@ fn resp3_aggregates_attributes_pushes_and_streams() {
 
 #[test]
 fn bad_input_is_an_error_not_a_panic() {
-    assert_eq!(frames(b"?x\r\n", false), Err(RespError::BadType(b'?')));
-    assert!(matches!(
-        frames(b"$abc\r\n", false),
-        Err(RespError::BadLength(_))
-    ));
-    assert!(matches!(
-        frames(b"*-5\r\n", false),
-        Err(RespError::BadLength(_))
-    ));
-    assert_eq!(frames(b"$1\r\nab\r\n", false), Err(RespError::MissingCrlf));
-    let long = vec![b'a'; MAX_LINE + 10];
-    assert_eq!(frames(&long, true), Err(RespError::LineTooLong));
-    let mut small = Scanner::new(false, 10);
+    assert_eq!(frames(b"?x\r\n"), Err(RespError::BadType(b'?')));
+    assert!(matches!(frames(b"$abc\r\n"), Err(RespError::BadLength(_))));
+    assert!(matches!(frames(b"*-5\r\n"), Err(RespError::BadLength(_))));
+    assert_eq!(frames(b"$1\r\nab\r\n"), Err(RespError::MissingCrlf));
+    let mut long = vec![b'+'];
+    long.resize(MAX_LINE + 10, b'a');
+    assert_eq!(frames(&long), Err(RespError::LineTooLong));
+    let mut small = Scanner::new(10);
     assert_eq!(
         small.feed(b"$11\r\n", |_| {}),
         Err(RespError::TooLarge { len: 11, max: 10 })
@@ -63,7 +65,7 @@ fn bad_input_is_an_error_not_a_panic() {
 
 #[test]
 fn a_large_payload_is_never_held() {
-    let mut scanner = Scanner::new(false, 1 << 30);
+    let mut scanner = Scanner::new(1 << 30);
     let mut ends = Vec::new();
     scanner
         .feed(b"$67108864\r\n", |f| ends.push(f.end))
@@ -77,15 +79,6 @@ fn a_large_payload_is_never_held() {
     assert_eq!(ends, [2]);
     assert!(scanner.at_boundary());
     assert!(scanner.line.capacity() < 1024);
-}
-
-#[test]
-fn a_command_is_named_before_its_last_byte() {
-    let mut scanner = Scanner::new(true, 1 << 30);
-    scanner.feed(b"*2\r\n$4\r\nAU", |_| {}).unwrap();
-    assert_eq!(scanner.partial_command(), None);
-    scanner.feed(b"TH\r\n$3\r\np", |_| {}).unwrap();
-    assert_eq!(scanner.partial_command().as_deref(), Some("AUTH"));
 }
 
 /// A random valid RESP value, encoded.
@@ -167,7 +160,7 @@ proptest! {
         points.push(input.len());
         points.sort_unstable();
         points.dedup();
-        let mut scanner = Scanner::new(false, 1 << 30);
+        let mut scanner = Scanner::new(1 << 30);
         let mut got = Vec::new();
         for w in points.windows(2) {
             let base = w[0];

@@ -1,0 +1,10 @@
+//! Hooks for tests that hold lessor's protocol readers to the real servers
+//! (differential tests: generated input to both, compared by what each made
+//! of it). Not part of lessor's API: hidden from the docs, and nothing in
+//! the sidecar calls it.
+
+mod postgres;
+mod redis;
+
+pub use postgres::{PgReport, PgTracker};
+pub use redis::RedisTracker;
