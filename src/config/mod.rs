@@ -133,6 +133,10 @@ pub struct AdminConfig {
     /// own containers reach them, never the pod IP; `""` disables them.
     #[serde(deserialize_with = "optional_addr")]
     pub control_listen: Option<SocketAddr>,
+    /// Whether `control_listen` may be an address other than loopback
+    /// (default `false`): anyone who reaches it can pause, reconnect or shut
+    /// down lessor, so off loopback it is refused unless this says so.
+    pub control_allow_remote: bool,
 }
 
 impl Default for AdminConfig {
@@ -140,6 +144,7 @@ impl Default for AdminConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             control_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9091))),
+            control_allow_remote: false,
         }
     }
 }

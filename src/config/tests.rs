@@ -145,6 +145,18 @@ fn top_level_errors_name_the_field() {
             "grpc.unix_socket_mode: `0999` is not a file mode",
         ),
         ("admin: { listen: 9090 }\n", "admin.listen"),
+        (
+            "admin: { control_listen: \"0.0.0.0:9091\" }\n",
+            "admin.control_listen: `0.0.0.0:9091` is not a loopback address",
+        ),
+        (
+            "admin: { control_listen: \"10.0.0.7:9091\" }\n",
+            "set admin.control_allow_remote: true",
+        ),
+        (
+            "admin: { control_listen: \"[::ffff:10.0.0.7]:9091\" }\n",
+            "admin.control_listen",
+        ),
         ("runtime: { worker_threads: 0 }\n", "runtime.worker_threads"),
         ("telemetry: { protocol: thrift }\n", "telemetry.protocol"),
         ("bogus: 1\n", "unknown field `bogus`"),
@@ -333,4 +345,32 @@ fn postgres_upstreams() {
             "for {extra:?}: got {got:?}, want {want:?}"
         );
     }
+}
+
+#[test]
+fn control_listen_off_loopback_needs_an_explicit_allow() {
+    let with = |admin: &str| {
+        format!("admin: {{ {admin} }}\nupstreams:\n  - {{ name: a, address: 'h:1' }}\n")
+    };
+    for loopback in [
+        "127.0.0.1:9091",
+        "127.8.0.1:1",
+        "[::1]:9091",
+        "[::ffff:127.0.0.1]:9091",
+    ] {
+        let c = Config::from_yaml(&with(&format!("control_listen: \"{loopback}\""))).unwrap();
+        assert!(!c.admin.control_allow_remote);
+        assert!(c.admin.control_listen.is_some(), "{loopback}");
+    }
+    let off = Config::from_yaml(&with("control_listen: \"\"")).unwrap();
+    assert_eq!(off.admin.control_listen, None);
+    let allowed = Config::from_yaml(&with(
+        "control_listen: \"0.0.0.0:9091\", control_allow_remote: true",
+    ))
+    .unwrap();
+    assert!(allowed.admin.control_allow_remote);
+    assert_eq!(
+        allowed.admin.control_listen,
+        Some("0.0.0.0:9091".parse().unwrap())
+    );
 }

@@ -20,6 +20,17 @@ impl Config {
                 "must be at least 16",
             ));
         }
+        if let Some(addr) = self.admin.control_listen
+            && !addr.ip().to_canonical().is_loopback()
+            && !self.admin.control_allow_remote
+        {
+            return Err(invalid(
+                "admin.control_listen",
+                format!(
+                    "`{addr}` is not a loopback address: whoever reaches it can pause, reconnect and shut down lessor; set admin.control_allow_remote: true to allow it"
+                ),
+            ));
+        }
         if !(1..=1024).contains(&self.runtime.worker_threads) {
             return Err(invalid(
                 "runtime.worker_threads",

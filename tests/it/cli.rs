@@ -57,6 +57,10 @@ async fn cli_check_config_names_the_bad_field_and_exits_2() {
             "upstreams: []\n",
             "upstreams: at least one upstream is required",
         ),
+        (
+            "admin: { control_listen: '0.0.0.0:9091' }\nupstreams:\n  - { name: redis, address: 'redis:6379' }\n",
+            "admin.control_listen: `0.0.0.0:9091` is not a loopback address",
+        ),
     ];
     for (yaml, want) in cases {
         let path = write_config(&dir, yaml);
@@ -75,6 +79,13 @@ async fn cli_check_config_names_the_bad_field_and_exits_2() {
             );
         }
     }
+    // Off loopback on purpose: allowed, said so.
+    let path = write_config(
+        &dir,
+        "admin: { control_listen: '0.0.0.0:9091', control_allow_remote: true }\nupstreams:\n  - { name: redis, address: 'redis:6379' }\n",
+    );
+    let out = lessor(&["check-config", "--config", &path]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let out = lessor(&["check-config", "--config", "/nonexistent/lessor.yaml"]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("/nonexistent/lessor.yaml"));
