@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::lease::registry::{LeaseSnapshot, Leases};
+use crate::lease::registry::{LeaseSnapshot, Leases, Printable};
 
 /// The listing for a raw query string; `Err` names a bad parameter.
 pub(crate) fn render(leases: &Leases, query: &str) -> Result<(String, &'static str), String> {
@@ -39,7 +39,8 @@ pub(crate) fn render(leases: &Leases, query: &str) -> Result<(String, &'static s
     Ok((table(&rows), "text/plain; charset=utf-8"))
 }
 
-/// The aligned text table.
+/// The aligned text table; the client-chosen holder is escaped
+/// ([`Printable`]), so one row stays one line.
 pub(crate) fn table(rows: &[LeaseSnapshot]) -> String {
     let header = [
         "LEASE",
@@ -66,7 +67,7 @@ pub(crate) fn table(rows: &[LeaseSnapshot]) -> String {
                 if l.holder.is_empty() {
                     "-".into()
                 } else {
-                    l.holder.clone()
+                    Printable(&l.holder).to_string()
                 },
                 if l.trace_id.is_empty() {
                     "-".into()

@@ -289,6 +289,33 @@ impl Drop for Registered {
     }
 }
 
+/// `Acquire.holder` (or any client-chosen text) as it may be printed in a
+/// text log line or a table: control characters and invisible format
+/// characters (bidi overrides, zero-width, line separators) escaped the way
+/// Rust's `escape_debug` writes them (`\n`, `\u{1b}`), and `\` doubled so
+/// an escape cannot be forged. A newline or an ANSI sequence in a holder
+/// then cannot start a forged log line or repaint a terminal. JSON output
+/// keeps the text itself, JSON-escaped by its serializer.
+pub(crate) struct Printable<'a>(pub(crate) &'a str);
+
+impl std::fmt::Display for Printable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        for c in self.0.chars() {
+            match c {
+                '\\' => f.write_str("\\\\")?,
+                c if c.is_control() => write!(f, "{}", c.escape_debug())?,
+                '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{feff}' => write!(f, "{}", c.escape_unicode())?,
+                c => f.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Logs, once per lease, every lease held longer than its upstream's
 /// `lease.warn_after`, with its holder and trace id: leak detection that
 /// names the leaker. Checks every 250 ms until `stop`; costs nothing while
@@ -321,7 +348,7 @@ pub(crate) async fn warn_overdue(
             tracing::warn!(
                 lease_id = %s.lease_id,
                 upstream = %s.upstream,
-                holder = %s.holder,
+                holder = %Printable(&s.holder),
                 trace_id = %s.trace_id,
                 connection_id = s.connection_id,
                 age = ?Duration::from_millis(s.age_ms),
@@ -329,5 +356,25 @@ pub(crate) async fn warn_overdue(
                 "lease held longer than lease.warn_after"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Printable;
+
+    #[test]
+    fn printable_escapes_what_could_forge_a_line_or_repaint_a_terminal() {
+        let p = |s: &str| Printable(s).to_string();
+        assert_eq!(p("GET /users/:id"), "GET /users/:id");
+        assert_eq!(p("naïve ünïcode ✓"), "naïve ünïcode ✓");
+        assert_eq!(p("a\nb\r\tc"), "a\\nb\\r\\tc");
+        assert_eq!(p("\x1b[31mred"), "\\u{1b}[31mred");
+        assert_eq!(p("\0\x7f"), "\\0\\u{7f}");
+        assert_eq!(p("back\\slash"), "back\\\\slash");
+        // Already-escaped text cannot pass for an escape.
+        assert_ne!(p("a\\nb"), p("a\nb"));
+        assert_eq!(p("\u{202e}evil\u{2028}"), "\\u{202e}evil\\u{2028}");
+        assert!(!p("x\u{85}y").contains('\u{85}'));
     }
 }

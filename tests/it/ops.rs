@@ -600,3 +600,67 @@ async fn ops_reload_that_cannot_open_a_session_is_refused() {
     let readyz = http::fetch(&admin, "/readyz", None).await.unwrap();
     assert_eq!(readyz.status, 200, "{}", readyz.body);
 }
+
+/// A holder is client-chosen text: a newline, an ANSI escape and a fake log
+/// line in it come out escaped in the text log, in the `/debug/leases`
+/// table and through `lessor leases`, and as themselves (JSON-escaped) in
+/// JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_holder_is_escaped_wherever_printed() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let served = Served::start(&yaml(&redis)).await;
+    let client = served.client().await;
+    let admin = served.admin.clone();
+    let forged = "2099-01-01T00:00:00.000000Z  WARN lessor: forged line";
+    let holder = format!("job\n{forged}\x1b[31mred\r");
+    let options = LeaseOptions {
+        holder: holder.clone(),
+        ..LeaseOptions::default()
+    };
+    let lease = client.lease("cache", &options).await.unwrap();
+    let escaped = format!("job\\n{forged}\\u{{1b}}[31mred\\r");
+
+    // JSON: the text itself.
+    let rows = leases_json(&admin, "").await;
+    assert_eq!(rows[0]["holder"], holder.as_str());
+    // The table: one line per lease, escaped.
+    let table = http::fetch(&admin, "/debug/leases", None)
+        .await
+        .unwrap()
+        .body;
+    let clean = |text: &str| {
+        !text.contains('\x1b')
+            && !text.contains('\r')
+            && !text.lines().any(|l| l.starts_with("2099-01-01"))
+    };
+    assert!(clean(&table) && table.contains(&escaped), "{table:?}");
+    assert_eq!(table.lines().count(), 3, "{table:?}");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_lessor"))
+        .args(["leases", "--admin", &admin])
+        .output()
+        .await
+        .unwrap();
+    let cli = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{cli}");
+    assert!(clean(&cli) && cli.contains(&escaped), "{cli:?}");
+
+    // The lease.warn_after warning: one line, the holder escaped in it.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let log = loop {
+        let log = served.stdout();
+        if log.contains("lease held longer than lease.warn_after") {
+            break log;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no warning:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(clean(&log), "{log:?}");
+    let warning = log
+        .lines()
+        .find(|l| l.contains("lease held longer than lease.warn_after"))
+        .unwrap();
+    assert!(warning.contains(&escaped), "{warning:?}");
+    drop(lease);
+}
