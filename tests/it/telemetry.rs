@@ -139,13 +139,20 @@ async fn telemetry_grpc_export_joins_the_callers_trace() {
     let lease = client.lease("up", &second.options()).await.unwrap();
     lease.release(Disposition::Evict).await.unwrap();
     held.release(Disposition::Return).await.unwrap();
+    // The batch exporter may send these three in different batches: wait
+    // for every span read below, not just the first one.
     let spans = receiver
         .spans
-        .wait("a connect span", |spans| {
-            spans
-                .iter()
-                .any(|s| s.name == "connect" && s.trace_id == second.trace_id)
-        })
+        .wait(
+            "the second lease's lease, checkout and connect spans",
+            |spans| {
+                ["lease", "checkout", "connect"].iter().all(|name| {
+                    spans
+                        .iter()
+                        .any(|s| s.name == *name && s.trace_id == second.trace_id)
+                })
+            },
+        )
         .await;
     let lease = lease_span(&spans, &second).unwrap();
     assert!(lease.events.iter().any(|e| e == "eviction"), "{lease:?}");
