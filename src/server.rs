@@ -451,7 +451,10 @@ pub async fn run_with(
         .http2_max_pending_accept_reset_streams(Some(1000))
         .http2_max_local_error_reset_streams(Some(1024))
         .max_concurrent_streams(Some(config.grpc.max_concurrent_streams))
-        .add_service(PoolService::new(ctx).into_server())
+        .add_service(crate::grpc::limits::PoolRoutes::new(
+            PoolService::new(ctx),
+            max_frame,
+        ))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -55,7 +55,8 @@ pub struct RedisConfig {
     pub client_name: Option<String>,
     /// The largest bulk string accepted either way, and the largest
     /// Exchange request; a larger one ends the lease (evicted) or fails the
-    /// Exchange. Default 64 MiB.
+    /// Exchange. Default 16 MiB: an Exchange holds its request and reply in
+    /// memory (README, "Memory").
     pub max_frame: ByteSize,
 }
 
@@ -68,7 +69,7 @@ impl Default for RedisConfig {
             db: 0,
             resp: 2,
             client_name: None,
-            max_frame: ByteSize::mib(64),
+            max_frame: ByteSize::mib(16),
         }
     }
 }
@@ -162,7 +163,8 @@ pub struct PostgresConfig {
     pub on_open_transaction: OnOpenTransaction,
     /// The largest message accepted either way, and the largest Exchange
     /// request; a larger one ends the lease (evicted) or fails the
-    /// Exchange. Default 64 MiB.
+    /// Exchange. Default 16 MiB: an Exchange holds its request and reply in
+    /// memory (README, "Memory").
     pub max_frame: ByteSize,
 }
 
@@ -177,7 +179,7 @@ impl Default for PostgresConfig {
             parameters: BTreeMap::new(),
             reset: "DISCARD ALL".into(),
             on_open_transaction: OnOpenTransaction::Rollback,
-            max_frame: ByteSize::mib(64),
+            max_frame: ByteSize::mib(16),
         }
     }
 }

@@ -30,21 +30,10 @@ impl PoolService {
         Self { ctx }
     }
 
-    /// The tonic server wrapper, with the inbound message limit set just above
-    /// `grpc.max_frame` (or the largest `redis.max_frame`, for Exchange
-    /// requests) so an oversized message is refused by size, not buffered.
-    pub(crate) fn into_server(self) -> pb::pool_server::PoolServer<Self> {
-        let exchange = self
-            .ctx
-            .pools
-            .all()
-            .iter()
-            .filter(|p| p.config().protocol == crate::config::Protocol::Redis)
-            .map(|p| usize::try_from(p.config().redis.max_frame.as_u64()).unwrap_or(usize::MAX))
-            .max()
-            .unwrap_or(0);
-        let limit = self.ctx.max_frame.max(exchange).saturating_add(1024);
-        pb::pool_server::PoolServer::new(self).max_decoding_message_size(limit)
+    /// The pools it serves (for [`super::limits::PoolRoutes`]'s Exchange
+    /// limit).
+    pub(crate) fn pools(&self) -> &crate::pool::PoolSet {
+        &self.ctx.pools
     }
 }
 

@@ -260,3 +260,93 @@ async fn server_caps_concurrent_streams_per_connection() {
         .wait_for("every lease returned", |s| s.leased == 0)
         .await;
 }
+
+/// A simple-query message whose length field is exactly `len` (the
+/// PostgreSQL length counts itself): `SELECT length('xx...')`.
+fn pg_query_of_length(len: usize) -> Vec<u8> {
+    let head = b"SELECT length('";
+    let tail = b"')\0";
+    let fill = len - 4 - head.len() - tail.len();
+    let mut msg = Vec::with_capacity(len + 1);
+    msg.push(b'Q');
+    msg.extend_from_slice(&u32::try_from(len).unwrap().to_be_bytes());
+    msg.extend_from_slice(head);
+    msg.resize(msg.len() + fill, b'x');
+    msg.extend_from_slice(tail);
+    msg
+}
+
+/// Exchange's decoding limit is the documented one: with only PostgreSQL
+/// upstreams, a request whose message is exactly `postgres.max_frame`
+/// (larger than `grpc.max_frame`) goes through; one well above it is
+/// refused by size, before it is buffered, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_exchange_limit_is_the_largest_protocol_max_frame() {
+    let Some(pg) = crate::support::postgres::Postgres::start().await else {
+        return;
+    };
+    const MAX: usize = 2 << 20;
+    let yaml = format!(
+        "upstreams:\n  - name: pg\n    address: \"{}\"\n    protocol: postgres\n    postgres: {{ user: trustuser, database: app, max_frame: 2MiB }}\n    pool: {{ checkout_timeout: 10s }}\n",
+        pg.addr()
+    );
+    let lessor = Lessor::start(&yaml).await;
+    let fill = MAX - 4 - "SELECT length('')\0".len();
+    let done = lessor
+        .client
+        .exchange("pg", pg_query_of_length(MAX), None)
+        .await
+        .expect("a request of postgres.max_frame passes");
+    let reply = String::from_utf8_lossy(&done.reply);
+    assert!(reply.contains(&fill.to_string()), "{reply:?}");
+
+    let over = pg_query_of_length(MAX + 4096);
+    match lessor.client.exchange("pg", over, None).await {
+        Err(lessor_client::ClientError::Status(s)) => {
+            assert_eq!(s.code(), tonic::Code::OutOfRange, "{s:?}");
+            assert!(s.message().contains("too large"), "{s:?}");
+            assert!(
+                s.message().contains(&(MAX + 1024).to_string()),
+                "the limit is named: {s:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Still serving.
+    let done = lessor
+        .client
+        .exchange("pg", pg_query_of_length(64), None)
+        .await
+        .unwrap();
+    assert!(!done.reply.is_empty());
+}
+
+/// A lease's decoding limit is `grpc.max_frame`, whatever a protocol
+/// upstream's `max_frame`: a 4 MiB `Data` is refused by size
+/// (`OUT_OF_RANGE`), not decoded and then refused by the pump.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_lease_limit_is_grpc_max_frame_beside_a_redis_upstream() {
+    let up = TestUpstream::start().await;
+    let yaml = format!(
+        "{}  - name: cache\n    address: \"127.0.0.1:1\"\n    protocol: redis\n    readiness: optional\n    pool: {{ min_idle: 0 }}\n",
+        config_one(&up.addr(), EngineKind::Bb8, &[])
+    );
+    let lessor = Lessor::start(&yaml).await;
+    let mut lease = lessor
+        .client
+        .lease("up", &LeaseOptions::default())
+        .await
+        .unwrap();
+    let _ = lease.send(vec![b'x'; 4 << 20]).await;
+    match lease.recv_at_least(1).await {
+        Err(lessor_client::ClientError::Status(s)) => {
+            assert_eq!(s.code(), tonic::Code::OutOfRange, "{s:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    lessor
+        .wait_for("the connection evicted", |s| {
+            s.leased == 0 && crate::support::evictions(s, "client_abort") == 1
+        })
+        .await;
+}
