@@ -17,7 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::{ExchangeError, ExchangeReply, ExchangeRequest, checkout};
 use crate::config::{OnOpenTransaction, PostgresConfig};
 use crate::pool::{EvictReason, Leased, Pool};
-use crate::protocol::postgres::session::{PgSession, Reset};
+use crate::protocol::postgres::reset::{Reset, Settled};
+use crate::protocol::postgres::session::PgSession;
 use crate::protocol::{Restore, note_reported};
 
 /// Frontend messages an Exchange may carry.
@@ -107,6 +108,10 @@ pub(super) async fn run(
     let round_trip = round_trip(&mut leased, &request.request, pipelined.as_ref(), cfg);
     match tokio::time::timeout(deadline, round_trip).await {
         Err(_) => {
+            // The query may still run: the eviction cancels it.
+            if let Some(backend) = leased.conn_mut().backend.as_mut() {
+                backend.busy = true;
+            }
             leased.evict(EvictReason::LeaseExpired);
             Err(ExchangeError::Timeout(deadline))
         }
@@ -217,15 +222,18 @@ fn settle(
     if status == b'I' {
         // Most often the reset's answer came in the same read as the reply.
         let done = match &pipelined {
-            None => Some(Ok(Vec::new())),
+            None => Some(Settled {
+                reported: Vec::new(),
+                outcome: Ok(()),
+            }),
             Some(reset) => reset.answered_by(&rest),
         };
         if let Some(done) = done {
             let counters = leased.pool().counters();
             counters.session_restore.observe(std::time::Duration::ZERO);
-            match done {
-                Ok(reported) => {
-                    note_reported(leased.conn_mut(), reported);
+            note_reported(leased.conn_mut(), done.reported);
+            match done.outcome {
+                Ok(()) => {
                     leased.give_back();
                 }
                 Err(_) => leased.evict(EvictReason::Dirty),
@@ -235,26 +243,26 @@ fn settle(
     }
     let pool = leased.pool().clone();
     pool.clone().spawn(async move {
+        // The pipelined reset and any rollback are one restore, timed once.
         let started = std::time::Instant::now();
         let mut ok = true;
         if let Some(reset) = &pipelined {
             // Inside an open transaction the reset fails: the rollback
-            // below then clears both.
+            // below then clears both. Its reports count all the same: the
+            // record is what the server last said.
             let conn = leased.conn_mut();
             let done = reset.apply_with(&mut conn.stream, rest, false).await;
-            ok = status != b'I' || done.is_ok();
-            if let Ok(reported) = done {
-                note_reported(conn, reported);
-            }
-            pool.counters().session_restore.observe(started.elapsed());
+            note_reported(conn, done.reported);
+            ok = status != b'I' || done.outcome.is_ok();
         }
         if ok
             && status != b'I'
             && let Some(rollback) = Reset::new(&cfg, true, pipelined.is_some())
         {
-            // Counted and timed as after a lease.
-            ok = Restore::Postgres(rollback).apply(&mut leased).await;
+            // Counted as after a lease.
+            ok = Restore::Postgres(rollback).apply_untimed(&mut leased).await;
         }
+        pool.counters().session_restore.observe(started.elapsed());
         if ok {
             leased.give_back();
         } else {

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Where a PostgreSQL session's CancelRequest goes, and its key.
 #[derive(Debug, Clone, Copy)]
@@ -237,30 +236,13 @@ impl Leases {
             .get(lease_id)
             .and_then(|l| l.cancel)
             .ok_or_else(|| CancelError::NotFound(crate::pool::printable_name(lease_id)))?;
-        let send = async {
-            let mut stream = tokio::net::TcpStream::connect(target.endpoint).await?;
-            let mut message = bytes::BytesMut::new();
-            postgres_protocol::message::frontend::cancel_request(
-                target.pid,
-                target.secret,
-                &mut message,
-            );
-            stream.write_all(&message).await?;
-            let mut sink = [0u8; 64];
-            while stream.read(&mut sink).await? > 0 {}
-            Ok::<(), std::io::Error>(())
-        };
-        match tokio::time::timeout(timeout, send).await {
-            Ok(Ok(())) => Ok(target.endpoint),
-            Ok(Err(e)) => Err(CancelError::Unreachable {
+        crate::protocol::postgres::cancel::send(target.endpoint, target.pid, target.secret, timeout)
+            .await
+            .map(|()| target.endpoint)
+            .map_err(|e| CancelError::Unreachable {
                 endpoint: target.endpoint,
                 error: e.to_string(),
-            }),
-            Err(_) => Err(CancelError::Unreachable {
-                endpoint: target.endpoint,
-                error: format!("no answer within {timeout:?}"),
-            }),
-        }
+            })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LiveLease>>> {

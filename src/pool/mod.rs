@@ -147,6 +147,9 @@ pub(crate) struct Pool {
     retired: AtomicBool,
 }
 
+/// How long the CancelRequest for an evicted session's query may take.
+const CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Pool {
     /// Builds the pool. Connections are dialed by the maintenance loop
     /// ([`Pool::maintain`]) and by checkouts, never here.
@@ -232,12 +235,35 @@ impl Pool {
             "eviction"
         );
         self.counters.evicted(reason);
+        self.cancel_running(&conn);
         conn.discard();
         if self.engine.size() == 0 {
             // The last connection: readiness now rests on the last dial.
             self.ready_signal.send_replace(());
         }
         self.poke();
+    }
+
+    /// Closing a PostgreSQL connection leaves the backend running its
+    /// query (it notices only when it next writes): when the last lease
+    /// left one running, the session's CancelRequest goes out too, in a
+    /// task of the pool's.
+    fn cancel_running(&self, conn: &Conn) {
+        let Some(backend) = conn.backend.as_deref().filter(|b| b.busy) else {
+            return;
+        };
+        let Some(secret) = backend.secret_i32() else {
+            return;
+        };
+        let (endpoint, pid) = (conn.endpoint(), backend.pid);
+        self.spawn(async move {
+            let sent =
+                crate::protocol::postgres::cancel::send(endpoint, pid, secret, CANCEL_TIMEOUT)
+                    .await;
+            if let Err(error) = sent {
+                tracing::debug!(%endpoint, %error, "cancel of an evicted session's query failed");
+            }
+        });
     }
 
     /// Open connections right now.

@@ -18,7 +18,8 @@ use tokio::net::TcpStream;
 use crate::config::{Protocol, UpstreamConfig};
 use crate::pool::{EvictReason, Leased};
 use postgres::Backend;
-use postgres::session::{ClientError, PgSession, Reset};
+use postgres::reset::Reset;
+use postgres::session::{ClientError, PgSession};
 use redis::session::RedisSession;
 
 /// Why a session could not be opened.
@@ -106,6 +107,7 @@ impl Session {
             Protocol::Tcp => None,
             Protocol::Redis => Some(Self::Redis(RedisSession::new(
                 config.redis.max_frame.as_u64(),
+                config.redis.resp,
             ))),
             Protocol::Postgres => Some(Self::Postgres(PgSession::new(&config.postgres))),
         }
@@ -192,11 +194,15 @@ impl Session {
         (verdict, restore)
     }
 
-    /// ParameterStatus reports the lease saw, for the connection's record.
-    pub(crate) fn take_reported(&mut self) -> Vec<(String, String)> {
-        match self {
-            Self::Redis(_) => Vec::new(),
-            Self::Postgres(s) => s.take_reported(),
+    /// Records on the connection what the lease leaves behind: the
+    /// ParameterStatus reports it saw, and whether a query may still be
+    /// running (an eviction then cancels it).
+    pub(crate) fn record(&mut self, conn: &mut crate::pool::Conn) {
+        if let Self::Postgres(s) = self {
+            if let Some(backend) = conn.backend.as_mut() {
+                backend.busy = s.busy();
+            }
+            note_reported(conn, s.take_reported());
         }
     }
 }
@@ -227,13 +233,26 @@ impl Restore {
         });
     }
 
-    /// Runs on the leased connection; whether it is idle-ready now.
+    /// Runs on the leased connection; whether it is idle-ready now. The
+    /// time it takes is counted in `lessor_session_restore_seconds`.
     pub(crate) async fn apply(&self, leased: &mut Leased) -> bool {
         let started = std::time::Instant::now();
+        let ok = self.apply_untimed(leased).await;
+        leased
+            .pool()
+            .counters()
+            .session_restore
+            .observe(started.elapsed());
+        ok
+    }
+
+    /// [`Restore::apply`] for a caller that times the whole restore it is
+    /// a part of (an Exchange's settle).
+    pub(crate) async fn apply_untimed(&self, leased: &mut Leased) -> bool {
         let pool = leased.pool().clone();
         let counters = pool.counters();
         let conn = leased.conn_mut();
-        let ok = match self {
+        match self {
             Self::Redis(r) => r.apply(&mut conn.stream).await,
             Self::Postgres(reset) => {
                 if reset.rollback {
@@ -241,20 +260,17 @@ impl Restore {
                         .rollbacks
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                match reset.apply(&mut conn.stream).await {
-                    Ok(reported) => {
-                        note_reported(conn, reported);
-                        true
-                    }
+                let settled = reset.apply(&mut conn.stream).await;
+                note_reported(conn, settled.reported);
+                match settled.outcome {
+                    Ok(()) => true,
                     Err(why) => {
                         tracing::debug!(%why, "session reset failed; connection closed");
                         false
                     }
                 }
             }
-        };
-        counters.session_restore.observe(started.elapsed());
-        ok
+        }
     }
 }
 

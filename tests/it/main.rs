@@ -11,6 +11,7 @@ mod faults;
 mod leak;
 mod ops;
 mod pg;
+mod pg_diff;
 mod pool;
 mod proto_golden;
 mod protocol;

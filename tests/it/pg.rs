@@ -32,6 +32,9 @@ for_both_engines!(
     pg_exchange_answers_whole_queries_and_cleans_up,
     pg_default_probe_passes_and_a_pending_reply_drains,
     pg_password_file_is_reread_on_each_dial,
+    pg_libpq_copy_with_two_syncs_is_a_clean_return,
+    pg_evicted_lease_cancels_its_running_query,
+    pg_granted_parameters_are_what_the_server_last_reported,
 );
 
 /// A lessor in front of `pg` with one pooled connection, as `user` with
@@ -748,5 +751,126 @@ async fn pg_password_file_is_reread_on_each_dial(engine: EngineKind) {
         query(&mut next, "SELECT current_user").await.rows,
         [Some("md5user".into())]
     );
+    next.release(Disposition::Return).await.unwrap();
+}
+
+/// libpq's `PQexecParams("COPY ... FROM STDIN")`: Parse, Bind, Describe,
+/// Execute and Sync at once, then the data, CopyDone and a second Sync.
+/// PostgreSQL ignores the Sync that arrives in COPY and answers one
+/// ReadyForQuery: the session is clean, returned at once.
+async fn pg_libpq_copy_with_two_syncs_is_a_clean_return(engine: EngineKind) {
+    let Some((pg, _dir, lessor)) = fixture(engine, "").await else {
+        return;
+    };
+    table(&pg).await;
+    let client = &lessor.client;
+    let mut lease = lease(client).await;
+    let id = lease.granted().connection_id;
+    let mut batch = BytesMut::new();
+    frontend::parse("", "COPY t FROM STDIN", None, &mut batch).unwrap();
+    batch.put_slice(b"B\0\0\0\x0c\0\0\0\0\0\0\0\0"); // unnamed portal and statement, nothing bound
+    batch.put_slice(b"D\0\0\0\x06P\0");
+    batch.put_slice(b"E\0\0\0\x09\0\0\0\0\0");
+    frontend::sync(&mut batch);
+    lease.send(batch.freeze()).await.unwrap();
+    let mut buf = BytesMut::new();
+    while !buf.contains(&b'G') {
+        let data = tokio::time::timeout(PATIENCE, lease.recv())
+            .await
+            .expect("CopyInResponse in time")
+            .unwrap()
+            .expect("lease alive");
+        buf.extend_from_slice(&data);
+    }
+    let mut rest = BytesMut::new();
+    rest.put_slice(b"d\0\0\0\x0a41\n42\n");
+    rest.put_slice(b"c\0\0\0\x04");
+    frontend::sync(&mut rest);
+    lease.send(rest.freeze()).await.unwrap();
+    let reply = read_reply(&mut lease).await;
+    assert_eq!((reply.error, reply.status), (None, b'I'));
+    let ended = lease.release(Disposition::Return).await.unwrap();
+    assert_eq!(
+        (ended.disposition(), ended.reason(), ended.detail.as_str()),
+        (Disposition::Return, EndReason::ClientRelease, "")
+    );
+    let mut next = next_lease_on(client, id).await;
+    let reply = query(&mut next, "SELECT count(*) FROM t WHERE n IN (41, 42)").await;
+    assert_eq!(reply.rows, [Some("2".to_owned())]);
+    next.release(Disposition::Return).await.unwrap();
+    assert_eq!(evictions(&lessor.stats("up").await, "dirty"), 0);
+}
+
+/// Whether a backend is running `sql` (as `pg_stat_activity` shows it).
+async fn running(admin: &tokio_postgres::Client, sql: &str) -> bool {
+    let rows = admin
+        .query(
+            "SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND query = $1",
+            &[&sql],
+        )
+        .await
+        .unwrap();
+    !rows.is_empty()
+}
+
+/// A lease evicted while its query runs: the connection closes and the
+/// query is cancelled, instead of running on in a backend nobody reads.
+async fn pg_evicted_lease_cancels_its_running_query(engine: EngineKind) {
+    let Some((pg, _dir, lessor)) = fixture(engine, "").await else {
+        return;
+    };
+    let admin = pg.admin().await;
+    let sql = "SELECT pg_sleep(600) -- lessor evict test";
+    let mut lease = lease(&lessor.client).await;
+    lease.send(query_message(sql)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !running(&admin, sql).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the query never ran"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let ended = lease.release(Disposition::Evict).await.unwrap();
+    assert_eq!(ended.disposition(), Disposition::Evict);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while running(&admin, sql).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the evicted lease's query still runs"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// After an Exchange that leaves a transaction open with changed reported
+/// parameters (rolled back, then reset), the next Granted carries what the
+/// server last reported: the values it had before.
+async fn pg_granted_parameters_are_what_the_server_last_reported(engine: EngineKind) {
+    let Some((_pg, _dir, lessor)) = fixture(engine, "").await else {
+        return;
+    };
+    let client = &lessor.client;
+    let first = lease(client).await;
+    let id = first.granted().connection_id;
+    let before = first.granted().server_parameters.clone();
+    first.release(Disposition::Return).await.unwrap();
+    assert_eq!(before["standard_conforming_strings"], "on");
+    let reply = exchange(
+        client,
+        query_message(
+            "BEGIN; SET standard_conforming_strings = off; SET TimeZone = 'Pacific/Chatham'",
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!((reply.error, reply.status), (None, b'T'));
+    // The Exchange's settle runs in a task of the pool's: the connection is
+    // leased until it is done, and the next lease waits for it.
+    let next = next_lease_on(client, id).await;
+    let after = &next.granted().server_parameters;
+    for name in ["standard_conforming_strings", "TimeZone"] {
+        assert_eq!(after[name], before[name], "{name}: {after:?}");
+    }
     next.release(Disposition::Return).await.unwrap();
 }

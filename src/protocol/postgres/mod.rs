@@ -3,8 +3,11 @@
 //! behind a lease's end rules, and the rollback-and-reset that makes a used
 //! session idle-ready.
 
+pub(crate) mod cancel;
 pub(crate) mod frame;
 pub(crate) mod handshake;
+pub(crate) mod reset;
+pub(crate) mod server;
 pub(crate) mod session;
 
 use std::collections::BTreeMap;
@@ -21,6 +24,9 @@ pub(crate) struct Backend {
     pub pid: i32,
     /// BackendKeyData's secret key, as sent (4 bytes in protocol 3.0).
     pub secret: bytes::Bytes,
+    /// The last lease left something running (a query unanswered): an
+    /// eviction sends the session's CancelRequest.
+    pub busy: bool,
 }
 
 impl Backend {

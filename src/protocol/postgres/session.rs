@@ -11,20 +11,16 @@
 //! it ends the lease as a RETURN. A client's StartupMessage, SSLRequest or
 //! password message never reaches the server.
 
-use std::time::Duration;
+use bytes::Bytes;
 
-use bytes::{Bytes, BytesMut};
-use postgres_protocol::message::backend::Message;
-use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-use super::frame::{Event, FrameError, Framer, parse};
+use super::frame::{Event, FrameError, Framer};
+use super::reset::Reset;
+use super::server::Server;
 use crate::config::{OnOpenTransaction, PostgresConfig};
 
 /// Backend messages whose body the tracker reads: ReadyForQuery,
-/// ParameterStatus, ErrorResponse.
-const KEPT: &[u8] = b"ZSE";
+/// ParameterStatus.
+const KEPT: &[u8] = b"ZS";
 
 /// Why client bytes are not forwarded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,9 +45,10 @@ impl From<FrameError> for ClientError {
 pub(crate) struct PgSession {
     frontend: Framer,
     backend: Framer,
-    /// What the server's messages said.
-    replies: Replies,
-    /// Extended-protocol messages sent since the last Sync.
+    /// What the server has made of the messages, from its answers.
+    server: Server,
+    /// Extended-protocol messages sent since the last Sync (the client's
+    /// side: a batch it has not closed).
     unsynced: bool,
     /// The client said Terminate: nothing more is forwarded.
     terminated: bool,
@@ -61,45 +58,15 @@ pub(crate) struct PgSession {
     resets: bool,
 }
 
-/// The session state the server's messages carry: one place reads them,
-/// for a lease's stream and for an Exchange's reply alike.
-#[derive(Debug)]
-struct Replies {
-    /// ReadyForQuery messages the server still owes.
-    owed: u32,
-    /// The status of the last ReadyForQuery: `I`, `T` or `E`.
-    status: u8,
-    /// COPY FROM STDIN: the server waits for CopyDone or CopyFail.
-    copy_in: bool,
-    /// COPY BOTH (replication): never clean again.
-    copy_both: bool,
-    /// ParameterStatus reports seen, applied to the connection's record.
-    reported: Vec<(String, String)>,
-}
-
-impl Replies {
-    /// One whole backend message (its bytes when its tag is kept).
-    fn on_message(&mut self, tag: u8, whole: Option<&mut BytesMut>) {
-        match tag {
-            b'Z' => {
-                self.owed = self.owed.saturating_sub(1);
-                self.copy_in = false;
-                if let Some(Message::ReadyForQuery(body)) = whole.and_then(parse) {
-                    self.status = body.status();
-                }
-            }
-            b'S' => {
-                if let Some(Message::ParameterStatus(body)) = whole.and_then(parse)
-                    && let (Ok(name), Ok(value)) = (body.name(), body.value())
-                {
-                    self.reported.push((name.to_owned(), value.to_owned()));
-                }
-            }
-            b'G' => self.copy_in = true,
-            b'W' => self.copy_both = true,
-            _ => {}
-        }
-    }
+/// Why the end of an Exchange's reply cannot be found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ReplyError {
+    /// The bytes are not the protocol.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The server answered something the request cannot explain.
+    #[error("cannot follow the server: {0}")]
+    Lost(&'static str),
 }
 
 impl PgSession {
@@ -109,13 +76,7 @@ impl PgSession {
         Self {
             frontend: Framer::new(max, b""),
             backend: Framer::new(max, KEPT),
-            replies: Replies {
-                owed: 0,
-                status: b'I',
-                copy_in: false,
-                copy_both: false,
-                reported: Vec::new(),
-            },
+            server: Server::default(),
             unsynced: false,
             terminated: false,
             used: false,
@@ -130,9 +91,8 @@ impl PgSession {
             return Ok(Bytes::new());
         }
         let mut cut = None;
-        let mut queries = 0;
         let mut unsynced = self.unsynced;
-        let mut copy_in = self.replies.copy_in;
+        let server = &mut self.server;
         self.frontend.feed(data, |event| {
             if cut.is_some() {
                 return Ok(());
@@ -145,7 +105,8 @@ impl PgSession {
                     b'p' => return Err(ClientError::Refused("a password message")),
                     b'X' => cut = Some(at),
                     b'P' | b'B' | b'D' | b'E' | b'C' => unsynced = true,
-                    b'Q' | b'F' | b'S' | b'H' | b'd' | b'c' | b'f' => {}
+                    b'S' => unsynced = false,
+                    b'Q' | b'F' | b'H' | b'd' | b'c' | b'f' => {}
                     other => {
                         return Err(ClientError::NotProtocol(format!(
                             "unknown frontend message {:?}",
@@ -153,22 +114,12 @@ impl PgSession {
                         )));
                     }
                 },
-                Event::End { tag, .. } => match tag {
-                    b'Q' | b'F' => queries += 1,
-                    // Sync is ignored in COPY FROM STDIN; it closes a batch.
-                    b'S' if !copy_in => {
-                        queries += 1;
-                        unsynced = false;
-                    }
-                    b'c' | b'f' => copy_in = false,
-                    _ => {}
-                },
+                // The server reads a message once it is whole.
+                Event::End { tag, .. } => server.sent(tag),
             }
             Ok(())
         })?;
-        self.replies.owed += queries;
         self.unsynced = unsynced;
-        self.replies.copy_in = copy_in;
         let out = match cut {
             Some(at) => {
                 self.terminated = true;
@@ -185,10 +136,10 @@ impl PgSession {
 
     /// Takes server bytes; they go to the client as they are.
     pub(crate) fn upstream_sent(&mut self, data: &[u8]) -> Result<(), FrameError> {
-        let replies = &mut self.replies;
+        let server = &mut self.server;
         self.backend.feed(data, |event| {
             if let Event::End { tag, whole, .. } = event {
-                replies.on_message(tag, whole);
+                server.received(tag, whole);
             }
             Ok::<(), FrameError>(())
         })
@@ -196,38 +147,57 @@ impl PgSession {
 
     /// Takes server bytes that may run past the reply (an Exchange
     /// pipelines its reset behind the request): reads up to the
-    /// ReadyForQuery that settles the last query owed, and returns the
-    /// offset just past it; `None` while more is due.
-    pub(crate) fn reply_read(&mut self, data: &[u8]) -> Result<Option<usize>, FrameError> {
+    /// ReadyForQuery that settles everything sent, and returns the offset
+    /// just past it; `None` while more is due.
+    pub(crate) fn reply_read(&mut self, data: &[u8]) -> Result<Option<usize>, ReplyError> {
         let mut settled = None;
-        let replies = &mut self.replies;
+        let server = &mut self.server;
         self.backend.feed(data, |event| {
             if settled.is_none()
                 && let Event::End { tag, end, whole } = event
             {
-                replies.on_message(tag, whole);
-                if tag == b'Z' && replies.owed == 0 {
+                server.received(tag, whole);
+                if tag == b'Z' && server.answered() {
                     settled = Some(end);
                 }
             }
             Ok::<(), FrameError>(())
         })?;
-        Ok(settled)
+        match self.server.lost() {
+            Some(why) => Err(ReplyError::Lost(why)),
+            None => Ok(settled),
+        }
     }
 
     /// Whether the server asked for COPY data (an Exchange cannot give it).
     pub(crate) fn wants_copy_data(&self) -> bool {
-        self.replies.copy_in || self.replies.copy_both
+        self.server.copy_in() || self.server.copy_both()
     }
 
     /// The transaction status of the last ReadyForQuery.
     pub(crate) fn status(&self) -> u8 {
-        self.replies.status
+        self.server.status()
+    }
+
+    /// ReadyForQuery messages received so far.
+    pub(crate) fn ready_for_query(&self) -> u64 {
+        self.server.ready()
+    }
+
+    /// Whether the server has answered everything sent and no batch is
+    /// open.
+    pub(crate) fn settled(&self) -> bool {
+        self.server.settled() && self.backend.at_boundary()
+    }
+
+    /// Why the server's state cannot be known, if it cannot.
+    pub(crate) fn lost(&self) -> Option<&'static str> {
+        self.server.lost()
     }
 
     /// The ParameterStatus reports seen so far, taken.
     pub(crate) fn take_reported(&mut self) -> Vec<(String, String)> {
-        std::mem::take(&mut self.replies.reported)
+        self.server.take_reported()
     }
 
     /// The client said Terminate: the lease ends as a RETURN.
@@ -235,45 +205,47 @@ impl PgSession {
         self.terminated
     }
 
+    /// Whether the server may still be running something the client sent:
+    /// what makes an eviction cancel it.
+    pub(crate) fn busy(&self) -> bool {
+        !self.server.answered() || self.server.lost().is_some() || !self.frontend.at_boundary()
+    }
+
     /// Whether the connection may go back to the pool as it is, with no
     /// rollback or reset: what decides a lease dropped without a word.
     pub(crate) fn is_clean(&self) -> bool {
-        self.unfinished().is_none()
-            && self.replies.owed == 0
-            && self.replies.status == b'I'
-            && !(self.used && self.resets)
+        self.unfinished().is_none() && self.server.status() == b'I' && !(self.used && self.resets)
     }
 
-    /// Whether reading the ReadyForQuery messages still due would make the
-    /// session returnable: every message was sent whole, no COPY, no
-    /// unsynced batch.
+    /// Whether reading the answers still due would make the session
+    /// returnable: every message was sent whole, no COPY, no unsynced
+    /// batch.
     pub(crate) fn drainable(&self) -> bool {
-        (self.replies.owed > 0 || !self.backend.at_boundary())
+        (!self.server.answered() || !self.backend.at_boundary())
             && self.frontend.at_boundary()
             && !self.unsynced
-            && !self.replies.copy_in
-            && !self.replies.copy_both
+            && !self.server.copy_in()
+            && !self.server.copy_both()
+            && self.server.lost().is_none()
     }
 
     /// What keeps the session from being returned even after a rollback.
     fn unfinished(&self) -> Option<String> {
-        Some(if self.replies.copy_both {
+        let owed = self.server.owed();
+        Some(if self.server.copy_both() {
             "COPY BOTH (replication) in progress".into()
-        } else if self.replies.copy_in {
+        } else if let Some(why) = self.server.lost() {
+            why.into()
+        } else if self.server.copy_in() {
             "COPY in progress".into()
         } else if !self.frontend.at_boundary() {
             "a message was sent in part".into()
-        } else if self.unsynced {
+        } else if self.unsynced || (self.server.answered() && !self.server.settled()) {
             "an extended-protocol batch without its Sync".into()
-        } else if self.replies.owed > 0 {
+        } else if !self.server.answered() {
             format!(
-                "{} {} pending",
-                self.replies.owed,
-                if self.replies.owed == 1 {
-                    "query"
-                } else {
-                    "queries"
-                }
+                "{owed} {} pending",
+                if owed == 1 { "query" } else { "queries" }
             )
         } else if !self.backend.at_boundary() {
             "a reply was delivered in part".into()
@@ -288,8 +260,9 @@ impl PgSession {
         if let Some(why) = self.unfinished() {
             return Err(why);
         }
-        if self.replies.status != b'I' && on_open == OnOpenTransaction::Evict {
-            let which = if self.replies.status == b'E' {
+        let status = self.server.status();
+        if status != b'I' && on_open == OnOpenTransaction::Evict {
+            let which = if status == b'E' {
                 "failed transaction"
             } else {
                 "transaction"
@@ -304,178 +277,15 @@ impl PgSession {
     /// session. `None`: nothing to run. Only for a session whose
     /// [`PgSession::verdict`] is clean.
     pub(crate) fn restore(&self, cfg: &PostgresConfig) -> Option<Reset> {
-        Reset::new(cfg, self.replies.status != b'I', self.used)
-    }
-}
-
-/// The queries that make a session idle-ready, sent before its connection
-/// goes back to the pool.
-#[derive(Debug, Clone)]
-pub(crate) struct Reset {
-    request: BytesMut,
-    /// ReadyForQuery messages to read.
-    replies: u32,
-    /// Whether it rolls back a transaction (counted).
-    pub(crate) rollback: bool,
-    max_frame: u64,
-}
-
-/// How long the rollback and reset may take before the connection is
-/// closed instead.
-const RESET_TIMEOUT: Duration = Duration::from_secs(5);
-
-impl Reset {
-    /// The queries for a session left with a transaction open (`rollback`)
-    /// and/or used (`used`: the configured reset is due). `None`: nothing.
-    pub(crate) fn new(cfg: &PostgresConfig, rollback: bool, used: bool) -> Option<Self> {
-        let mut request = BytesMut::new();
-        let mut replies = 0;
-        // Separate queries: DISCARD ALL refuses to run inside the implicit
-        // transaction of a multi-statement query.
-        if rollback {
-            frontend::query("ROLLBACK", &mut request).ok()?;
-            replies += 1;
-        }
-        if used && !cfg.reset.is_empty() {
-            frontend::query(&cfg.reset, &mut request).ok()?;
-            replies += 1;
-        }
-        (replies > 0).then(|| Self {
-            request,
-            replies,
-            rollback,
-            max_frame: cfg.max_frame.as_u64(),
-        })
-    }
-
-    /// Sends the queries and reads through their ReadyForQuery, within
-    /// `RESET_TIMEOUT`. `Ok(reports)`: every query succeeded and the session
-    /// is idle, with these ParameterStatus changes; `Err(why)` otherwise.
-    pub(crate) async fn apply(
-        &self,
-        stream: &mut TcpStream,
-    ) -> Result<Vec<(String, String)>, String> {
-        self.apply_with(stream, BytesMut::new(), true).await
-    }
-
-    /// The request bytes, for a caller that pipelines them behind its own.
-    pub(crate) fn request(&self) -> &[u8] {
-        &self.request
-    }
-
-    /// [`Reset::apply`], where `read` holds bytes of the answer already read
-    /// and `send` is false when the request went out already (pipelined).
-    pub(crate) async fn apply_with(
-        &self,
-        stream: &mut TcpStream,
-        read: BytesMut,
-        send: bool,
-    ) -> Result<Vec<(String, String)>, String> {
-        let run = async {
-            if send {
-                stream
-                    .write_all(&self.request)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            let mut answer = Answer::new(self);
-            let mut buf = read;
-            answer.feed(&buf)?;
-            while answer.replies < self.replies {
-                buf.clear();
-                if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-                    return Err("the server closed the connection".into());
-                }
-                answer.feed(&buf)?;
-            }
-            answer.outcome()
-        };
-        tokio::time::timeout(RESET_TIMEOUT, run)
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer within {RESET_TIMEOUT:?}")))
-    }
-
-    /// The outcome when `read` already holds the whole answer (a pipelined
-    /// reset often arrives with the reply before it); `None` when more is
-    /// due, and [`Reset::apply_with`] must read it.
-    pub(crate) fn answered_by(&self, read: &[u8]) -> Option<Result<Vec<(String, String)>, String>> {
-        let mut answer = Answer::new(self);
-        if let Err(e) = answer.feed(read) {
-            return Some(Err(e));
-        }
-        (answer.replies >= self.replies).then(|| answer.outcome())
-    }
-}
-
-/// The server's answer to a [`Reset`], as read so far.
-struct Answer {
-    framer: Framer,
-    replies: u32,
-    status: u8,
-    failed: Option<String>,
-    reported: Vec<(String, String)>,
-}
-
-impl Answer {
-    fn new(reset: &Reset) -> Self {
-        Self {
-            framer: Framer::new(reset.max_frame, KEPT),
-            replies: 0,
-            status: b'I',
-            failed: None,
-            reported: Vec::new(),
-        }
-    }
-
-    fn feed(&mut self, data: &[u8]) -> Result<(), String> {
-        let Self {
-            framer,
-            replies,
-            status,
-            failed,
-            reported,
-        } = self;
-        framer
-            .feed(data, |event| {
-                if let Event::End { whole, .. } = event {
-                    match whole.and_then(parse) {
-                        Some(Message::ReadyForQuery(body)) => {
-                            *replies += 1;
-                            *status = body.status();
-                        }
-                        Some(Message::ErrorResponse(body)) => {
-                            let error = super::handshake::ServerError::from_body(&body);
-                            failed.get_or_insert(error.to_string());
-                        }
-                        Some(Message::ParameterStatus(body)) => {
-                            if let (Ok(n), Ok(v)) = (body.name(), body.value()) {
-                                reported.push((n.to_owned(), v.to_owned()));
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                Ok::<(), FrameError>(())
-            })
-            .map_err(|e| e.to_string())
-    }
-
-    /// Every query succeeded and the session is idle: its ParameterStatus
-    /// changes; otherwise why not.
-    fn outcome(self) -> Result<Vec<(String, String)>, String> {
-        if let Some(error) = self.failed {
-            return Err(error);
-        }
-        if self.status != b'I' || !self.framer.at_boundary() {
-            return Err("the session is not idle after the reset".into());
-        }
-        Ok(self.reported)
+        Reset::new(cfg, self.server.status() != b'I', self.used)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BytesMut;
+    use postgres_protocol::message::frontend;
 
     fn session() -> PgSession {
         PgSession::new(&PostgresConfig {
@@ -504,13 +314,12 @@ mod tests {
         );
         assert!(s.drainable());
         s.upstream_sent(b"C\0\0\0\x0dSELECT 1\0Z\0\0").unwrap();
-        assert_eq!(s.replies.owed, 1);
+        assert_eq!(s.server.owed(), 1);
         s.upstream_sent(b"\0\x05I").unwrap();
         assert_eq!(s.verdict(OnOpenTransaction::Rollback), Ok(()));
         assert!(!s.is_clean(), "used: the reset is due");
         let reset = s.restore(&PostgresConfig::default()).unwrap();
         assert!(!reset.rollback);
-        assert_eq!(reset.replies, 1);
     }
 
     #[test]
