@@ -67,8 +67,9 @@ impl RedisTracker {
         self.0.verdict()
     }
 
-    /// Whether the session changed state that a restore puts back.
-    pub fn is_clean(&self) -> bool {
-        self.0.is_clean()
+    /// Whether the connection could go back as it is once its replies are
+    /// read: nothing changed its session.
+    pub fn unchanged(&self) -> bool {
+        self.0.unchanged()
     }
 }

@@ -16,6 +16,7 @@ mod pool;
 mod proto_golden;
 mod protocol;
 mod redis;
+mod redis_diff;
 mod resp;
 mod server;
 mod shutdown;

@@ -317,6 +317,11 @@ impl RedisSession {
             && self.unknown.is_none()
     }
 
+    /// Whether the session state is the one lessor opened (replies aside).
+    pub(crate) fn unchanged(&self) -> bool {
+        !self.state_changed() && self.changed.is_none() && self.unknown.is_none()
+    }
+
     /// Session state a restore puts back.
     fn state_changed(&self) -> bool {
         self.multi
@@ -489,11 +494,18 @@ impl RedisSession {
         // Replies Redis sends for it, unless silenced.
         let mut owed = Some(Owed::Reply);
         if let Some(reply) = local_reply(&name) {
+            // Redis never sees it: a SKIP still applies to the next command
+            // Redis gets, and only OFF silences lessor's own answer.
             if name == "QUIT" {
                 self.quit = true;
             }
-            owed = Some(Owed::Local(reply));
-            action = Action::Drop;
+            if self.exchange {
+                self.refuse(&name, refused_in_exchange(&name, None).unwrap_or_default());
+            }
+            if !self.reply_off {
+                self.owe(Owed::Local(reply));
+            }
+            return Action::Drop;
         } else if self.multi
             && !matches!(
                 name.as_str(),
@@ -512,6 +524,20 @@ impl RedisSession {
             owed = self.note_pubsub(&name, kind, command, silent);
         } else {
             match (name.as_str(), sub.as_deref()) {
+                ("RESET", _) if command.argc == 1 => {
+                    // Answered even with replies off (but not when skipped);
+                    // back to a fresh connection's state (RESP2, db 0,
+                    // default user), which is not the one lessor opened:
+                    // the session is evicted.
+                    silent = self.skip;
+                    self.reply_off = false;
+                    self.skip_next = false;
+                    self.multi = false;
+                    self.watching = false;
+                    self.subscribed = false;
+                    self.resp = 2;
+                    self.changed.get_or_insert_with(|| "RESET".to_owned());
+                }
                 ("MULTI", _) if command.argc == 1 => self.multi = true,
                 ("EXEC" | "DISCARD", _) if command.argc == 1 && self.multi => {
                     // Both end the transaction and drop every watch.
@@ -519,6 +545,11 @@ impl RedisSession {
                     self.watching = false;
                 }
                 ("WATCH", _) if command.argc >= 2 && !self.multi => self.watching = true,
+                ("CLIENT", Some("REPLY")) if self.subscribed && self.resp == 2 => {
+                    // Refused in RESP2's pub/sub context, unless every
+                    // subscription has ended, which lessor does not count.
+                    self.uncountable("CLIENT REPLY while subscribed");
+                }
                 ("CLIENT", Some("REPLY")) if command.argc == 3 => {
                     match command.arg(1).as_deref() {
                         Some("ON") => {
@@ -611,7 +642,6 @@ impl RedisSession {
                 self.readonly = false;
                 None
             }
-            ("RESET", _) => Some("RESET"),
             ("MONITOR", _) => {
                 self.uncountable("MONITOR");
                 Some("MONITOR")
