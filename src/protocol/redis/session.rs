@@ -490,7 +490,6 @@ impl RedisSession {
         let name = command.name();
         let sub = command.arg(0);
         let mut silent = self.reply_off || self.skip;
-        let mut action = Action::Forward;
         // Replies Redis sends for it, unless silenced.
         let mut owed = Some(Owed::Reply);
         if let Some(reply) = local_reply(&name) {
@@ -585,7 +584,7 @@ impl RedisSession {
             self.owe(owed);
         }
         self.skip = std::mem::take(&mut self.skip_next);
-        action
+        Action::Forward
     }
 
     /// A pub/sub command outside MULTI: one reply per channel (one in all
