@@ -33,7 +33,9 @@ async fn redis_diff_tracker_reads_what_redis_executes() {
     let seed = std::env::var("LESSOR_DIFF_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..));
+        // A fixed default keeps CI's run repeatable; set the variable to
+        // explore other seeds.
+        .unwrap_or(20261207);
     eprintln!("redis_diff seed {seed} (LESSOR_DIFF_SEED={seed} repeats this run)");
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut monitor = Monitor::start(&redis.addr()).await;
