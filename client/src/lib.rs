@@ -24,8 +24,8 @@ mod client;
 
 pub use client::{Client, ClientError, Lease, LeaseOptions};
 
-/// Generated from `proto/lessor/v1/pool.proto`: the messages, the client
-/// stub, and the server trait the sidecar implements.
+/// Generated from `proto/lessor/v1/pool.proto`: the messages and the
+/// client stub (the sidecar generates the server trait it implements).
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 pub mod pb {
     tonic::include_proto!("lessor.v1");

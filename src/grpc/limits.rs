@@ -15,7 +15,7 @@
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 
-use lessor_client::pb::pool_server::PoolServer;
+use super::server::pool_server::PoolServer;
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service, http};
 
@@ -69,7 +69,7 @@ impl PoolRoutes {
 }
 
 impl tonic::server::NamedService for PoolRoutes {
-    const NAME: &'static str = lessor_client::pb::pool_server::SERVICE_NAME;
+    const NAME: &'static str = super::server::pool_server::SERVICE_NAME;
 }
 
 impl Service<http::Request<Body>> for PoolRoutes {

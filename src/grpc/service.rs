@@ -43,7 +43,7 @@ type LeaseStream = Pin<Box<dyn Stream<Item = Result<LeaseResponse, Status>> + Se
 const CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[tonic::async_trait]
-impl pb::pool_server::Pool for PoolService {
+impl super::server::pool_server::Pool for PoolService {
     type LeaseStream = LeaseStream;
 
     async fn lease(
