@@ -128,7 +128,7 @@ pub(super) async fn run(
                 tracing::debug!(upstream = %pool.name(), "exchange left a transaction open; connection closed");
                 leased.evict(EvictReason::Dirty);
             } else {
-                note_reported(leased.conn_mut(), replied.reported);
+                note_reported(leased.conn_mut().backend.as_deref_mut(), replied.reported);
                 settle(leased, pipelined, replied.rest, replied.status, cfg.clone());
             }
             Ok(ExchangeReply { reply, ..served })
@@ -231,7 +231,7 @@ fn settle(
         if let Some(done) = done {
             let counters = leased.pool().counters();
             counters.session_restore.observe(std::time::Duration::ZERO);
-            note_reported(leased.conn_mut(), done.reported);
+            note_reported(leased.conn_mut().backend.as_deref_mut(), done.reported);
             match done.outcome {
                 Ok(()) => {
                     leased.give_back();
@@ -252,7 +252,7 @@ fn settle(
             // record is what the server last said.
             let conn = leased.conn_mut();
             let done = reset.apply_with(&mut conn.stream, rest, false).await;
-            note_reported(conn, done.reported);
+            note_reported(conn.backend.as_deref_mut(), done.reported);
             ok = status != b'I' || done.outcome.is_ok();
         }
         if ok
@@ -260,7 +260,7 @@ fn settle(
             && let Some(rollback) = Reset::new(&cfg, true, pipelined.is_some())
         {
             // Counted as after a lease.
-            ok = Restore::Postgres(rollback).apply_untimed(&mut leased).await;
+            ok = leased.restore_untimed(&Restore::Postgres(rollback)).await;
         }
         pool.counters().session_restore.observe(started.elapsed());
         if ok {

@@ -134,7 +134,7 @@ impl LeaseGuard {
             Fate::Return if self.restore.is_some() => {
                 counters.lease_returned.observe(held);
                 if let Some(restore) = self.restore.take() {
-                    restore.run(leased);
+                    leased.restore_then_return(restore);
                 }
             }
             Fate::Return => {

@@ -650,7 +650,7 @@ impl Active {
         let mut guard = self.guard;
         if let Some(session) = &mut self.session {
             let (verdict, restore) = session.conclude(guard.leased().pool().config());
-            session.record(guard.conn_mut());
+            session.record(guard.conn_mut().backend.as_deref_mut());
             if let Some(restore) = restore {
                 guard.set_restore(restore);
             }

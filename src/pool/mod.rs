@@ -22,6 +22,7 @@ mod error;
 pub(crate) mod health;
 mod leased;
 mod maintain;
+mod restore;
 mod set;
 mod stats;
 

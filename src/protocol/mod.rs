@@ -8,6 +8,11 @@
 //! tracks one lease's traffic and gives its verdict, and a [`Restore`] puts
 //! a used session back the way it was opened before the connection is idle
 //! again.
+//!
+//! This layer sits below the pool: it knows sockets and session records
+//! (`postgres::Backend`), never pooled connections. The pool opens
+//! connections through an `Opener` and runs a `Restore` in a task of its own
+//! (`pool::Leased::restore`).
 
 pub(crate) mod postgres;
 pub(crate) mod redis;
@@ -16,7 +21,6 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 
 use crate::config::{Protocol, UpstreamConfig};
-use crate::pool::{EvictReason, Leased};
 use postgres::Backend;
 use postgres::reset::Reset;
 use postgres::session::{ClientError, PgSession};
@@ -197,12 +201,10 @@ impl Session {
     /// Records on the connection what the lease leaves behind: the
     /// ParameterStatus reports it saw, and whether a query may still be
     /// running (an eviction then cancels it).
-    pub(crate) fn record(&mut self, conn: &mut crate::pool::Conn) {
-        if let Self::Postgres(s) = self {
-            if let Some(backend) = conn.backend.as_mut() {
-                backend.busy = s.busy();
-            }
-            note_reported(conn, s.take_reported());
+    pub(crate) fn record(&mut self, backend: Option<&mut Backend>) {
+        if let (Self::Postgres(s), Some(backend)) = (self, backend) {
+            backend.busy = s.busy();
+            backend.parameters.extend(s.take_reported());
         }
     }
 }
@@ -217,51 +219,26 @@ pub(crate) enum Restore {
 }
 
 impl Restore {
-    /// Runs on the connection and returns it to the pool when it succeeds,
-    /// closes it (counted `dirty`) when not. Done in a task of the pool's,
-    /// the lease has ended; the connection is not idle until then, so no
-    /// other lease can see a session half restored. The time it takes is
-    /// counted in `lessor_session_restore_seconds`.
-    pub(crate) fn run(self, mut leased: Leased) {
-        let pool = leased.pool().clone();
-        pool.spawn(async move {
-            if self.apply(&mut leased).await {
-                leased.give_back();
-            } else {
-                leased.evict(EvictReason::Dirty);
-            }
-        });
+    /// Whether it rolls back an open transaction (counted in
+    /// `lessor_rollbacks_total` by whoever runs it).
+    pub(crate) fn rolls_back(&self) -> bool {
+        matches!(self, Self::Postgres(reset) if reset.rollback)
     }
 
-    /// Runs on the leased connection; whether it is idle-ready now. The
-    /// time it takes is counted in `lessor_session_restore_seconds`.
-    pub(crate) async fn apply(&self, leased: &mut Leased) -> bool {
-        let started = std::time::Instant::now();
-        let ok = self.apply_untimed(leased).await;
-        leased
-            .pool()
-            .counters()
-            .session_restore
-            .observe(started.elapsed());
-        ok
-    }
-
-    /// [`Restore::apply`] for a caller that times the whole restore it is
-    /// a part of (an Exchange's settle).
-    pub(crate) async fn apply_untimed(&self, leased: &mut Leased) -> bool {
-        let pool = leased.pool().clone();
-        let counters = pool.counters();
-        let conn = leased.conn_mut();
+    /// Runs on a connection's socket; whether the session is back as it
+    /// was opened. A PostgreSQL reset's ParameterStatus reports go into
+    /// `backend` whatever the outcome: the record is what the server last
+    /// said. Who owns the connection (the pool) decides what follows.
+    pub(crate) async fn apply(
+        &self,
+        stream: &mut TcpStream,
+        backend: Option<&mut Backend>,
+    ) -> bool {
         match self {
-            Self::Redis(r) => r.apply(&mut conn.stream).await,
+            Self::Redis(r) => r.apply(stream).await,
             Self::Postgres(reset) => {
-                if reset.rollback {
-                    counters
-                        .rollbacks
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                let settled = reset.apply(&mut conn.stream).await;
-                note_reported(conn, settled.reported);
+                let settled = reset.apply(stream).await;
+                note_reported(backend, settled.reported);
                 match settled.outcome {
                     Ok(()) => true,
                     Err(why) => {
@@ -276,8 +253,8 @@ impl Restore {
 
 /// Applies ParameterStatus reports to a connection's record of its session,
 /// so the next `Granted.server_parameters` is current.
-pub(crate) fn note_reported(conn: &mut crate::pool::Conn, reported: Vec<(String, String)>) {
-    if let Some(backend) = conn.backend.as_mut() {
+pub(crate) fn note_reported(backend: Option<&mut Backend>, reported: Vec<(String, String)>) {
+    if let Some(backend) = backend {
         backend.parameters.extend(reported);
     }
 }
