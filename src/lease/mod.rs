@@ -3,8 +3,9 @@
 //!
 //! - `state`: the lease-end table as a pure function;
 //! - `guard`: the RAII guard that finishes each checkout exactly once;
-//! - `pump`: the stream itself: Acquire, checkout, Granted, Data both ways,
-//!   Release or revocation, Ended;
+//! - `stream`: the stream as a protocol: Acquire, checkout, Granted, then
+//!   the pump until Release or revocation, Ended;
+//! - `pump`: a granted lease's bytes both ways, its limits and its end;
 //! - `registry`: every live lease (holder, trace, age, bytes, state), for
 //!   `/debug/leases`, `lease.warn_after` and `Cancel`;
 //! - `watchdog`: ends leases whose client stopped reading (hyper does not
@@ -20,8 +21,9 @@ pub(crate) mod guard;
 pub(crate) mod pump;
 pub(crate) mod registry;
 pub(crate) mod state;
+pub(crate) mod stream;
 pub(crate) mod watchdog;
 
 pub(crate) use error::{InboundError, LeaseError};
-pub(crate) use pump::{LeaseContext, clamp_ms, lease_span, lease_stream};
 pub(crate) use state::Fate;
+pub(crate) use stream::{LeaseContext, clamp_ms, lease_span, lease_stream};
