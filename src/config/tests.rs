@@ -1,6 +1,8 @@
 //! Config parsing and validation: defaults, the documented sample, and
 //! error messages that name the field.
 
+use bytesize::ByteSize;
+
 use super::validate::validate_host_port;
 use super::*;
 
