@@ -385,7 +385,7 @@ fn command(rng: &mut fastrand::Rng, valid: bool, plain: bool) -> Vec<Vec<u8>> {
         15 => vec![
             case(rng, &["CLIENT"]),
             case(rng, &["REPLY"]),
-            case(rng, &["ON", "OFF", "SKIP", "NO"]),
+            case(rng, &["ON", "OFF", "SKIP", "NO", "SKIP\0", "off\0"]),
         ],
         16 => vec![
             case(rng, &["CLIENT"]),
@@ -395,8 +395,11 @@ fn command(rng: &mut fastrand::Rng, valid: bool, plain: bool) -> Vec<Vec<u8>> {
         17 => vec![
             case(rng, &["CLIENT"]),
             case(rng, &["NO-EVICT", "TRACKING"]),
-            case(rng, &["ON", "OFF"]),
+            // Redis reads options up to a NUL.
+            case(rng, &["ON", "OFF", "ON\0", "off\0x"]),
         ],
+        // Rare: Redis times blocked clients out on its 100 ms clock.
+        14 if rng.u8(..8) == 0 => vec![case(rng, &["BLPOP"]), w("nothing"), w("0.01")],
         18 => vec![w("$11")],
         19 => vec![case(rng, &["NOSUCHCOMMAND"]), word(rng)],
         20 if valid => vec![case(rng, &["AUTH"]), w("pw")],

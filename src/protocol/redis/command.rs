@@ -105,6 +105,15 @@ impl Command {
         self.arg_upper(i + 1)
     }
 
+    /// Argument `i` after the name as Redis compares an option (`ON`,
+    /// `OFF`, `SKIP`) with `strcasecmp`: up to its first NUL, upper-cased.
+    pub(crate) fn option(&self, i: usize) -> Option<String> {
+        self.args.get(i + 1).map(|a| {
+            let end = a.iter().position(|&b| b == 0).unwrap_or(a.len());
+            String::from_utf8_lossy(&a[..end]).to_ascii_uppercase()
+        })
+    }
+
     fn arg_upper(&self, i: usize) -> Option<String> {
         self.args
             .get(i)

@@ -550,7 +550,7 @@ impl RedisSession {
                     self.uncountable("CLIENT REPLY while subscribed");
                 }
                 ("CLIENT", Some("REPLY")) if command.argc == 3 => {
-                    match command.arg(1).as_deref() {
+                    match command.option(1).as_deref() {
                         Some("ON") => {
                             // Answered: ON lifts the silence before replying.
                             self.reply_off = false;
@@ -582,6 +582,11 @@ impl RedisSession {
             && !silent
         {
             self.owe(owed);
+        }
+        if silent && !self.multi && blocks(&name) {
+            // Redis holds the connection until it is served, and nothing
+            // will say when.
+            self.uncountable("a blocking command with its reply silenced");
         }
         self.skip = std::mem::take(&mut self.skip_next);
         Action::Forward
@@ -623,13 +628,22 @@ impl RedisSession {
     /// The session state a command changes (outside MULTI, or when a queued
     /// one runs at EXEC: marked at once, which at worst undoes nothing).
     fn note_effect(&mut self, name: &str, sub: Option<&str>, command: &Command) {
-        let on = || command.arg(1).as_deref() == Some("ON");
+        // Queued in MULTI, a command may run at EXEC or never (DISCARD,
+        // EXECABORT, a failed WATCH): it can only ever set a flag to
+        // restore, never clear one.
+        let queued = self.multi;
+        let switch = |flag: bool| match command.option(1).as_deref() {
+            _ if queued => true,
+            Some("ON") => true,
+            Some("OFF") => false,
+            _ => flag,
+        };
         let change = match (name, sub) {
             ("SELECT", _) => {
                 self.selected = true;
                 None
             }
-            ("UNWATCH", _) if !self.multi => {
+            ("UNWATCH", _) if !queued => {
                 self.watching = false;
                 None
             }
@@ -637,7 +651,7 @@ impl RedisSession {
                 self.readonly = true;
                 None
             }
-            ("READWRITE", _) => {
+            ("READWRITE", _) if !queued => {
                 self.readonly = false;
                 None
             }
@@ -650,7 +664,7 @@ impl RedisSession {
                 Some("replication stream")
             }
             ("CLIENT", Some("TRACKING")) => {
-                self.tracking = on() || (self.tracking && command.arg(1).as_deref() != Some("OFF"));
+                self.tracking = switch(self.tracking);
                 None
             }
             ("CLIENT", Some("SETNAME")) => {
@@ -658,11 +672,11 @@ impl RedisSession {
                 None
             }
             ("CLIENT", Some("NO-EVICT")) => {
-                self.no_evict = on() || (self.no_evict && command.arg(1).as_deref() != Some("OFF"));
+                self.no_evict = switch(self.no_evict);
                 None
             }
             ("CLIENT", Some("NO-TOUCH")) => {
-                self.no_touch = on() || (self.no_touch && command.arg(1).as_deref() != Some("OFF"));
+                self.no_touch = switch(self.no_touch);
                 None
             }
             _ => None,
@@ -680,6 +694,25 @@ impl RedisSession {
         self.refused
             .get_or_insert_with(|| format!("{}: {why}", printable(name)));
     }
+}
+
+/// Commands that may wait on the server before they reply.
+fn blocks(name: &str) -> bool {
+    matches!(
+        name,
+        "BLPOP"
+            | "BRPOP"
+            | "BRPOPLPUSH"
+            | "BLMOVE"
+            | "BLMPOP"
+            | "BZPOPMIN"
+            | "BZPOPMAX"
+            | "BZMPOP"
+            | "XREAD"
+            | "XREADGROUP"
+            | "WAIT"
+            | "WAITAOF"
+    )
 }
 
 /// The pub/sub family of a command, as its replies name it.
@@ -1017,6 +1050,33 @@ mod tests {
         assert_eq!(s.replies_due(), 1, "the skipped GET gets no reply");
         let mut s = session();
         s.client_sent(&Bytes::from_static(b"SUBSCRIBE a\r\nUNSUBSCRIBE\r\n"))
+            .unwrap();
+        assert!(s.verdict().unwrap_err().contains("not countable"));
+    }
+
+    #[test]
+    fn what_may_never_run_or_never_end_is_not_counted_clean() {
+        // A queued OFF may never run: the flag stays set, and is restored.
+        let mut s = session();
+        s.client_sent(&Bytes::from_static(
+            b"CLIENT NO-EVICT ON\r\nMULTI\r\nCLIENT NO-EVICT OFF\r\nDISCARD\r\n",
+        ))
+        .unwrap();
+        s.upstream_sent(Bytes::from_static(b"+OK\r\n+OK\r\n+QUEUED\r\n+OK\r\n"))
+            .unwrap();
+        let undo = s.restore(&RedisConfig::default()).unwrap();
+        assert_eq!(undo.undone, "CLIENT NO-EVICT");
+        // Redis compares options as C strings: `ON\0` is ON.
+        let mut s = session();
+        s.client_sent(&Bytes::from_static(
+            b"*3\r\n$6\r\nCLIENT\r\n$8\r\nTRACKING\r\n$3\r\nON\x00\r\n",
+        ))
+        .unwrap();
+        s.upstream_sent(Bytes::from_static(b"+OK\r\n")).unwrap();
+        assert!(!s.unchanged(), "tracking is on");
+        // A silenced blocking command holds the connection with no reply.
+        let mut s = session();
+        s.client_sent(&Bytes::from_static(b"CLIENT REPLY SKIP\r\nBLPOP q 0\r\n"))
             .unwrap();
         assert!(s.verdict().unwrap_err().contains("not countable"));
     }
