@@ -216,6 +216,16 @@ fn restart_required(running: &Config, new: &Config) -> Vec<&'static str> {
     if format!("{:?}", running.telemetry) != format!("{:?}", new.telemetry) {
         fixed.push("telemetry");
     }
+    // Native listeners are bound at start; their upstreams' pools reload.
+    let listeners = |c: &Config| {
+        c.upstreams
+            .iter()
+            .filter_map(|u| u.listen.as_ref().map(|l| (u.name.clone(), format!("{l:?}"))))
+            .collect::<Vec<_>>()
+    };
+    if listeners(running) != listeners(new) {
+        fixed.push("upstreams[].listen");
+    }
     fixed
 }
 

@@ -145,3 +145,75 @@ impl<'de> Deserialize<'de> for ListenAddr {
         s.parse().map_err(serde::de::Error::custom)
     }
 }
+
+/// A local listener for unmodified clients of a protocol upstream (the
+/// native door): PostgreSQL drivers, `psql` and `pgbench` connect to it as
+/// to a server, and lessor pools them over the upstream's connections.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NativeListen {
+    /// A TCP address (`127.0.0.1:6432`); `""` for none.
+    #[serde(deserialize_with = "optional_addr")]
+    pub address: Option<SocketAddr>,
+    /// PostgreSQL: a directory where lessor creates the socket
+    /// `.s.PGSQL.<port>` (`psql -h DIR -p PORT` finds it); the port is the
+    /// TCP address's, or 5432 without one.
+    pub unix_socket_dir: Option<PathBuf>,
+    /// When a client's hold on a server connection ends. Default
+    /// `transaction`.
+    pub pool_mode: PoolMode,
+    /// How clients authenticate to lessor. Default `trust` (loopback only).
+    pub auth: ClientAuth,
+    /// The password clients must present (`scram-sha-256`), read at start.
+    pub password_file: Option<PathBuf>,
+    /// Clients connected at once; one more gets FATAL 53300. Default 1000.
+    pub max_clients: u32,
+    /// How long a new client has to finish its startup. Default 10s.
+    #[serde(with = "super::humantime_serde")]
+    pub startup_timeout: Duration,
+}
+
+impl Default for NativeListen {
+    fn default() -> Self {
+        Self {
+            address: None,
+            unix_socket_dir: None,
+            pool_mode: PoolMode::Transaction,
+            auth: ClientAuth::Trust,
+            password_file: None,
+            max_clients: 1000,
+            startup_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl NativeListen {
+    /// The port of the Unix socket's name.
+    pub fn unix_port(&self) -> u16 {
+        self.address.map_or(5432, |a| a.port())
+    }
+}
+
+/// When a client's hold on a server connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// At the ReadyForQuery `I` that leaves nothing of the client's
+    /// outstanding: many clients share few connections.
+    #[default]
+    Transaction,
+    /// When the client disconnects.
+    Session,
+}
+
+/// How clients of a native listener authenticate to lessor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum ClientAuth {
+    /// No password: refused off loopback.
+    #[default]
+    #[serde(rename = "trust")]
+    Trust,
+    /// SCRAM-SHA-256 against `password_file`.
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+}

@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    HealthConfig, LeaseConfig, OutlierConfig, PoolConfig, PostgresConfig, ProbeConfig, Protocol,
-    RedisConfig, pool::default_probe_timeout,
+    HealthConfig, LeaseConfig, NativeListen, OutlierConfig, PoolConfig, PostgresConfig,
+    ProbeConfig, Protocol, RedisConfig, pool::default_probe_timeout,
 };
 
 /// Which pool implementation backs an upstream. Both behave the same at
@@ -88,6 +88,8 @@ pub struct UpstreamConfig {
     /// Whether this upstream gates readiness. Default `required`.
     #[serde(default)]
     pub readiness: ReadinessRole,
+    /// A local listener for unmodified clients (`protocol: postgres`).
+    pub listen: Option<NativeListen>,
 }
 
 /// Where an upstream's endpoints come from. The YAML has three keys for it
@@ -157,6 +159,8 @@ struct RawUpstream {
     lease: LeaseConfig,
     #[serde(default)]
     readiness: ReadinessRole,
+    #[serde(default)]
+    listen: Option<NativeListen>,
 }
 
 impl TryFrom<RawUpstream> for UpstreamConfig {
@@ -215,6 +219,7 @@ impl TryFrom<RawUpstream> for UpstreamConfig {
             health,
             lease: raw.lease,
             readiness: raw.readiness,
+            listen: raw.listen,
         })
     }
 }

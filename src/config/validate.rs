@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::{Config, ConfigError, PortRef, Protocol, Source, UpstreamConfig, invalid};
+use super::{
+    ClientAuth, Config, ConfigError, PortRef, Protocol, Source, UpstreamConfig, invalid,
+};
 
 impl Config {
     /// Checks ranges and consistency that the types cannot express.
@@ -48,7 +50,71 @@ impl Config {
                     format!("`{}` is already the name of upstreams[{j}]", up.name),
                 ));
             }
+            let address = |u: &UpstreamConfig| u.listen.as_ref().and_then(|l| l.address);
+            if let Some(addr) = address(up)
+                && addr.port() != 0
+                && let Some(j) = self.upstreams[..i]
+                    .iter()
+                    .position(|u| address(u) == Some(addr))
+            {
+                return Err(invalid(
+                    format!("upstreams[{i}].listen.address"),
+                    format!("`{addr}` is already the listener of upstreams[{j}]"),
+                ));
+            }
         }
+        Ok(())
+    }
+}
+
+impl UpstreamConfig {
+    /// The `listen:` block: PostgreSQL only (for now), somewhere to listen,
+    /// no password-less door off loopback, a readable client password.
+    fn validate_listen(&self, at: &str) -> Result<(), ConfigError> {
+        let Some(listen) = &self.listen else {
+            return Ok(());
+        };
+        let at = format!("{at}.listen");
+        if self.protocol != Protocol::Postgres {
+            return Err(invalid(
+                at,
+                "a native listener needs `protocol: postgres` (the Redis listener is not built yet)",
+            ));
+        }
+        if listen.address.is_none() && listen.unix_socket_dir.is_none() {
+            return Err(invalid(
+                format!("{at}.address"),
+                "set address, unix_socket_dir or both",
+            ));
+        }
+        if listen.auth == ClientAuth::Trust
+            && let Some(addr) = listen.address
+            && !addr.ip().to_canonical().is_loopback()
+        {
+            return Err(invalid(
+                format!("{at}.auth"),
+                format!(
+                    "`trust` on `{addr}`, which is not a loopback address, would let anyone who reaches it use the database as `{}`; use scram-sha-256",
+                    self.postgres.user
+                ),
+            ));
+        }
+        match (listen.auth, &listen.password_file) {
+            (ClientAuth::ScramSha256, None) => {
+                return Err(invalid(
+                    format!("{at}.password_file"),
+                    "scram-sha-256 needs the password clients present",
+                ));
+            }
+            (ClientAuth::ScramSha256, Some(path)) => {
+                password_source(&at, Some(path), None)?;
+            }
+            (ClientAuth::Trust, _) => {}
+        }
+        if listen.max_clients == 0 {
+            return Err(invalid(format!("{at}.max_clients"), "must be at least 1"));
+        }
+        positive(format!("{at}.startup_timeout"), listen.startup_timeout)?;
         Ok(())
     }
 }
@@ -225,6 +291,7 @@ impl UpstreamConfig {
             Protocol::Redis => self.validate_redis(at)?,
             Protocol::Postgres => self.validate_postgres(at)?,
         }
+        self.validate_listen(at)?;
         if self.outlier.consecutive_failures == 0 {
             return Err(invalid(
                 format!("{at}.outlier.consecutive_failures"),
