@@ -33,6 +33,7 @@ mod echo;
 mod exchange;
 mod grpc;
 mod lease;
+mod listener;
 mod pool;
 mod protocol;
 mod reload;

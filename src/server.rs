@@ -413,6 +413,31 @@ pub async fn run_with(
     let (open_tx, open_rx) = watch::channel(());
     drop(open_rx);
     let stop_accepting = CancellationToken::new();
+    // Native listeners (unmodified PostgreSQL clients): bound now, so a
+    // taken port fails the start; their clients count for the drain.
+    let mut native = Vec::new();
+    for upstream in &config.upstreams {
+        match crate::listener::postgres::Bound::bind(upstream).await {
+            Ok(Some(bound)) => native.push(bound),
+            Ok(None) => {}
+            Err(e) => {
+                let (addr, source) = e.into_parts();
+                return Err(ServerError::Bind { addr, source });
+            }
+        }
+    }
+    let shared = crate::listener::Shared {
+        pools: pools.clone(),
+        leases: ctx.leases.clone(),
+        stop_accepting: stop_accepting.clone(),
+        revoke: revoke.clone(),
+        open: open_tx.clone(),
+        tracker: tracker.clone(),
+    };
+    for bound in native {
+        tracing::info!(listener = %bound.describe(), "native listener serving");
+        bound.spawn(shared.clone());
+    }
     tracing::info!(
         listen = %listeners.grpc.local_addr(),
         admin = %admin_addr,

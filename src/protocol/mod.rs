@@ -198,6 +198,24 @@ impl Session {
         (verdict, restore)
     }
 
+    /// Between transactions with nothing outstanding (PostgreSQL; for
+    /// Redis, every reply delivered and nothing changed).
+    pub(crate) fn at_rest(&self) -> bool {
+        match self {
+            Self::Postgres(s) => s.at_rest(),
+            Self::Redis(s) => s.is_clean(),
+        }
+    }
+
+    /// The ParameterStatus reports seen since the last take (PostgreSQL),
+    /// for a listener that carries them to its client too.
+    pub(crate) fn take_reported(&mut self) -> Vec<(String, String)> {
+        match self {
+            Self::Postgres(s) => s.take_reported(),
+            Self::Redis(_) => Vec::new(),
+        }
+    }
+
     /// Records on the connection what the lease leaves behind: the
     /// ParameterStatus reports it saw, and whether a query may still be
     /// running (an eviction then cancels it).

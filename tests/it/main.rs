@@ -12,6 +12,7 @@ mod leak;
 mod ops;
 mod pg;
 mod pg_diff;
+mod pg_listen;
 mod pool;
 mod proto_golden;
 mod protocol;

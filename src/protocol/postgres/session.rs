@@ -211,6 +211,13 @@ impl PgSession {
         !self.server.answered() || self.server.lost().is_some() || !self.frontend.at_boundary()
     }
 
+    /// Whether the session is between transactions with nothing
+    /// outstanding (a reset may still be due): where a listener in
+    /// transaction mode ends a client's hold.
+    pub(crate) fn at_rest(&self) -> bool {
+        self.unfinished().is_none() && self.server.status() == b'I'
+    }
+
     /// Whether the connection may go back to the pool as it is, with no
     /// rollback or reset: what decides a lease dropped without a word.
     pub(crate) fn is_clean(&self) -> bool {
