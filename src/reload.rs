@@ -220,7 +220,11 @@ fn restart_required(running: &Config, new: &Config) -> Vec<&'static str> {
     let listeners = |c: &Config| {
         c.upstreams
             .iter()
-            .filter_map(|u| u.listen.as_ref().map(|l| (u.name.clone(), format!("{l:?}"))))
+            .filter_map(|u| {
+                u.listen
+                    .as_ref()
+                    .map(|l| (u.name.clone(), format!("{l:?}")))
+            })
             .collect::<Vec<_>>()
     };
     if listeners(running) != listeners(new) {

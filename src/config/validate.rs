@@ -4,9 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::{
-    ClientAuth, Config, ConfigError, PortRef, Protocol, Source, UpstreamConfig, invalid,
-};
+use super::{ClientAuth, Config, ConfigError, PortRef, Protocol, Source, UpstreamConfig, invalid};
 
 impl Config {
     /// Checks ranges and consistency that the types cannot express.
