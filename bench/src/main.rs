@@ -42,7 +42,8 @@ struct Args {
     redis: bool,
     /// With --compare: PostgreSQL 15, PgBouncer and lessor side by side
     /// (`SELECT 1` and a primary-key SELECT, direct, through PgBouncer,
-    /// through Exchange and through a lease).
+    /// through Exchange and through a lease), then pgbench against
+    /// PostgreSQL, PgBouncer and lessor's PostgreSQL listener.
     #[arg(long, conflicts_with = "redis")]
     postgres: bool,
     /// With --compare: also write the report as JSON.

@@ -36,6 +36,7 @@ use lessor::EchoServer;
 use lessor_client::pb::Disposition;
 use lessor_client::{Client, LeaseOptions};
 
+pub(crate) mod pgbench;
 pub(crate) mod postgres;
 mod report;
 pub(crate) mod setup;

@@ -17,6 +17,9 @@
 //! so the upstream does the same work on each. Latency percentiles and
 //! throughput at 1, 8 and 32 concurrent clients; CPU time per 1,000
 //! queries of lessor and of PgBouncer from `/proc`.
+//!
+//! Then, on the same cluster and PgBouncer, Debian's `pgbench` against
+//! PostgreSQL, PgBouncer and lessor's PostgreSQL listener (`pgbench.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -27,12 +30,13 @@ use serde::Serialize;
 use tokio_postgres::NoTls;
 
 use super::CompareOptions;
+use super::pgbench::{self, PgbenchReport};
 use super::setup::{ChildGuard, Lessor, cpu_ms_of, free_port};
 use crate::load::{BenchError, Percentiles, histogram, lease_cycle, record};
 use lessor_client::Client;
 
 /// Debian's server binaries (not on PATH).
-const BIN: &str = "/usr/lib/postgresql/15/bin";
+pub(crate) const BIN: &str = "/usr/lib/postgresql/15/bin";
 /// `nobody:nogroup`, for servers started by root.
 const NOBODY: u32 = 65534;
 /// The pool size of both PgBouncer and lessor.
@@ -127,6 +131,8 @@ pub struct PgReport {
     lessor_cpu_ms_per_1k: f64,
     /// PgBouncer's CPU time per 1,000 `SELECT 1` at 32 clients.
     pgbouncer_cpu_ms_per_1k: f64,
+    /// pgbench against PostgreSQL, PgBouncer and lessor's listener.
+    pgbench: PgbenchReport,
 }
 
 /// What the workers connect to.
@@ -256,6 +262,9 @@ async fn measure(
 
 /// The whole run.
 pub(crate) async fn run(opts: &CompareOptions) -> Result<PgReport, BenchError> {
+    // The pgbench part holds 1,000 idle clients on each pooler: room for
+    // them here and in the servers started from here.
+    pgbench::raise_nofile(4 * pgbench::IDLE_CLIENTS as u64);
     let cluster = Cluster::start().await?;
     let pgbouncer = PgBouncer::start(&cluster).await?;
     let upstream = |name: &str, reset: &str| {
@@ -315,6 +324,17 @@ pub(crate) async fn run(opts: &CompareOptions) -> Result<PgReport, BenchError> {
         }
     }
     lessor.stop().await;
+    let pgbench = pgbench::run(
+        opts,
+        &pgbench::Servers {
+            postgres_port: cluster.port,
+            pgbouncer_port: pgbouncer.port,
+            pgbouncer_pid: pgbouncer.pid(),
+            postgres: &targets.postgres,
+            pool_size: POOL,
+        },
+    )
+    .await;
     drop(pgbouncer);
     drop(cluster);
     let report = PgReport {
@@ -325,6 +345,7 @@ pub(crate) async fn run(opts: &CompareOptions) -> Result<PgReport, BenchError> {
         measures,
         lessor_cpu_ms_per_1k: lessor_cpu,
         pgbouncer_cpu_ms_per_1k: pgbouncer_cpu,
+        pgbench,
     };
     if let Some(path) = &opts.json {
         let json = serde_json::to_vec_pretty(&report)
@@ -382,6 +403,8 @@ impl PgReport {
             "CPU per 1,000 SELECT 1 at 32 clients: lessor {:.1} ms (Exchange), PgBouncer {:.1} ms\n",
             self.lessor_cpu_ms_per_1k, self.pgbouncer_cpu_ms_per_1k
         ));
+        out.push('\n');
+        out.push_str(&self.pgbench.render());
         out
     }
 }
@@ -487,11 +510,12 @@ impl PgBouncer {
                 "[databases]\npostgres = host=127.0.0.1 port={} dbname=postgres\n\n\
                  [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
                  auth_type = trust\nauth_file = {}\npool_mode = transaction\n\
-                 default_pool_size = {POOL}\nmin_pool_size = {POOL}\nmax_client_conn = 200\n\
+                 default_pool_size = {POOL}\nmin_pool_size = {POOL}\nmax_client_conn = {max_clients}\n\
                  logfile = {}\nlog_connections = 0\nlog_disconnections = 0\n",
                 cluster.port,
                 userlist.display(),
-                dir.path().join("pgbouncer.log").display()
+                dir.path().join("pgbouncer.log").display(),
+                max_clients = pgbench::IDLE_CLIENTS + 200,
             ),
         )?;
         chown_to_server(dir.path())?;

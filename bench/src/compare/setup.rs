@@ -64,6 +64,31 @@ pub(crate) fn cpu_ms_of(pid: u32) -> u64 {
     (ticks(11) + ticks(12)) * 10
 }
 
+/// A process's resident set (`VmRSS`), in KiB; 0 once it is gone.
+pub(crate) fn rss_kib_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The first line of a tool's output that reads as an error (`error`,
+/// `fatal`, `panicked`, `aborted`), else its first non-empty line.
+pub(crate) fn first_error_line(text: &str) -> Option<String> {
+    let lines = || text.lines().map(str::trim).filter(|l| !l.is_empty());
+    lines()
+        .find(|l| {
+            let l = l.to_ascii_lowercase();
+            ["error", "fatal", "panicked", "aborted"]
+                .iter()
+                .any(|w| l.contains(w))
+        })
+        .or_else(|| lines().next())
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -157,6 +182,8 @@ pub(crate) struct Lessor {
     child: ChildGuard,
     pub(crate) grpc: String,
     pub(crate) admin: String,
+    /// Where its standard error goes, when not to this process's.
+    stderr: Option<std::path::PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -165,6 +192,26 @@ impl Lessor {
         bin: &Path,
         upstreams_yaml: &str,
         workers: usize,
+    ) -> Result<Self, BenchError> {
+        Self::start(bin, upstreams_yaml, workers, false).await
+    }
+
+    /// As `spawn`, with its standard error in a file: a config it refuses,
+    /// or an exit before it is ready, is an error naming lessor's first
+    /// error line.
+    pub(crate) async fn spawn_logged(
+        bin: &Path,
+        upstreams_yaml: &str,
+        workers: usize,
+    ) -> Result<Self, BenchError> {
+        Self::start(bin, upstreams_yaml, workers, true).await
+    }
+
+    async fn start(
+        bin: &Path,
+        upstreams_yaml: &str,
+        workers: usize,
+        logged: bool,
     ) -> Result<Self, BenchError> {
         let dir = tempfile::tempdir()?;
         let grpc = format!("127.0.0.1:{}", free_port()?);
@@ -176,20 +223,31 @@ impl Lessor {
                 "grpc: {{ listen: \"{grpc}\" }}\nadmin: {{ listen: \"{admin}\", control_listen: \"\" }}\nruntime: {{ worker_threads: {workers} }}\nshutdown: {{ grace: 1s }}\n{upstreams_yaml}"
             ),
         )?;
+        let stderr_path = dir.path().join("lessor.stderr");
+        let stderr = if logged {
+            Stdio::from(std::fs::File::create(&stderr_path)?)
+        } else {
+            Stdio::inherit()
+        };
         let child = Command::new(bin)
             .args(["serve", "--config"])
             .arg(&path)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .map_err(|e| BenchError::Sidecar(format!("cannot start {}: {e}", bin.display())))?;
-        let lessor = Self {
+        let mut lessor = Self {
             child: ChildGuard(child),
             grpc,
             admin: admin.clone(),
+            stderr: logged.then_some(stderr_path),
             _dir: dir,
         };
         for _ in 0..1000 {
+            if let Some(exit) = lessor.exited() {
+                return Err(BenchError::Sidecar(exit));
+            }
             if let Ok((200, _)) = get(&admin, "/readyz").await {
                 return Ok(lessor);
             }
@@ -200,18 +258,31 @@ impl Lessor {
         ))
     }
 
+    /// `None` while it runs; once it has exited, its status and (when
+    /// logged) the first error line it printed.
+    pub(crate) fn exited(&mut self) -> Option<String> {
+        let status = match self.child.0.try_wait() {
+            Ok(None) => return None,
+            Ok(Some(status)) => status.to_string(),
+            Err(e) => e.to_string(),
+        };
+        let said = self
+            .stderr
+            .as_ref()
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .and_then(|text| first_error_line(&text));
+        Some(match said {
+            Some(line) => format!("lessor exited ({status}): {line}"),
+            None => format!("lessor exited ({status})"),
+        })
+    }
+
     pub(crate) fn pid(&self) -> u32 {
         self.child.0.id()
     }
 
     pub(crate) fn rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
+        rss_kib_of(self.pid())
     }
 
     /// User plus system CPU time, in milliseconds.
