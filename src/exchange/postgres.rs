@@ -231,6 +231,9 @@ fn settle(
         if let Some(done) = done {
             let counters = leased.pool().counters();
             counters.session_restore.observe(std::time::Duration::ZERO);
+            if let Some(backend) = leased.conn_mut().backend.as_deref_mut() {
+                backend.prepared.clear();
+            }
             note_reported(leased.conn_mut().backend.as_deref_mut(), done.reported);
             match done.outcome {
                 Ok(()) => {
@@ -252,6 +255,9 @@ fn settle(
             // record is what the server last said.
             let conn = leased.conn_mut();
             let done = reset.apply_with(&mut conn.stream, rest, false).await;
+            if let Some(backend) = conn.backend.as_deref_mut() {
+                backend.prepared.clear();
+            }
             note_reported(conn.backend.as_deref_mut(), done.reported);
             ok = status != b'I' || done.outcome.is_ok();
         }

@@ -250,12 +250,16 @@ impl Restore {
     pub(crate) async fn apply(
         &self,
         stream: &mut TcpStream,
-        backend: Option<&mut Backend>,
+        mut backend: Option<&mut Backend>,
     ) -> bool {
         match self {
             Self::Redis(r) => r.apply(stream).await,
             Self::Postgres(reset) => {
                 let settled = reset.apply(stream).await;
+                if let Some(backend) = backend.as_deref_mut() {
+                    // A reset (`DISCARD ALL`) drops prepared statements.
+                    backend.prepared.clear();
+                }
                 note_reported(backend, settled.reported);
                 match settled.outcome {
                     Ok(()) => true,

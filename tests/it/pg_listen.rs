@@ -12,6 +12,11 @@ use crate::support::{Lessor, PATIENCE, config_one, eventually, ports};
 for_both_engines!(
     pg_listen_serves_tokio_postgres_and_pools_transactions,
     pg_listen_rolls_back_what_a_vanished_client_left_open,
+    pg_listen_psql_and_pgbench_run_unchanged,
+    pg_listen_refuses_what_it_must,
+    pg_listen_cancel_reaches_the_query_of_its_client,
+    pg_listen_scram_checks_the_listener_password,
+    pg_listen_drain_tells_idle_clients_to_go,
 );
 
 /// PostgreSQL, and lessor with a listener of `mode` in front of it with
@@ -131,6 +136,20 @@ async fn pg_listen_serves_tokio_postgres_and_pools_transactions(engine: EngineKi
                 .unwrap();
             let v: i32 = rows[0].get(0);
             assert_eq!(v, 42);
+            // Named prepared statements (tokio-postgres names each one),
+            // used across transactions that land on either connection,
+            // and pipelined.
+            let stmt = c.prepare("SELECT $1::int * 2").await.unwrap();
+            for k in 0..5i32 {
+                let k1 = k + 1;
+                let (a1, a2): (
+                    &[&(dyn tokio_postgres::types::ToSql + Sync)],
+                    &[&(dyn tokio_postgres::types::ToSql + Sync)],
+                ) = (&[&k], &[&k1]);
+                let (x, y) = futures::join!(c.query_one(&stmt, a1), c.query_one(&stmt, a2));
+                assert_eq!(x.unwrap().get::<_, i32>(0), k * 2);
+                assert_eq!(y.unwrap().get::<_, i32>(0), k1 * 2);
+            }
             c
         }));
     }
@@ -191,4 +210,253 @@ async fn pg_listen_rolls_back_what_a_vanished_client_left_open(engine: EngineKin
             .all(|(state, _)| state != "idle in transaction")
     })
     .await;
+}
+
+/// A PostgreSQL 15 client program (`psql`, `pgbench`) with `args`, run to
+/// its end off the runtime; (success, stdout, stderr).
+async fn program(name: &str, args: Vec<String>) -> (bool, String, String) {
+    let path = format!("/usr/lib/postgresql/15/bin/{name}");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(path)
+            .args(&args)
+            .env("PGCONNECT_TIMEOUT", "15")
+            .env_remove("PGPASSWORD")
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn conn_args(host: &str, port: u16) -> Vec<String> {
+    ["-h", host, "-p", &port.to_string(), "-U", "trustuser"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+}
+
+async fn pg_listen_psql_and_pgbench_run_unchanged(engine: EngineKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(", unix_socket_dir: \"{}\"", dir.path().display());
+    let Some((pg, _lessor, port)) = fixture(engine, "transaction", 2, &extra).await else {
+        return;
+    };
+    // psql: several statements in one string, an error inside a
+    // transaction, a large result; over TCP and over the Unix socket.
+    let mut args = conn_args("127.0.0.1", port);
+    args.extend([
+        "-d".into(),
+        "app".into(),
+        "-At".into(),
+        "-c".into(),
+        "SELECT 1; SELECT 2".into(),
+        "-c".into(),
+        "SELECT count(*) FROM generate_series(1, 100000)".into(),
+    ]);
+    let (ok, out, err) = program("psql", args).await;
+    assert!(ok, "psql: {err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["1", "2", "100000"]);
+    let mut args = conn_args(&dir.path().display().to_string(), port);
+    args.extend([
+        "-d".into(),
+        "app".into(),
+        "-At".into(),
+        "-v".into(),
+        "ON_ERROR_STOP=0".into(),
+        "-c".into(),
+        "BEGIN".into(),
+        "-c".into(),
+        "SELECT 1/0".into(),
+        "-c".into(),
+        "ROLLBACK".into(),
+        "-c".into(),
+        "SELECT 'after'".into(),
+    ]);
+    let (_, out, err) = program("psql", args).await;
+    assert!(err.contains("division by zero"), "{err}");
+    assert!(out.contains("after"), "{out} {err}");
+    // pgbench: COPY through `-i`, then each query mode.
+    let mut args = conn_args("127.0.0.1", port);
+    args.extend([
+        "-i".into(),
+        "-s".into(),
+        "1".into(),
+        "-q".into(),
+        "app".into(),
+    ]);
+    let (ok, _, err) = program("pgbench", args).await;
+    assert!(ok, "pgbench -i: {err}");
+    for mode in ["simple", "extended", "prepared"] {
+        let mut args = conn_args("127.0.0.1", port);
+        args.extend(
+            ["-S", "-c", "6", "-j", "2", "-t", "50", "-M", mode, "app"]
+                .iter()
+                .map(|s| (*s).to_owned()),
+        );
+        let (ok, out, err) = program("pgbench", args).await;
+        assert!(ok, "pgbench -M {mode}: {err}");
+        assert!(out.contains("number of failed transactions: 0"), "{out}");
+        // The TPC-B-like script: transactions with updates.
+        let mut args = conn_args("127.0.0.1", port);
+        args.extend(
+            ["-c", "4", "-j", "2", "-t", "20", "-M", mode, "app"]
+                .iter()
+                .map(|s| (*s).to_owned()),
+        );
+        let (ok, out, err) = program("pgbench", args).await;
+        assert!(ok, "pgbench -M {mode} (tpcb): {err}");
+        assert!(out.contains("number of failed transactions: 0"), "{out}");
+    }
+    eventually("no backend idle in transaction", || async {
+        backends(&pg)
+            .await
+            .iter()
+            .all(|(state, _)| state != "idle in transaction")
+    })
+    .await;
+}
+
+async fn pg_listen_refuses_what_it_must(engine: EngineKind) {
+    let Some((_pg, _lessor, port)) = fixture(
+        engine,
+        "transaction",
+        1,
+        ", max_clients: 2, startup_timeout: 1s",
+    )
+    .await
+    else {
+        return;
+    };
+    let connect = |user: &'static str, db: &'static str| async move {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(port)
+            .user(user)
+            .dbname(db)
+            .connect_timeout(PATIENCE);
+        config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map(|(c, conn)| {
+                tokio::spawn(conn);
+                c
+            })
+    };
+    let code = |e: tokio_postgres::Error| e.code().map(|c| c.code().to_owned());
+    let err = connect("someone", "app").await.err().unwrap();
+    assert_eq!(code(err), Some("28000".into()));
+    let err = connect("trustuser", "other").await.err().unwrap();
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "3D000");
+    assert!(db.message().contains("serves database \"app\""), "{db:?}");
+    // max_clients: 2.
+    let a = connect("trustuser", "app").await.unwrap();
+    let b = connect("trustuser", "app").await.unwrap();
+    let err = connect("trustuser", "app").await.err().unwrap();
+    assert_eq!(code(err), Some("53300".into()));
+    drop((a, b));
+    // A client that never sends its startup packet is closed.
+    let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(
+        PATIENCE,
+        tokio::io::AsyncReadExt::read_to_end(&mut silent, &mut sink),
+    )
+    .await;
+    assert!(read.is_ok(), "closed after startup_timeout");
+    assert!(String::from_utf8_lossy(&sink).contains("startup timed out"));
+    // A client that breaks the protocol after startup gets 08P01.
+    eventually("a slot is free again", || async {
+        connect("trustuser", "app").await.is_ok()
+    })
+    .await;
+}
+
+async fn pg_listen_cancel_reaches_the_query_of_its_client(engine: EngineKind) {
+    let Some((_pg, _lessor, port)) = fixture(engine, "transaction", 2, "").await else {
+        return;
+    };
+    let a = client(port, "a").await;
+    let b = client(port, "b").await;
+    let token = a.cancel_token();
+    let sleeping = tokio::spawn(async move {
+        let result = a.simple_query("SELECT pg_sleep(30)").await;
+        (a, result)
+    });
+    // b's query runs beside a's and is not cancelled.
+    let b_task = tokio::spawn(async move {
+        let result = b.simple_query("SELECT pg_sleep(0.5)").await;
+        (b, result)
+    });
+    eventually("a's query is running", || async {
+        let probe = client(port, "probe").await;
+        one(&probe, "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'").await == "1"
+    })
+    .await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let (_a, result) = tokio::time::timeout(PATIENCE, sleeping)
+        .await
+        .unwrap()
+        .unwrap();
+    let err = result.expect_err("cancelled");
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"));
+    let (_b, result) = b_task.await.unwrap();
+    assert!(result.is_ok(), "b's query is not cancelled: {result:?}");
+}
+
+async fn pg_listen_scram_checks_the_listener_password(engine: EngineKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("clients.password");
+    std::fs::write(&file, "client-secret\n").unwrap();
+    let extra = format!(
+        ", auth: scram-sha-256, password_file: \"{}\"",
+        file.display()
+    );
+    let Some((_pg, _lessor, port)) = fixture(engine, "transaction", 1, &extra).await else {
+        return;
+    };
+    let connect = |password: &'static str| async move {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(port)
+            .user("trustuser")
+            .dbname("app")
+            .password(password)
+            .connect_timeout(PATIENCE);
+        config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map(|(c, conn)| {
+                tokio::spawn(conn);
+                c
+            })
+    };
+    let c = connect("client-secret").await.unwrap();
+    assert_eq!(one(&c, "SELECT 7").await, "7");
+    let err = connect("wrong").await.err().unwrap();
+    assert_eq!(err.code().map(|c| c.code()), Some("28P01"), "{err}");
+    assert!(!format!("{err}").contains("client-secret"));
+}
+
+async fn pg_listen_drain_tells_idle_clients_to_go(engine: EngineKind) {
+    let Some((_pg, mut lessor, port)) = fixture(engine, "transaction", 1, "").await else {
+        return;
+    };
+    let idle = client(port, "idle").await;
+    assert_eq!(one(&idle, "SELECT 1").await, "1");
+    lessor.begin_shutdown();
+    eventually("the idle client is told to go", || async {
+        idle.is_closed() || idle.simple_query("SELECT 1").await.is_err()
+    })
+    .await;
+    lessor.stopped().await.unwrap();
 }

@@ -12,6 +12,7 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 use super::messages::{self, Severity};
+use super::prepared::{Prepared, RewriteError};
 use super::startup::{self, Hello};
 use super::{Listener, Slot};
 use crate::config::{ClientAuth, OnAbort, PoolMode, UpstreamConfig};
@@ -54,6 +55,10 @@ struct Client<S> {
     slot: Arc<Slot>,
     /// It uses what binds it to one server session: holds never end early.
     pinned: bool,
+    /// Transaction mode: named prepared statements follow the client.
+    rename: bool,
+    /// Its prepared statements, under lessor's names on the server.
+    prepared: Prepared,
     holds: u64,
     id: u64,
     max_frame: usize,
@@ -182,6 +187,8 @@ where
         holder: format!("{app}@{peer}"),
         slot,
         pinned: listener.listen.pool_mode == PoolMode::Session,
+        rename: listener.listen.pool_mode == PoolMode::Transaction,
+        prepared: Prepared::default(),
         holds: 0,
         id,
         max_frame,
@@ -320,12 +327,12 @@ fn statement_text(message: &[u8]) -> &[u8] {
     body.split(|&b| b == 0).next().unwrap_or_default()
 }
 
-/// Whether a message binds its client to one server session for good: a
-/// named prepared statement, or SQL that lessor sees creating session
-/// state no transaction ends (`LISTEN`, `PREPARE`, a cursor `WITH HOLD`).
+/// Whether a message binds its client to one server session for good: SQL
+/// that lessor sees creating session state no transaction ends (`LISTEN`,
+/// `PREPARE`, a cursor `WITH HOLD`). Named prepared statements of the
+/// extended protocol do not: lessor carries them.
 fn binds_session(message: &[u8]) -> bool {
     match message[0] {
-        b'P' => message.get(5).is_some_and(|&b| b != 0),
         b'Q' => {
             let text = String::from_utf8_lossy(statement_text(message)).to_ascii_lowercase();
             let text = text.trim_start();
@@ -335,6 +342,13 @@ fn binds_session(message: &[u8]) -> bool {
         }
         _ => false,
     }
+}
+
+/// Whether a simple Query may drop prepared statements (`DISCARD`,
+/// `DEALLOCATE`).
+fn drops_statements(message: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(statement_text(message)).to_ascii_lowercase();
+    text.contains("discard") || text.contains("deallocate")
 }
 
 /// What a relay turn saw.
@@ -491,6 +505,7 @@ where
         let mut guard = LeaseGuard::new(leased, OnAbort::Evict);
         self.slot.set(target);
         let mut session = Session::for_upstream(&config);
+        self.prepared.begin_hold();
         let (end, next) = match self.sync_parameters(&mut guard).await {
             Err(e) => {
                 tracing::debug!(upstream = %listener.upstream, error = %e, "could not set the client's parameters");
@@ -640,7 +655,12 @@ where
                 }
             }
             // Whatever the client already sent is forwarded first.
-            match self.take_messages() {
+            let held = guard
+                .conn_mut()
+                .backend
+                .as_deref_mut()
+                .map(|b| &mut b.prepared);
+            match self.take_messages(held) {
                 Err(why) => {
                     let _ = self.violation(&why).await;
                     return (End::Violation, Next::Close);
@@ -735,7 +755,20 @@ where
                     self.pinned |= notified;
                     guard.record(Direction::ToClient, n);
                     live.moved(false, n);
-                    to_client.extend_from_slice(&data);
+                    if self.rename {
+                        let mut none = std::collections::HashSet::new();
+                        let held = match guard.conn_mut().backend.as_deref_mut() {
+                            Some(b) => &mut b.prepared,
+                            None => &mut none,
+                        };
+                        if let Err(e) = self.prepared.filter(&data, held, &mut to_client) {
+                            tracing::debug!(error = %e, "prepared statements out of step");
+                            self.fatal("08P01", &format!("lessor: {e}")).await;
+                            return (End::UpstreamError, Next::Close);
+                        }
+                    } else {
+                        to_client.extend_from_slice(&data);
+                    }
                 }
                 Event::ServerWrote(Ok(n)) => {
                     guard.record(Direction::ToUpstream, n);
@@ -759,9 +792,15 @@ where
     /// their bytes (without a Terminate, which is the client's goodbye and
     /// never forwarded) and whether it said goodbye. `None` when there is
     /// no complete message.
-    fn take_messages(&mut self) -> Result<Option<(Bytes, bool)>, String> {
+    fn take_messages(
+        &mut self,
+        held: Option<&mut std::collections::HashSet<String>>,
+    ) -> Result<Option<(Bytes, bool)>, String> {
+        let mut none = std::collections::HashSet::new();
+        let held = held.unwrap_or(&mut none);
         let mut end = 0;
         let mut goodbye = false;
+        let mut out = BytesMut::new();
         loop {
             match next_message(&self.buf[end..], self.max_frame)? {
                 None => break,
@@ -774,6 +813,25 @@ where
                     if binds_session(message) {
                         self.pinned = true;
                     }
+                    if message[0] == b'Q' && drops_statements(message) {
+                        // What the server holds is no longer known.
+                        held.clear();
+                    }
+                    if self.rename {
+                        match self
+                            .prepared
+                            .rewrite(&self.listener.names, held, message, &mut out)
+                        {
+                            Ok(()) => {}
+                            Err(RewriteError::TooMany) => {
+                                // Past the bound: this client keeps its
+                                // connection, and its names go as they are.
+                                self.pinned = true;
+                                out.extend_from_slice(message);
+                            }
+                            Err(e) => return Err(e.to_string()),
+                        }
+                    }
                     end += n;
                 }
             }
@@ -781,11 +839,12 @@ where
         if end == 0 && !goodbye {
             return Ok(None);
         }
-        let out = self.buf.split_to(end).freeze();
+        let taken = self.buf.split_to(end).freeze();
         if goodbye {
             // The Terminate and anything after it are dropped.
             self.buf.clear();
         }
+        let out = if self.rename { out.freeze() } else { taken };
         Ok(Some((out, goodbye)))
     }
 }
@@ -817,7 +876,7 @@ mod tests {
         assert!(!binds_session(&query("SELECT 'listen'")));
         let mut parse = BytesMut::new();
         postgres_protocol::message::frontend::parse("s1", "SELECT 1", None, &mut parse).unwrap();
-        assert!(binds_session(&parse));
+        assert!(!binds_session(&parse), "carried, not pinned");
         parse.clear();
         postgres_protocol::message::frontend::parse("", "SELECT 1", None, &mut parse).unwrap();
         assert!(!binds_session(&parse));

@@ -4,15 +4,18 @@
 //! connection from its first message after ReadyForQuery `I` until the next
 //! ReadyForQuery `I` with nothing of its own outstanding; in `session` mode
 //! until it disconnects. A client that uses what binds it to one session
-//! and lessor can see (a named prepared statement, `LISTEN`, a
-//! notification, SQL `PREPARE`) keeps its connection from then on.
+//! and lessor can see (`LISTEN`, a notification, SQL `PREPARE`, a cursor
+//! `WITH HOLD`) keeps its connection from then on. Named prepared
+//! statements of the extended protocol follow the client (`prepared`).
 //!
 //! - `startup`: SSL/GSS refusal, CancelRequest, StartupMessage, parameters;
 //! - `client`: one client's life: idle, holding, relaying, ending a hold;
+//! - `prepared`: named prepared statements across server connections;
 //! - `messages`: the backend messages lessor writes itself.
 
 mod client;
 mod messages;
+mod prepared;
 mod startup;
 
 use std::collections::{BTreeMap, HashMap};
@@ -170,6 +173,7 @@ impl Bound {
             config: self.config,
             password: self.password,
             keys: Keys::default(),
+            names: prepared::Names::default(),
             parameters: Mutex::new(None),
             next_client: AtomicU64::new(1),
             shared,
@@ -238,6 +242,8 @@ pub(crate) struct Listener {
     clients: Arc<Semaphore>,
     /// The cancel keys lessor issued, to the client each belongs to.
     keys: Keys,
+    /// lessor's names of the prepared statements its clients use.
+    names: prepared::Names,
     /// The parameters a server connection last reported, for the startup
     /// of the next client (a checkout when none is known yet).
     parameters: Mutex<Option<BTreeMap<String, String>>>,

@@ -30,6 +30,10 @@ pub(crate) struct Backend {
     /// The last lease left something running (a query unanswered): an
     /// eviction sends the session's CancelRequest.
     pub busy: bool,
+    /// The statements a native listener prepared on this session under its
+    /// own names (`lessor_N`); cleared by anything that may drop them (a
+    /// reset), so it errs only towards "absent".
+    pub prepared: std::collections::HashSet<String>,
 }
 
 impl Backend {
