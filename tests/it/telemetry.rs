@@ -375,3 +375,73 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A PostgreSQL client that knows nothing of lessor joins lessor's span of
+/// its transaction to its trace with a sqlcommenter comment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_pg_listener_joins_a_sqlcommenter_trace() {
+    let Some(pg) = crate::support::postgres::Postgres::start().await else {
+        return;
+    };
+    let receiver = Receiver::grpc().await;
+    let port = crate::support::ports::reserve();
+    let listen = format!("listen: {{ address: \"127.0.0.1:{port}\" }}");
+    let served = Served::start_with(
+        &config_one(
+            &pg.addr(),
+            EngineKind::Bb8,
+            &[
+                "protocol: postgres",
+                "postgres: { user: trustuser, database: app }",
+                &listen,
+            ],
+        ),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url.as_str()),
+            FAST_EXPORT[0],
+        ],
+    )
+    .await;
+    let caller = Caller::new();
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user("trustuser")
+        .dbname("app")
+        .connect_timeout(crate::support::PATIENCE);
+    // The listener binds as the process starts: retried until it accepts.
+    let deadline = tokio::time::Instant::now() + crate::support::PATIENCE;
+    let client = loop {
+        match config.connect(tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                break client;
+            }
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "{e}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let _ = &served;
+    let sql = format!(
+        "SELECT 1 /*traceparent='00-{}-{}-01'*/",
+        caller.trace_id, caller.span_id
+    );
+    client.simple_query(&sql).await.unwrap();
+    let spans = receiver
+        .spans
+        .wait("the transaction span", |s| {
+            s.iter()
+                .any(|g| g.name == "transaction" && g.trace_id == caller.trace_id)
+        })
+        .await;
+    let tx = spans
+        .iter()
+        .find(|g| g.name == "transaction" && g.trace_id == caller.trace_id)
+        .unwrap();
+    assert_eq!(tx.parent, caller.span_id);
+    assert_eq!(tx.attrs["lessor.upstream"], "up");
+    assert_eq!(tx.attrs["db.system"], "postgresql");
+}

@@ -464,6 +464,20 @@ where
             lessor.holder = %self.holder,
             lessor.connection.id = Empty,
         );
+        // A sqlcommenter `traceparent` in the transaction's first
+        // statement joins its span to the caller's trace.
+        let mut trace_id = String::new();
+        if let Ok(Some(n)) = next_message(&self.buf, self.max_frame)
+            && matches!(self.buf[0], b'Q' | b'P')
+            && let Some(tp) = crate::telemetry::propagation::sqlcommenter_traceparent(
+                statement_text(&self.buf[..n]),
+            )
+        {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let (parent, id) = crate::telemetry::propagation::from_traceparent(&tp);
+            let _ = span.set_parent(parent);
+            trace_id = id;
+        }
         let checked_out = tokio::select! {
             biased;
             () = shared.revoke.cancelled() => {
@@ -499,7 +513,7 @@ where
             conn.endpoint_str().to_owned(),
             conn.id(),
             self.holder.clone(),
-            String::new(),
+            trace_id,
             target,
         ));
         let mut guard = LeaseGuard::new(leased, OnAbort::Evict);
