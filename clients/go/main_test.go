@@ -29,6 +29,9 @@ var (
 	grpcAddr string
 	// pgAddr is the PostgreSQL behind the `db` upstream.
 	pgAddr string
+	// pgListenAddr is lessor's native PostgreSQL listener, in front of
+	// pgAddr.
+	pgListenAddr string
 	// lessorBin and lessorDir start further lessors (a unix socket one).
 	lessorBin, lessorDir string
 )
@@ -62,7 +65,8 @@ func run(m *testing.M) (int, error) {
 		return 0, fmt.Errorf("set LESSOR_TEST_PG_ADDR to a PostgreSQL with a trust login for postgres (scripts/test does)")
 	}
 	lessorBin, lessorDir = bin, dir
-	addr, stopLessor, err := startLessor(bin, dir, "", upstreams(redisAddr, pgAddr))
+	pgListenAddr = fmt.Sprintf("127.0.0.1:%d", freePort())
+	addr, stopLessor, err := startLessor(bin, dir, "", upstreams(redisAddr, pgAddr)+native(pgAddr, pgListenAddr))
 	if err != nil {
 		return 0, err
 	}
@@ -95,6 +99,18 @@ func upstreams(redis, pg string) string {
     postgres: { user: postgres, database: postgres }
     pool: { max_size: 2, min_idle: 1 }
 `, redis, pg)
+}
+
+// native is an upstream whose listener unmodified PostgreSQL clients
+// (pgconn) use, pooled per transaction over two server connections.
+func native(pg, listen string) string {
+	return fmt.Sprintf(`  - name: dbnative
+    address: "%s"
+    protocol: postgres
+    postgres: { user: postgres, database: postgres }
+    pool: { max_size: 2, min_idle: 1 }
+    listen: { address: "%s", pool_mode: transaction }
+`, pg, listen)
 }
 
 // freePort is a port nothing listens on now, from a range the kernel does
