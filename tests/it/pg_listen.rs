@@ -373,7 +373,28 @@ async fn pg_listen_refuses_what_it_must(engine: EngineKind) {
     .await;
     assert!(read.is_ok(), "closed after startup_timeout");
     assert!(String::from_utf8_lossy(&sink).contains("startup timed out"));
-    // A client that breaks the protocol after startup gets 08P01.
+    // A client that breaks the protocol after startup gets FATAL 08P01.
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut startup = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [("user", "trustuser"), ("database", "app")],
+        &mut startup,
+    )
+    .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    raw.write_all(&startup).await.unwrap();
+    // A Query whose length field says 2: below its own four bytes.
+    raw.write_all(b"Q\0\0\0\x02").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, raw.read_to_end(&mut answer))
+        .await
+        .expect("closed after the violation")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.contains("08P01"), "{text}");
+    // A slot is free again once the rejected clients are gone.
     eventually("a slot is free again", || async {
         connect("trustuser", "app").await.is_ok()
     })
