@@ -397,7 +397,12 @@ fn parse(success: bool, stdout: &str, stderr: &str) -> Result<Counted, String> {
     Err(first_error_line(stderr)
         .or_else(|| first_error_line(stdout))
         .map(|l| {
-            let l = l.strip_prefix("pgbench: ").unwrap_or(&l);
+            // pgbench's threads may interleave their prefixes.
+            let mut l = l.as_str();
+            while let Some(rest) = l.trim_start().strip_prefix("pgbench:") {
+                l = rest;
+            }
+            let l = l.trim_start();
             l.strip_prefix("error: ").unwrap_or(l).to_owned()
         })
         .unwrap_or_else(|| "pgbench reported no transactions".into()))
@@ -721,5 +726,12 @@ mod tests {
         let e = parse(false, "", "pgbench: error: connection to server at \"127.0.0.1\", port 1 failed: Connection refused\n")
             .unwrap_err();
         assert!(e.contains("Connection refused"), "{e}");
+        let e = parse(
+            false,
+            "",
+            "pgbench:pgbench: error: ERROR:  lessor: no server connection\n",
+        )
+        .unwrap_err();
+        assert_eq!(e, "ERROR: lessor: no server connection");
     }
 }
