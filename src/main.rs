@@ -127,6 +127,24 @@ enum Command {
         #[arg(long, env = "LESSOR_CONTROL_ADDR", default_value = "127.0.0.1:9091")]
         control: String,
     },
+    /// Take a CPU profile of the running sidecar, for `go tool pprof`.
+    Profile {
+        /// How long to sample (at most 60).
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Where to write the gzipped profile.proto.
+        #[arg(short = 'o', long, default_value = "cpu.pb.gz")]
+        output: std::path::PathBuf,
+        /// lessor's control address (admin.control_listen).
+        #[arg(long, env = "LESSOR_CONTROL_ADDR", default_value = "127.0.0.1:9091")]
+        control: String,
+    },
+    /// Print the running sidecar's tokio runtime figures (JSON).
+    Runtime {
+        /// lessor's control address (admin.control_listen).
+        #[arg(long, env = "LESSOR_CONTROL_ADDR", default_value = "127.0.0.1:9091")]
+        control: String,
+    },
     /// Print every upstream's pool statistics.
     Stats {
         /// lessor's gRPC address (host:port or unix:///path).
@@ -231,6 +249,28 @@ fn main() -> ExitCode {
             control_command(&control, "reconnect", upstream)
         }
         Command::Shutdown { control } => control_command(&control, "shutdown", None),
+        Command::Profile {
+            seconds,
+            output,
+            control,
+        } => client_command(async move {
+            let profile = cli::profile(&control, seconds)
+                .await
+                .map_err(|e| e.to_string())?;
+            std::fs::write(&output, &profile)
+                .map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+            println!(
+                "wrote {} ({} bytes); read it with: go tool pprof -top {}",
+                output.display(),
+                profile.len(),
+                output.display()
+            );
+            Ok::<_, String>(())
+        }),
+        Command::Runtime { control } => client_command(async move {
+            print!("{}", cli::runtime(&control).await?);
+            Ok::<_, cli::AdminCommandError>(())
+        }),
         Command::Demo { leases } => {
             let runtime = match small_runtime(2) {
                 Ok(rt) => rt,

@@ -378,6 +378,10 @@ pub async fn run_with(
         let state = admin::control::ControlState {
             pools: pools.clone(),
             shutdown: control_shutdown.clone(),
+            profile: admin::profile::ProfileState {
+                runtime: tokio::runtime::Handle::current(),
+                busy: Default::default(),
+            },
         };
         (l, state)
     });

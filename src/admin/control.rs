@@ -7,6 +7,8 @@
 //! - `POST /admin/reconnect[?upstream=U]`: replace every connection dialed
 //!   so far: idle ones close now, leased ones at their return.
 //! - `POST /admin/shutdown`: drain, as SIGTERM does (an app's `preStop`).
+//! - `GET /debug/pprof/profile`, `/debug/pprof/heap`, `/debug/runtime`:
+//!   lessor's own CPU profile and runtime figures (`admin::profile`).
 //!
 //! Without `upstream`, every upstream. Each answers with what it did.
 
@@ -16,7 +18,7 @@ use axum::Router;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
 
 use crate::pool::{Pool, PoolSet};
@@ -28,16 +30,26 @@ pub(crate) struct ControlState {
     pub pools: Arc<PoolSet>,
     /// Cancelled by `/admin/shutdown`: the server drains as on SIGTERM.
     pub shutdown: CancellationToken,
+    /// CPU profiles and runtime figures.
+    pub profile: super::profile::ProfileState,
 }
 
-/// The control routes.
+/// The control routes, and the profiling ones (`admin::profile`).
 pub(crate) fn router(state: ControlState) -> Router {
+    let profile = state.profile.clone();
     Router::new()
         .route("/admin/pause", post(pause))
         .route("/admin/resume", post(resume))
         .route("/admin/reconnect", post(reconnect))
         .route("/admin/shutdown", post(shutdown))
         .with_state(state)
+        .merge(
+            Router::new()
+                .route("/debug/pprof/profile", get(super::profile::cpu))
+                .route("/debug/pprof/heap", get(super::profile::heap))
+                .route("/debug/runtime", get(super::profile::runtime))
+                .with_state(profile),
+        )
 }
 
 async fn pause(state: State<ControlState>, query: RawQuery) -> Response {

@@ -474,6 +474,30 @@ impl Collector for ProcessCollector {
                 "Tokio tasks alive now.",
                 [(none, ConstGauge::new(tasks))],
             )?;
+            let figures = super::profile::RuntimeFigures::of(handle);
+            family(
+                &mut e,
+                "lessor_runtime_workers",
+                "Worker threads of the runtime that serves leases.",
+                [(none, ConstGauge::new(figures.workers as i64))],
+            )?;
+            family(
+                &mut e,
+                "lessor_runtime_global_queue_depth",
+                "Tasks waiting in the runtime's shared queue.",
+                [(none, ConstGauge::new(figures.global_queue_depth as i64))],
+            )?;
+            let workers: Vec<String> = (0..figures.workers).map(|w| w.to_string()).collect();
+            family(
+                &mut e,
+                "lessor_runtime_worker_busy_seconds",
+                "Time each worker spent polling tasks since start.",
+                figures
+                    .per_worker
+                    .iter()
+                    .zip(&workers)
+                    .map(|(f, w)| ([("worker", w.as_str())], ConstCounter::new(f.busy_seconds))),
+            )?;
         }
         if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
             let fds = i64::try_from(dir.count()).unwrap_or(i64::MAX);

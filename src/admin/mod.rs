@@ -17,6 +17,7 @@
 pub(crate) mod control;
 pub(crate) mod leases;
 pub(crate) mod metrics;
+pub(crate) mod profile;
 pub(crate) mod readiness;
 
 use std::future::Future;
@@ -252,6 +253,19 @@ pub(crate) async fn fetch(addr: &str, path: &str) -> std::io::Result<Fetched> {
 
 /// One HTTP/1.0 request of `method` (no body); the status and the body.
 pub(crate) async fn request(addr: &str, method: &str, path: &str) -> std::io::Result<Fetched> {
+    let (status, body) = request_bytes(addr, method, path).await?;
+    let body = String::from_utf8(body).map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "response is not UTF-8")
+    })?;
+    Ok(Fetched { status, body })
+}
+
+/// [`request`], for a binary body (a gzipped profile).
+pub(crate) async fn request_bytes(
+    addr: &str,
+    method: &str,
+    path: &str,
+) -> std::io::Result<(u16, Vec<u8>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
@@ -259,18 +273,16 @@ pub(crate) async fn request(addr: &str, method: &str, path: &str) -> std::io::Re
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await?;
-    let text = String::from_utf8(raw).map_err(|_| bad("response is not UTF-8"))?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
         .ok_or_else(|| bad("no header end"))?;
+    let head = String::from_utf8_lossy(&raw[..split]);
     let status = head
         .lines()
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| bad("no status line"))?;
-    Ok(Fetched {
-        status,
-        body: body.to_owned(),
-    })
+    Ok((status, raw[split + 4..].to_vec()))
 }

@@ -1,5 +1,6 @@
 //! The commands that talk to the admin and control addresses: `lessor
-//! leases`, `lessor wait`, and `lessor pause|resume|reconnect|shutdown`.
+//! leases`, `lessor wait`, `lessor pause|resume|reconnect|shutdown`, and
+//! `lessor profile|runtime`.
 
 use std::time::Duration;
 
@@ -79,6 +80,30 @@ pub async fn control(
         None => format!("/admin/{action}"),
     };
     admin_call(control, "POST", &path).await
+}
+
+/// Runs `lessor profile`: a CPU profile of the running sidecar for
+/// `seconds`, the gzipped `profile.proto` that `go tool pprof` reads.
+pub async fn profile(control: &str, seconds: u64) -> Result<Vec<u8>, AdminCommandError> {
+    let path = format!("/debug/pprof/profile?seconds={seconds}");
+    let (status, body) = crate::admin::request_bytes(control, "GET", &path)
+        .await
+        .map_err(|source| AdminCommandError::Unreachable {
+            addr: control.to_owned(),
+            source,
+        })?;
+    if status != 200 {
+        return Err(AdminCommandError::Refused {
+            status,
+            body: String::from_utf8_lossy(&body).trim_end().to_owned(),
+        });
+    }
+    Ok(body)
+}
+
+/// Runs `lessor runtime`: the serving runtime's figures, as JSON.
+pub async fn runtime(control: &str) -> Result<String, AdminCommandError> {
+    admin_get(control, "/debug/runtime").await
 }
 
 /// GET on the admin server; the body when the status is 200.

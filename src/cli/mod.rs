@@ -12,7 +12,7 @@ use lessor_client::{Client, ClientError, LeaseOptions};
 mod admin;
 mod postgres;
 
-pub use admin::{AdminCommandError, control, leases, wait_ready};
+pub use admin::{AdminCommandError, control, leases, profile, runtime, wait_ready};
 pub use postgres::render_postgres;
 
 /// Turns `PING\r\n` (as typed in a shell) into bytes: `\r \n \t \0 \\ \xNN`.

@@ -664,3 +664,85 @@ async fn ops_holder_is_escaped_wherever_printed() {
     assert!(warning.contains(&escaped), "{warning:?}");
     drop(lease);
 }
+
+/// `lessor profile` takes a CPU profile of a running sidecar that `go tool
+/// pprof` reads; one at a time (429); `lessor runtime` prints the runtime's
+/// figures, which `/metrics` carries too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_profile_and_runtime_of_the_sidecar_itself() {
+    let up = crate::support::TestUpstream::start().await;
+    let served = Served::start(&crate::support::config_one(
+        &up.addr(),
+        lessor::EngineKind::Bb8,
+        &[],
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cpu.pb.gz");
+    let bin = env!("CARGO_BIN_EXE_lessor");
+    let control = served.control.clone();
+    let args = [
+        "profile".to_owned(),
+        "--seconds".into(),
+        "2".into(),
+        "-o".into(),
+        out.display().to_string(),
+        "--control".into(),
+        control.clone(),
+    ];
+    let profiling = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bin).args(args).output().unwrap()
+    });
+    // While it runs, a second profile is refused.
+    eventually("the profile is running", || async {
+        let got = crate::support::http::fetch(&control, "/debug/runtime", None).await;
+        got.is_ok_and(|g| g.body.contains("\"profiling\": true"))
+    })
+    .await;
+    let second =
+        crate::support::http::fetch(&served.control, "/debug/pprof/profile?seconds=1", None)
+            .await
+            .unwrap();
+    assert_eq!(second.status, 429, "{}", second.body);
+    let done = profiling.await.unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let bytes = std::fs::read(&out).unwrap();
+    assert_eq!(&bytes[..2], &[0x1f, 0x8b], "gzip");
+    // Go's own reader accepts it, where Go is installed (CI installs it).
+    if let Ok(go) = std::process::Command::new("go")
+        .args(["tool", "pprof", "-raw"])
+        .arg(&out)
+        .output()
+    {
+        assert!(
+            go.status.success(),
+            "go tool pprof: {}",
+            String::from_utf8_lossy(&go.stderr)
+        );
+    }
+    let runtime = std::process::Command::new(bin)
+        .args(["runtime", "--control", &served.control])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&runtime.stdout).unwrap();
+    assert!(json["workers"].as_u64().unwrap() >= 1, "{json}");
+    assert!(json["per_worker"].as_array().is_some_and(|w| !w.is_empty()));
+    let heap = crate::support::http::fetch(&served.control, "/debug/pprof/heap", None)
+        .await
+        .unwrap();
+    assert_eq!(heap.status, 501);
+    let metrics = crate::support::http::fetch(&served.admin, "/metrics", None)
+        .await
+        .unwrap();
+    for name in [
+        "lessor_runtime_workers",
+        "lessor_runtime_global_queue_depth",
+        "lessor_runtime_worker_busy_seconds_total",
+    ] {
+        assert!(metrics.body.contains(name), "{name}");
+    }
+}

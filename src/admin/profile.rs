@@ -1,0 +1,186 @@
+//! The tools teams use on their Go services, pointed at lessor itself, on
+//! the control address (loopback by default):
+//!
+//! - `GET /debug/pprof/profile?seconds=N`: a CPU profile of every lessor
+//!   thread for N seconds (default 30, at most 60), sampled at 99 Hz by
+//!   pprof-rs, as the gzipped `profile.proto` that `go tool pprof` reads,
+//!   with symbolized Rust frames. One at a time: a second request while one
+//!   runs gets 429.
+//! - `GET /debug/pprof/heap`: 501, with why (lessor keeps the system
+//!   allocator; see the README's runbook for what to use instead).
+//! - `GET /debug/runtime`: the serving tokio runtime's figures as JSON
+//!   (workers, alive tasks, global queue depth, busy time and parks per
+//!   worker); `/metrics` carries the same as `lessor_runtime_*`.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+/// The longest profile one request may take.
+const SECONDS_MAX: u64 = 60;
+/// Samples per second: not a divisor of common timer rates, as Go's 100 Hz
+/// profiler avoids lockstep too.
+const FREQUENCY: i32 = 99;
+
+/// What the profiling handlers need.
+#[derive(Clone)]
+pub(crate) struct ProfileState {
+    /// The runtime that serves leases (not the admin thread's own).
+    pub runtime: tokio::runtime::Handle,
+    /// Set while a CPU profile runs: one at a time.
+    pub busy: Arc<AtomicBool>,
+}
+
+/// `?seconds=N`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ProfileQuery {
+    seconds: Option<u64>,
+}
+
+/// Clears the busy flag however the request ends (a client that leaves
+/// mid-profile drops the handler's future).
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// `GET /debug/pprof/profile`.
+pub(crate) async fn cpu(
+    State(state): State<ProfileState>,
+    Query(q): Query<ProfileQuery>,
+) -> Response {
+    let seconds = q.seconds.unwrap_or(30);
+    if seconds == 0 || seconds > SECONDS_MAX {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("seconds must be between 1 and {SECONDS_MAX}\n"),
+        )
+            .into_response();
+    }
+    if state.busy.swap(true, Ordering::AcqRel) {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            "a CPU profile is already running; try again when it ends\n",
+        )
+            .into_response();
+    }
+    let _running = Running(state.busy.clone());
+    let guard = match pprof::ProfilerGuardBuilder::default()
+        .frequency(FREQUENCY)
+        .blocklist(&["libc", "libgcc", "pthread", "vdso"])
+        .build()
+    {
+        Ok(guard) => guard,
+        Err(e) => return unavailable(&e.to_string()),
+    };
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    // Symbolizing is CPU work: off the admin thread's only worker.
+    let encoded = tokio::task::spawn_blocking(move || encode(&guard)).await;
+    match encoded {
+        Ok(Ok(body)) => (
+            [
+                (header::CONTENT_TYPE, "application/octet-stream"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"profile.pb.gz\"",
+                ),
+            ],
+            body,
+        )
+            .into_response(),
+        Ok(Err(e)) => unavailable(&e),
+        Err(e) => unavailable(&e.to_string()),
+    }
+}
+
+fn encode(guard: &pprof::ProfilerGuard<'_>) -> Result<Vec<u8>, String> {
+    use pprof::protos::Message;
+    let report = guard.report().build().map_err(|e| e.to_string())?;
+    let profile = report.pprof().map_err(|e| e.to_string())?;
+    let raw = profile.write_to_bytes().map_err(|e| e.to_string())?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&raw).map_err(|e| e.to_string())?;
+    gz.finish().map_err(|e| e.to_string())
+}
+
+fn unavailable(why: &str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("CPU profile failed: {why}\n"),
+    )
+        .into_response()
+}
+
+/// `GET /debug/pprof/heap`.
+pub(crate) async fn heap() -> Response {
+    (
+        StatusCode::NOT_IMPLEMENTED,
+        "lessor runs on the system allocator, which keeps no heap profile; \
+         see /debug/runtime and lessor_process_resident_memory_bytes, and the \
+         README's runbook (heaptrack or a CPU profile of allocation paths)\n",
+    )
+        .into_response()
+}
+
+/// The serving runtime's figures.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct RuntimeFigures {
+    /// Worker threads.
+    pub workers: usize,
+    /// Tasks alive now.
+    pub alive_tasks: usize,
+    /// Tasks waiting in the shared queue.
+    pub global_queue_depth: usize,
+    /// Per worker: time spent polling tasks, and times it parked.
+    pub per_worker: Vec<WorkerFigures>,
+    /// A CPU profile is being taken now.
+    pub profiling: bool,
+}
+
+/// One worker's figures.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct WorkerFigures {
+    /// Busy time since the runtime started, in seconds.
+    pub busy_seconds: f64,
+    /// Times it went to sleep for want of work since the runtime started.
+    pub parks: u64,
+}
+
+impl RuntimeFigures {
+    /// The figures of `runtime` now.
+    pub(crate) fn of(runtime: &tokio::runtime::Handle) -> Self {
+        let m = runtime.metrics();
+        let workers = m.num_workers();
+        Self {
+            workers,
+            alive_tasks: m.num_alive_tasks(),
+            global_queue_depth: m.global_queue_depth(),
+            per_worker: (0..workers)
+                .map(|w| WorkerFigures {
+                    busy_seconds: m.worker_total_busy_duration(w).as_secs_f64(),
+                    parks: m.worker_park_count(w),
+                })
+                .collect(),
+            profiling: false,
+        }
+    }
+}
+
+/// `GET /debug/runtime`.
+pub(crate) async fn runtime(State(state): State<ProfileState>) -> Response {
+    let mut figures = RuntimeFigures::of(&state.runtime);
+    figures.profiling = state.busy.load(Ordering::Acquire);
+    match serde_json::to_string_pretty(&figures) {
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json + "\n").into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
