@@ -207,6 +207,15 @@ impl Session {
         }
     }
 
+    /// Whether the server has answered everything sent (PostgreSQL; a
+    /// transaction may still be open).
+    pub(crate) fn answered(&self) -> bool {
+        match self {
+            Self::Postgres(s) => s.settled(),
+            Self::Redis(s) => s.is_clean(),
+        }
+    }
+
     /// The ParameterStatus reports seen since the last take (PostgreSQL),
     /// for a listener that carries them to its client too.
     pub(crate) fn take_reported(&mut self) -> Vec<(String, String)> {

@@ -17,6 +17,7 @@ for_both_engines!(
     pg_listen_cancel_reaches_the_query_of_its_client,
     pg_listen_scram_checks_the_listener_password,
     pg_listen_drain_tells_idle_clients_to_go,
+    pg_listen_keeps_each_clients_session_its_own,
 );
 
 /// PostgreSQL, and lessor with a listener of `mode` in front of it with
@@ -78,7 +79,7 @@ async fn one(client: &tokio_postgres::Client, sql: &str) -> String {
     let rows = client
         .simple_query(sql)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     rows.iter()
         .find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
@@ -480,4 +481,91 @@ async fn pg_listen_drain_tells_idle_clients_to_go(engine: EngineKind) {
     })
     .await;
     lessor.stopped().await.unwrap();
+}
+
+/// What a hostile review found, each on two server connections shared by
+/// several clients: none of one client's session reaches another.
+async fn pg_listen_keeps_each_clients_session_its_own(engine: EngineKind) {
+    let Some((_pg, _lessor, port)) = fixture(engine, "transaction", 2, "").await else {
+        return;
+    };
+    let a = client(port, "a").await;
+    let default_zone = one(&a, "SHOW TimeZone").await;
+    // Session state lessor cannot carry pins its client: B never sees it.
+    a.batch_execute("SET statement_timeout = '1234ms'")
+        .await
+        .unwrap();
+    a.batch_execute("CREATE TEMP TABLE mine (x int)")
+        .await
+        .unwrap();
+    let b = client(port, "b").await;
+    for _ in 0..4 {
+        assert_eq!(one(&b, "SHOW statement_timeout").await, "0");
+        assert!(b.simple_query("SELECT * FROM mine").await.is_err());
+    }
+    assert_eq!(one(&a, "SHOW statement_timeout").await, "1234ms");
+    // Reported parameters a client set are not the next client's defaults.
+    b.batch_execute("SET TimeZone = 'Asia/Tokyo'")
+        .await
+        .unwrap();
+    let c = client(port, "c").await;
+    assert_eq!(one(&c, "SHOW TimeZone").await, default_zone);
+    // DEALLOCATE ALL through the extended protocol does not break another
+    // client's statement.
+    let stmt = c.prepare("SELECT $1::int + 100").await.unwrap();
+    b.query("DEALLOCATE ALL", &[]).await.unwrap();
+    for k in 0..4i32 {
+        let row = c.query_one(&stmt, &[&k]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), k + 100);
+    }
+    // Half a message does not hold a connection.
+    use tokio::io::AsyncWriteExt;
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut startup = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [("user", "trustuser"), ("database", "app")],
+        &mut startup,
+    )
+    .unwrap();
+    let mut query = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::query("SELECT 1", &mut query).unwrap();
+    raw.write_all(&startup).await.unwrap();
+    raw.write_all(&query).await.unwrap();
+    raw.write_all(b"Q\0\0").await.unwrap();
+    let d = client(port, "d").await;
+    let e = client(port, "e").await;
+    assert_eq!(one(&d, "SELECT 2").await, "2");
+    assert_eq!(one(&e, "SELECT 3").await, "3");
+    // A startup value the server refuses ends that client, not the pool.
+    let bogus = {
+        let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let mut startup = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::startup_message(
+            [
+                ("user", "trustuser"),
+                ("database", "app"),
+                ("TimeZone", "Bogus/Zone"),
+            ],
+            &mut startup,
+        )
+        .unwrap();
+        raw.write_all(&startup).await.unwrap();
+        raw.write_all(&query).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            PATIENCE,
+            tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut answer),
+        )
+        .await
+        .expect("closed")
+        .unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    assert!(bogus.contains("22023"), "{bogus}");
+    assert_eq!(one(&d, "SELECT 4").await, "4");
+    drop(raw);
 }

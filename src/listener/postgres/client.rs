@@ -286,7 +286,7 @@ async fn server_parameters(listener: &Listener) -> Option<BTreeMap<String, Strin
         .checkout(listener.config.pool.checkout_timeout)
         .await
         .ok()?;
-    let known = leased.conn().backend.as_ref()?.parameters.clone();
+    let known = leased.conn().backend.as_ref()?.initial.clone();
     leased.give_back();
     *listener
         .parameters
@@ -300,6 +300,27 @@ async fn server_parameters(listener: &Listener) -> Option<BTreeMap<String, Strin
 fn next_message(buf: &[u8], max: usize) -> Result<Option<usize>, String> {
     if buf.len() < 5 {
         return Ok(None);
+    }
+    if !matches!(
+        buf[0],
+        b'B' | b'C'
+            | b'd'
+            | b'c'
+            | b'f'
+            | b'D'
+            | b'E'
+            | b'H'
+            | b'F'
+            | b'P'
+            | b'p'
+            | b'Q'
+            | b'S'
+            | b'X'
+    ) {
+        return Err(format!(
+            "unexpected message type {:?} (a StartupMessage after startup?)",
+            char::from(buf[0])
+        ));
     }
     let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
     if len < 4 {
@@ -327,24 +348,57 @@ fn statement_text(message: &[u8]) -> &[u8] {
     body.split(|&b| b == 0).next().unwrap_or_default()
 }
 
-/// Whether a message binds its client to one server session for good: SQL
-/// that lessor sees creating session state no transaction ends (`LISTEN`,
-/// `PREPARE`, a cursor `WITH HOLD`). Named prepared statements of the
-/// extended protocol do not: lessor carries them.
+/// Whether a message binds its client to one server session for good:
+/// SQL (in a simple Query or a Parse) that lessor sees creating session
+/// state no transaction ends: `LISTEN`, `PREPARE`, a cursor `WITH HOLD`, a
+/// temporary table, a session advisory lock, `set_config` or a session
+/// `SET` of a parameter lessor does not carry. Read as words, comments and
+/// all: a false alarm only costs pooling for that client. Named prepared
+/// statements of the extended protocol do not bind: lessor carries them.
 fn binds_session(message: &[u8]) -> bool {
-    match message[0] {
-        b'Q' => {
-            let text = String::from_utf8_lossy(statement_text(message)).to_ascii_lowercase();
-            let text = text.trim_start();
-            text.starts_with("listen")
-                || text.starts_with("prepare")
-                || (text.starts_with("declare") && text.contains("with hold"))
-        }
-        _ => false,
+    if !matches!(message[0], b'Q' | b'P') {
+        return false;
     }
+    let text = String::from_utf8_lossy(statement_text(message)).to_ascii_lowercase();
+    let is_word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let words: Vec<&str> = text
+        .split(|c: char| !is_word(c))
+        .filter(|w| !w.is_empty())
+        .collect();
+    if words.iter().any(|w| {
+        matches!(
+            *w,
+            "listen" | "prepare" | "temp" | "temporary" | "set_config"
+        ) || w.starts_with("pg_advisory_lock")
+            || w.starts_with("pg_try_advisory_lock")
+    }) || words.windows(2).any(|p| p == ["with", "hold"])
+    {
+        return true;
+    }
+    // A session-level SET at the start of a statement.
+    text.split(';').any(|statement| {
+        let mut words = statement
+            .split(|c: char| !is_word(c))
+            .filter(|w| !w.is_empty());
+        if words.next() != Some("set") {
+            return false;
+        }
+        let mut name = words.next().unwrap_or_default();
+        if matches!(name, "local" | "transaction" | "constraints") {
+            return false;
+        }
+        if name == "session" {
+            name = words.next().unwrap_or_default();
+            if matches!(name, "characteristics" | "authorization") {
+                return true;
+            }
+        }
+        // `SET TIME ZONE` and the reported parameters follow the client.
+        !(name == "time" || startup::settable(&startup::canonical(name)))
+    })
 }
 
-/// Whether a simple Query may drop prepared statements (`DISCARD`,
+/// Whether a Query or Parse may drop prepared statements (`DISCARD`,
 /// `DEALLOCATE`).
 fn drops_statements(message: &[u8]) -> bool {
     let text = String::from_utf8_lossy(statement_text(message)).to_ascii_lowercase();
@@ -517,10 +571,18 @@ where
             target,
         ));
         let mut guard = LeaseGuard::new(leased, OnAbort::Evict);
-        self.slot.set(target);
+        self.slot.set(target).await;
         let mut session = Session::for_upstream(&config);
         self.prepared.begin_hold();
         let (end, next) = match self.sync_parameters(&mut guard).await {
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                // The server refused one of the client's own startup values
+                // (the connection is as it was: the SETs were one implicit
+                // transaction): the client goes, as a server would have
+                // refused its startup.
+                self.fatal("22023", &format!("lessor: {e}")).await;
+                (End::Release(Disposition::Return), Next::Close)
+            }
             Err(e) => {
                 tracing::debug!(upstream = %listener.upstream, error = %e, "could not set the client's parameters");
                 let _ = self
@@ -534,7 +596,7 @@ where
                     .await
             }
         };
-        self.slot.set(None);
+        self.slot.set(None).await;
         // The end, by the lease rules: a transaction left open is rolled
         // back (or evicted); in transaction mode no reset runs between
         // transactions, in session mode the configured one does.
@@ -553,17 +615,6 @@ where
             let backend = guard.conn_mut().backend.as_deref_mut();
             note_reported(backend, reported);
             session.record(guard.conn_mut().backend.as_deref_mut());
-            if let Some(parameters) = guard
-                .conn_mut()
-                .backend
-                .as_ref()
-                .map(|b| b.parameters.clone())
-            {
-                *listener
-                    .parameters
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(parameters);
-            }
             if let Some(restore) = restore {
                 guard.set_restore(restore);
             }
@@ -603,7 +654,7 @@ where
         postgres_protocol::message::frontend::query(&sql, &mut message)?;
         conn.stream.write_all(&message).await?;
         let mut buf = BytesMut::with_capacity(1024);
-        let mut failed = false;
+        let mut failed: Option<String> = None;
         loop {
             while let Some(message) = crate::protocol::postgres::frame::parse(&mut buf) {
                 use postgres_protocol::message::backend::Message;
@@ -613,12 +664,20 @@ where
                             backend.parameters.insert(name.to_owned(), value.to_owned());
                         }
                     }
-                    Message::ErrorResponse(_) => failed = true,
+                    Message::ErrorResponse(body) => {
+                        let error =
+                            crate::protocol::postgres::handshake::ServerError::from_body(&body);
+                        failed.get_or_insert(error.to_string());
+                    }
                     Message::ReadyForQuery(r) => {
-                        return if failed || r.status() != b'I' {
-                            Err(io::Error::other("SET of a client parameter failed"))
-                        } else {
-                            Ok(())
+                        return match (failed, r.status()) {
+                            (Some(why), b'I') => {
+                                Err(io::Error::new(io::ErrorKind::InvalidInput, why))
+                            }
+                            (None, b'I') => Ok(()),
+                            _ => Err(io::Error::other(
+                                "SET of a client parameter left a transaction",
+                            )),
                         };
                     }
                     _ => {}
@@ -655,10 +714,20 @@ where
             // soon as what it sent is written).
             let clean = session.as_ref().is_none_or(|s| s.at_rest());
             let flushed = to_server.is_empty() && to_client.is_empty();
-            if flushed && goodbye {
+            let answered = session.as_ref().is_none_or(|s| s.answered());
+            if goodbye && to_server.is_empty() && answered {
+                // What it sent before Terminate ran to its end, as on a
+                // server; the replies go nowhere.
                 return (End::Release(Disposition::Return), Next::Close);
             }
-            if flushed && clean && self.buf.is_empty() {
+            if goodbye {
+                to_client.clear();
+            }
+            // A partial next message may wait in `buf`: none of it reached
+            // the server, so the hold still ends (a client cannot keep a
+            // connection by sending half a message).
+            let complete = matches!(next_message(&self.buf, self.max_frame), Ok(Some(_)));
+            if flushed && clean && !complete {
                 if stop.is_cancelled() {
                     // Draining: the transaction is over, the client goes.
                     self.fatal("57P01", "terminating connection due to administrator command (lessor is shutting down)").await;
@@ -827,7 +896,7 @@ where
                     if binds_session(message) {
                         self.pinned = true;
                     }
-                    if message[0] == b'Q' && drops_statements(message) {
+                    if matches!(message[0], b'Q' | b'P') && drops_statements(message) {
                         // What the server holds is no longer known.
                         held.clear();
                     }
@@ -841,7 +910,6 @@ where
                                 // Past the bound: this client keeps its
                                 // connection, and its names go as they are.
                                 self.pinned = true;
-                                out.extend_from_slice(message);
                             }
                             Err(e) => return Err(e.to_string()),
                         }
@@ -887,7 +955,15 @@ mod tests {
         assert!(binds_session(&query(
             "DECLARE c CURSOR WITH HOLD FOR SELECT 1"
         )));
-        assert!(!binds_session(&query("SELECT 'listen'")));
+        assert!(binds_session(&query("/* c */ prepare p as select 1")));
+        assert!(binds_session(&query("SELECT 1; LISTEN ch")));
+        assert!(binds_session(&query("CREATE TEMP TABLE t (x int)")));
+        assert!(binds_session(&query("SELECT pg_advisory_lock(1)")));
+        assert!(binds_session(&query("SET statement_timeout = '1s'")));
+        assert!(!binds_session(&query("SET TimeZone = 'UTC'")), "carried");
+        assert!(!binds_session(&query("SET LOCAL statement_timeout = '1s'")));
+        assert!(!binds_session(&query("UPDATE t SET x = 1")));
+        assert!(!binds_session(&query("SELECT 1")));
         let mut parse = BytesMut::new();
         postgres_protocol::message::frontend::parse("s1", "SELECT 1", None, &mut parse).unwrap();
         assert!(!binds_session(&parse), "carried, not pinned");

@@ -269,17 +269,15 @@ impl Listener {
 }
 
 /// Where a client's CancelRequest goes: the server connection it holds at
-/// that moment, if any.
+/// that moment, if any. An async lock, held while a cancel is sent and taken
+/// before a hold ends, so a cancel can never reach the next client of that
+/// connection.
 #[derive(Debug, Default)]
-pub(crate) struct Slot(Mutex<Option<CancelTarget>>);
+pub(crate) struct Slot(tokio::sync::Mutex<Option<CancelTarget>>);
 
 impl Slot {
-    fn set(&self, target: Option<CancelTarget>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = target;
-    }
-
-    fn get(&self) -> Option<CancelTarget> {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    async fn set(&self, target: Option<CancelTarget>) {
+        *self.0.lock().await = target;
     }
 }
 
@@ -326,7 +324,11 @@ impl Keys {
 /// connection it holds now, with that server's key; dropped when the key is
 /// unknown or its client holds nothing.
 async fn cancel(listener: &Listener, pid: i32, secret: i32) {
-    let Some(target) = listener.keys.find(pid, secret).and_then(|slot| slot.get()) else {
+    let Some(slot) = listener.keys.find(pid, secret) else {
+        return;
+    };
+    let held = slot.0.lock().await;
+    let Some(target) = *held else {
         return;
     };
     let endpoint: SocketAddr = target.endpoint;
@@ -336,4 +338,5 @@ async fn cancel(listener: &Listener, pid: i32, secret: i32) {
     {
         tracing::debug!(upstream = %listener.upstream, error = %e, "cancel request failed");
     }
+    drop(held);
 }

@@ -19,27 +19,31 @@ use std::sync::Mutex;
 use bytes::{BufMut, BytesMut};
 
 /// Distinct statements a listener names; past it, a client that prepares
-/// a new one keeps its server connection instead (bounded memory).
-const STATEMENTS_MAX: usize = 10_000;
+/// a new one keeps its server connection instead. Each costs a 32-byte
+/// digest and a number, not its text: about 5 MiB at the bound.
+const STATEMENTS_MAX: usize = 100_000;
 
 /// The names lessor gives statements, one per distinct text and types,
-/// shared by the listener's clients.
+/// shared by the listener's clients (keyed by a SHA-256 of the Parse body:
+/// the text is the clients' to keep).
 #[derive(Debug, Default)]
-pub(super) struct Names(Mutex<HashMap<Vec<u8>, u64>>);
+pub(super) struct Names(Mutex<HashMap<[u8; 32], u64>>);
 
 impl Names {
     /// The server name of a statement (its Parse body after the name), or
     /// `None` when the listener already names too many.
     fn name(&self, key: &[u8]) -> Option<String> {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(key).into();
         let mut names = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let next = names.len() as u64 + 1;
-        if let Some(id) = names.get(key) {
+        if let Some(id) = names.get(&digest) {
             return Some(format!("lessor_{id}"));
         }
         if names.len() >= STATEMENTS_MAX {
             return None;
         }
-        names.insert(key.to_vec(), next);
+        names.insert(digest, next);
         Some(format!("lessor_{next}"))
     }
 }
@@ -150,13 +154,38 @@ impl Prepared {
                     out.extend_from_slice(message_bytes);
                     return Ok(());
                 }
-                let server = names.name(rest).ok_or(RewriteError::TooMany)?;
+                let client = String::from_utf8_lossy(name).into_owned();
+                if self.statements.contains_key(&client) {
+                    // PostgreSQL refuses a second Parse of a name (42P05):
+                    // the server says so, about the statement it holds.
+                    let server = self.ensure(held, name, out).unwrap_or_default();
+                    let mut b = server.into_bytes();
+                    b.push(0);
+                    b.extend_from_slice(rest);
+                    message(out, b'P', &b);
+                    self.pending.push_back(Pending::Reply {
+                        tag: b'1',
+                        swallow: false,
+                        prepared: None,
+                    });
+                    return Ok(());
+                }
+                let Some(server) = names.name(rest) else {
+                    // Past the bound: sent as it is (the client keeps this
+                    // connection from now on).
+                    self.pending.push_back(Pending::Reply {
+                        tag: b'1',
+                        swallow: false,
+                        prepared: None,
+                    });
+                    out.extend_from_slice(message_bytes);
+                    return Err(RewriteError::TooMany);
+                };
                 let mut parse_body = server.as_bytes().to_vec();
                 parse_body.push(0);
                 parse_body.extend_from_slice(rest);
                 let mut parse = BytesMut::new();
                 message(&mut parse, b'P', &parse_body);
-                let client = String::from_utf8_lossy(name).into_owned();
                 self.statements.insert(
                     client,
                     Statement {
@@ -165,7 +194,7 @@ impl Prepared {
                     },
                 );
                 // Close first: the name may exist there already.
-                self.inject_close(&server, out);
+                self.inject_close(held, &server, out);
                 out.extend_from_slice(&parse);
                 self.pending.push_back(Pending::Reply {
                     tag: b'1',
@@ -243,7 +272,7 @@ impl Prepared {
     /// own error).
     fn ensure(
         &mut self,
-        held: &HashSet<String>,
+        held: &mut HashSet<String>,
         name: &[u8],
         out: &mut BytesMut,
     ) -> Option<String> {
@@ -253,7 +282,7 @@ impl Prepared {
         let client = String::from_utf8_lossy(name);
         let statement = self.statements.get(client.as_ref())?.clone();
         if !held.contains(&statement.server) && !self.sent.contains(&statement.server) {
-            self.inject_close(&statement.server, out);
+            self.inject_close(held, &statement.server, out);
             out.extend_from_slice(&statement.parse);
             self.pending.push_back(Pending::Reply {
                 tag: b'1',
@@ -265,7 +294,9 @@ impl Prepared {
         Some(statement.server)
     }
 
-    fn inject_close(&mut self, server: &str, out: &mut BytesMut) {
+    fn inject_close(&mut self, held: &mut HashSet<String>, server: &str, out: &mut BytesMut) {
+        // Gone from the server once this runs, whatever follows.
+        held.remove(server);
         close_statement(out, server);
         self.pending.push_back(Pending::Reply {
             tag: b'3',

@@ -119,7 +119,10 @@ pub(crate) async fn open(
                 backend.secret = bytes::Bytes::copy_from_slice(&body.secret_key().to_be_bytes());
             }
             Message::ErrorResponse(body) => return Err(refusal(&body, user)),
-            Message::ReadyForQuery(_) => return Ok(backend),
+            Message::ReadyForQuery(_) => {
+                backend.initial = backend.parameters.clone();
+                return Ok(backend);
+            }
             _ => return Err(unexpected("a message outside the startup")),
         }
     }

@@ -30,6 +30,9 @@ pub(crate) struct Backend {
     /// The last lease left something running (a query unanswered): an
     /// eviction sends the session's CancelRequest.
     pub busy: bool,
+    /// The parameters as the server reported them at startup, before any
+    /// lease changed one: what a native listener tells a new client.
+    pub initial: BTreeMap<String, String>,
     /// The statements a native listener prepared on this session under its
     /// own names (`lessor_N`); cleared by anything that may drop them (a
     /// reset), so it errs only towards "absent".
