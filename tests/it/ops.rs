@@ -693,6 +693,23 @@ async fn ops_profile_and_runtime_of_the_sidecar_itself() {
     let profiling = tokio::task::spawn_blocking(move || {
         std::process::Command::new(bin).args(args).output().unwrap()
     });
+    // A lease load while it samples, so lessor's own code is on the CPU.
+    let client = served.client().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let mut lease = client.lease("up", &LeaseOptions::default()).await.unwrap();
+                lease.send("ping").await.unwrap();
+                lease.recv_at_least(4).await.unwrap();
+                lease
+                    .release(lessor_client::pb::Disposition::Return)
+                    .await
+                    .unwrap();
+            }
+        })
+    };
     // While it runs, a second profile is refused.
     eventually("the profile is running", || async {
         let got = crate::support::http::fetch(&control, "/debug/runtime", None).await;
@@ -705,6 +722,8 @@ async fn ops_profile_and_runtime_of_the_sidecar_itself() {
             .unwrap();
     assert_eq!(second.status, 429, "{}", second.body);
     let done = profiling.await.unwrap();
+    stop.cancel();
+    load.await.unwrap();
     assert!(
         done.status.success(),
         "{}",
@@ -723,7 +742,16 @@ async fn ops_profile_and_runtime_of_the_sidecar_itself() {
             "go tool pprof: {}",
             String::from_utf8_lossy(&go.stderr)
         );
+        // Symbolized: lessor's own functions are named in it.
+        let raw = String::from_utf8_lossy(&go.stdout);
+        assert!(raw.contains("lessor::"), "no lessor frame in the profile");
     }
+    // The profiling endpoints are on the control address only.
+    let on_admin =
+        crate::support::http::fetch(&served.admin, "/debug/pprof/profile?seconds=1", None)
+            .await
+            .unwrap();
+    assert_eq!(on_admin.status, 404);
     let runtime = std::process::Command::new(bin)
         .args(["runtime", "--control", &served.control])
         .output()
