@@ -684,7 +684,8 @@ async fn ops_profile_and_runtime_of_the_sidecar_itself() {
     let args = [
         "profile".to_owned(),
         "--seconds".into(),
-        "2".into(),
+        // Long enough that the second request below surely meets it.
+        "6".into(),
         "-o".into(),
         out.display().to_string(),
         "--control".into(),
