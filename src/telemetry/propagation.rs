@@ -34,10 +34,15 @@ pub(crate) fn extract(metadata: &MetadataMap) -> Context {
 /// valid `traceparent`; empty otherwise. Read whether or not traces are
 /// exported: `/debug/leases` shows it either way.
 pub(crate) fn trace_id(metadata: &MetadataMap) -> String {
+    w3c_trace_id(&MetadataExtractor(metadata))
+}
+
+/// The W3C trace id a carrier's `traceparent` names, read with the W3C
+/// propagator whatever the configured one; empty when there is none.
+fn w3c_trace_id(carrier: &dyn opentelemetry::propagation::Extractor) -> String {
     use opentelemetry::propagation::TextMapPropagator;
     use opentelemetry::trace::TraceContextExt;
-    let context = opentelemetry_sdk::propagation::TraceContextPropagator::new()
-        .extract(&MetadataExtractor(metadata));
+    let context = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(carrier);
     let span = context.span();
     let span_context = span.span_context();
     if span_context.is_valid() {
@@ -73,21 +78,9 @@ pub(crate) fn sqlcommenter_traceparent(sql: &[u8]) -> Option<String> {
 /// The context and W3C trace id of a `traceparent` value; the id is empty
 /// when it is not valid.
 pub(crate) fn from_traceparent(traceparent: &str) -> (Context, String) {
-    use opentelemetry::propagation::TextMapPropagator;
-    use opentelemetry::trace::TraceContextExt;
     let carrier: std::collections::HashMap<String, String> =
         [("traceparent".to_owned(), traceparent.to_owned())].into();
-    let id = {
-        let context =
-            opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
-        let span = context.span();
-        let span_context = span.span_context();
-        if span_context.is_valid() {
-            span_context.trace_id().to_string()
-        } else {
-            String::new()
-        }
-    };
+    let id = w3c_trace_id(&carrier);
     let context = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
     (context, id)
 }

@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tracing::Instrument;
 use tracing::field::Empty;
 
+use super::inspect::{binds_session, drops_statements, next_message, statement_text};
 use super::messages::{self, Severity};
 use super::prepared::{Prepared, RewriteError};
 use super::startup::{self, Hello};
@@ -19,7 +20,6 @@ use crate::config::{ClientAuth, OnAbort, PoolMode, UpstreamConfig};
 use crate::lease::guard::LeaseGuard;
 use crate::lease::registry::{CancelTarget, LiveLease};
 use crate::lease::state::{Direction, End};
-use crate::protocol::postgres::frame::{Event as Frame, Framer};
 use crate::protocol::{Session, SessionError, note_reported};
 use crate::telemetry::TARGET;
 use lessor_client::pb::Disposition;
@@ -293,116 +293,6 @@ async fn server_parameters(listener: &Listener) -> Option<BTreeMap<String, Strin
         .lock()
         .unwrap_or_else(|e| e.into_inner()) = Some(known.clone());
     Some(known)
-}
-
-/// The length of the complete message at the front of `buf`, if there is
-/// one; an error for a malformed or oversized one.
-fn next_message(buf: &[u8], max: usize) -> Result<Option<usize>, String> {
-    if buf.len() < 5 {
-        return Ok(None);
-    }
-    if !matches!(
-        buf[0],
-        b'B' | b'C'
-            | b'd'
-            | b'c'
-            | b'f'
-            | b'D'
-            | b'E'
-            | b'H'
-            | b'F'
-            | b'P'
-            | b'p'
-            | b'Q'
-            | b'S'
-            | b'X'
-    ) {
-        return Err(format!(
-            "unexpected message type {:?} (a StartupMessage after startup?)",
-            char::from(buf[0])
-        ));
-    }
-    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
-    if len < 4 {
-        return Err(format!("invalid message length {len}"));
-    }
-    let total = len as usize + 1;
-    if total > max {
-        return Err(format!(
-            "a message of {total} bytes exceeds postgres.max_frame ({max} bytes)"
-        ));
-    }
-    Ok((buf.len() >= total).then_some(total))
-}
-
-/// The text of a simple Query, or of a Parse's statement.
-fn statement_text(message: &[u8]) -> &[u8] {
-    let body = &message[5..];
-    let body = match message[0] {
-        b'P' => match body.iter().position(|&b| b == 0) {
-            Some(n) => &body[n + 1..],
-            None => return &[],
-        },
-        _ => body,
-    };
-    body.split(|&b| b == 0).next().unwrap_or_default()
-}
-
-/// Whether a message binds its client to one server session for good:
-/// SQL (in a simple Query or a Parse) that lessor sees creating session
-/// state no transaction ends: `LISTEN`, `PREPARE`, a cursor `WITH HOLD`, a
-/// temporary table, a session advisory lock, `set_config` or a session
-/// `SET` of a parameter lessor does not carry. Read as words, comments and
-/// all: a false alarm only costs pooling for that client. Named prepared
-/// statements of the extended protocol do not bind: lessor carries them.
-fn binds_session(message: &[u8]) -> bool {
-    if !matches!(message[0], b'Q' | b'P') {
-        return false;
-    }
-    let text = String::from_utf8_lossy(statement_text(message)).to_ascii_lowercase();
-    let is_word = |c: char| c.is_ascii_alphanumeric() || c == '_';
-    let words: Vec<&str> = text
-        .split(|c: char| !is_word(c))
-        .filter(|w| !w.is_empty())
-        .collect();
-    if words.iter().any(|w| {
-        matches!(
-            *w,
-            "listen" | "prepare" | "temp" | "temporary" | "set_config"
-        ) || w.starts_with("pg_advisory_lock")
-            || w.starts_with("pg_try_advisory_lock")
-    }) || words.windows(2).any(|p| p == ["with", "hold"])
-    {
-        return true;
-    }
-    // A session-level SET at the start of a statement.
-    text.split(';').any(|statement| {
-        let mut words = statement
-            .split(|c: char| !is_word(c))
-            .filter(|w| !w.is_empty());
-        if words.next() != Some("set") {
-            return false;
-        }
-        let mut name = words.next().unwrap_or_default();
-        if matches!(name, "local" | "transaction" | "constraints") {
-            return false;
-        }
-        if name == "session" {
-            name = words.next().unwrap_or_default();
-            if matches!(name, "characteristics" | "authorization") {
-                return true;
-            }
-        }
-        // `SET TIME ZONE` and the reported parameters follow the client.
-        !(name == "time" || startup::settable(&startup::canonical(name)))
-    })
-}
-
-/// Whether a Query or Parse may drop prepared statements (`DISCARD`,
-/// `DEALLOCATE`).
-fn drops_statements(message: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(statement_text(message)).to_ascii_lowercase();
-    text.contains("discard") || text.contains("deallocate")
 }
 
 /// What a relay turn saw.
@@ -705,7 +595,6 @@ where
         let mut to_server = BytesMut::new();
         let mut to_client = BytesMut::new();
         let mut sbuf = BytesMut::with_capacity(READ_SIZE);
-        let mut notices = Framer::new(u64::MAX, b"");
         let mut goodbye = false;
         let mut last = tokio::time::Instant::now();
         loop {
@@ -823,19 +712,6 @@ where
                             .await;
                         return (End::UpstreamError, Next::Close);
                     }
-                    // A notification means LISTEN: the client keeps this
-                    // session.
-                    let mut notified = false;
-                    let _ = notices.feed::<crate::protocol::postgres::frame::FrameError>(
-                        &data,
-                        |frame| {
-                            if let Frame::Begin { tag: b'A', .. } = frame {
-                                notified = true;
-                            }
-                            Ok(())
-                        },
-                    );
-                    self.pinned |= notified;
                     guard.record(Direction::ToClient, n);
                     live.moved(false, n);
                     if self.rename {
@@ -844,10 +720,16 @@ where
                             Some(b) => &mut b.prepared,
                             None => &mut none,
                         };
-                        if let Err(e) = self.prepared.filter(&data, held, &mut to_client) {
-                            tracing::debug!(error = %e, "prepared statements out of step");
-                            self.fatal("08P01", &format!("lessor: {e}")).await;
-                            return (End::UpstreamError, Next::Close);
+                        match self.prepared.filter(&data, held, &mut to_client) {
+                            // A notification means LISTEN: the client keeps
+                            // this session. (In session mode it keeps it
+                            // anyway, and its stream is not filtered.)
+                            Ok(notified) => self.pinned |= notified,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "prepared statements out of step");
+                                self.fatal("08P01", &format!("lessor: {e}")).await;
+                                return (End::UpstreamError, Next::Close);
+                            }
                         }
                     } else {
                         to_client.extend_from_slice(&data);
@@ -928,47 +810,5 @@ where
         }
         let out = if self.rename { out.freeze() } else { taken };
         Ok(Some((out, goodbye)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn messages_are_framed_and_bounded() {
-        assert_eq!(next_message(b"Q\0\0\0\x05", 100), Ok(None));
-        assert_eq!(next_message(b"Q\0\0\0\x05\0", 100), Ok(Some(6)));
-        assert!(next_message(b"Q\0\0\0\x03", 100).is_err());
-        assert!(next_message(b"Q\0\0\x10\0", 100).is_err());
-    }
-
-    #[test]
-    fn what_binds_a_client_to_its_session() {
-        let query = |sql: &str| {
-            let mut m = BytesMut::new();
-            postgres_protocol::message::frontend::query(sql, &mut m).unwrap();
-            m.to_vec()
-        };
-        assert!(binds_session(&query("  LISTEN ch")));
-        assert!(binds_session(&query("prepare p as select 1")));
-        assert!(binds_session(&query(
-            "DECLARE c CURSOR WITH HOLD FOR SELECT 1"
-        )));
-        assert!(binds_session(&query("/* c */ prepare p as select 1")));
-        assert!(binds_session(&query("SELECT 1; LISTEN ch")));
-        assert!(binds_session(&query("CREATE TEMP TABLE t (x int)")));
-        assert!(binds_session(&query("SELECT pg_advisory_lock(1)")));
-        assert!(binds_session(&query("SET statement_timeout = '1s'")));
-        assert!(!binds_session(&query("SET TimeZone = 'UTC'")), "carried");
-        assert!(!binds_session(&query("SET LOCAL statement_timeout = '1s'")));
-        assert!(!binds_session(&query("UPDATE t SET x = 1")));
-        assert!(!binds_session(&query("SELECT 1")));
-        let mut parse = BytesMut::new();
-        postgres_protocol::message::frontend::parse("s1", "SELECT 1", None, &mut parse).unwrap();
-        assert!(!binds_session(&parse), "carried, not pinned");
-        parse.clear();
-        postgres_protocol::message::frontend::parse("", "SELECT 1", None, &mut parse).unwrap();
-        assert!(!binds_session(&parse));
     }
 }

@@ -14,6 +14,7 @@
 //! - `messages`: the backend messages lessor writes itself.
 
 mod client;
+mod inspect;
 mod messages;
 mod prepared;
 mod startup;

@@ -307,13 +307,15 @@ impl Prepared {
 
     /// Takes the replies to what lessor injected out of a chunk of the
     /// server's stream; what is left goes to the client. A confirmed
-    /// Parse is recorded in `held`.
+    /// Parse is recorded in `held`. Whether a NotificationResponse began
+    /// in the chunk (the one pass that reads every header says so).
     pub(super) fn filter(
         &mut self,
         data: &[u8],
         held: &mut HashSet<String>,
         out: &mut BytesMut,
-    ) -> Result<(), RewriteError> {
+    ) -> Result<bool, RewriteError> {
+        let mut notified = false;
         let mut i = 0;
         while i < data.len() {
             if self.left > 0 {
@@ -335,6 +337,7 @@ impl Prepared {
             let tag = self.head[0];
             let len = i32::from_be_bytes([self.head[1], self.head[2], self.head[3], self.head[4]]);
             let body = usize::try_from(len).unwrap_or(0).saturating_sub(4);
+            notified |= tag == b'A';
             self.dropping = self.answer(tag, held)?;
             if !self.dropping {
                 out.extend_from_slice(&self.head);
@@ -342,7 +345,7 @@ impl Prepared {
             self.head.clear();
             self.left = body;
         }
-        Ok(())
+        Ok(notified)
     }
 
     /// Matches one server message against what is pending; whether it is

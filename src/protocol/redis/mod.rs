@@ -5,4 +5,5 @@
 pub(crate) mod command;
 pub(crate) mod handshake;
 pub(crate) mod resp;
+pub(crate) mod restore;
 pub(crate) mod session;
