@@ -295,7 +295,11 @@ async fn pg_listen_psql_and_pgbench_run_unchanged(engine: EngineKind) {
     for mode in ["simple", "extended", "prepared"] {
         let mut args = conn_args("127.0.0.1", port);
         args.extend(
-            ["-S", "-c", "6", "-j", "2", "-t", "50", "-M", mode, "app"]
+            // One thread per client: pgbench -M prepared prepares with a
+            // blocking call, and a thread blocked there while another of
+            // its clients holds a connection mid-transaction waits on
+            // itself under any transaction pooler.
+            ["-S", "-c", "6", "-j", "6", "-t", "50", "-M", mode, "app"]
                 .iter()
                 .map(|s| (*s).to_owned()),
         );
@@ -305,7 +309,7 @@ async fn pg_listen_psql_and_pgbench_run_unchanged(engine: EngineKind) {
         // The TPC-B-like script: transactions with updates.
         let mut args = conn_args("127.0.0.1", port);
         args.extend(
-            ["-c", "4", "-j", "2", "-t", "20", "-M", mode, "app"]
+            ["-c", "4", "-j", "4", "-t", "20", "-M", mode, "app"]
                 .iter()
                 .map(|s| (*s).to_owned()),
         );
