@@ -417,11 +417,11 @@ pub async fn run_with(
     let (open_tx, open_rx) = watch::channel(());
     drop(open_rx);
     let stop_accepting = CancellationToken::new();
-    // Native listeners (unmodified PostgreSQL clients): bound now, so a
+    // Native listeners (unmodified PostgreSQL and Redis clients): bound now, so a
     // taken port fails the start; their clients count for the drain.
     let mut native = Vec::new();
     for upstream in &config.upstreams {
-        match crate::listener::postgres::Bound::bind(upstream).await {
+        match crate::listener::Bound::bind(upstream).await {
             Ok(Some(bound)) => native.push(bound),
             Ok(None) => {}
             Err(e) => {

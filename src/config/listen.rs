@@ -147,8 +147,9 @@ impl<'de> Deserialize<'de> for ListenAddr {
 }
 
 /// A local listener for unmodified clients of a protocol upstream (the
-/// native door): PostgreSQL drivers, `psql` and `pgbench` connect to it as
-/// to a server, and lessor pools them over the upstream's connections.
+/// native door): PostgreSQL drivers, `psql` and `pgbench` (or Redis
+/// clients, `redis-cli` and `redis-benchmark`) connect to it as to a
+/// server, and lessor pools them over the upstream's connections.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NativeListen {
@@ -159,14 +160,22 @@ pub struct NativeListen {
     /// `.s.PGSQL.<port>` (`psql -h DIR -p PORT` finds it); the port is the
     /// TCP address's, or 5432 without one.
     pub unix_socket_dir: Option<PathBuf>,
+    /// Redis: the Unix socket's path (`redis-cli -s PATH`).
+    pub unix_socket: Option<PathBuf>,
+    /// The Unix socket's file mode. Default `0660`.
+    pub unix_socket_mode: UnixMode,
     /// When a client's hold on a server connection ends. Default
-    /// `transaction`.
+    /// `transaction` (for Redis: each pipeline of commands).
     pub pool_mode: PoolMode,
     /// How clients authenticate to lessor. Default `trust` (loopback only).
     pub auth: ClientAuth,
-    /// The password clients must present (`scram-sha-256`), read at start.
+    /// The password clients must present (`scram-sha-256`, `password`),
+    /// read at start.
     pub password_file: Option<PathBuf>,
-    /// Clients connected at once; one more gets FATAL 53300. Default 1000.
+    /// Redis: an `AUTH` username accepted besides `default`.
+    pub username: Option<String>,
+    /// Clients connected at once; one more is refused (PostgreSQL FATAL
+    /// 53300, Redis `-ERR max number of clients reached`). Default 1000.
     pub max_clients: u32,
     /// How long a new client has to finish its startup. Default 10s.
     #[serde(with = "super::humantime_serde")]
@@ -178,9 +187,12 @@ impl Default for NativeListen {
         Self {
             address: None,
             unix_socket_dir: None,
+            unix_socket: None,
+            unix_socket_mode: UnixMode(0o660),
             pool_mode: PoolMode::Transaction,
             auth: ClientAuth::Trust,
             password_file: None,
+            username: None,
             max_clients: 1000,
             startup_timeout: Duration::from_secs(10),
         }
@@ -213,7 +225,10 @@ pub enum ClientAuth {
     #[default]
     #[serde(rename = "trust")]
     Trust,
-    /// SCRAM-SHA-256 against `password_file`.
+    /// SCRAM-SHA-256 against `password_file` (PostgreSQL).
     #[serde(rename = "scram-sha-256")]
     ScramSha256,
+    /// `AUTH [username] password` against `password_file` (Redis).
+    #[serde(rename = "password")]
+    Password,
 }

@@ -66,54 +66,110 @@ impl Config {
 }
 
 impl UpstreamConfig {
-    /// The `listen:` block: PostgreSQL only (for now), somewhere to listen,
-    /// no password-less door off loopback, a readable client password.
+    /// The `listen:` block: a protocol upstream, somewhere to listen, the
+    /// protocol's own sockets and authentication, no password-less door
+    /// off loopback, a readable client password.
     fn validate_listen(&self, at: &str) -> Result<(), ConfigError> {
         let Some(listen) = &self.listen else {
             return Ok(());
         };
         let at = format!("{at}.listen");
-        if self.protocol != Protocol::Postgres {
+        let (engine, auth_needed) = match self.protocol {
+            Protocol::Postgres => ("postgres", ClientAuth::ScramSha256),
+            Protocol::Redis => ("redis", ClientAuth::Password),
+            Protocol::Tcp => {
+                return Err(invalid(
+                    at,
+                    "a native listener needs `protocol: postgres` or `protocol: redis`",
+                ));
+            }
+        };
+        let (own_socket, other_socket) = match self.protocol {
+            Protocol::Redis => (listen.unix_socket.is_some(), "unix_socket_dir"),
+            _ => (listen.unix_socket_dir.is_some(), "unix_socket"),
+        };
+        if (self.protocol == Protocol::Redis && listen.unix_socket_dir.is_some())
+            || (self.protocol == Protocol::Postgres && listen.unix_socket.is_some())
+        {
             return Err(invalid(
-                at,
-                "a native listener needs `protocol: postgres` (the Redis listener is not built yet)",
+                format!("{at}.{other_socket}"),
+                format!(
+                    "not for `protocol: {engine}` (use {})",
+                    if self.protocol == Protocol::Redis {
+                        "unix_socket: a path"
+                    } else {
+                        "unix_socket_dir: a directory"
+                    }
+                ),
             ));
         }
-        if listen.address.is_none() && listen.unix_socket_dir.is_none() {
+        if listen.address.is_none() && !own_socket {
             return Err(invalid(
                 format!("{at}.address"),
-                "set address, unix_socket_dir or both",
+                if self.protocol == Protocol::Redis {
+                    "set address, unix_socket or both"
+                } else {
+                    "set address, unix_socket_dir or both"
+                },
+            ));
+        }
+        if listen.auth != ClientAuth::Trust && listen.auth != auth_needed {
+            return Err(invalid(
+                format!("{at}.auth"),
+                format!(
+                    "`protocol: {engine}` clients authenticate with trust or {}",
+                    auth_name(auth_needed)
+                ),
+            ));
+        }
+        if listen.username.is_some() && self.protocol != Protocol::Redis {
+            return Err(invalid(
+                format!("{at}.username"),
+                "only for `protocol: redis` (PostgreSQL clients connect as postgres.user)",
             ));
         }
         if listen.auth == ClientAuth::Trust
             && let Some(addr) = listen.address
             && !addr.ip().to_canonical().is_loopback()
         {
+            let who = match self.protocol {
+                Protocol::Postgres => format!("the database as `{}`", self.postgres.user),
+                _ => "the upstream with lessor's credentials".to_owned(),
+            };
             return Err(invalid(
                 format!("{at}.auth"),
                 format!(
-                    "`trust` on `{addr}`, which is not a loopback address, would let anyone who reaches it use the database as `{}`; use scram-sha-256",
-                    self.postgres.user
+                    "`trust` on `{addr}`, which is not a loopback address, would let anyone who reaches it use {who}; use {}",
+                    auth_name(auth_needed)
                 ),
             ));
         }
         match (listen.auth, &listen.password_file) {
-            (ClientAuth::ScramSha256, None) => {
+            (ClientAuth::Trust, _) => {}
+            (auth, None) => {
                 return Err(invalid(
                     format!("{at}.password_file"),
-                    "scram-sha-256 needs the password clients present",
+                    format!("{} needs the password clients present", auth_name(auth)),
                 ));
             }
-            (ClientAuth::ScramSha256, Some(path)) => {
+            (_, Some(path)) => {
                 password_source(&at, Some(path), None)?;
             }
-            (ClientAuth::Trust, _) => {}
         }
         if listen.max_clients == 0 {
             return Err(invalid(format!("{at}.max_clients"), "must be at least 1"));
         }
         positive(format!("{at}.startup_timeout"), listen.startup_timeout)?;
         Ok(())
+    }
+}
+
+/// How `auth` is written in the config.
+fn auth_name(auth: ClientAuth) -> &'static str {
+    match auth {
+        ClientAuth::Trust => "trust",
+        ClientAuth::ScramSha256 => "scram-sha-256",
+        ClientAuth::Password => "password",
     }
 }
 

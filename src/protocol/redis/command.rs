@@ -427,6 +427,34 @@ impl CommandReader {
     }
 }
 
+/// Every argument of one whole request as [`CommandReader`] accepted it
+/// (its bytes from its first to its `end`), uncut: for the few commands
+/// lessor answers itself. `None` when it is not one well-formed request.
+pub(crate) fn full_args(request: &[u8]) -> Option<Vec<Vec<u8>>> {
+    if request.first() != Some(&b'*') {
+        let line = request.strip_suffix(b"\n").unwrap_or(request);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        return split_args(line);
+    }
+    // A number up to the first `\r`; the byte after it is skipped.
+    let number = |at: usize| -> Option<(i64, usize)> {
+        let cr = at + request.get(at..)?.iter().position(|&b| b == b'\r')?;
+        Some((string2ll(&request[at..cr])?, cr + 2))
+    };
+    let (count, mut at) = number(1)?;
+    let mut args = Vec::with_capacity(usize::try_from(count).ok()?.min(64));
+    for _ in 0..count {
+        if request.get(at) != Some(&b'$') {
+            return None;
+        }
+        let (len, start) = number(at + 1)?;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        args.push(request.get(start..end)?.to_vec());
+        at = end + 2;
+    }
+    Some(args)
+}
+
 /// C's `isspace` in the C locale.
 fn is_blank(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')

@@ -64,6 +64,9 @@ pub(crate) struct Frame {
     /// string (`subscribe`, `message`...); for a simple string or error, its
     /// text. Cut to 64 bytes.
     pub args: Vec<Vec<u8>>,
+    /// The third element of a top-level array or push, when it is an
+    /// integer: the subscription count a pub/sub reply carries.
+    pub count: Option<i64>,
 }
 
 impl Frame {
@@ -119,6 +122,8 @@ pub(crate) struct Scanner {
     top: u8,
     /// Captured arguments of the top-level frame.
     args: Vec<Vec<u8>>,
+    /// The top-level frame's third element, when an integer.
+    count: Option<i64>,
     /// Capturing the current bulk payload as an argument.
     capturing: bool,
     /// Elements of the top-level aggregate completed so far.
@@ -149,6 +154,7 @@ impl Scanner {
             line: Vec::new(),
             top: 0,
             args: Vec::new(),
+            count: None,
             capturing: false,
             top_seen: 0,
             max_frame,
@@ -178,6 +184,7 @@ impl Scanner {
                     if self.stack.is_empty() {
                         self.top = b;
                         self.args.clear();
+                        self.count = None;
                         self.top_seen = 0;
                     }
                     match b {
@@ -280,6 +287,13 @@ impl Scanner {
                 self.args = vec![text[..text.len().min(CAPTURE_BYTES)].to_vec()];
                 self.element_done(i, on_frame);
             }
+            b':' if matches!(self.top, b'*' | b'>')
+                && self.stack.len() == 1
+                && self.top_seen == 2 =>
+            {
+                self.count = std::str::from_utf8(text).ok().and_then(|t| t.parse().ok());
+                self.element_done(i, on_frame);
+            }
             _ => self.element_done(i, on_frame),
         }
         Ok(())
@@ -330,6 +344,7 @@ impl Scanner {
                         end: i,
                         kind: self.top,
                         args: std::mem::take(&mut self.args),
+                        count: self.count.take(),
                     });
                     return;
                 }

@@ -102,9 +102,17 @@ pub(crate) struct RedisSession {
     skip_next: bool,
     /// The request being answered gets no reply (`CLIENT REPLY SKIP`).
     skip: bool,
-    /// Subscribed to something: an argument-less unsubscribe answers once
-    /// per subscription, which lessor does not count.
+    /// Subscribed to something (or asked to be, and not yet told): the
+    /// connection is in pub/sub until every subscription has ended.
     subscribed: bool,
+    /// Subscriptions as the server last counted them, from the counts its
+    /// pub/sub replies carry: channels, patterns (the two share one count
+    /// on the wire, told apart by which reply moved it) and shard
+    /// channels. An argument-less unsubscribe owes one reply per
+    /// subscription of its kind.
+    channels: i64,
+    patterns: i64,
+    shard: i64,
     /// The client sent `QUIT`: Redis would read nothing after it, and the
     /// lease ends once its `+OK` is out.
     quit: bool,
@@ -141,6 +149,9 @@ impl RedisSession {
             skip_next: false,
             skip: false,
             subscribed: false,
+            channels: 0,
+            patterns: 0,
+            shard: 0,
             quit: false,
             ready: BytesMut::new(),
             log: None,
@@ -235,6 +246,28 @@ impl RedisSession {
         Ok(out.into_bytes(data))
     }
 
+    /// Takes one whole command the caller framed itself (the native
+    /// listener, which has already read it with the same rules): records
+    /// what it does and what it is owed, as [`RedisSession::client_sent`]
+    /// would. Whether its bytes go to Redis (`false`: lessor answers it,
+    /// or Redis would never read it after a `QUIT`).
+    pub(crate) fn command_sent(&mut self, command: &Command) -> bool {
+        debug_assert!(self.commands.at_boundary() && self.carry == Carry::None);
+        let action = if self.quit {
+            Action::Drop
+        } else {
+            self.note(command)
+        };
+        action == Action::Forward
+    }
+
+    /// Whether a reply lessor gives itself waits in the reply stream: then
+    /// Redis's bytes must go through [`RedisSession::upstream_sent`], which
+    /// puts it at its place.
+    pub(crate) fn owes_local(&self) -> bool {
+        !self.ready.is_empty() || self.owed.iter().any(|o| matches!(o, Owed::Local(_)))
+    }
+
     /// Takes Redis bytes; returns what goes to the client (with any local
     /// replies that fall due put at their place).
     pub(crate) fn upstream_sent(&mut self, data: Bytes) -> Result<Bytes, RespError> {
@@ -282,6 +315,15 @@ impl RedisSession {
             .sum()
     }
 
+    /// Every command sent so far has had its whole reply, and lessor's own
+    /// replies have been taken: nothing is in flight either way.
+    pub(crate) fn settled(&self) -> bool {
+        self.owed.is_empty()
+            && self.ready.is_empty()
+            && self.replies.at_boundary()
+            && (self.commands.at_boundary() || self.carry == Carry::Drop)
+    }
+
     /// Whether the bytes so far end between commands.
     pub(crate) fn at_boundary(&self) -> bool {
         self.commands.at_boundary()
@@ -314,13 +356,14 @@ impl RedisSession {
             && (self.commands.at_boundary() || self.carry == Carry::Drop)
             && self.replies.at_boundary()
             && !self.state_changed()
+            && !self.subscribed
             && self.changed.is_none()
             && self.unknown.is_none()
     }
 
     /// Whether the session state is the one lessor opened (replies aside).
     pub(crate) fn unchanged(&self) -> bool {
-        !self.state_changed() && self.changed.is_none() && self.unknown.is_none()
+        !self.state_changed() && !self.subscribed && self.changed.is_none() && self.unknown.is_none()
     }
 
     /// Session state a restore puts back.
@@ -338,11 +381,37 @@ impl RedisSession {
             || self.skip_next
     }
 
+    /// What ties the session to its connection now, beyond what a restore
+    /// undoes or a client of the native listener carries along (its db,
+    /// name and READONLY): a transaction, watched keys, subscriptions,
+    /// tracking, silenced replies, MONITOR, or replies lessor cannot count.
+    /// `None` when another client could be served next.
+    pub(crate) fn binds(&self) -> Option<&str> {
+        if let Some(why) = self.unknown {
+            return Some(why);
+        }
+        if let Some(changed) = &self.changed {
+            return Some(changed);
+        }
+        [
+            (self.multi, "MULTI"),
+            (self.watching, "WATCH"),
+            (self.subscribed, "subscribed"),
+            (self.tracking, "CLIENT TRACKING"),
+            (self.reply_off || self.skip || self.skip_next, "CLIENT REPLY"),
+            (self.no_evict, "CLIENT NO-EVICT"),
+            (self.no_touch, "CLIENT NO-TOUCH"),
+        ]
+        .into_iter()
+        .find_map(|(on, what)| on.then_some(what))
+    }
+
     /// Whether reading (and dropping) the replies still due would make the
     /// session clean: every command was sent whole and nothing else is
     /// wrong.
     pub(crate) fn drainable(&self) -> bool {
         self.changed.is_none()
+            && !self.subscribed
             && self.unknown.is_none()
             && (self.commands.at_boundary() || self.carry == Carry::Drop)
             && (self.replies_due() > 0 || !self.replies.at_boundary())
@@ -368,6 +437,9 @@ impl RedisSession {
         }
         if let Some(changed) = &self.changed {
             return Err(changed.clone());
+        }
+        if self.subscribed {
+            return Err("subscribed".into());
         }
         if self.reply_off && self.multi {
             return Err("CLIENT REPLY OFF inside MULTI".into());
@@ -435,6 +507,7 @@ impl RedisSession {
                 let counts = (frame.is_push() || (self.resp == 2 && frame.kind == b'*'))
                     && frame.first() == kind;
                 if counts {
+                    self.subscriptions_now(kind, frame.count);
                     if left > 1 {
                         self.owed[p] = Owed::Group {
                             kind,
@@ -465,6 +538,25 @@ impl RedisSession {
             }
         }
         self.release_due_locals();
+    }
+
+    /// A pub/sub reply of `kind` said how many subscriptions remain: the
+    /// change is the count's move since the last reply of that count.
+    fn subscriptions_now(&mut self, kind: &str, count: Option<i64>) {
+        let Some(count) = count else {
+            self.uncountable("a pub/sub reply without its count");
+            return;
+        };
+        match kind {
+            "ssubscribe" | "sunsubscribe" => self.shard = count,
+            "subscribe" | "unsubscribe" => self.channels = count - self.patterns,
+            _ => self.patterns = count - self.channels,
+        }
+        let owes_group = self.owed.iter().any(|o| matches!(o, Owed::Group { .. }));
+        if self.channels <= 0 && self.patterns <= 0 && self.shard <= 0 && !owes_group {
+            // Redis leaves pub/sub when the last subscription ends.
+            self.subscribed = false;
+        }
     }
 
     /// Local replies at the front of the queue go out now.
@@ -535,6 +627,7 @@ impl RedisSession {
                     self.multi = false;
                     self.watching = false;
                     self.subscribed = false;
+                    (self.channels, self.patterns, self.shard) = (0, 0, 0);
                     self.resp = 2;
                     self.changed.get_or_insert_with(|| "RESET".to_owned());
                 }
@@ -611,13 +704,22 @@ impl RedisSession {
             self.uncountable("a pub/sub command with replies off");
             return None;
         }
-        let channels = command.argc - 1;
-        if channels == 0 && self.subscribed {
-            self.uncountable("an unsubscribe from every channel");
+        let mut channels = command.argc - 1;
+        if channels == 0 {
+            // One reply per subscription of its kind (one when there is
+            // none): known once every earlier pub/sub reply has come.
+            if self.owed.iter().any(|o| matches!(o, Owed::Group { .. })) {
+                self.uncountable("an unsubscribe from every channel");
+            }
+            let held = match kind {
+                "unsubscribe" => self.channels,
+                "punsubscribe" => self.patterns,
+                _ => self.shard,
+            };
+            channels = u64::try_from(held).unwrap_or(0);
         }
         if subscribing {
             self.subscribed = true;
-            self.changed.get_or_insert_with(|| "subscribed".to_owned());
         }
         Some(Owed::Group {
             kind,
