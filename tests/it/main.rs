@@ -18,6 +18,7 @@ mod proto_golden;
 mod protocol;
 mod redis;
 mod redis_diff;
+mod redis_listen;
 mod resp;
 mod server;
 mod shutdown;

@@ -17,11 +17,13 @@ use super::Listener;
 use super::local::{Answer, ClientState, Door, NOAUTH, valid_name};
 use crate::config::{ClientAuth, OnAbort, PoolMode, UpstreamConfig};
 use crate::lease::guard::LeaseGuard;
-use crate::lease::registry::LiveLease;
+use crate::lease::registry::{LiveLease, Printable};
 use crate::lease::state::{Direction, End};
-use crate::protocol::redis::command::{Command, CommandReader, ProtocolError, full_args, string2ll};
+use crate::protocol::redis::command::{
+    Command, CommandReader, ProtocolError, full_args, string2ll,
+};
 use crate::protocol::redis::resp::{Frame, Scanner, encode_command};
-use crate::protocol::redis::session::RedisSession;
+use crate::protocol::redis::session::{RedisSession, blocks};
 use crate::telemetry::TARGET;
 use lessor_client::pb::Disposition;
 
@@ -399,6 +401,9 @@ where
         let mut guard = LeaseGuard::new(leased, OnAbort::Evict);
         let mut session = RedisSession::new(self.max_frame, config.redis.resp);
         let skip = self.prefix(&mut session, config);
+        // A blocking command may hold the connection for long: listed
+        // from the start.
+        let blocking = self.ready.iter().take(n).any(|c| blocks(&c.name()));
         let mut start = 0;
         for c in self.ready.iter().take(n) {
             if session.command_sent(c) {
@@ -416,6 +421,9 @@ where
             quit: false,
             live: None,
         };
+        if blocking {
+            self.list(&guard, &mut hold);
+        }
         let (end, next) = self
             .relay(&mut guard, &mut session, &mut hold, config)
             .instrument(span.clone())
@@ -461,7 +469,11 @@ where
             // Writes are tried at once; only what the socket does not take
             // waits in the select below.
             if !self.to_server.is_empty()
-                && let Some(w) = guard.conn_mut().stream.write(&self.to_server).now_or_never()
+                && let Some(w) = guard
+                    .conn_mut()
+                    .stream
+                    .write(&self.to_server)
+                    .now_or_never()
             {
                 match w {
                     Ok(n) => self.wrote_server(guard, hold, n),
@@ -495,7 +507,9 @@ where
                 }
                 if !pinned {
                     pinned = true;
-                    self.pin(guard, hold, binds.unwrap_or("session pool_mode"));
+                    let why = binds.unwrap_or("session pool_mode");
+                    tracing::debug!(upstream = %self.listener.upstream, holder = %Printable(&self.holder), why, "client pinned to its connection");
+                    self.list(guard, hold);
                 }
             }
             if pinned && !hold.gone {
@@ -617,12 +631,14 @@ where
         (End::UpstreamError, Next::Close)
     }
 
-    /// The client stays on this connection: from now on it is a lease like
-    /// a gRPC one, listed in `/debug/leases` under the client's name.
-    fn pin(&mut self, guard: &LeaseGuard, hold: &mut Hold, why: &str) {
+    /// Lists the hold in `/debug/leases` under the client's name (once it
+    /// is pinned, or blocks): a lease like a gRPC one.
+    fn list(&mut self, guard: &LeaseGuard, hold: &mut Hold) {
+        if hold.live.is_some() {
+            return;
+        }
         let conn = guard.leased().conn();
-        let shared = &self.listener.shared;
-        hold.live = Some(shared.leases.register(LiveLease::new(
+        hold.live = Some(self.listener.shared.leases.register(LiveLease::new(
             format!("redis-{:x}-{:x}", self.id, self.holds),
             self.listener.upstream.clone(),
             conn.endpoint_str().to_owned(),
@@ -631,7 +647,6 @@ where
             String::new(),
             None,
         )));
-        tracing::debug!(upstream = %self.listener.upstream, holder = %crate::lease::registry::Printable(&self.holder), why, "client pinned to its connection");
     }
 
     /// Redis's bytes just read (in `from_server`): counted by the tracker,

@@ -247,7 +247,10 @@ mod tests {
             reply(d.answer(&args(&["AUTH", "other", "s3cret"]), &mut state, 1))
                 .starts_with("-WRONGPASS")
         );
-        assert_eq!(reply(d.answer(&args(&["AUTH", "app", "s3cret"]), &mut state, 1)), "+OK\r\n");
+        assert_eq!(
+            reply(d.answer(&args(&["AUTH", "app", "s3cret"]), &mut state, 1)),
+            "+OK\r\n"
+        );
         assert!(state.authed);
     }
 
@@ -256,15 +259,22 @@ mod tests {
         let d = door(ClientAuth::Password);
         let mut state = ClientState::default();
         assert!(reply(d.answer(&args(&["HELLO", "3"]), &mut state, 1)).starts_with("-NOPROTO"));
-        assert!(reply(d.answer(&args(&["HELLO", "x"]), &mut state, 1)).starts_with("-ERR Protocol version"));
-        assert!(reply(d.answer(&args(&["HELLO", "2"]), &mut state, 1)).starts_with("-NOAUTH HELLO"));
+        assert!(
+            reply(d.answer(&args(&["HELLO", "x"]), &mut state, 1))
+                .starts_with("-ERR Protocol version")
+        );
+        assert!(
+            reply(d.answer(&args(&["HELLO", "2"]), &mut state, 1)).starts_with("-NOAUTH HELLO")
+        );
         assert!(
             reply(d.answer(&args(&["HELLO", "2", "SETNAME"]), &mut state, 1))
                 .starts_with("-ERR Syntax error in HELLO option 'SETNAME'")
         );
         assert_eq!(
             reply(d.answer(
-                &args(&["HELLO", "2", "AUTH", "default", "s3cret", "SETNAME", "worker"]),
+                &args(&[
+                    "HELLO", "2", "AUTH", "default", "s3cret", "SETNAME", "worker"
+                ]),
                 &mut state,
                 1
             )),
@@ -286,7 +296,10 @@ mod tests {
             name: Some(b"x".to_vec()),
             readonly: true,
         };
-        assert_eq!(reply(d.answer(&args(&["RESET"]), &mut state, 1)), "+RESET\r\n");
+        assert_eq!(
+            reply(d.answer(&args(&["RESET"]), &mut state, 1)),
+            "+RESET\r\n"
+        );
         assert_eq!(state, ClientState::default());
     }
 }

@@ -88,20 +88,28 @@ impl Listener {
                 }
             }
         };
-        match self.version.get_or_try_init(|| async { ask.await.ok_or(()) }).await {
+        match self
+            .version
+            .get_or_try_init(|| async { ask.await.ok_or(()) })
+            .await
+        {
             Ok(version) => version.clone(),
             Err(()) => "unknown".to_owned(),
         }
     }
 }
 
-/// `INFO server`'s `redis_version`, read whole from a clean connection.
+/// `INFO server`'s `redis_version` (`unknown` when refused), read whole
+/// from a clean connection; `None` when the connection failed.
 async fn info_version(
     stream: &mut tokio::net::TcpStream,
     max_frame: bytesize::ByteSize,
 ) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    stream.write_all(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n").await.ok()?;
+    stream
+        .write_all(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+        .await
+        .ok()?;
     let mut scanner = crate::protocol::redis::resp::Scanner::new(max_frame.as_u64());
     let mut reply = Vec::new();
     let mut done = None;
@@ -114,18 +122,21 @@ async fn info_version(
         if n == 0 {
             return None;
         }
-        scanner
-            .feed(&chunk[..n], |f| done = Some(f.kind))
-            .ok()?;
+        scanner.feed(&chunk[..n], |f| done = Some(f.kind)).ok()?;
         reply.extend_from_slice(&chunk[..n]);
     }
-    if done != Some(b'$') || !scanner.at_boundary() {
+    if !scanner.at_boundary() {
         return None;
     }
+    // A bulk string in RESP2, a verbatim one in RESP3; anything else (an
+    // ACL refusal) leaves the version unknown, the connection clean.
     let text = String::from_utf8_lossy(&reply);
-    text.lines()
-        .find_map(|l| l.strip_prefix("redis_version:"))
-        .map(|v| v.trim().chars().filter(char::is_ascii_graphic).collect())
+    let version = matches!(done, Some(b'$' | b'=')).then(|| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .map(|v| v.trim().chars().filter(char::is_ascii_graphic).collect())
+    });
+    Some(version.flatten().unwrap_or_else(|| "unknown".to_owned()))
 }
 
 impl Serve for Listener {

@@ -363,7 +363,10 @@ impl RedisSession {
 
     /// Whether the session state is the one lessor opened (replies aside).
     pub(crate) fn unchanged(&self) -> bool {
-        !self.state_changed() && !self.subscribed && self.changed.is_none() && self.unknown.is_none()
+        !self.state_changed()
+            && !self.subscribed
+            && self.changed.is_none()
+            && self.unknown.is_none()
     }
 
     /// Session state a restore puts back.
@@ -398,7 +401,10 @@ impl RedisSession {
             (self.watching, "WATCH"),
             (self.subscribed, "subscribed"),
             (self.tracking, "CLIENT TRACKING"),
-            (self.reply_off || self.skip || self.skip_next, "CLIENT REPLY"),
+            (
+                self.reply_off || self.skip || self.skip_next,
+                "CLIENT REPLY",
+            ),
             (self.no_evict, "CLIENT NO-EVICT"),
             (self.no_touch, "CLIENT NO-TOUCH"),
         ]
@@ -501,13 +507,19 @@ impl RedisSession {
     /// One frame from Redis went out: it answers the oldest owed reply, or
     /// is out-of-band (a RESP3 push that answers no command).
     fn answered(&mut self, frame: &Frame) {
+        // Out of band: a RESP3 push, or a message to a RESP2 subscriber
+        // (an array, in the one context where no reply can start so).
+        let oob = frame.is_push()
+            || (self.subscribed
+                && self.resp == 2
+                && frame.kind == b'*'
+                && matches!(frame.first().as_str(), "message" | "pmessage" | "smessage"));
         let pos = self.owed.iter().position(|o| !matches!(o, Owed::Local(_)));
         match pos.map(|p| (p, self.owed[p])) {
             Some((p, Owed::Group { kind, left, total })) => {
                 let counts = (frame.is_push() || (self.resp == 2 && frame.kind == b'*'))
                     && frame.first() == kind;
                 if counts {
-                    self.subscriptions_now(kind, frame.count);
                     if left > 1 {
                         self.owed[p] = Owed::Group {
                             kind,
@@ -517,8 +529,9 @@ impl RedisSession {
                     } else {
                         self.owed.remove(p);
                     }
-                } else if frame.is_push() {
-                    // Out of band (an invalidation, a message).
+                    self.subscriptions_now(kind, frame.count);
+                } else if oob {
+                    // An invalidation, a message.
                 } else {
                     // A refused command gets one error instead of its group.
                     if !(frame.is_error() && left == total) {
@@ -528,11 +541,11 @@ impl RedisSession {
                     self.owed.remove(p);
                 }
             }
-            Some((_, _)) if frame.is_push() => {}
+            Some((_, _)) if oob => {}
             Some((p, _)) => {
                 self.owed.remove(p);
             }
-            None if frame.is_push() => {}
+            None if oob => {}
             None => {
                 self.unknown.get_or_insert("a reply no command was owed");
             }
@@ -800,7 +813,7 @@ impl RedisSession {
 }
 
 /// Commands that may wait on the server before they reply.
-fn blocks(name: &str) -> bool {
+pub(crate) fn blocks(name: &str) -> bool {
     matches!(
         name,
         "BLPOP"
