@@ -376,3 +376,93 @@ fn control_listen_off_loopback_needs_an_explicit_allow() {
         Some("0.0.0.0:9091".parse().unwrap())
     );
 }
+
+#[test]
+fn native_listeners_are_checked_per_protocol() {
+    let with = |protocol: &str, listen: &str| {
+        let postgres = if protocol == "postgres" {
+            ", postgres: { user: u }"
+        } else {
+            ""
+        };
+        format!(
+            "upstreams:\n  - {{ name: c, address: 'h:1', protocol: {protocol}{postgres}, listen: {{ {listen} }} }}\n"
+        )
+    };
+    let redis = Config::from_yaml(&with(
+        "redis",
+        "address: \"127.0.0.1:6380\", unix_socket: /run/c.sock, username: app",
+    ))
+    .unwrap();
+    let listen = redis.upstreams[0].listen.as_ref().unwrap();
+    assert_eq!(
+        listen.unix_socket.as_deref(),
+        Some(std::path::Path::new("/run/c.sock"))
+    );
+    assert_eq!(listen.unix_socket_mode.0, 0o660);
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let password = format!(
+        "auth: password, password_file: \"{}\"",
+        file.path().display()
+    );
+    assert!(
+        Config::from_yaml(&with(
+            "redis",
+            &format!("address: \"0.0.0.0:6380\", {password}")
+        ))
+        .is_ok()
+    );
+    for (protocol, listen, wanted) in [
+        (
+            "tcp",
+            "address: \"127.0.0.1:1\"",
+            "needs `protocol: postgres` or `protocol: redis`",
+        ),
+        (
+            "redis",
+            "address: \"0.0.0.0:6380\"",
+            "`trust` on `0.0.0.0:6380`, which is not a loopback address",
+        ),
+        (
+            "redis",
+            "address: \"127.0.0.1:6380\", auth: scram-sha-256",
+            "trust or password",
+        ),
+        (
+            "postgres",
+            "address: \"127.0.0.1:6432\", auth: password",
+            "trust or scram-sha-256",
+        ),
+        (
+            "redis",
+            "address: \"127.0.0.1:6380\", auth: password",
+            "password needs the password clients present",
+        ),
+        (
+            "redis",
+            "unix_socket_dir: /run",
+            "listen.unix_socket_dir: not for `protocol: redis`",
+        ),
+        (
+            "postgres",
+            "unix_socket: /run/x.sock",
+            "listen.unix_socket: not for `protocol: postgres`",
+        ),
+        ("redis", "address: \"\"", "set address, unix_socket or both"),
+        (
+            "postgres",
+            "address: \"127.0.0.1:6432\", username: x",
+            "only for `protocol: redis`",
+        ),
+        (
+            "redis",
+            "address: \"127.0.0.1:6380\", unix_socket_mode: \"999\"",
+            "not a file mode",
+        ),
+    ] {
+        let err = Config::from_yaml(&with(protocol, listen))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(wanted), "{protocol} {listen}: {err}");
+    }
+}

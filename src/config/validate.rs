@@ -84,33 +84,38 @@ impl UpstreamConfig {
                 ));
             }
         };
-        let (own_socket, other_socket) = match self.protocol {
-            Protocol::Redis => (listen.unix_socket.is_some(), "unix_socket_dir"),
-            _ => (listen.unix_socket_dir.is_some(), "unix_socket"),
+        // Each protocol's Unix socket is named its own way: PostgreSQL's
+        // by a directory (clients find `.s.PGSQL.<port>` in it), Redis's
+        // by its path.
+        let (own, other, other_key, use_instead) = match self.protocol {
+            Protocol::Redis => (
+                listen.unix_socket.is_some(),
+                listen.unix_socket_dir.is_some(),
+                "unix_socket_dir",
+                "unix_socket: a path",
+            ),
+            _ => (
+                listen.unix_socket_dir.is_some(),
+                listen.unix_socket.is_some(),
+                "unix_socket",
+                "unix_socket_dir: a directory",
+            ),
         };
-        if (self.protocol == Protocol::Redis && listen.unix_socket_dir.is_some())
-            || (self.protocol == Protocol::Postgres && listen.unix_socket.is_some())
-        {
+        if other {
             return Err(invalid(
-                format!("{at}.{other_socket}"),
-                format!(
-                    "not for `protocol: {engine}` (use {})",
-                    if self.protocol == Protocol::Redis {
-                        "unix_socket: a path"
-                    } else {
-                        "unix_socket_dir: a directory"
-                    }
-                ),
+                format!("{at}.{other_key}"),
+                format!("not for `protocol: {engine}` (use {use_instead})"),
             ));
         }
-        if listen.address.is_none() && !own_socket {
+        if listen.address.is_none() && !own {
+            let socket = if self.protocol == Protocol::Redis {
+                "unix_socket"
+            } else {
+                "unix_socket_dir"
+            };
             return Err(invalid(
                 format!("{at}.address"),
-                if self.protocol == Protocol::Redis {
-                    "set address, unix_socket or both"
-                } else {
-                    "set address, unix_socket_dir or both"
-                },
+                format!("set address, {socket} or both"),
             ));
         }
         if listen.auth != ClientAuth::Trust && listen.auth != auth_needed {
