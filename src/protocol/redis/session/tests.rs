@@ -223,3 +223,50 @@ fn what_may_never_run_or_never_end_is_not_counted_clean() {
         .unwrap();
     assert!(s.verdict().unwrap_err().contains("not countable"));
 }
+
+#[test]
+fn subscriptions_end_when_the_servers_count_reaches_zero() {
+    for resp in [2u8, 3] {
+        let mut s = RedisSession::new(1 << 20, resp);
+        let a = if resp == 3 { ">" } else { "*" };
+        let reply = |kind: &str, ch: &str, n: i64| {
+            Bytes::from(format!(
+                "{a}3\r\n${}\r\n{kind}\r\n${}\r\n{ch}\r\n:{n}\r\n",
+                kind.len(),
+                ch.len()
+            ))
+        };
+        s.client_sent(&Bytes::from_static(b"SUBSCRIBE a b\r\nPSUBSCRIBE p*\r\n"))
+            .unwrap();
+        s.upstream_sent(reply("subscribe", "a", 1)).unwrap();
+        s.upstream_sent(reply("subscribe", "b", 2)).unwrap();
+        s.upstream_sent(reply("psubscribe", "p*", 3)).unwrap();
+        assert_eq!(s.binds(), Some("subscribed"));
+        // A message (an array in RESP2) answers nothing.
+        s.upstream_sent(Bytes::from(format!(
+            "{a}3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nhi\r\n"
+        )))
+        .unwrap();
+        assert_eq!(s.replies_due(), 0);
+        // An argument-less UNSUBSCRIBE owes one reply per channel (not
+        // per pattern): two, and the pattern remains.
+        s.client_sent(&Bytes::from_static(b"UNSUBSCRIBE\r\n"))
+            .unwrap();
+        assert_eq!(s.replies_due(), 2);
+        s.upstream_sent(reply("unsubscribe", "b", 2)).unwrap();
+        s.upstream_sent(reply("unsubscribe", "a", 1)).unwrap();
+        assert_eq!(s.binds(), Some("subscribed"), "RESP{resp}");
+        s.client_sent(&Bytes::from_static(b"PUNSUBSCRIBE\r\n"))
+            .unwrap();
+        assert_eq!(s.replies_due(), 1);
+        s.upstream_sent(reply("punsubscribe", "p*", 0)).unwrap();
+        assert_eq!(s.binds(), None, "RESP{resp}");
+        assert_eq!(s.verdict(), Ok(()));
+        assert!(s.is_clean());
+        // Pipelined behind a SUBSCRIBE whose count is not known yet, an
+        // argument-less unsubscribe cannot be counted.
+        s.client_sent(&Bytes::from_static(b"SUBSCRIBE c\r\nUNSUBSCRIBE\r\n"))
+            .unwrap();
+        assert!(s.verdict().unwrap_err().contains("not countable"));
+    }
+}
