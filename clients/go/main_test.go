@@ -32,6 +32,9 @@ var (
 	// pgListenAddr is lessor's native PostgreSQL listener, in front of
 	// pgAddr.
 	pgListenAddr string
+	// redisListenAddr is lessor's native Redis listener, in front of the
+	// test's redis-server.
+	redisListenAddr string
 	// lessorBin and lessorDir start further lessors (a unix socket one).
 	lessorBin, lessorDir string
 )
@@ -66,7 +69,9 @@ func run(m *testing.M) (int, error) {
 	}
 	lessorBin, lessorDir = bin, dir
 	pgListenAddr = fmt.Sprintf("127.0.0.1:%d", freePort())
-	addr, stopLessor, err := startLessor(bin, dir, "", upstreams(redisAddr, pgAddr)+native(pgAddr, pgListenAddr))
+	redisListenAddr = fmt.Sprintf("127.0.0.1:%d", freePort())
+	config := upstreams(redisAddr, pgAddr) + native(pgAddr, pgListenAddr) + nativeRedis(redisAddr, redisListenAddr)
+	addr, stopLessor, err := startLessor(bin, dir, "", config)
 	if err != nil {
 		return 0, err
 	}
@@ -111,6 +116,17 @@ func native(pg, listen string) string {
     pool: { max_size: 2, min_idle: 1 }
     listen: { address: "%s", pool_mode: transaction }
 `, pg, listen)
+}
+
+// nativeRedis is an upstream whose listener unmodified Redis clients
+// (redigo) use, pooled per pipeline over two server connections.
+func nativeRedis(redis, listen string) string {
+	return fmt.Sprintf(`  - name: cachenative
+    address: "%s"
+    protocol: redis
+    pool: { max_size: 2, min_idle: 1 }
+    listen: { address: "%s" }
+`, redis, listen)
 }
 
 // freePort is a port nothing listens on now, from a range the kernel does
