@@ -496,6 +496,49 @@ async fn redis_listen_blocking_pop_is_woken_by_another_client() {
     pusher.call("LLEN other", ":1\r\n").await;
 }
 
+/// CLIENT REPLY, CLIENT TRACKING and MONITOR keep their client on its
+/// connection until they end (the server's `CLIENT LIST` shows the state
+/// only while it lasts); a MONITOR that never ends costs its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_listen_reply_tracking_and_monitor_pin_until_they_end() {
+    let Some(f) = fixture(EngineKind::Bb8, 2, "", "").await else {
+        return;
+    };
+    let mut a = Raw::connect(f.port).await;
+    let mut b = Raw::connect(f.port).await;
+    let mut d = direct(&f.redis).await;
+    // Replies off: nothing comes back until ON, and the SET ran.
+    a.send(b"CLIENT REPLY OFF\r\nSET quiet 1\r\n").await;
+    a.call("CLIENT REPLY ON", "+OK\r\n").await;
+    a.call("GET quiet", "$1\r\n1\r\n").await;
+    // Tracking: on one server connection while it lasts.
+    a.call("CLIENT TRACKING on", "+OK\r\n").await;
+    let tracking = |list: &str| list.lines().filter(|l| l.contains(" flags=t ")).count();
+    let list = d.bulk("CLIENT LIST").await;
+    assert_eq!(tracking(&list), 1, "{list}");
+    b.call("SET other 1", "+OK\r\n").await;
+    a.call("CLIENT TRACKING off", "+OK\r\n").await;
+    let list = d.bulk("CLIENT LIST").await;
+    assert_eq!(tracking(&list), 0, "{list}");
+    for _ in 0..4 {
+        let info = b.bulk("CLIENT INFO").await;
+        assert!(info.contains(" flags=N "), "{info}");
+    }
+    // MONITOR: the client sees what another runs, then leaves; its
+    // connection cannot be made clean and is closed.
+    let mut m = Raw::connect(f.port).await;
+    m.call("MONITOR", "+OK\r\n").await;
+    b.call("SET watched 1", "+OK\r\n").await;
+    let seen = m.line().await;
+    assert!(seen.contains("\"SET\" \"watched\" \"1\""), "{seen}");
+    drop(m);
+    eventually("the MONITOR connection is closed", || async {
+        evictions(&f.lessor.stats("up").await) >= 1
+    })
+    .await;
+    b.call("GET watched", "$1\r\n1\r\n").await;
+}
+
 /// Client authentication, HELLO, and what a hostile client gets: Redis's
 /// own errors, and a closed connection after a protocol error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
