@@ -144,6 +144,9 @@ enum Command {
         /// lessor's control address (admin.control_listen).
         #[arg(long, env = "LESSOR_CONTROL_ADDR", default_value = "127.0.0.1:9091")]
         control: String,
+        /// With every task's stack (tokio's task dump).
+        #[arg(long)]
+        tasks: bool,
     },
     /// Print every upstream's pool statistics.
     Stats {
@@ -267,8 +270,8 @@ fn main() -> ExitCode {
             );
             Ok::<_, String>(())
         }),
-        Command::Runtime { control } => client_command(async move {
-            print!("{}", cli::runtime(&control).await?);
+        Command::Runtime { control, tasks } => client_command(async move {
+            print!("{}", cli::runtime(&control, tasks).await?);
             Ok::<_, cli::AdminCommandError>(())
         }),
         Command::Demo { leases } => {

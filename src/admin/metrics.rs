@@ -487,6 +487,14 @@ impl Collector for ProcessCollector {
                 "Tasks waiting in the runtime's shared queue.",
                 [(none, ConstGauge::new(figures.global_queue_depth as i64))],
             )?;
+            if let Some(threads) = figures.blocking_threads {
+                family(
+                    &mut e,
+                    "lessor_runtime_blocking_threads",
+                    "Threads of the runtime's blocking pool.",
+                    [(none, ConstGauge::new(threads as i64))],
+                )?;
+            }
             let workers: Vec<String> = (0..figures.workers).map(|w| w.to_string()).collect();
             family(
                 &mut e,

@@ -10,7 +10,9 @@
 //!   allocator; see the README's runbook for what to use instead).
 //! - `GET /debug/runtime`: the serving tokio runtime's figures as JSON
 //!   (workers, alive tasks, global queue depth, busy time and parks per
-//!   worker); `/metrics` carries the same as `lessor_runtime_*`.
+//!   worker, blocking threads); `/metrics` carries the same as
+//!   `lessor_runtime_*`. `?tasks=1` adds every task's stack (tokio's task
+//!   dump, in builds that have it: see `.cargo/config.toml`).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -140,10 +142,23 @@ pub(crate) struct RuntimeFigures {
     pub alive_tasks: usize,
     /// Tasks waiting in the shared queue.
     pub global_queue_depth: usize,
-    /// Per worker: time spent polling tasks, and times it parked.
+    /// Per worker: time spent polling tasks, times it parked, and (where
+    /// the build has tokio's unstable figures) its local queue's depth.
     pub per_worker: Vec<WorkerFigures>,
+    /// Threads of the blocking pool (profile encoding, large Exchange
+    /// requests, SCRAM key derivation), and tasks waiting for one; `None`
+    /// in a build without tokio's unstable figures.
+    pub blocking_threads: Option<usize>,
+    /// Tasks waiting for a blocking thread.
+    pub blocking_queue_depth: Option<usize>,
+    /// Whether this build can dump every task's stack (`?tasks=1`).
+    pub task_dump_available: bool,
     /// A CPU profile is being taken now.
     pub profiling: bool,
+    /// `?tasks=1`: every task's stack, as tokio traces it (idle tasks, at
+    /// the await where each waits).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<Vec<TaskTrace>>,
 }
 
 /// One worker's figures.
@@ -153,13 +168,39 @@ pub(crate) struct WorkerFigures {
     pub busy_seconds: f64,
     /// Times it went to sleep for want of work since the runtime started.
     pub parks: u64,
+    /// Tasks in its local queue now (unstable figures only).
+    pub local_queue_depth: Option<usize>,
 }
+
+/// One task of a dump.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct TaskTrace {
+    /// tokio's id of the task.
+    pub id: String,
+    /// Its stack: the frames from the task's future down to the await it
+    /// waits at.
+    pub trace: String,
+}
+
+/// Whether this build carries tokio's task dump.
+pub(crate) const TASK_DUMP: bool = cfg!(all(
+    tokio_unstable,
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+));
 
 impl RuntimeFigures {
     /// The figures of `runtime` now.
     pub(crate) fn of(runtime: &tokio::runtime::Handle) -> Self {
         let m = runtime.metrics();
         let workers = m.num_workers();
+        #[cfg(tokio_unstable)]
+        let (blocking_threads, blocking_queue_depth) = (
+            Some(m.num_blocking_threads()),
+            Some(m.blocking_queue_depth()),
+        );
+        #[cfg(not(tokio_unstable))]
+        let (blocking_threads, blocking_queue_depth) = (None, None);
         Self {
             workers,
             alive_tasks: m.num_alive_tasks(),
@@ -168,17 +209,78 @@ impl RuntimeFigures {
                 .map(|w| WorkerFigures {
                     busy_seconds: m.worker_total_busy_duration(w).as_secs_f64(),
                     parks: m.worker_park_count(w),
+                    #[cfg(tokio_unstable)]
+                    local_queue_depth: Some(m.worker_local_queue_depth(w)),
+                    #[cfg(not(tokio_unstable))]
+                    local_queue_depth: None,
                 })
                 .collect(),
+            blocking_threads,
+            blocking_queue_depth,
+            task_dump_available: TASK_DUMP,
             profiling: false,
+            tasks: None,
         }
     }
 }
 
-/// `GET /debug/runtime`.
-pub(crate) async fn runtime(State(state): State<ProfileState>) -> Response {
+/// `?tasks=1`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct RuntimeQuery {
+    tasks: Option<String>,
+}
+
+/// How long a task dump may take: every worker must reach a point where it
+/// can trace its idle tasks.
+const DUMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Every task's stack, taken on the serving runtime itself.
+#[cfg(all(
+    tokio_unstable,
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+async fn task_dump(runtime: &tokio::runtime::Handle) -> Result<Vec<TaskTrace>, String> {
+    let handle = runtime.clone();
+    let dumped = runtime.spawn(async move { handle.dump().await });
+    let dump = tokio::time::timeout(DUMP_TIMEOUT, dumped)
+        .await
+        .map_err(|_| format!("the task dump did not finish within {DUMP_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())?;
+    Ok(dump
+        .tasks()
+        .iter()
+        .map(|task| TaskTrace {
+            id: task.id().to_string(),
+            trace: task.trace().to_string(),
+        })
+        .collect())
+}
+
+#[cfg(not(all(
+    tokio_unstable,
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+)))]
+async fn task_dump(_: &tokio::runtime::Handle) -> Result<Vec<TaskTrace>, String> {
+    Err(format!(
+        "this build has no task dump (it needs the `tokio_unstable` cfg and tokio's `taskdump` feature, which the repository's .cargo/config.toml and Cargo.toml set on Linux x86_64 and aarch64)"
+    ))
+}
+
+/// `GET /debug/runtime` (`?tasks=1`: with every task's stack).
+pub(crate) async fn runtime(
+    State(state): State<ProfileState>,
+    Query(q): Query<RuntimeQuery>,
+) -> Response {
     let mut figures = RuntimeFigures::of(&state.runtime);
     figures.profiling = state.busy.load(Ordering::Acquire);
+    if matches!(q.tasks.as_deref(), Some("1" | "true")) {
+        match task_dump(&state.runtime).await {
+            Ok(tasks) => figures.tasks = Some(tasks),
+            Err(why) => return (StatusCode::NOT_IMPLEMENTED, why + "\n").into_response(),
+        }
+    }
     match serde_json::to_string_pretty(&figures) {
         Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json + "\n").into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),

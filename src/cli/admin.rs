@@ -101,9 +101,15 @@ pub async fn profile(control: &str, seconds: u64) -> Result<Vec<u8>, AdminComman
     Ok(body)
 }
 
-/// Runs `lessor runtime`: the serving runtime's figures, as JSON.
-pub async fn runtime(control: &str) -> Result<String, AdminCommandError> {
-    admin_get(control, "/debug/runtime").await
+/// Runs `lessor runtime`: the serving runtime's figures, as JSON (with
+/// every task's stack when `tasks`).
+pub async fn runtime(control: &str, tasks: bool) -> Result<String, AdminCommandError> {
+    let path = if tasks {
+        "/debug/runtime?tasks=1"
+    } else {
+        "/debug/runtime"
+    };
+    admin_get(control, path).await
 }
 
 /// GET on the admin server; the body when the status is 200.

@@ -775,3 +775,66 @@ async fn ops_profile_and_runtime_of_the_sidecar_itself() {
         assert!(metrics.body.contains(name), "{name}");
     }
 }
+
+/// `lessor runtime --tasks` dumps every task's stack: a held lease's task
+/// waits in the lease pump, a waiting checkout's in the pool's checkout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_runtime_dump_shows_a_held_lease_and_a_waiting_checkout() {
+    let up = crate::support::TestUpstream::start().await;
+    let served = Served::start(&crate::support::config_one(
+        &up.addr(),
+        lessor::EngineKind::Bb8,
+        &["pool: { max_size: 1, min_idle: 1, checkout_timeout: 60s }"],
+    ))
+    .await;
+    let client = served.client().await;
+    let held = client.lease("up", &LeaseOptions::default()).await.unwrap();
+    // A second lease waits for the only connection.
+    let waiting = {
+        let client = client.clone();
+        tokio::spawn(async move { client.lease("up", &LeaseOptions::default()).await })
+    };
+    eventually("a checkout waits", || async {
+        crate::support::http::fetch(&served.admin, "/metrics", None)
+            .await
+            .is_ok_and(|m| {
+                m.body
+                    .lines()
+                    .any(|l| l.starts_with("lessor_pool_waiters{") && l.ends_with(" 1"))
+            })
+    })
+    .await;
+    let bin = env!("CARGO_BIN_EXE_lessor");
+    let control = served.control.clone();
+    let dumped = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bin)
+            .args(["runtime", "--tasks", "--control", &control])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        dumped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dumped.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&dumped.stdout).unwrap();
+    assert_eq!(json["task_dump_available"], true, "{json}");
+    let traces: Vec<&str> = json["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["trace"].as_str().unwrap())
+        .collect();
+    assert!(
+        traces.iter().any(|t| t.contains("lessor::lease::pump")),
+        "no task in the lease pump: {traces:#?}"
+    );
+    assert!(
+        traces.iter().any(|t| t.contains("checkout")),
+        "no task in a checkout: {traces:#?}"
+    );
+    drop(held);
+    assert!(waiting.await.unwrap().is_ok());
+}

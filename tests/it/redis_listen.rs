@@ -33,6 +33,17 @@ async fn fixture(
     listen_extra: &str,
     redis_extra: &str,
 ) -> Option<Fixture> {
+    fixture_with(engine, max_size, listen_extra, redis_extra, &[]).await
+}
+
+/// [`fixture`] with more lines of the upstream's config (`lease: ...`).
+async fn fixture_with(
+    engine: EngineKind,
+    max_size: u32,
+    listen_extra: &str,
+    redis_extra: &str,
+    more: &[&str],
+) -> Option<Fixture> {
     let redis = Redis::start_with(&["--requirepass", PASSWORD]).await?;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("upstream-password");
@@ -44,6 +55,8 @@ async fn fixture(
         &redis.addr(),
         engine,
         &[
+            more,
+            &[
             "protocol: redis",
             &format!(
                 "redis: {{ password_file: \"{}\"{redis_extra} }}",
@@ -53,7 +66,9 @@ async fn fixture(
                 "pool: {{ max_size: {max_size}, min_idle: 1, connect_timeout: 5s, checkout_timeout: 10s }}"
             ),
             &format!("listen: {{ address: \"127.0.0.1:{port}\"{listen_extra} }}"),
-        ],
+            ],
+        ]
+        .concat(),
     )))
     .await;
     eventually("the listener accepts", || async move {
@@ -78,6 +93,22 @@ impl Raw {
     async fn connect(port: u16) -> Self {
         Self {
             stream: TcpStream::connect(("127.0.0.1", port)).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// A client whose socket takes in little (no receive-window growth):
+    /// one that does not read stalls its sender soon.
+    async fn connect_narrow(port: u16) -> Self {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        socket.connect(&addr.into()).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let std: std::net::TcpStream = socket.into();
+        Self {
+            stream: TcpStream::from_std(std).unwrap(),
             buf: Vec::new(),
         }
     }
@@ -157,13 +188,18 @@ impl Raw {
         body
     }
 
-    /// Whether the listener closed the connection (within patience).
+    /// Whether the listener closes the connection (within patience),
+    /// whatever it sends before.
     async fn closed(&mut self) -> bool {
-        let mut chunk = [0u8; 4096];
-        matches!(
-            tokio::time::timeout(PATIENCE, self.stream.read(&mut chunk)).await,
-            Ok(Ok(0) | Err(_))
-        )
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0) | Err(_)) => return true,
+                Ok(Ok(_)) => {}
+                Err(_) => return false,
+            }
+        }
     }
 }
 
@@ -550,10 +586,10 @@ async fn redis_listen_authenticates_and_refuses_as_redis_does() {
         EngineKind::Bb8,
         1,
         &format!(
-            ", auth: password, username: app, password_file: \"{}\", max_clients: 3",
+            ", auth: password, username: app, password_file: \"{}\", max_clients: 3, startup_timeout: 3s",
             file.display()
         ),
-        ", max_frame: 1KiB",
+        ", max_frame: 64KiB",
     )
     .await
     else {
@@ -595,9 +631,11 @@ async fn redis_listen_authenticates_and_refuses_as_redis_does() {
     drop(e);
     // A frame over redis.max_frame, and malformed RESP: an error, then
     // closed; the commands before the error were answered.
-    c.send(b"PING\r\n*2\r\n$3\r\nGET\r\n$5000\r\n").await;
-    c.expect(b"+PONG\r\n-ERR bulk string of 5000 bytes exceeds redis.max_frame (1024 bytes)\r\n")
-        .await;
+    c.send(b"PING\r\n*2\r\n$3\r\nGET\r\n$100000\r\n").await;
+    c.expect(
+        b"+PONG\r\n-ERR bulk string of 100000 bytes exceeds redis.max_frame (65536 bytes)\r\n",
+    )
+    .await;
     assert!(c.closed().await);
     d.send(b"*1\r\n$x\r\n").await;
     d.expect(b"-ERR Protocol error: invalid bulk length\r\n")
@@ -607,8 +645,85 @@ async fn redis_listen_authenticates_and_refuses_as_redis_does() {
     let mut g = Raw::connect(f.port).await;
     g.call("AUTH client-pw", "+OK\r\n").await;
     g.call("SET ok 1", "+OK\r\n").await;
+    // Before authentication a client may send little, and not for long.
+    let mut h = Raw::connect(f.port).await;
+    h.send(format!("*11\r\n{}", "$1\r\nx\r\n".repeat(11)).as_bytes())
+        .await;
+    h.expect(b"-ERR Protocol error: unauthenticated multibulk length\r\n")
+        .await;
+    assert!(h.closed().await);
+    let mut h = Raw::connect(f.port).await;
+    h.send(b"*2\r\n$3\r\nGET\r\n$50000\r\n").await;
+    h.send(&vec![b'x'; 30_000]).await;
+    h.expect(b"-ERR Protocol error: unauthenticated bulk length\r\n")
+        .await;
+    assert!(h.closed().await);
+    let mut silent = Raw::connect(f.port).await;
+    assert!(silent.closed().await, "closed after startup_timeout");
     let stats = f.lessor.stats("up").await;
     assert_eq!(evictions(&stats), 0, "{stats:?}");
+}
+
+/// What a hostile review found, on a pool of one connection: a client
+/// that stops reading, or piles commands behind a blocked one and leaves,
+/// cannot keep the connection past `lease.idle_timeout`; RESET, AUTH and a
+/// refused REDIRECT while pinned do not keep it either; a reply over
+/// `redis.max_frame` still delivers the whole ones before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_listen_hostile_clients_cannot_keep_the_connection() {
+    let Some(f) = fixture_with(
+        EngineKind::Bb8,
+        1,
+        "",
+        ", max_frame: 64KiB",
+        &["lease: { idle_timeout: 1s }"],
+    )
+    .await
+    else {
+        return;
+    };
+    let mut d = direct(&f.redis).await;
+    let mut other = Raw::connect(f.port).await;
+    // A reader that never reads 16 MiB of replies.
+    let value = "v".repeat(16 * 1024);
+    d.call(&format!("SET mid {value}"), "+OK\r\n").await;
+    let mut slow = Raw::connect_narrow(f.port).await;
+    slow.send("GET mid\r\n".repeat(1024).as_bytes()).await;
+    eventually("the stalled reader is listed", || async {
+        http::fetch(&f.lessor.admin, "/debug/leases?format=json", None)
+            .await
+            .is_ok_and(|l| l.body.contains("redis-"))
+    })
+    .await;
+    other.call("PING", "+PONG\r\n").await;
+    assert!(slow.closed().await, "the stalled reader is closed");
+    // A blocked pop with 512 KiB piled behind it, then gone.
+    let mut gone = Raw::connect(f.port).await;
+    let mut pile = b"BLPOP nothing 0\r\n".to_vec();
+    pile.extend("PING\r\n".repeat(90_000).as_bytes());
+    gone.send(&pile).await;
+    drop(gone);
+    other.call("PING", "+PONG\r\n").await;
+    // RESET inside MULTI: discarded, answered, and the client is free.
+    let mut a = Raw::connect(f.port).await;
+    a.send(b"MULTI\r\nSET r 1\r\nRESET\r\nGET r\r\n").await;
+    a.expect(b"+OK\r\n+QUEUED\r\n+RESET\r\n$-1\r\n").await;
+    other.call("PING", "+PONG\r\n").await;
+    // AUTH and a refused REDIRECT while watching: answered in place.
+    a.send(b"WATCH w\r\nAUTH whatever\r\nCLIENT TRACKING on REDIRECT 5\r\nUNWATCH\r\n")
+        .await;
+    a.expect(b"+OK\r\n+OK\r\n-ERR lessor: CLIENT TRACKING REDIRECT would name a pooled connection; use RESP3 tracking (redis.resp: 3) without REDIRECT\r\n+OK\r\n").await;
+    other.call("PING", "+PONG\r\n").await;
+    // A reply over max_frame: the whole replies first, then why.
+    let huge = "h".repeat(100_000);
+    d.send(format!("*3\r\n$3\r\nSET\r\n$4\r\nhuge\r\n$100000\r\n{huge}\r\n").as_bytes())
+        .await;
+    d.expect(b"+OK\r\n").await;
+    let mut b = Raw::connect(f.port).await;
+    b.send(b"STRLEN huge\r\nGET huge\r\n").await;
+    b.expect(b":100000\r\n-ERR lessor: a reply of 100000 bytes exceeds redis.max_frame (65536 bytes); connection closed\r\n").await;
+    assert!(b.closed().await);
+    other.call("PING", "+PONG\r\n").await;
 }
 
 /// The drain: idle clients are closed at once; a pinned subscriber keeps

@@ -22,7 +22,7 @@ use crate::lease::state::{Direction, End};
 use crate::protocol::redis::command::{
     Command, CommandReader, ProtocolError, full_args, string2ll,
 };
-use crate::protocol::redis::resp::{Frame, Scanner, encode_command};
+use crate::protocol::redis::resp::{Frame, RespError, Scanner, encode_command};
 use crate::protocol::redis::session::{RedisSession, blocks};
 use crate::telemetry::TARGET;
 use lessor_client::pb::Disposition;
@@ -32,6 +32,11 @@ use lessor_client::pb::Disposition;
 const BUFFERED_MAX: usize = 256 * 1024;
 /// The first read buffer of a direction.
 const READ_SIZE: usize = 16 * 1024;
+/// The most an unauthenticated client's incomplete command may hold:
+/// Redis refuses a bulk string over 16 KiB before authentication.
+const PREAUTH_MAX: usize = 20 * 1024;
+/// How long lessor waits to tell a client why it is closed.
+const SAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How a hold or a local answer ended, for the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +105,8 @@ struct Client<S> {
     sticky: bool,
     holder: String,
     peer: String,
+    /// When it connected (`listen.startup_timeout` runs from here).
+    connected: tokio::time::Instant,
     id: u64,
     holds: u64,
     max_frame: u64,
@@ -143,6 +150,7 @@ where
         sticky: listener.listen.pool_mode == PoolMode::Session,
         holder: format!("@{peer}"),
         peer,
+        connected: tokio::time::Instant::now(),
         id,
         holds: 0,
         max_frame: cfg.max_frame.as_u64(),
@@ -156,6 +164,7 @@ where
 enum Event {
     Revoked,
     Timeout,
+    Stalled,
     ClientRead(io::Result<usize>),
     ServerRead(io::Result<usize>),
     ServerWrote(io::Result<usize>),
@@ -175,40 +184,48 @@ where
             }
             return self.idle().await;
         }
-        let class = self.classify(&self.ready[0]);
+        let class = self.classify(0);
         match class {
             Class::NoAuth => {
                 self.consume(1);
                 self.reply(NOAUTH).await
             }
             Class::Local => {
-                let end = self.ready[0].end;
-                let args = full_args(&self.buf[..end]).unwrap_or_default();
-                self.consume(1);
-                let mut state = self.state.clone();
-                let answer = self.door().answer(&args, &mut state, self.id);
-                self.state = state;
-                match answer {
-                    Answer::Reply(bytes) => self.reply(&bytes).await,
-                    Answer::Quit => {
-                        self.reply(b"+OK\r\n").await;
-                        Next::Close
-                    }
-                    Answer::Hello { id } => {
-                        let version = self.listener.version().await;
-                        let reply = self.door().hello_reply(id, &version);
-                        self.reply(&reply).await
-                    }
+                let (reply, quit) = self.answer_front();
+                match self.reply(&reply).await {
+                    Next::Go if !quit => Next::Go,
+                    _ => Next::Close,
                 }
             }
             Class::Follow(follow) => self.hold(1, Some(follow)).await,
             Class::Batch => {
                 let mut n = 1;
-                while n < self.ready.len() && matches!(self.classify(&self.ready[n]), Class::Batch)
-                {
+                while n < self.ready.len() && matches!(self.classify(n), Class::Batch) {
                     n += 1;
                 }
                 self.hold(n, None).await
+            }
+        }
+    }
+
+    /// Answers the command at the front (one lessor answers itself), and
+    /// consumes it: the reply, and whether the client said `QUIT`.
+    fn answer_front(&mut self) -> (Vec<u8>, bool) {
+        let end = self.ready[0].end;
+        let args = full_args(&self.buf[..end]).unwrap_or_default();
+        self.consume(1);
+        if let Some(why) = refused(&args) {
+            return (format!("-ERR lessor: {why}\r\n").into_bytes(), false);
+        }
+        let mut state = self.state.clone();
+        let answer = self.door().answer(&args, &mut state, self.id);
+        self.state = state;
+        match answer {
+            Answer::Reply(bytes) => (bytes, false),
+            Answer::Quit => (b"+OK\r\n".to_vec(), true),
+            Answer::Hello { id } => {
+                let version = self.listener.version();
+                (self.door().hello_reply(id, &version), false)
             }
         }
     }
@@ -224,13 +241,21 @@ where
         }
     }
 
-    fn classify(&self, command: &Command) -> Class {
+    /// The bytes of ready command `i`.
+    fn bytes_of(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ready[i - 1].end };
+        &self.buf[start..self.ready[i].end]
+    }
+
+    /// What the listener does with ready command `i`.
+    fn classify(&self, i: usize) -> Class {
+        let command = &self.ready[i];
         if command.argc == 0 {
             // Redis skips an empty request without a reply.
             return Class::Batch;
         }
         let name = command.name();
-        if Door::answers(&name) {
+        if Door::answers(&name) || self.redirects(i) {
             return Class::Local;
         }
         if !self.state.authed {
@@ -247,12 +272,21 @@ where
             ("READONLY", 1) => Class::Follow(Follow::ReadOnly(true)),
             ("READWRITE", 1) => Class::Follow(Follow::ReadOnly(false)),
             ("CLIENT", 3) if command.arg(0).as_deref() == Some("SETNAME") => {
-                let args = full_args(&self.buf[..command.end]);
+                let args = full_args(self.bytes_of(i));
                 let name = args.and_then(|mut a| a.pop()).filter(|n| valid_name(n));
                 Class::Follow(Follow::SetName(name))
             }
             _ => Class::Batch,
         }
+    }
+
+    /// `CLIENT TRACKING ... REDIRECT id`: the id would name a pooled
+    /// connection, whose next client would get this one's invalidations.
+    fn redirects(&self, i: usize) -> bool {
+        let command = &self.ready[i];
+        command.name() == "CLIENT"
+            && command.arg(0).as_deref() == Some("TRACKING")
+            && full_args(self.bytes_of(i)).is_some_and(|args| refused(&args).is_some())
     }
 
     /// Drops the first `n` ready commands' bytes.
@@ -278,6 +312,7 @@ where
             ready.push_back(c);
         });
         self.fed = self.buf.len();
+        let result = result.and_then(|()| self.unauthenticated_limits());
         if let Err(e) = result {
             // Nothing after the error is read, as in Redis.
             let end = self.ready.back().map_or(0, |c| c.end);
@@ -285,6 +320,25 @@ where
             self.fed = end;
             self.broken = Some(e);
         }
+    }
+
+    /// Before authentication a client may send little, as with Redis: at
+    /// most 10 arguments a command, and a command still incomplete is
+    /// bounded (`PREAUTH_MAX`), so a stranger cannot make lessor hold
+    /// `max_frame` bytes per connection.
+    fn unauthenticated_limits(&mut self) -> Result<(), ProtocolError> {
+        if self.state.authed {
+            return Ok(());
+        }
+        if let Some(at) = self.ready.iter().position(|c| c.argc > 10) {
+            self.ready.truncate(at);
+            return Err(ProtocolError::UnauthenticatedCount);
+        }
+        let complete = self.ready.back().map_or(0, |c| c.end);
+        if self.ready.is_empty() && self.buf.len() - complete > PREAUTH_MAX {
+            return Err(ProtocolError::UnauthenticatedLength);
+        }
+        Ok(())
     }
 
     /// Writes a reply lessor gives itself.
@@ -305,8 +359,13 @@ where
             self.buf.reserve(READ_SIZE);
         }
         let stop = self.stop.clone();
+        // A client that has not authenticated within startup_timeout of
+        // connecting is closed: strangers cannot hold max_clients.
+        let unauthenticated = !self.state.authed;
+        let deadline = self.connected + self.listener.listen.startup_timeout;
         tokio::select! {
             () = stop.cancelled() => Next::Close,
+            () = tokio::time::sleep_until(deadline), if unauthenticated => Next::Close,
             read = self.rd.read_buf(&mut self.buf) => match read {
                 Ok(0) | Err(_) => Next::Close,
                 Ok(_) => {
@@ -419,6 +478,8 @@ where
             prefix_failed: false,
             gone: false,
             quit: false,
+            yielding: false,
+            local: false,
             live: None,
         };
         if blocking {
@@ -464,6 +525,10 @@ where
         tokio::pin!(revoked);
         let started = tokio::time::Instant::now();
         let mut last = started;
+        // The last time the client read a reply or sent a byte: a hold it
+        // stalls (replies it does not read, or commands piled up behind one
+        // not answered yet) ends after `lease.idle_timeout`.
+        let mut client_moved = started;
         let mut pinned = false;
         loop {
             // Writes are tried at once; only what the socket does not take
@@ -484,7 +549,10 @@ where
                 && let Some(w) = self.wr.write(&self.to_client).now_or_never()
             {
                 match w {
-                    Ok(n) => self.to_client.advance(n),
+                    Ok(n) => {
+                        self.to_client.advance(n);
+                        client_moved = tokio::time::Instant::now();
+                    }
                     Err(_) => return (End::Release(Disposition::Return), Next::Close),
                 }
             }
@@ -492,6 +560,19 @@ where
             if flushed && session.settled() {
                 if hold.quit || hold.gone {
                     return (End::Release(Disposition::Return), Next::Close);
+                }
+                if hold.yielding {
+                    // A RESET waits at the front: the hold ends by the
+                    // rules, then lessor answers it.
+                    return (End::Release(Disposition::Return), Next::Go);
+                }
+                if hold.local {
+                    // AUTH, HELLO or a refusal, in its place: everything
+                    // before it is answered, nothing after it was sent.
+                    hold.local = false;
+                    let (reply, _) = self.answer_front();
+                    self.to_client.extend_from_slice(&reply);
+                    continue;
                 }
                 let binds = session.binds();
                 if binds.is_none() {
@@ -512,16 +593,20 @@ where
                     self.list(guard, hold);
                 }
             }
-            if pinned && !hold.gone {
+            if pinned && !hold.gone && !hold.yielding && !hold.local {
                 // Bound to this connection: whatever the client sends goes
-                // on it, through the tracker.
+                // on it, through the tracker, up to 256 KiB ahead.
                 self.forward_ready(session, hold);
+                if hold.yielding || hold.local {
+                    // Back to the top: it may be its turn already.
+                    continue;
+                }
                 if self.ready.is_empty()
                     && self.to_server.is_empty()
                     && session.settled()
                     && let Some(e) = self.broken.take()
                 {
-                    let _ = self.wr.write_all(format!("-ERR {e}\r\n").as_bytes()).await;
+                    self.say(format!("-ERR {e}\r\n").as_bytes()).await;
                     return (End::Release(Disposition::Return), Next::Close);
                 }
             }
@@ -533,7 +618,13 @@ where
             let read_client = !hold.gone
                 && !hold.quit
                 && self.broken.is_none()
-                && (self.buf.len() < BUFFERED_MAX || (self.ready.is_empty() && pinned));
+                && (self.buf.len() < BUFFERED_MAX || self.ready.is_empty());
+            let stalled = !hold.gone
+                && (self.to_client.len() >= BUFFERED_MAX || (!read_client && !session.settled()));
+            if stalled {
+                self.list(guard, hold);
+            }
+            let stall_at = client_moved + config.lease.idle_timeout;
             if self.buf.capacity() - self.buf.len() < 1024 {
                 self.buf.reserve(READ_SIZE);
             }
@@ -547,6 +638,7 @@ where
                     biased;
                     () = &mut revoked => Event::Revoked,
                     () = tokio::time::sleep_until(deadline), if timed => Event::Timeout,
+                    () = tokio::time::sleep_until(stall_at), if stalled => Event::Stalled,
                     w = swr.write(&self.to_server), if !self.to_server.is_empty() => Event::ServerWrote(w),
                     w = self.wr.write(&self.to_client), if !self.to_client.is_empty() => Event::ClientWrote(w),
                     r = srd.read_buf(&mut self.from_server), if self.to_client.len() < BUFFERED_MAX => Event::ServerRead(r),
@@ -567,8 +659,12 @@ where
                     let line = format!(
                         "-ERR lessor: connection closed: a transaction stayed open past {what}\r\n"
                     );
-                    let _ = self.wr.write_all(line.as_bytes()).await;
+                    self.say(line.as_bytes()).await;
                     return (end, Next::Close);
+                }
+                Event::Stalled => {
+                    tracing::info!(upstream = %self.listener.upstream, holder = %Printable(&self.holder), "listener client stalled its connection past lease.idle_timeout; closed");
+                    return (End::Idle, Next::Close);
                 }
                 Event::ClientRead(Ok(0) | Err(_)) => {
                     // Gone: its replies go nowhere; the tracker decides
@@ -581,12 +677,11 @@ where
                 }
                 Event::ClientRead(Ok(_)) => {
                     last = tokio::time::Instant::now();
+                    client_moved = last;
                     self.frame();
                 }
                 Event::ServerRead(Ok(0) | Err(_)) => {
-                    let _ = self
-                        .wr
-                        .write_all(b"-ERR lessor: the server closed the connection\r\n")
+                    self.say(b"-ERR lessor: the server closed the connection\r\n")
                         .await;
                     return (End::UpstreamClosed, Next::Close);
                 }
@@ -597,22 +692,38 @@ where
                         live.moved(false, n);
                     }
                     if let Err(e) = self.replies(session, hold) {
-                        tracing::debug!(error = %e, "server sent what is not RESP");
-                        let _ = self
-                            .wr
-                            .write_all(b"-ERR lessor: the server broke the protocol\r\n")
-                            .await;
+                        tracing::debug!(error = %e, "server sent what lessor cannot relay");
+                        // What came whole before it goes out first.
+                        let _ =
+                            tokio::time::timeout(SAY_TIMEOUT, self.wr.write_all(&self.to_client))
+                                .await;
+                        let line = match e {
+                            RespError::TooLarge { len, max } => format!(
+                                "-ERR lessor: a reply of {len} bytes exceeds redis.max_frame ({max} bytes); connection closed\r\n"
+                            ),
+                            _ => "-ERR lessor: the server broke the protocol\r\n".to_owned(),
+                        };
+                        self.say(line.as_bytes()).await;
                         return (End::UpstreamError, Next::Close);
                     }
                 }
                 Event::ServerWrote(Ok(n)) => self.wrote_server(guard, hold, n),
                 Event::ServerWrote(Err(_)) => return self.server_failed().await,
-                Event::ClientWrote(Ok(n)) => self.to_client.advance(n),
+                Event::ClientWrote(Ok(n)) => {
+                    self.to_client.advance(n);
+                    client_moved = tokio::time::Instant::now();
+                }
                 Event::ClientWrote(Err(_)) => {
                     return (End::Release(Disposition::Return), Next::Close);
                 }
             }
         }
+    }
+
+    /// Tells the client why it is closed, without waiting on a client that
+    /// does not read.
+    async fn say(&mut self, line: &[u8]) {
+        let _ = tokio::time::timeout(SAY_TIMEOUT, self.wr.write_all(line)).await;
     }
 
     fn wrote_server(&mut self, guard: &mut LeaseGuard, hold: &Hold, n: usize) {
@@ -663,8 +774,13 @@ where
             let data = self.from_server.split().freeze();
             let out = session.upstream_sent(data)?;
             self.from_server.extend_from_slice(&out);
-        } else {
-            session.replies_read(&self.from_server)?;
+        } else if let Err((e, whole)) = session.replies_read_whole(&self.from_server) {
+            // The frames before the error are the client's all the same.
+            self.from_server.truncate(whole);
+            if hold.side.is_none() && !hold.gone {
+                self.to_client.extend_from_slice(&self.from_server);
+            }
+            return Err(e);
         }
         if hold.side.is_some() {
             self.take_prefix_replies(hold);
@@ -681,31 +797,41 @@ where
     }
 
     /// Pinned: sends the complete commands the client has sent, through
-    /// the tracker (which answers `QUIT`, `AUTH` and `HELLO` there). One
-    /// that changes what follows the client, or `RESET`, keeps it on this
-    /// connection for good.
+    /// the tracker, while less than 256 KiB waits for the server. A command
+    /// lessor answers (`AUTH`, `HELLO`, a refusal) or `RESET` stops the
+    /// sending there until everything before it is answered. One that
+    /// changes what follows the client keeps it on this connection for
+    /// good (lessor cannot tell which of its replies is which here).
     fn forward_ready(&mut self, session: &mut RedisSession, hold: &mut Hold) {
-        if self.ready.is_empty() {
-            return;
-        }
+        let mut n = 0;
         let mut start = 0;
-        for c in &self.ready {
+        while n < self.ready.len() && self.to_server.len() < BUFFERED_MAX {
+            let c = &self.ready[n];
             let name = c.name();
+            if name == "RESET" && c.argc == 1 {
+                hold.yielding = true;
+                break;
+            }
+            if matches!(name.as_str(), "AUTH" | "HELLO") || self.redirects(n) {
+                hold.local = true;
+                break;
+            }
             match name.as_str() {
-                "SELECT" | "READONLY" | "READWRITE" | "RESET" | "HELLO" | "AUTH" => {
-                    self.sticky = true;
-                }
+                "SELECT" | "READONLY" | "READWRITE" => self.sticky = true,
                 "CLIENT" if c.arg(0).as_deref() == Some("SETNAME") => self.sticky = true,
                 "QUIT" => hold.quit = true,
                 _ => {}
             }
+            let end = c.end;
             if session.command_sent(c) {
-                self.to_server.extend_from_slice(&self.buf[start..c.end]);
+                self.to_server.extend_from_slice(&self.buf[start..end]);
             }
-            start = c.end;
+            start = end;
+            n += 1;
         }
-        let n = self.ready.len();
-        self.consume(n);
+        if n > 0 {
+            self.consume(n);
+        }
         if let Some(local) = session.take_local() {
             self.to_client.extend_from_slice(&local);
         }
@@ -766,6 +892,20 @@ where
     }
 }
 
+/// Why lessor answers a command with an error instead of sending it: the
+/// ones whose meaning on a pooled connection would reach another client.
+fn refused(args: &[Vec<u8>]) -> Option<&'static str> {
+    let upper = |a: &Vec<u8>| String::from_utf8_lossy(a).to_ascii_uppercase();
+    let name = args.first().map(upper)?;
+    let sub = args.get(1).map(upper);
+    (name == "CLIENT"
+        && sub.as_deref() == Some("TRACKING")
+        && args.iter().skip(2).any(|a| upper(a) == "REDIRECT"))
+    .then_some(
+        "CLIENT TRACKING REDIRECT would name a pooled connection; use RESP3 tracking (redis.resp: 3) without REDIRECT",
+    )
+}
+
 /// One hold's facts.
 struct Hold {
     /// Replies still to take out (the client's db, name, READONLY).
@@ -780,6 +920,10 @@ struct Hold {
     gone: bool,
     /// The client sent `QUIT` (pinned: the tracker answers it).
     quit: bool,
+    /// Pinned: a `RESET` waits at the front of the client's commands.
+    yielding: bool,
+    /// Pinned: a command lessor answers waits at the front.
+    local: bool,
     /// Listed in `/debug/leases` once pinned.
     live: Option<crate::lease::registry::Registered>,
 }

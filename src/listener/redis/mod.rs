@@ -41,7 +41,7 @@ pub(crate) struct Listener {
     clients: Arc<Semaphore>,
     next_client: AtomicU64,
     /// The upstream's `redis_version`, for `HELLO`, once learned.
-    version: tokio::sync::OnceCell<String>,
+    version: std::sync::OnceLock<String>,
     shared: Shared,
 }
 
@@ -54,47 +54,66 @@ impl Listener {
         password: Option<String>,
         shared: Shared,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        let listener = Arc::new(Self {
             upstream,
             clients: Arc::new(Semaphore::new(listen.max_clients as usize)),
             listen,
             config,
             password,
             next_client: AtomicU64::new(1),
-            version: tokio::sync::OnceCell::new(),
+            version: std::sync::OnceLock::new(),
             shared,
-        })
+        });
+        listener.learn_version();
+        listener
     }
 }
 
 impl Listener {
-    /// The upstream's `redis_version` for `HELLO`, asked once with `INFO
-    /// server` on a pooled connection (`unknown` while none can be had).
-    async fn version(&self) -> String {
-        let ask = async {
-            let pool = self.shared.pools.get(&self.upstream)?;
-            let mut leased = pool
-                .checkout(self.config.pool.checkout_timeout)
-                .await
-                .ok()?;
-            match info_version(&mut leased.conn_mut().stream, self.config.redis.max_frame).await {
-                Some(version) => {
-                    leased.give_back();
-                    Some(version)
+    /// The upstream's `redis_version` for `HELLO` (`unknown` until
+    /// learned): never waited for on a client's path.
+    fn version(&self) -> String {
+        self.version
+            .get()
+            .cloned()
+            .unwrap_or_else(|| "unknown".to_owned())
+    }
+
+    /// Learns the upstream's version with `INFO server` on a pooled
+    /// connection, once, in a task of the listener's: tried again every
+    /// second while no connection can be had, until the drain.
+    fn learn_version(self: &Arc<Self>) {
+        let listener = Arc::clone(self);
+        self.shared.tracker.spawn(async move {
+            let stop = listener.shared.stop_accepting.clone();
+            loop {
+                if let Some(version) = listener.ask_version().await {
+                    let _ = listener.version.set(version);
+                    return;
                 }
-                None => {
-                    leased.evict(crate::pool::EvictReason::Dirty);
-                    None
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
                 }
             }
-        };
-        match self
-            .version
-            .get_or_try_init(|| async { ask.await.ok_or(()) })
+        });
+    }
+
+    async fn ask_version(&self) -> Option<String> {
+        let pool = self.shared.pools.get(&self.upstream)?;
+        let mut leased = pool
+            .checkout(self.config.pool.checkout_timeout)
             .await
-        {
-            Ok(version) => version.clone(),
-            Err(()) => "unknown".to_owned(),
+            .ok()?;
+        match info_version(&mut leased.conn_mut().stream, self.config.redis.max_frame).await {
+            Some(version) => {
+                leased.give_back();
+                Some(version)
+            }
+            None => {
+                leased.evict(crate::pool::EvictReason::Dirty);
+                None
+            }
         }
     }
 }

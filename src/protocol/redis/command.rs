@@ -68,6 +68,14 @@ pub(crate) enum ProtocolError {
     /// A bulk length that is not a number, negative, or over 512 MiB.
     #[error("Protocol error: invalid bulk length")]
     BadLength,
+    /// Before authentication, an array of more than 10 elements (Redis's
+    /// own limit for unauthenticated clients).
+    #[error("Protocol error: unauthenticated multibulk length")]
+    UnauthenticatedCount,
+    /// Before authentication, a request that grows past what an
+    /// unauthenticated client may send (Redis: a bulk string over 16 KiB).
+    #[error("Protocol error: unauthenticated bulk length")]
+    UnauthenticatedLength,
     /// A NUL byte inside a line: Redis would never find the line's end.
     #[error("Protocol error: a NUL byte inside a request line")]
     Nul,

@@ -303,6 +303,17 @@ impl RedisSession {
         Ok(())
     }
 
+    /// As [`RedisSession::replies_read`], and on an error how much of
+    /// `data` held whole frames before it (those may still be relayed).
+    pub(crate) fn replies_read_whole(&mut self, data: &[u8]) -> Result<(), (RespError, usize)> {
+        let mut frames = Vec::new();
+        let fed = self.replies.feed(data, |f: Frame| frames.push(f));
+        for f in &frames {
+            self.answered(f);
+        }
+        fed.map_err(|e| (e, frames.last().map_or(0, |f| f.end)))
+    }
+
     /// Replies Redis still owes.
     pub(crate) fn replies_due(&self) -> u64 {
         self.owed
