@@ -37,9 +37,15 @@ struct Args {
     /// With --compare: fewer samples and shorter phases (CI).
     #[arg(long)]
     quick: bool,
-    /// With --compare: a real redis-server (PING) as the upstream.
+    /// With --compare: a real redis-server (PING) as the upstream, then
+    /// redis-benchmark against redis-server, twemproxy (`nutcracker`) and
+    /// lessor's Redis listener.
     #[arg(long)]
     redis: bool,
+    /// With --compare --redis: only the listener part (redis-benchmark
+    /// against redis-server, twemproxy and lessor's Redis listener).
+    #[arg(long, requires = "redis")]
+    listener_only: bool,
     /// With --compare: PostgreSQL 15, PgBouncer and lessor side by side
     /// (`SELECT 1` and a primary-key SELECT, direct, through PgBouncer,
     /// through Exchange and through a lease), then pgbench against
@@ -127,6 +133,15 @@ fn main() -> ExitCode {
             json: args.json,
             lessor_bin,
         };
+        if args.listener_only {
+            return match runtime.block_on(compare::redis_benchmark::run(&opts)) {
+                Ok(report) => {
+                    print!("{}", report.render());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            };
+        }
         if args.postgres {
             return match runtime.block_on(compare::postgres::run(&opts)) {
                 Ok(report) => {

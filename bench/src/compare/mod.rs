@@ -12,7 +12,9 @@
 //!   → Ended and the end of the stream)
 //!
 //! plus C's throughput at several concurrencies against U's, bb8 against
-//! deadpool, and lessor's RSS and CPU time from `/proc`. The servers run on a
+//! deadpool, and lessor's RSS and CPU time from `/proc`. With `--redis`,
+//! then `redis-benchmark` against a redis-server, twemproxy and lessor's
+//! Redis listener (`redis_benchmark/`). The servers run on a
 //! runtime of their own and lessor on `runtime.worker_threads` (both
 //! reported), so runs on the same machine compare.
 
@@ -38,6 +40,7 @@ use lessor_client::{Client, LeaseOptions};
 
 pub(crate) mod pgbench;
 pub(crate) mod postgres;
+pub(crate) mod redis_benchmark;
 mod report;
 pub(crate) mod setup;
 
@@ -137,6 +140,9 @@ pub struct CompareReport {
     pub ratio_e_over_u_throughput_32: Option<f64>,
     /// With `--redis`: lessor's CPU time per 1000 Exchanges, in ms.
     pub cpu_ms_per_1k_exchanges: Option<f64>,
+    /// With `--redis`: redis-benchmark directly, through twemproxy and
+    /// through lessor's Redis listener.
+    pub redis_benchmark: Option<redis_benchmark::RedisBenchmarkReport>,
 }
 
 const SERVER_WORKERS: usize = 1;
@@ -487,6 +493,12 @@ pub async fn run(opts: &CompareOptions) -> Result<CompareReport, BenchError> {
     let rss_idle_4x32_kib = idle_4x32.rss_kib();
     idle_4x32.stop().await;
 
+    let redis_benchmark = if opts.redis {
+        Some(redis_benchmark::run(opts).await?)
+    } else {
+        None
+    };
+
     stop.cancel();
     tracker.close();
     drop(upstream);
@@ -525,6 +537,7 @@ pub async fn run(opts: &CompareOptions) -> Result<CompareReport, BenchError> {
         ratio_e_over_u_plus_t,
         ratio_e_over_u_throughput_32,
         cpu_ms_per_1k_exchanges,
+        redis_benchmark,
     };
     if let Some(path) = &opts.json {
         let json = serde_json::to_string_pretty(&report).map_err(std::io::Error::other)?;

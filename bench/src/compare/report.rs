@@ -122,6 +122,10 @@ impl CompareReport {
         if let Some(cpu) = self.cpu_ms_per_1k_exchanges {
             let _ = writeln!(out, "| lessor CPU per 1000 Exchanges | {cpu:.1} ms | | |");
         }
+        if let Some(listener) = &self.redis_benchmark {
+            out.push('\n');
+            out.push_str(&listener.render());
+        }
         out
     }
 }

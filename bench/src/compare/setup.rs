@@ -45,6 +45,15 @@ impl ChildGuard {
     pub(crate) fn pid(&self) -> u32 {
         self.0.id()
     }
+
+    /// `None` while it runs; its exit status once it has exited.
+    pub(crate) fn exited(&mut self) -> Option<String> {
+        match self.0.try_wait() {
+            Ok(None) => None,
+            Ok(Some(status)) => Some(status.to_string()),
+            Err(e) => Some(e.to_string()),
+        }
+    }
 }
 
 /// A process's user plus system CPU time, in milliseconds (from clock
@@ -103,32 +112,56 @@ pub(crate) fn free_port() -> std::io::Result<u16> {
 }
 
 pub(crate) async fn start_redis() -> Result<Upstream, BenchError> {
+    let (addr, child) = start_redis_server(None).await?;
+    Ok(Upstream::Redis {
+        addr,
+        _child: child,
+    })
+}
+
+/// A `redis-server` child on a free loopback port, without persistence
+/// (`--save ''`), with `--requirepass` when a password is given; its
+/// address once it answers `PING` (after `AUTH`).
+pub(crate) async fn start_redis_server(
+    password: Option<&str>,
+) -> Result<(String, ChildGuard), BenchError> {
     let port = free_port()?;
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
+    let mut cmd = Command::new("redis-server");
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]);
+    if let Some(password) = password {
+        cmd.args(["--requirepass", password]);
+    }
+    let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| std::io::Error::other(format!("--redis needs redis-server: {e}")))?;
     let guard = ChildGuard(child);
     let addr = format!("127.0.0.1:{port}");
+    let (hello, expect) = match password {
+        Some(password) => (
+            format!("AUTH {password}\r\nPING\r\n"),
+            &b"+OK\r\n+PONG\r\n"[..],
+        ),
+        None => ("PING\r\n".to_owned(), &b"+PONG\r\n"[..]),
+    };
     for _ in 0..500 {
         if let Ok(mut s) = TcpStream::connect(&addr).await {
-            let mut buf = [0u8; 7];
-            if s.write_all(b"PING\r\n").await.is_ok() && s.read_exact(&mut buf).await.is_ok() {
-                return Ok(Upstream::Redis {
-                    addr,
-                    _child: guard,
-                });
+            let mut buf = vec![0u8; expect.len()];
+            if s.write_all(hello.as_bytes()).await.is_ok()
+                && s.read_exact(&mut buf).await.is_ok()
+                && buf == expect
+            {
+                return Ok((addr, guard));
             }
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -261,11 +294,7 @@ impl Lessor {
     /// `None` while it runs; once it has exited, its status and (when
     /// logged) the first error line it printed.
     pub(crate) fn exited(&mut self) -> Option<String> {
-        let status = match self.child.0.try_wait() {
-            Ok(None) => return None,
-            Ok(Some(status)) => status.to_string(),
-            Err(e) => e.to_string(),
-        };
+        let status = self.child.exited()?;
         let said = self
             .stderr
             .as_ref()
