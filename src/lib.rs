@@ -34,6 +34,7 @@ mod exchange;
 mod grpc;
 mod lease;
 mod listener;
+mod net;
 mod pool;
 mod protocol;
 mod reload;

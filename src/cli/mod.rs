@@ -176,6 +176,7 @@ pub fn stats_table(stats: &[UpstreamStats]) -> String {
         "EVICTIONS",
         "PROTOCOL",
         "EXCHANGES",
+        "TLS",
     ];
     let rows: Vec<Vec<String>> = stats
         .iter()
@@ -198,6 +199,7 @@ pub fn stats_table(stats: &[UpstreamStats]) -> String {
                 nonzero(&s.evictions),
                 s.protocol.clone(),
                 nonzero(&s.exchanges),
+                s.tls.as_ref().map_or_else(|| "-".to_owned(), |t| t.mode.clone()),
             ]
         })
         .collect();
@@ -245,7 +247,31 @@ pub fn stats_table(stats: &[UpstreamStats]) -> String {
             );
         }
     }
+    for s in stats {
+        if let Some(t) = &s.tls {
+            let _ = writeln!(out, "  {} tls {}", s.name, tls_line(t));
+        }
+    }
     out
+}
+
+/// One upstream's TLS facts: the name verified, the client certificate's
+/// expiry, and a reload that is failing.
+fn tls_line(t: &lessor_client::pb::UpstreamTls) -> String {
+    let mut line = format!("{} server_name={}", t.mode, t.server_name);
+    if t.client_cert_not_after_unix > 0 {
+        let at = std::time::UNIX_EPOCH
+            + std::time::Duration::from_secs(t.client_cert_not_after_unix.unsigned_abs());
+        let _ = write!(
+            line,
+            " client_cert_expires={}",
+            humantime::format_rfc3339_seconds(at)
+        );
+    }
+    if !t.last_reload_error.is_empty() {
+        let _ = write!(line, " reload_failing=\"{}\"", t.last_reload_error);
+    }
+    line
 }
 
 /// Splits a command typed as text the way redis-cli does: words separated by
