@@ -18,8 +18,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::pool::{
-    CONNECT_ERROR_REASONS, Counters, EXCHANGE_OUTCOMES, EvictReason, Histogram,
-    HistogramSnapshot, PoolSet,
+    CONNECT_ERROR_REASONS, Counters, EXCHANGE_OUTCOMES, EvictReason, Histogram, HistogramSnapshot,
+    PoolSet,
 };
 use crate::telemetry::SpanCounters;
 

@@ -199,7 +199,9 @@ pub fn stats_table(stats: &[UpstreamStats]) -> String {
                 nonzero(&s.evictions),
                 s.protocol.clone(),
                 nonzero(&s.exchanges),
-                s.tls.as_ref().map_or_else(|| "-".to_owned(), |t| t.mode.clone()),
+                s.tls
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), |t| t.mode.clone()),
             ]
         })
         .collect();

@@ -138,10 +138,16 @@ impl UpstreamConfig {
         }
         match (&tls.cert_file, &tls.key_file) {
             (Some(_), None) => {
-                return Err(invalid(format!("{at}.key_file"), "cert_file needs key_file"));
+                return Err(invalid(
+                    format!("{at}.key_file"),
+                    "cert_file needs key_file",
+                ));
             }
             (None, Some(_)) => {
-                return Err(invalid(format!("{at}.cert_file"), "key_file needs cert_file"));
+                return Err(invalid(
+                    format!("{at}.cert_file"),
+                    "key_file needs cert_file",
+                ));
             }
             _ => {}
         }
@@ -153,8 +159,7 @@ impl UpstreamConfig {
                 format!("`{name}` is neither a DNS name nor an IP address"),
             ));
         }
-        crate::net::Tls::check(tls)
-            .map_err(|e| invalid(format!("{at}.{}", e.field), e.problem))
+        crate::net::Tls::check(tls).map_err(|e| invalid(format!("{at}.{}", e.field), e.problem))
     }
 }
 

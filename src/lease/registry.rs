@@ -246,11 +246,11 @@ impl Leases {
             target.tls,
         )
         .await
-            .map(|()| target.endpoint)
-            .map_err(|e| CancelError::Unreachable {
-                endpoint: target.endpoint,
-                error: e.to_string(),
-            })
+        .map(|()| target.endpoint)
+        .map_err(|e| CancelError::Unreachable {
+            endpoint: target.endpoint,
+            error: e.to_string(),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LiveLease>>> {

@@ -76,7 +76,7 @@ impl Stream {
             Self::Tls(s) => {
                 // tokio's split locks per poll; both halves live in one task,
                 // so the lock is never contended.
-                let (r, w) = tokio::io::split(Flushing(&mut **s));
+                let (r, w) = tokio::io::split(Flushing(s));
                 (ReadHalf::Tls(r), WriteHalf::Tls(w))
             }
         }

@@ -299,7 +299,10 @@ impl Tls {
             Ok(Err(e)) => Refreshed::Failed(e.to_string()),
             Err(join) => Refreshed::Failed(format!("reading the TLS files: {join}")),
         };
-        let mut last = self.last_error.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         match &result {
             Refreshed::Failed(error) => {
                 // Counted once per change of the error, not once per tick:

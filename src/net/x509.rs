@@ -121,6 +121,19 @@ mod tests {
     }
 
     #[test]
+    fn reads_not_after_of_real_certificates() {
+        for (y, m, d) in [(2031, 6, 1), (2049, 12, 31), (2050, 1, 2), (1999, 3, 4)] {
+            let mut params = rcgen::CertificateParams::new(vec!["x".to_owned()]).unwrap();
+            params.not_before = rcgen::date_time_ymd(1990, 1, 1);
+            params.not_after = rcgen::date_time_ymd(y, m, d);
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            let want = rcgen::date_time_ymd(y, m, d).unix_timestamp();
+            assert_eq!(not_after(cert.der()), Some(want), "{y}-{m}-{d}");
+        }
+    }
+
+    #[test]
     fn garbage_is_none() {
         assert_eq!(not_after(b""), None);
         assert_eq!(not_after(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);

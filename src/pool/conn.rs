@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-
 use crate::discovery::EndpointRef;
 
 /// One upstream socket owned by a pool. Only the pool and the lease holding it

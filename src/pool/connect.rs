@@ -358,8 +358,11 @@ impl Dialer {
                 .open(&mut stream, handshake.cert_asked_unanswered)
                 .await
                 .map_err(|source| {
-                    let transport = matches!(source, OpenError::Io(_));
-                    match tls.after_handshake(handshake, &name, &source.to_string(), transport) {
+                    let (detail, transport) = match &source {
+                        OpenError::Io(detail) => (detail.clone(), true),
+                        other => (other.to_string(), false),
+                    };
+                    match tls.after_handshake(handshake, &name, &detail, transport) {
                         Some(source) => DialError::Tls { addr, source },
                         None => DialError::Open { addr, source },
                     }

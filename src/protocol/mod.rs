@@ -17,8 +17,8 @@
 pub(crate) mod postgres;
 pub(crate) mod redis;
 
-use bytes::Bytes;
 use crate::net::Stream;
+use bytes::Bytes;
 
 use crate::config::{Protocol, UpstreamConfig};
 use postgres::Backend;

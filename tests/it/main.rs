@@ -24,3 +24,4 @@ mod shutdown;
 mod stall;
 mod support;
 mod telemetry;
+mod tls;

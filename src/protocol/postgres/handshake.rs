@@ -7,6 +7,7 @@
 //! they are what a driver adopting the session needs. The password is read
 //! at each dial and appears in no error.
 
+use crate::net::Stream;
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::md5_hash;
@@ -14,7 +15,6 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, Scr
 use postgres_protocol::message::backend::{ErrorFields, ErrorResponseBody, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use crate::net::Stream;
 
 use super::Backend;
 use crate::config::PostgresConfig;
@@ -40,10 +40,7 @@ pub(crate) async fn request_tls(stream: &mut tokio::net::TcpStream) -> std::io::
 }
 
 /// Opens the configured session on `stream`.
-pub(crate) async fn open(
-    stream: &mut Stream,
-    cfg: &PostgresConfig,
-) -> Result<Backend, OpenError> {
+pub(crate) async fn open(stream: &mut Stream, cfg: &PostgresConfig) -> Result<Backend, OpenError> {
     let password = cfg
         .password()
         .map_err(|e| OpenError::Credentials(e.to_string()))?;

@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
+use crate::net::Stream;
 use bytes::BytesMut;
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use crate::net::Stream;
 
 use super::frame::{Event, FrameError, Framer, parse};
 use crate::config::PostgresConfig;

@@ -4,8 +4,8 @@
 //! password is read from its file or variable at each dial (a rotated Secret
 //! applies to new connections) and appears in no error.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::net::Stream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::resp::{Scanner, encode_command as command};
 use crate::config::RedisConfig;
