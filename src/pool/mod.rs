@@ -206,6 +206,11 @@ impl Pool {
         &self.config
     }
 
+    /// Dials one connection and drops it (the benchmark's dial timing).
+    pub(crate) async fn dial_once(&self) -> Result<(), connect::DialError> {
+        self.dialer.dial().await.map(drop)
+    }
+
     /// The upstream's TLS client, when dials use TLS.
     pub(crate) fn dialer_tls(&self) -> Option<Arc<crate::net::Tls>> {
         self.dialer.tls().cloned()

@@ -1049,7 +1049,8 @@ type UpstreamStats struct {
 	CheckoutTimeouts    uint64            `protobuf:"varint,13,opt,name=checkout_timeouts,json=checkoutTimeouts,proto3" json:"checkout_timeouts,omitempty"`
 	// Whether this upstream can serve a lease now.
 	Ready bool `protobuf:"varint,14,opt,name=ready,proto3" json:"ready,omitempty"`
-	// Dials that failed (refused, timed out, unresolvable).
+	// Dials that failed (refused, timed out, unresolvable, TLS; by reason in
+	// the lessor_connect_errors_total metric).
 	ConnectErrors uint64 `protobuf:"varint,15,opt,name=connect_errors,json=connectErrors,proto3" json:"connect_errors,omitempty"`
 	// The upstream's endpoints: one for a static address, what discovery
 	// found otherwise.
