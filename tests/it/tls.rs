@@ -780,3 +780,60 @@ impl TlsRedisProbe {
             .unwrap_or(false)
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_postgres_listener_serves_plain_clients_over_a_tls_upstream() {
+    let ca = Ca::new("lessor test CA");
+    let Some(pg) = tls_postgres(&ca).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tls = tls_block(dir.path(), &ca.pem(), None, "");
+    let user = pg_block(dir.path(), "scramuser", Some("scrampw"));
+    let port = crate::support::ports::reserve();
+    let listen = format!("listen: {{ address: \"127.0.0.1:{port}\", pool_mode: transaction }}");
+    let _lessor = Lessor::start(&config_one(
+        &pg.addr(),
+        EngineKind::Bb8,
+        &["protocol: postgres", &user, &tls, POOL, &listen],
+    ))
+    .await;
+    eventually("the listener accepts", || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user("scramuser")
+        .dbname("app")
+        .connect_timeout(PATIENCE);
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let row = client.query_one(SSL_IN_USE, &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "true");
+    // The client's CancelRequest reaches the server over TLS too.
+    let token = client.cancel_token();
+    let running = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
+    let err = loop {
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        if let Ok(done) = tokio::time::timeout(Duration::from_millis(500), async {
+            while !running.is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        {
+            let () = done;
+            break running.await.unwrap().unwrap_err();
+        }
+    };
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err}"
+    );
+}
