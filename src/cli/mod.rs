@@ -553,6 +553,29 @@ mod tests {
     }
 
     #[test]
+    fn stats_table_shows_tls_and_the_client_certificate_expiry() {
+        let s = UpstreamStats {
+            name: "db".into(),
+            tls: Some(lessor_client::pb::UpstreamTls {
+                mode: "verify-full".into(),
+                server_name: "db.internal".into(),
+                client_cert_not_after_unix: 1_938_124_800,
+                last_reload_error: "tls.cert_file: bad".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let table = stats_table(&[s]);
+        let lines: Vec<_> = table.lines().collect();
+        assert!(lines[0].ends_with(" TLS"), "{table}");
+        assert!(lines[1].ends_with(" verify-full"), "{table}");
+        assert_eq!(
+            lines[2],
+            "  db tls verify-full server_name=db.internal client_cert_expires=2031-06-01T00:00:00Z reload_failing=\"tls.cert_file: bad\""
+        );
+    }
+
+    #[test]
     fn commands_split_like_redis_cli() {
         let words = split_command(r#"SET k "a b\n\x41" 'c d'"#).unwrap();
         assert_eq!(

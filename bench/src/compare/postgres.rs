@@ -38,7 +38,7 @@ use lessor_client::Client;
 /// Debian's server binaries (not on PATH).
 pub(crate) const BIN: &str = "/usr/lib/postgresql/15/bin";
 /// `nobody:nogroup`, for servers started by root.
-const NOBODY: u32 = 65534;
+pub(crate) const NOBODY: u32 = 65534;
 /// The pool size of both PgBouncer and lessor.
 const POOL: u32 = 8;
 /// Client concurrencies measured.
@@ -559,7 +559,7 @@ pub(crate) async fn wait_for(
     )))
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }

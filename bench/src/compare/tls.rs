@@ -22,13 +22,20 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::postgres::{BIN, as_server, chown_to_server, run_tool, server_dir, wait_for};
+use super::postgres::{BIN, NOBODY, as_server, is_root, run_tool, server_dir, wait_for};
 use super::setup::{ChildGuard, Lessor, free_port};
 use super::{CompareOptions, Samples, rate, wait_warm};
 use crate::load::{BenchError, Percentiles, histogram, record};
 
 /// Clients of the throughput phase.
 const CLIENTS: usize = 32;
+/// Throughput phases per upstream (plain and TLS alternating).
+const ROUNDS: usize = 3;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
 
 /// One engine's figures, plain against TLS.
 #[derive(Debug, Clone, Serialize)]
@@ -43,10 +50,14 @@ pub struct TlsRow {
     pub exchange_plain: Percentiles,
     /// Exchange latency, warm pool, TLS.
     pub exchange_tls: Percentiles,
-    /// Exchanges per second at 32 clients, plain.
+    /// Exchanges per second at 32 clients, plain (median of the rounds).
     pub exchanges_per_sec_plain: f64,
-    /// Exchanges per second at 32 clients, TLS.
+    /// Exchanges per second at 32 clients, TLS (median of the rounds).
     pub exchanges_per_sec_tls: f64,
+    /// lessor's CPU time per 1,000 Exchanges at 32 clients, plain (ms).
+    pub cpu_ms_per_1k_plain: f64,
+    /// lessor's CPU time per 1,000 Exchanges at 32 clients, TLS (ms).
+    pub cpu_ms_per_1k_tls: f64,
 }
 
 /// What `--compare --tls` measured.
@@ -135,7 +146,9 @@ async fn start_postgres(pki: &Pki) -> Result<(tempfile::TempDir, ChildGuard, u16
         std::fs::write(&path, contents)?;
         // PostgreSQL refuses a key others can read.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        chown_to_server(&path)?;
+        if is_root() {
+            std::os::unix::fs::chown(&path, Some(NOBODY), Some(NOBODY))?;
+        }
     }
     let port = free_port()?;
     let child = as_server(Command::new(Path::new(BIN).join("postgres")))
@@ -259,7 +272,7 @@ pub(crate) async fn run(opts: &CompareOptions) -> Result<TlsReport, BenchError> 
     let (n_dials, n_samples, phase) = if opts.quick {
         (50, 300, Duration::from_secs(1))
     } else {
-        (500, 3000, Duration::from_secs(5))
+        (500, 3000, Duration::from_secs(3))
     };
     let mut dial = Vec::new();
     for name in ["redis_plain", "redis_tls", "pg_plain", "pg_tls"] {
@@ -284,25 +297,49 @@ pub(crate) async fn run(opts: &CompareOptions) -> Result<TlsReport, BenchError> 
         ("pg_tls", select, select_reply),
     ];
     let mut latency = Vec::new();
-    let mut throughput = Vec::new();
-    for (name, request, reply) in cases {
+    for (name, request, reply) in &cases {
         let mut samples = Samples::new();
         for _ in 0..n_samples + super::WARMUP {
             let start = Instant::now();
-            exchange(&client, name, &request, reply).await?;
+            exchange(&client, name, request, *reply).await?;
             samples.record(start.elapsed());
         }
         latency.push(samples.percentiles());
-        let c = client.clone();
-        let request = Arc::new(request);
-        throughput.push(
-            rate(CLIENTS, phase, move || {
-                let (c, request) = (c.clone(), request.clone());
-                async move { exchange(&c, name, &request, reply).await }
-            })
-            .await?,
-        );
     }
+    // Throughput on a shared machine drifts: plain and TLS phases alternate
+    // (ABBA order) and each reports its median.
+    let mut rounds: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    // lessor's own CPU time per Exchange: what TLS costs the sidecar,
+    // whatever else the machine runs (the servers' TLS included).
+    let mut cpu: Vec<(u64, f64)> = vec![(0, 0.0); cases.len()];
+    for round in 0..ROUNDS {
+        for pair in [0, 2] {
+            let order = if round % 2 == 0 {
+                [pair, pair + 1]
+            } else {
+                [pair + 1, pair]
+            };
+            for i in order {
+                let (name, request, reply) = cases[i].clone();
+                let c = client.clone();
+                let request = Arc::new(request);
+                let cpu_before = lessor.cpu_ms();
+                let per_sec = rate(CLIENTS, phase, move || {
+                    let (c, request) = (c.clone(), request.clone());
+                    async move { exchange(&c, name, &request, reply).await }
+                })
+                .await?;
+                cpu[i].0 += lessor.cpu_ms().saturating_sub(cpu_before);
+                cpu[i].1 += per_sec * phase.as_secs_f64();
+                rounds[i].push(per_sec);
+            }
+        }
+    }
+    let throughput: Vec<f64> = rounds.into_iter().map(median).collect();
+    let cpu_per_1k: Vec<f64> = cpu
+        .iter()
+        .map(|(ms, ops)| *ms as f64 * 1000.0 / ops.max(1.0))
+        .collect();
     lessor.stop().await;
     let row = |upstream: &str, i: usize| TlsRow {
         upstream: upstream.to_owned(),
@@ -312,6 +349,8 @@ pub(crate) async fn run(opts: &CompareOptions) -> Result<TlsReport, BenchError> 
         exchange_tls: latency[i + 1],
         exchanges_per_sec_plain: throughput[i],
         exchanges_per_sec_tls: throughput[i + 1],
+        cpu_ms_per_1k_plain: cpu_per_1k[i],
+        cpu_ms_per_1k_tls: cpu_per_1k[i + 1],
     };
     Ok(TlsReport {
         rows: vec![row("redis", 0), row("postgres", 2)],
@@ -362,6 +401,12 @@ impl TlsReport {
                 format!("{:.0}", r.exchanges_per_sec_plain),
                 format!("{:.0}", r.exchanges_per_sec_tls),
                 r.exchanges_per_sec_tls / r.exchanges_per_sec_plain.max(1.0),
+            ));
+            out.push_str(&line(
+                "lessor CPU ms / 1k Exchanges",
+                format!("{:.1}", r.cpu_ms_per_1k_plain),
+                format!("{:.1}", r.cpu_ms_per_1k_tls),
+                r.cpu_ms_per_1k_tls / r.cpu_ms_per_1k_plain.max(0.001),
             ));
         }
         out.push_str(
