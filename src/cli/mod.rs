@@ -559,7 +559,7 @@ mod tests {
             tls: Some(lessor_client::pb::UpstreamTls {
                 mode: "verify-full".into(),
                 server_name: "db.internal".into(),
-                client_cert_not_after_unix: 1_938_124_800,
+                client_cert_not_after_unix: 1_938_038_400,
                 last_reload_error: "tls.cert_file: bad".into(),
                 ..Default::default()
             }),
