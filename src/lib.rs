@@ -16,7 +16,8 @@
 //!
 //! Modules (private; the public API is the re-export list below): `config`
 //! (schema, defaults, validation), `pool` (one upstream's pool over bb8 or
-//! deadpool), `discovery` (endpoint sources and balancing), `lease` (lease
+//! deadpool), `net` (the upstream socket, plain or TLS, and the TLS client),
+//! `discovery` (endpoint sources and balancing), `lease` (lease
 //! protocol, byte pump, end rules), `grpc` (tonic service, health, status
 //! mapping), `admin` (readiness, metrics, the admin server), `server`
 //! (listeners, drain). The Rust client and the generated API types are the
@@ -34,6 +35,7 @@ mod exchange;
 mod grpc;
 mod lease;
 mod listener;
+mod net;
 mod pool;
 mod protocol;
 mod reload;

@@ -3,7 +3,9 @@
 //! - load mode: lease loops against a running sidecar (`--target`,
 //!   `--upstream`), latency percentiles and lease rate;
 //! - `--compare`: a self-contained run that starts its own upstream, a bare
-//!   gRPC echo and a `lessor serve` child, and measures them side by side;
+//!   gRPC echo and a `lessor serve` child, and measures them side by side
+//!   (`--redis`, `--postgres`: against real servers; `--tls`: upstream TLS
+//!   against plain TCP);
 //! - `--soak N`: N leases ending every abnormal way against a `lessor serve`
 //!   child, and its leak indicators before and after.
 //!
@@ -52,6 +54,10 @@ struct Args {
     /// PostgreSQL, PgBouncer and lessor's PostgreSQL listener.
     #[arg(long, conflicts_with = "redis")]
     postgres: bool,
+    /// With --compare: upstream TLS against plain TCP (dial time, Exchange
+    /// p50 and throughput at 32 clients) on redis-server and PostgreSQL.
+    #[arg(long, conflicts_with_all = ["redis", "postgres"])]
+    tls: bool,
     /// With --compare: also write the report as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -135,6 +141,15 @@ fn main() -> ExitCode {
         };
         if args.listener_only {
             return match runtime.block_on(compare::redis_benchmark::run(&opts)) {
+                Ok(report) => {
+                    print!("{}", report.render());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            };
+        }
+        if args.tls {
+            return match runtime.block_on(compare::tls::run(&opts)) {
                 Ok(report) => {
                     print!("{}", report.render());
                     ExitCode::SUCCESS

@@ -18,7 +18,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::pool::{
-    Counters, EXCHANGE_OUTCOMES, EvictReason, Histogram, HistogramSnapshot, PoolSet,
+    CONNECT_ERROR_REASONS, Counters, EXCHANGE_OUTCOMES, EvictReason, Histogram, HistogramSnapshot,
+    PoolSet,
 };
 use crate::telemetry::SpanCounters;
 
@@ -265,13 +266,46 @@ impl Collector for PoolCollector {
                 )
             }),
         )?;
+        let connect_errors = pools.iter().flat_map(|p| {
+            CONNECT_ERROR_REASONS.iter().map(move |reason| {
+                let labels = vec![
+                    ("upstream", p.name().to_owned()),
+                    ("reason", (*reason).to_owned()),
+                ];
+                (labels, counter(p.counters().connect_errors_for(reason)))
+            })
+        });
         family(
             &mut e,
             "lessor_connect_errors",
-            "Dials that failed.",
-            pools
-                .iter()
-                .map(|p| (up(p.name()), counter(load(&p.counters().connect_errors)))),
+            "Dials that failed, by reason (resolve, connect, socket, timeout, open, and tls_refused, tls_untrusted, tls_name_mismatch, tls_expired, tls_client_cert_required, tls_handshake).",
+            connect_errors,
+        )?;
+        let tls: Vec<_> = pools
+            .iter()
+            .filter_map(|p| p.dialer_tls().map(|t| (p.name().to_owned(), t.status())))
+            .collect();
+        family(
+            &mut e,
+            "lessor_tls_cert_expiry_timestamp_seconds",
+            "When the client certificate an upstream's TLS uses expires (the earliest notAfter of its chain), Unix seconds.",
+            tls.iter().filter_map(|(name, t)| {
+                t.client_cert_not_after
+                    .map(|at| (up(name), ConstGauge::new(at)))
+            }),
+        )?;
+        family(
+            &mut e,
+            "lessor_tls_reloads",
+            "TLS certificate, key and CA files that changed on disk, by result (failed: the previous files stay in force).",
+            tls.iter().flat_map(|(name, t)| {
+                [("ok", t.reloads), ("failed", t.reload_failures)].map(|(result, n)| {
+                    (
+                        vec![("upstream", name.clone()), ("result", result.to_owned())],
+                        counter(n),
+                    )
+                })
+            }),
         )?;
         family(
             &mut e,

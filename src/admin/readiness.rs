@@ -118,11 +118,31 @@ fn explain(p: &PoolReadiness) -> String {
     } else {
         detail
     };
+    let detail = match &p.tls {
+        Some(tls) => format!("{detail}; {}", tls_detail(tls)),
+        None => detail,
+    };
     if p.paused {
         format!("{detail}; paused (lessor resume to grant again)")
     } else {
         detail
     }
+}
+
+/// `tls verify-full`, the client certificate's expiry, a failing reload.
+fn tls_detail(tls: &crate::net::TlsStatus) -> String {
+    let mut out = format!("tls {}", tls.mode);
+    if let Some(at) = tls.client_cert_not_after {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(at.unsigned_abs());
+        out.push_str(&format!(
+            ", client certificate expires {}",
+            humantime::format_rfc3339_seconds(at)
+        ));
+    }
+    if let Some(e) = &tls.last_reload_error {
+        out.push_str(&format!(", reload failing: {e}"));
+    }
+    out
 }
 
 impl Report {

@@ -176,6 +176,7 @@ pub fn stats_table(stats: &[UpstreamStats]) -> String {
         "EVICTIONS",
         "PROTOCOL",
         "EXCHANGES",
+        "TLS",
     ];
     let rows: Vec<Vec<String>> = stats
         .iter()
@@ -198,6 +199,9 @@ pub fn stats_table(stats: &[UpstreamStats]) -> String {
                 nonzero(&s.evictions),
                 s.protocol.clone(),
                 nonzero(&s.exchanges),
+                s.tls
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), |t| t.mode.clone()),
             ]
         })
         .collect();
@@ -245,7 +249,31 @@ pub fn stats_table(stats: &[UpstreamStats]) -> String {
             );
         }
     }
+    for s in stats {
+        if let Some(t) = &s.tls {
+            let _ = writeln!(out, "  {} tls {}", s.name, tls_line(t));
+        }
+    }
     out
+}
+
+/// One upstream's TLS facts: the name verified, the client certificate's
+/// expiry, and a reload that is failing.
+fn tls_line(t: &lessor_client::pb::UpstreamTls) -> String {
+    let mut line = format!("{} server_name={}", t.mode, t.server_name);
+    if t.client_cert_not_after_unix > 0 {
+        let at = std::time::UNIX_EPOCH
+            + std::time::Duration::from_secs(t.client_cert_not_after_unix.unsigned_abs());
+        let _ = write!(
+            line,
+            " client_cert_expires={}",
+            humantime::format_rfc3339_seconds(at)
+        );
+    }
+    if !t.last_reload_error.is_empty() {
+        let _ = write!(line, " reload_failing=\"{}\"", t.last_reload_error);
+    }
+    line
 }
 
 /// Splits a command typed as text the way redis-cli does: words separated by
@@ -522,6 +550,29 @@ mod tests {
         assert!(lines[0].starts_with("UPSTREAM"));
         assert!(lines[1].starts_with("redis"));
         assert!(lines[1].contains(" dirty=2 "), "{table}");
+    }
+
+    #[test]
+    fn stats_table_shows_tls_and_the_client_certificate_expiry() {
+        let s = UpstreamStats {
+            name: "db".into(),
+            tls: Some(lessor_client::pb::UpstreamTls {
+                mode: "verify-full".into(),
+                server_name: "db.internal".into(),
+                client_cert_not_after_unix: 1_938_038_400,
+                last_reload_error: "tls.cert_file: bad".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let table = stats_table(&[s]);
+        let lines: Vec<_> = table.lines().collect();
+        assert!(lines[0].ends_with(" TLS"), "{table}");
+        assert!(lines[1].ends_with(" verify-full"), "{table}");
+        assert_eq!(
+            lines[2],
+            "  db tls verify-full server_name=db.internal client_cert_expires=2031-06-01T00:00:00Z reload_failing=\"tls.cert_file: bad\""
+        );
     }
 
     #[test]

@@ -191,11 +191,13 @@ impl Config {
 mod listen;
 mod pool;
 mod protocol;
+mod tls;
 mod upstream;
 mod validate;
 
 pub use listen::*;
 pub(crate) use pool::*;
+pub(crate) use tls::{TlsConfig, TlsMode, TlsVersion};
 pub use upstream::*;
 
 pub(crate) use protocol::{OnOpenTransaction, PostgresConfig, Protocol, RedisConfig};

@@ -466,3 +466,103 @@ fn native_listeners_are_checked_per_protocol() {
         assert!(err.contains(wanted), "{protocol} {listen}: {err}");
     }
 }
+
+/// A CA certificate and two certificate/key pairs it signed, as PEM.
+fn pki() -> (String, (String, String), (String, String)) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let pair = || {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["client".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    (ca.pem(), pair(), pair())
+}
+
+#[test]
+fn tls_block_defaults_to_verify_full_and_checks_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, (cert, key), (_, other_key)) = pki();
+    let file = |name: &str, contents: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, contents).unwrap();
+        path.display().to_string()
+    };
+    let (ca, cert, key, other_key) = (
+        file("ca.crt", &ca),
+        file("tls.crt", &cert),
+        file("tls.key", &key),
+        file("other.key", &other_key),
+    );
+    let junk = file("junk.pem", "hello");
+    let with = |tls: &str| format!("{MINIMAL}    tls: {{ {tls} }}\n");
+    let c = Config::from_yaml(&with(&format!(
+        "ca_file: {ca}, cert_file: {cert}, key_file: {key}, server_name: db.internal, min_version: \"1.3\""
+    )))
+    .unwrap();
+    let tls = c.upstreams[0].tls_enabled().expect("TLS on");
+    assert_eq!(tls.mode, TlsMode::VerifyFull);
+    assert_eq!(tls.min_version, TlsVersion::V1_3);
+    let off = Config::from_yaml(&with("mode: disable")).unwrap();
+    assert!(off.upstreams[0].tls_enabled().is_none());
+    assert!(
+        Config::from_yaml(MINIMAL).unwrap().upstreams[0]
+            .tls
+            .is_none()
+    );
+    Config::from_yaml(&with("mode: require")).unwrap();
+    Config::from_yaml(&with(&format!("mode: verify-ca, ca_file: {ca}"))).unwrap();
+
+    for (tls, field, words) in [
+        (
+            format!("mode: require, ca_file: {ca}"),
+            "tls.ca_file",
+            "verifies nothing",
+        ),
+        (
+            format!("ca_file: {ca}, cert_file: {cert}"),
+            "tls.key_file",
+            "cert_file needs key_file",
+        ),
+        (
+            format!("ca_file: {ca}, server_name: \"not a name!\""),
+            "tls.server_name",
+            "neither a DNS name nor an IP address",
+        ),
+        (
+            "ca_file: /nonexistent/ca.crt".to_owned(),
+            "tls.ca_file",
+            "/nonexistent/ca.crt",
+        ),
+        (
+            format!("ca_file: {junk}"),
+            "tls.ca_file",
+            "no PEM certificate",
+        ),
+        (
+            format!("ca_file: {ca}, cert_file: {cert}, key_file: {other_key}"),
+            "tls.key_file",
+            "is not the key of",
+        ),
+        (
+            format!("ca_file: {ca}, cert_file: {junk}, key_file: {key}"),
+            "tls.cert_file",
+            "no PEM certificate",
+        ),
+    ] {
+        let e = err(&with(&tls));
+        assert!(
+            e.starts_with(&format!("upstreams[0].{field}: ")) && e.contains(words),
+            "{tls}: {e}"
+        );
+    }
+    for tls in ["mode: verify", "min_version: \"1.1\"", "ca: x"] {
+        let e = err(&with(tls));
+        assert!(e.contains("tls"), "{tls}: {e}");
+    }
+}

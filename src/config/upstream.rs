@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::{
     HealthConfig, LeaseConfig, NativeListen, OutlierConfig, PoolConfig, PostgresConfig,
-    ProbeConfig, Protocol, RedisConfig, pool::default_probe_timeout,
+    ProbeConfig, Protocol, RedisConfig, TlsConfig, pool::default_probe_timeout,
 };
 
 /// Which pool implementation backs an upstream. Both behave the same at
@@ -90,6 +90,15 @@ pub struct UpstreamConfig {
     pub readiness: ReadinessRole,
     /// A local listener for unmodified clients (`protocol: postgres`).
     pub listen: Option<NativeListen>,
+    /// TLS towards the upstream; absent: plain TCP.
+    pub tls: Option<TlsConfig>,
+}
+
+impl UpstreamConfig {
+    /// The `tls:` block when it turns TLS on (not `mode: disable`).
+    pub fn tls_enabled(&self) -> Option<&TlsConfig> {
+        self.tls.as_ref().filter(|t| t.enabled())
+    }
 }
 
 /// Where an upstream's endpoints come from. The YAML has three keys for it
@@ -161,6 +170,8 @@ struct RawUpstream {
     readiness: ReadinessRole,
     #[serde(default)]
     listen: Option<NativeListen>,
+    #[serde(default)]
+    tls: Option<TlsConfig>,
 }
 
 impl TryFrom<RawUpstream> for UpstreamConfig {
@@ -220,6 +231,7 @@ impl TryFrom<RawUpstream> for UpstreamConfig {
             lease: raw.lease,
             readiness: raw.readiness,
             listen: raw.listen,
+            tls: raw.tls,
         })
     }
 }

@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::{ClientAuth, Config, ConfigError, PortRef, Protocol, Source, UpstreamConfig, invalid};
+use super::{
+    ClientAuth, Config, ConfigError, PortRef, Protocol, Source, TlsMode, UpstreamConfig, invalid,
+};
 
 impl Config {
     /// Checks ranges and consistency that the types cannot express.
@@ -175,6 +177,50 @@ fn auth_name(auth: ClientAuth) -> &'static str {
         ClientAuth::Trust => "trust",
         ClientAuth::ScramSha256 => "scram-sha-256",
         ClientAuth::Password => "password",
+    }
+}
+
+impl UpstreamConfig {
+    /// The `tls:` block: consistent keys, and files that parse now (a
+    /// wrong Secret mount fails at startup, not at the first dial).
+    fn validate_tls(&self, at: &str) -> Result<(), ConfigError> {
+        let Some(tls) = &self.tls else {
+            return Ok(());
+        };
+        let at = format!("{at}.tls");
+        if !tls.enabled() {
+            return Ok(());
+        }
+        if tls.mode == TlsMode::Require && tls.ca_file.is_some() {
+            return Err(invalid(
+                format!("{at}.ca_file"),
+                "`mode: require` verifies nothing, so a CA would be ignored; use verify-ca or verify-full to check the server against it",
+            ));
+        }
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    format!("{at}.key_file"),
+                    "cert_file needs key_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    format!("{at}.cert_file"),
+                    "key_file needs cert_file",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(name) = &tls.server_name
+            && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+        {
+            return Err(invalid(
+                format!("{at}.server_name"),
+                format!("`{name}` is neither a DNS name nor an IP address"),
+            ));
+        }
+        crate::net::Tls::check(tls).map_err(|e| invalid(format!("{at}.{}", e.field), e.problem))
     }
 }
 
@@ -351,6 +397,7 @@ impl UpstreamConfig {
             Protocol::Postgres => self.validate_postgres(at)?,
         }
         self.validate_listen(at)?;
+        self.validate_tls(at)?;
         if self.outlier.consecutive_failures == 0 {
             return Err(invalid(
                 format!("{at}.outlier.consecutive_failures"),

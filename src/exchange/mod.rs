@@ -297,7 +297,7 @@ async fn round_trip(
 /// Reads until the session has every reply it is owed, scanning each read
 /// once. The connection carries nothing else, so the bytes end there.
 async fn read_replies(
-    stream: &mut tokio::net::TcpStream,
+    stream: &mut crate::net::Stream,
     session: &mut RedisSession,
     max_frame: u64,
 ) -> Result<Bytes, ExchangeError> {

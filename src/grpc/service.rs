@@ -173,5 +173,13 @@ fn to_pb(s: PoolSnapshot) -> UpstreamStats {
                 terminating: e.terminating,
             })
             .collect(),
+        tls: s.tls.map(|t| pb::UpstreamTls {
+            mode: t.mode.to_owned(),
+            server_name: t.server_name,
+            client_cert_not_after_unix: t.client_cert_not_after.unwrap_or(0),
+            reloads: t.reloads,
+            reload_failures: t.reload_failures,
+            last_reload_error: t.last_reload_error.unwrap_or_default(),
+        }),
     }
 }

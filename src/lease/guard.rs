@@ -118,8 +118,8 @@ impl LeaseGuard {
     }
 
     fn finish_once(&mut self, end: End) -> Option<Finished> {
-        let leased = self.leased.take()?;
-        let socket = health::peek(&leased.conn().stream);
+        let mut leased = self.leased.take()?;
+        let socket = health::peek(&mut leased.conn_mut().stream);
         // A tracked session's verdict replaces the direction heuristic: clean
         // reads as "the last bytes were a reply", unclean as "a request".
         let last = match &self.verdict {

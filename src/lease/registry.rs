@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 /// Where a PostgreSQL session's CancelRequest goes, and its key.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct CancelTarget {
     /// The endpoint the session is connected to.
     pub endpoint: SocketAddr,
@@ -22,6 +22,8 @@ pub(crate) struct CancelTarget {
     pub pid: i32,
     /// BackendKeyData's secret key.
     pub secret: i32,
+    /// The upstream's TLS: the CancelRequest goes the way the session did.
+    pub tls: Option<Arc<crate::net::Tls>>,
 }
 
 /// Why a `Cancel` did nothing.
@@ -234,15 +236,21 @@ impl Leases {
         let target = self
             .lock()
             .get(lease_id)
-            .and_then(|l| l.cancel)
+            .and_then(|l| l.cancel.clone())
             .ok_or_else(|| CancelError::NotFound(crate::pool::printable_name(lease_id)))?;
-        crate::protocol::postgres::cancel::send(target.endpoint, target.pid, target.secret, timeout)
-            .await
-            .map(|()| target.endpoint)
-            .map_err(|e| CancelError::Unreachable {
-                endpoint: target.endpoint,
-                error: e.to_string(),
-            })
+        crate::protocol::postgres::cancel::send(
+            target.endpoint,
+            target.pid,
+            target.secret,
+            timeout,
+            target.tls,
+        )
+        .await
+        .map(|()| target.endpoint)
+        .map_err(|e| CancelError::Unreachable {
+            endpoint: target.endpoint,
+            error: e.to_string(),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LiveLease>>> {

@@ -334,6 +334,7 @@ where
                 endpoint: conn.endpoint(),
                 pid,
                 secret,
+                tls: pool.dialer_tls(),
             });
         let live = ctx.leases.register(LiveLease::new(
             lease_id.clone(),

@@ -244,7 +244,7 @@ impl Pool {
     /// idle too long (sweep, above the floor), the liveness peek, then
     /// whether the probe is due. Counts the check unless a probe must follow
     /// (the probe counts then).
-    pub(crate) fn vet(&self, conn: PoolConn, now: Instant, at: VetFor) -> Vetted {
+    pub(crate) fn vet(&self, mut conn: PoolConn, now: Instant, at: VetFor) -> Vetted {
         if conn.retired() {
             self.evict(conn, EvictReason::EndpointRemoved);
             return Vetted::Evicted;
@@ -266,7 +266,7 @@ impl Pool {
             return Vetted::Evicted;
         }
         let health = &self.config.health;
-        if let Err(e) = health::liveness(&conn) {
+        if let Err(e) = health::liveness(&mut conn) {
             self.counters.health_checks.fetch_add(1, Ordering::Relaxed);
             self.failed_check(conn, &e);
             return Vetted::Evicted;

@@ -4,16 +4,14 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
-
 use crate::discovery::EndpointRef;
 
 /// One upstream socket owned by a pool. Only the pool and the lease holding it
 /// ever touch the socket; nothing else can keep it alive.
 #[derive(Debug)]
 pub(crate) struct Conn {
-    /// The socket. Leases split it for their byte pump.
-    pub(crate) stream: TcpStream,
+    /// The socket (plain or TLS). Leases split it for their byte pump.
+    pub(crate) stream: crate::net::Stream,
     id: u64,
     endpoint: SocketAddr,
     /// `endpoint` formatted once: every lease's Granted carries it.
@@ -41,7 +39,7 @@ pub(crate) struct Conn {
 impl Conn {
     /// Wraps a freshly dialed socket.
     pub(crate) fn new(
-        stream: TcpStream,
+        stream: crate::net::Stream,
         id: u64,
         endpoint: SocketAddr,
         max_lifetime: Duration,

@@ -21,6 +21,8 @@ use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::net::{Handshake, Stream, Tls, TlsError};
+
 use super::conn::Conn;
 use super::stats::Counters;
 use crate::config::{KeepaliveConfig, PoolConfig};
@@ -82,6 +84,45 @@ pub(crate) enum DialError {
     /// Discovery knows no endpoint that may take connections.
     #[error("no ready endpoint ({0})")]
     NoEndpoints(String),
+    /// TLS could not be set up: refused, untrusted, wrong name, expired, a
+    /// client certificate demanded (the error says which).
+    #[error("TLS to {addr}: {source}")]
+    Tls {
+        /// The connected address.
+        addr: SocketAddr,
+        /// What went wrong, classified.
+        source: TlsError,
+    },
+}
+
+/// The `reason` label values of `lessor_connect_errors_total`, in the order
+/// of `Counters::connect_error_reasons`.
+pub(crate) const CONNECT_ERROR_REASONS: [&str; 11] = [
+    "resolve",
+    "connect",
+    "socket",
+    "timeout",
+    "open",
+    "tls_refused",
+    "tls_untrusted",
+    "tls_name_mismatch",
+    "tls_expired",
+    "tls_client_cert_required",
+    "tls_handshake",
+];
+
+impl DialError {
+    /// Its `reason` label (one of [`CONNECT_ERROR_REASONS`]).
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            Self::Resolve { .. } => "resolve",
+            Self::Connect { .. } => "connect",
+            Self::Tune { .. } => "socket",
+            Self::Timeout { .. } | Self::Backoff { .. } | Self::NoEndpoints(_) => "timeout",
+            Self::Open { .. } => "open",
+            Self::Tls { source, .. } => source.failure.reason(),
+        }
+    }
 }
 
 /// Dials one upstream. Shared by the engine adapters and the maintenance loop.
@@ -105,6 +146,8 @@ pub(crate) struct Dialer {
     /// Dials on the network now. Engines do not count a connection until its
     /// dial ends, so the `min_idle` refill needs this not to overshoot.
     in_flight: AtomicU32,
+    /// TLS towards the upstream, when configured.
+    tls: Option<Arc<Tls>>,
 }
 
 impl Dialer {
@@ -117,6 +160,7 @@ impl Dialer {
         counters: Arc<Counters>,
         ready_signal: super::ReadySignal,
         opener: Opener,
+        tls: Option<Arc<Tls>>,
     ) -> Self {
         Self {
             endpoints,
@@ -131,7 +175,13 @@ impl Dialer {
             ready_signal,
             opener,
             in_flight: AtomicU32::new(0),
+            tls,
         }
+    }
+
+    /// The upstream's TLS client, when it has one.
+    pub(crate) fn tls(&self) -> Option<&Arc<Tls>> {
+        self.tls.as_ref()
     }
 
     /// The endpoints this dialer picks from.
@@ -216,7 +266,12 @@ impl Dialer {
                 if was != Some(false) {
                     self.ready_signal.send_replace(());
                 }
-                self.counters.connect_errors.fetch_add(1, Ordering::Relaxed);
+                self.counters.connect_error(err.reason());
+                if matches!(err, DialError::Tls { .. }) {
+                    // TLS failures are configuration or certificate problems
+                    // someone must fix: worth a warning, not a debug line.
+                    tracing::warn!(endpoint = %endpoint.target(), reason = err.reason(), error = %err, "TLS dial failed");
+                }
                 self.failures.send_modify(|g| *g += 1);
                 tracing::debug!(endpoint = %endpoint.target(), error = %err, "dial failed");
                 Err(err)
@@ -224,10 +279,38 @@ impl Dialer {
         }
     }
 
+    /// PostgreSQL's SSLRequest where the protocol has one, then the TLS
+    /// handshake.
+    async fn secure(
+        &self,
+        tls: &Tls,
+        mut tcp: TcpStream,
+        addr: SocketAddr,
+        name: &str,
+    ) -> Result<(Stream, Handshake), DialError> {
+        if matches!(self.opener, Opener::Postgres(_)) {
+            let accepted = crate::protocol::postgres::handshake::request_tls(&mut tcp)
+                .await
+                .map_err(|e| DialError::Open {
+                    addr,
+                    source: OpenError::Io(format!("SSLRequest: {e}")),
+                })?;
+            if !accepted {
+                return Err(DialError::Tls {
+                    addr,
+                    source: tls.refused(name),
+                });
+            }
+        }
+        tls.handshake(tcp, name)
+            .await
+            .map_err(|source| DialError::Tls { addr, source })
+    }
+
     async fn connect(
         &self,
         address: &str,
-    ) -> Result<(TcpStream, SocketAddr, Option<Backend>), DialError> {
+    ) -> Result<(Stream, SocketAddr, Option<Backend>), DialError> {
         let attempt = async {
             let addrs = tokio::net::lookup_host(address)
                 .await
@@ -254,16 +337,36 @@ impl Dialer {
             })
         };
         let opened = async {
-            let (mut stream, addr) = attempt.await?;
+            let (stream, addr) = attempt.await?;
             self.tune(&stream).map_err(|e| DialError::Tune {
                 addr,
                 source: Arc::new(e),
             })?;
+            let Some(tls) = &self.tls else {
+                let mut stream = Stream::Plain(stream);
+                let backend = self
+                    .opener
+                    .open(&mut stream, false)
+                    .await
+                    .map_err(|source| DialError::Open { addr, source })?;
+                return Ok((stream, addr, backend));
+            };
+            let name = tls.server_name(addr.ip());
+            let (mut stream, handshake) = self.secure(tls, stream, addr, &name).await?;
             let backend = self
                 .opener
-                .open(&mut stream)
+                .open(&mut stream, handshake.cert_asked_unanswered)
                 .await
-                .map_err(|source| DialError::Open { addr, source })?;
+                .map_err(|source| {
+                    let (detail, transport) = match &source {
+                        OpenError::Io(detail) => (detail.clone(), true),
+                        other => (other.to_string(), false),
+                    };
+                    match tls.after_handshake(handshake, &name, &detail, transport) {
+                        Some(source) => DialError::Tls { addr, source },
+                        None => DialError::Open { addr, source },
+                    }
+                })?;
             Ok((stream, addr, backend))
         };
         tokio::time::timeout(self.connect_timeout, opened)
@@ -308,5 +411,18 @@ impl Dialer {
             socket.set_tcp_user_timeout(Some(self.user_timeout))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CONNECT_ERROR_REASONS;
+    use crate::net::TlsFailure;
+
+    #[test]
+    fn every_tls_failure_has_a_metric_label() {
+        for f in TlsFailure::ALL {
+            assert!(CONNECT_ERROR_REASONS.contains(&f.reason()), "{f:?}");
+        }
     }
 }

@@ -2,55 +2,25 @@
 //! the connection has been quiet long enough to deserve one.
 //!
 //! The peek must be a direct `recv(MSG_PEEK)`: tokio's own `try_read`/`peek`
-//! trust cached readiness and report dead sockets as alive (observed with tokio 1.x).
+//! trust cached readiness and report dead sockets as alive (observed with
+//! tokio 1.x). It lives with the socket type, in `net::Stream::peek`.
 
 use std::io;
-use std::mem::MaybeUninit;
 use std::time::{Duration, Instant};
 
-use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+
+use crate::net::Stream;
 
 use super::conn::Conn;
 use crate::config::ProbeConfig;
 
-/// What a peek saw on an idle socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Liveness {
-    /// Nothing to read, no EOF: usable.
-    Alive,
-    /// The peer closed (FIN) or reset the connection.
-    Closed,
-    /// Bytes wait that nobody asked for: a late reply or a server notice.
-    Unsolicited,
-    /// The socket reported another error.
-    Failed(io::ErrorKind),
-}
+pub(crate) use crate::net::{Liveness, closed_by_peer};
 
-/// Whether a socket error means the peer closed or reset the connection (as
-/// opposed to a local failure): the one list the lease pump and the peek share.
-pub(crate) fn closed_by_peer(kind: io::ErrorKind) -> bool {
-    matches!(
-        kind,
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::UnexpectedEof
-    )
-}
-
-/// Looks at the socket without consuming or waiting.
-pub(crate) fn peek(stream: &TcpStream) -> Liveness {
-    let mut buf = [MaybeUninit::<u8>::uninit(); 1];
-    match SockRef::from(stream).peek(&mut buf) {
-        Ok(0) => Liveness::Closed,
-        Ok(_) => Liveness::Unsolicited,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Liveness::Alive,
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => Liveness::Alive,
-        Err(e) if closed_by_peer(e.kind()) => Liveness::Closed,
-        Err(e) => Liveness::Failed(e.kind()),
-    }
+/// Looks at the connection without consuming or waiting (TLS records that
+/// carry no data, such as session tickets, are absorbed; see `net::Stream::peek`).
+pub(crate) fn peek(stream: &mut Stream) -> Liveness {
+    stream.peek()
 }
 
 /// Why a connection failed its check.
@@ -94,8 +64,8 @@ pub(crate) async fn check(conn: &mut Conn, probe: Option<&ProbeConfig>) -> Resul
 }
 
 /// The peek alone, as an error.
-pub(crate) fn liveness(conn: &Conn) -> Result<(), HealthError> {
-    match peek(&conn.stream) {
+pub(crate) fn liveness(conn: &mut Conn) -> Result<(), HealthError> {
+    match peek(&mut conn.stream) {
         Liveness::Alive => Ok(()),
         Liveness::Closed => Err(HealthError::Closed),
         Liveness::Unsolicited => Err(HealthError::Unsolicited),
@@ -103,7 +73,7 @@ pub(crate) fn liveness(conn: &Conn) -> Result<(), HealthError> {
     }
 }
 
-async fn run_probe(stream: &mut TcpStream, probe: &ProbeConfig) -> Result<(), HealthError> {
+async fn run_probe(stream: &mut Stream, probe: &ProbeConfig) -> Result<(), HealthError> {
     let round_trip = async {
         stream.write_all(probe.send.as_bytes()).await?;
         let mut got = vec![0u8; probe.expect.len()];

@@ -1,6 +1,6 @@
 //! The per-upstream background loop: keeps `min_idle` warm, and every
-//! `health.interval` sweeps the idle connections (lifetime, idle timeout,
-//! liveness peek, probe).
+//! `health.interval` re-reads the TLS files and sweeps the idle connections
+//! (lifetime, idle timeout, liveness peek, probe).
 //!
 //! Neither engine can be trusted with this (bb8's reaper also closes
 //! `min_idle` connections and cannot reach idle ones otherwise; deadpool has
@@ -23,6 +23,7 @@ use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
 
 use super::{EvictReason, Pool, PoolConn, VetFor, Vetted, health};
+use crate::net::Refreshed;
 
 impl Pool {
     /// Runs until `cancel` fires. Owned by the server's task tracker.
@@ -46,9 +47,27 @@ impl Pool {
                 }
                 _ = tokio::time::sleep_until(retry.unwrap_or(next_sweep)), if retry.is_some() => {}
                 _ = tokio::time::sleep_until(next_sweep) => {
+                    self.refresh_tls().await;
                     self.sweep().await;
                     next_sweep = tokio::time::Instant::now() + interval;
                 }
+            }
+        }
+    }
+
+    /// Re-reads the TLS files (a rotated Secret): new dials use what
+    /// changed; pooled connections keep their session until they expire.
+    async fn refresh_tls(&self) {
+        let Some(tls) = self.dialer.tls() else {
+            return;
+        };
+        match tls.refresh().await {
+            Refreshed::Unchanged => {}
+            Refreshed::Reloaded => {
+                tracing::info!(upstream = %self.name(), "TLS files changed; new connections use them");
+            }
+            Refreshed::Failed(error) => {
+                tracing::warn!(upstream = %self.name(), %error, "TLS files changed but cannot be used; keeping the previous ones");
             }
         }
     }

@@ -34,7 +34,7 @@ use tokio_util::task::TaskTracker;
 
 pub(crate) use self::checkout::{VetFor, Vetted};
 pub(crate) use self::conn::Conn;
-pub(crate) use self::connect::Dialer;
+pub(crate) use self::connect::{CONNECT_ERROR_REASONS, Dialer};
 pub(crate) use self::engine::{Engine, EngineError, PoolConn};
 pub(crate) use self::error::CheckoutError;
 pub(crate) use self::leased::Leased;
@@ -77,6 +77,8 @@ pub(crate) struct PoolReadiness {
     pub last_dial_error: Option<String>,
     /// Paused by an operator (shown; it does not make the pod unready).
     pub paused: bool,
+    /// TLS towards the upstream (shown in `/readyz?verbose`).
+    pub tls: Option<crate::net::TlsStatus>,
 }
 
 /// A point-in-time view of a pool, for `Stats`, metrics and readiness.
@@ -120,6 +122,8 @@ pub(crate) struct PoolSnapshot {
     pub paused: bool,
     /// Every endpoint (one for a static address).
     pub endpoints: Vec<EndpointSnapshot>,
+    /// TLS towards the upstream; `None`: plain TCP.
+    pub tls: Option<crate::net::TlsStatus>,
 }
 
 /// One upstream's pool. Shared as `Arc<Pool>` by the gRPC service, leases and
@@ -160,6 +164,13 @@ impl Pool {
         ready_signal: ReadySignal,
     ) -> Arc<Self> {
         let counters = Arc::new(Counters::default());
+        let tls = config.tls_enabled().map(|tls| {
+            let tls = crate::net::Tls::new(tls, &config.source);
+            if let Some(error) = tls.status().last_reload_error {
+                tracing::error!(upstream = %config.name, %error, "TLS files unusable; dials fail until they are fixed");
+            }
+            Arc::new(tls)
+        });
         let dialer = Arc::new(Dialer::new(
             crate::discovery::endpoint_set(&config),
             &config.pool,
@@ -167,6 +178,7 @@ impl Pool {
             counters.clone(),
             ready_signal.clone(),
             crate::protocol::Opener::for_upstream(&config),
+            tls,
         ));
         let engine = Engine::new(config.engine, dialer.clone(), config.pool.max_size);
         Arc::new(Self {
@@ -192,6 +204,16 @@ impl Pool {
     /// The upstream's configuration.
     pub(crate) fn config(&self) -> &UpstreamConfig {
         &self.config
+    }
+
+    /// Dials one connection and drops it (the benchmark's dial timing).
+    pub(crate) async fn dial_once(&self) -> Result<(), connect::DialError> {
+        self.dialer.dial().await.map(drop)
+    }
+
+    /// The upstream's TLS client, when dials use TLS.
+    pub(crate) fn dialer_tls(&self) -> Option<Arc<crate::net::Tls>> {
+        self.dialer.tls().cloned()
     }
 
     /// The upstream's endpoints.
@@ -257,9 +279,10 @@ impl Pool {
             return;
         };
         let (endpoint, pid) = (conn.endpoint(), backend.pid);
+        let tls = self.dialer_tls();
         self.spawn(async move {
             let sent =
-                crate::protocol::postgres::cancel::send(endpoint, pid, secret, CANCEL_TIMEOUT)
+                crate::protocol::postgres::cancel::send(endpoint, pid, secret, CANCEL_TIMEOUT, tls)
                     .await;
             if let Err(error) = sent {
                 tracing::debug!(%endpoint, %error, "cancel of an evicted session's query failed");
@@ -307,6 +330,7 @@ impl Pool {
             leased: self.counters.leased.load(Ordering::Relaxed),
             last_dial_error: self.dialer.last_error(),
             paused: self.is_paused(),
+            tls: self.dialer.tls().map(|t| t.status()),
         }
     }
 
@@ -435,6 +459,7 @@ impl Pool {
             checkout_timeouts: load(&c.checkout_timeouts),
             ready: self.ready(),
             endpoints: self.dialer.endpoints().snapshot(),
+            tls: self.dialer.tls().map(|t| t.status()),
         }
     }
 

@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use super::connect::CONNECT_ERROR_REASONS;
+
 /// Why a connection was closed. The names are the keys of
 /// `UpstreamStats.evictions` and of the `reason` metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -90,6 +92,8 @@ pub(crate) struct Counters {
     pub connections_created: AtomicU64,
     /// Dials that reached the network and failed.
     pub connect_errors: AtomicU64,
+    /// The same, by reason (`CONNECT_ERROR_REASONS` order).
+    connect_error_reasons: [AtomicU64; CONNECT_ERROR_REASONS.len()],
     /// Checks run (peek, plus probe when due).
     pub health_checks: AtomicU64,
     /// Checks that failed (and evicted their connection).
@@ -135,6 +139,22 @@ pub(crate) const EXCHANGE_OUTCOMES: [&str; 5] = [
 ];
 
 impl Counters {
+    /// Counts one failed dial under its reason.
+    pub(crate) fn connect_error(&self, reason: &str) {
+        self.connect_errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = CONNECT_ERROR_REASONS.iter().position(|r| *r == reason) {
+            self.connect_error_reasons[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Failed dials counted under `reason`.
+    pub(crate) fn connect_errors_for(&self, reason: &str) -> u64 {
+        CONNECT_ERROR_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |i| self.connect_error_reasons[i].load(Ordering::Relaxed))
+    }
+
     /// Counts one Exchange and its duration.
     pub(crate) fn exchanged(&self, outcome: &str, took: std::time::Duration) {
         if let Some(i) = EXCHANGE_OUTCOMES.iter().position(|o| *o == outcome) {
@@ -150,6 +170,7 @@ impl Default for Counters {
             leases_granted: AtomicU64::new(0),
             connections_created: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
+            connect_error_reasons: Default::default(),
             health_checks: AtomicU64::new(0),
             health_check_failures: AtomicU64::new(0),
             checkout_timeouts: AtomicU64::new(0),

@@ -17,8 +17,8 @@
 pub(crate) mod postgres;
 pub(crate) mod redis;
 
+use crate::net::Stream;
 use bytes::Bytes;
-use tokio::net::TcpStream;
 
 use crate::config::{Protocol, UpstreamConfig};
 use postgres::Backend;
@@ -73,11 +73,21 @@ impl Opener {
     }
 
     /// Opens the session on a connected socket (inside the dial's timeout);
-    /// a PostgreSQL session reports its backend.
-    pub(crate) async fn open(&self, stream: &mut TcpStream) -> Result<Option<Backend>, OpenError> {
+    /// a PostgreSQL session reports its backend. `confirm`: the TLS server
+    /// asked for a client certificate lessor does not have, and TLS 1.3
+    /// tells the verdict only on the first read, so the session must make
+    /// a round trip before the connection counts as dialed.
+    pub(crate) async fn open(
+        &self,
+        stream: &mut Stream,
+        confirm: bool,
+    ) -> Result<Option<Backend>, OpenError> {
         match self {
             Self::Tcp => Ok(None),
-            Self::Redis(cfg) => redis::handshake::open(stream, cfg).await.map(|()| None),
+            Self::Redis(cfg) => redis::handshake::open(stream, cfg, confirm)
+                .await
+                .map(|()| None),
+            // The startup exchange always reads.
             Self::Postgres(cfg) => postgres::handshake::open(stream, cfg).await.map(Some),
         }
     }
@@ -260,7 +270,7 @@ impl Restore {
     /// said. Who owns the connection (the pool) decides what follows.
     pub(crate) async fn apply(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut Stream,
         mut backend: Option<&mut Backend>,
     ) -> bool {
         match self {

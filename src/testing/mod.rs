@@ -1,10 +1,12 @@
 //! Hooks for tests that hold lessor's protocol readers to the real servers
 //! (differential tests: generated input to both, compared by what each made
-//! of it). Not part of lessor's API: hidden from the docs, and nothing in
+//! of it), and for the benchmark's dial timings. Not part of lessor's API: hidden from the docs, and nothing in
 //! the sidecar calls it.
 
+mod dial;
 mod postgres;
 mod redis;
 
+pub use dial::DialProbe;
 pub use postgres::{PgReport, PgTracker};
 pub use redis::RedisTracker;

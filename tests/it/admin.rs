@@ -259,7 +259,14 @@ async fn admin_metrics_parse_and_agree_with_stats() {
         get("lessor_connections_created_total{upstream=up}"),
         stats.connections_created as f64
     );
-    assert_eq!(get("lessor_connect_errors_total{upstream=up}"), 0.0);
+    assert_eq!(
+        get("lessor_connect_errors_total{reason=connect,upstream=up}"),
+        0.0
+    );
+    assert_eq!(
+        get("lessor_connect_errors_total{reason=tls_untrusted,upstream=up}"),
+        0.0
+    );
     assert_eq!(get("lessor_checkout_timeouts_total{upstream=up}"), 0.0);
     assert_eq!(
         get("lessor_health_checks_total{result=failed,upstream=up}"),

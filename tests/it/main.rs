@@ -25,3 +25,4 @@ mod shutdown;
 mod stall;
 mod support;
 mod telemetry;
+mod tls;

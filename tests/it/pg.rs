@@ -91,20 +91,20 @@ async fn fixture(engine: EngineKind, extra: &str) -> Option<(Postgres, tempfile:
 /// What came back for one query: the first column of each row, the
 /// SQLSTATE of an error, and the ReadyForQuery status.
 #[derive(Debug, Default)]
-struct Reply {
-    rows: Vec<Option<String>>,
-    error: Option<String>,
-    status: u8,
+pub(crate) struct Reply {
+    pub(crate) rows: Vec<Option<String>>,
+    pub(crate) error: Option<String>,
+    pub(crate) status: u8,
 }
 
-fn query_message(sql: &str) -> Bytes {
+pub(crate) fn query_message(sql: &str) -> Bytes {
     let mut buf = BytesMut::new();
     frontend::query(sql, &mut buf).unwrap();
     buf.freeze()
 }
 
 /// Parses backend messages from `buf` until a ReadyForQuery.
-fn parse_reply(buf: &mut BytesMut, reply: &mut Reply) -> bool {
+pub(crate) fn parse_reply(buf: &mut BytesMut, reply: &mut Reply) -> bool {
     while let Some(message) = Message::parse(buf).unwrap() {
         match message {
             Message::DataRow(row) => {
@@ -132,7 +132,7 @@ fn parse_reply(buf: &mut BytesMut, reply: &mut Reply) -> bool {
 }
 
 /// Reads one reply (through its ReadyForQuery) from a lease.
-async fn read_reply(lease: &mut Lease) -> Reply {
+pub(crate) async fn read_reply(lease: &mut Lease) -> Reply {
     let mut buf = BytesMut::new();
     let mut reply = Reply::default();
     loop {
@@ -150,7 +150,7 @@ async fn read_reply(lease: &mut Lease) -> Reply {
 }
 
 /// One simple query on a lease.
-async fn query(lease: &mut Lease, sql: &str) -> Reply {
+pub(crate) async fn query(lease: &mut Lease, sql: &str) -> Reply {
     lease.send(query_message(sql)).await.unwrap();
     read_reply(lease).await
 }

@@ -43,6 +43,7 @@ pub(crate) mod postgres;
 pub(crate) mod redis_benchmark;
 mod report;
 pub(crate) mod setup;
+pub(crate) mod tls;
 
 use setup::{Lessor, Upstream, four_upstreams_config, one_upstream_config, start_redis};
 
@@ -616,36 +617,40 @@ where
 
 /// Operations run before any is recorded: connections, caches and the
 /// allocator settle first.
-const WARMUP: usize = 200;
+pub(crate) const WARMUP: usize = 200;
 
 /// A latency histogram that ignores its first [`WARMUP`] samples.
-struct Samples {
+pub(crate) struct Samples {
     hist: hdrhistogram::Histogram<u64>,
     seen: usize,
 }
 
 impl Samples {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             hist: histogram(),
             seen: 0,
         }
     }
 
-    fn record(&mut self, d: Duration) {
+    pub(crate) fn record(&mut self, d: Duration) {
         if self.seen >= WARMUP {
             record(&mut self.hist, d);
         }
         self.seen += 1;
     }
 
-    fn percentiles(&self) -> Percentiles {
+    pub(crate) fn percentiles(&self) -> Percentiles {
         Percentiles::of(&self.hist)
     }
 }
 
 /// Operations per second with `concurrency` loops for `phase`.
-async fn rate<F, Fut>(concurrency: usize, phase: Duration, op: F) -> Result<f64, BenchError>
+pub(crate) async fn rate<F, Fut>(
+    concurrency: usize,
+    phase: Duration,
+    op: F,
+) -> Result<f64, BenchError>
 where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), BenchError>> + Send,
@@ -700,7 +705,7 @@ async fn cycles(
     Ok(())
 }
 
-async fn wait_warm(client: &Client, idle: u32) -> Result<(), BenchError> {
+pub(crate) async fn wait_warm(client: &Client, idle: u32) -> Result<(), BenchError> {
     if client.wait_idle(idle, Duration::from_secs(10)).await? {
         Ok(())
     } else {

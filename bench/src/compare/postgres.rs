@@ -38,7 +38,7 @@ use lessor_client::Client;
 /// Debian's server binaries (not on PATH).
 pub(crate) const BIN: &str = "/usr/lib/postgresql/15/bin";
 /// `nobody:nogroup`, for servers started by root.
-const NOBODY: u32 = 65534;
+pub(crate) const NOBODY: u32 = 65534;
 /// The pool size of both PgBouncer and lessor.
 const POOL: u32 = 8;
 /// Client concurrencies measured.
@@ -542,7 +542,10 @@ impl PgBouncer {
 }
 
 /// Waits until a login and a query work.
-async fn wait_for(config: &tokio_postgres::Config, what: &str) -> Result<(), BenchError> {
+pub(crate) async fn wait_for(
+    config: &tokio_postgres::Config,
+    what: &str,
+) -> Result<(), BenchError> {
     for _ in 0..1000 {
         if let Ok(client) = connect(config).await
             && client.simple_query("SELECT 1").await.is_ok()
@@ -556,13 +559,13 @@ async fn wait_for(config: &tokio_postgres::Config, what: &str) -> Result<(), Ben
     )))
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
 
 /// Runs `cmd` as `nobody` when this process is root.
-fn as_server(mut cmd: Command) -> Command {
+pub(crate) fn as_server(mut cmd: Command) -> Command {
     use std::os::unix::process::CommandExt;
     if is_root() {
         cmd.uid(NOBODY).gid(NOBODY);
@@ -572,13 +575,13 @@ fn as_server(mut cmd: Command) -> Command {
 }
 
 /// A temp dir the servers' user may write.
-fn server_dir() -> Result<tempfile::TempDir, BenchError> {
+pub(crate) fn server_dir() -> Result<tempfile::TempDir, BenchError> {
     let dir = tempfile::tempdir()?;
     chown_to_server(dir.path())?;
     Ok(dir)
 }
 
-fn chown_to_server(path: &Path) -> Result<(), BenchError> {
+pub(crate) fn chown_to_server(path: &Path) -> Result<(), BenchError> {
     if is_root() {
         for entry in std::iter::once(path.to_owned()).chain(
             std::fs::read_dir(path)?
@@ -591,7 +594,7 @@ fn chown_to_server(path: &Path) -> Result<(), BenchError> {
     Ok(())
 }
 
-fn run_tool(cmd: &mut Command, what: &str) -> Result<(), BenchError> {
+pub(crate) fn run_tool(cmd: &mut Command, what: &str) -> Result<(), BenchError> {
     let out = cmd
         .output()
         .map_err(|e| BenchError::Sidecar(format!("{what}: {e}")))?;

@@ -407,6 +407,58 @@ def test_secrets_are_mounted_read_only_and_stay_out_of_the_config():
     assert rendered["upstreams"][0]["postgres"]["password_file"] == "/var/run/secrets/pg/password"
 
 
+def test_tls_files_are_mounted_from_secrets(tmp_path):
+    values = {
+        "config": {
+            "upstreams": [
+                {
+                    "name": "orders",
+                    "address": "orders-db.internal:5432",
+                    "protocol": "postgres",
+                    "postgres": {"user": "orders"},
+                    "tls": {
+                        "mode": "verify-full",
+                        "ca_file": "/var/run/secrets/db-ca/ca.crt",
+                        "cert_file": "/var/run/secrets/db-client/tls.crt",
+                        "key_file": "/var/run/secrets/db-client/tls.key",
+                    },
+                }
+            ]
+        },
+        "sidecar": {
+            "secretMounts": [
+                {"secretName": "db-ca", "mountPath": "/var/run/secrets/db-ca"},
+                {"secretName": "db-client", "mountPath": "/var/run/secrets/db-client"},
+            ]
+        },
+    }
+    docs = render(values)
+    validate_all(docs)
+    spec = pod_spec(docs)
+    container = sidecar(spec)
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for path, secret_name in [
+        ("/var/run/secrets/db-ca", "db-ca"),
+        ("/var/run/secrets/db-client", "db-client"),
+    ]:
+        mount = mounts[path]
+        # Whole-Secret mounts (no subPath): the kubelet's `..data` swap of
+        # a rotated Secret reaches lessor, which reloads the files.
+        assert mount["readOnly"] is True and "subPath" not in mount
+        assert volumes[mount["name"]]["secret"]["secretName"] == secret_name
+    config = one(docs, "ConfigMap")["data"]["lessor.yaml"]
+    rendered = yaml.safe_load(config)
+    assert rendered["upstreams"][0]["tls"]["cert_file"] == "/var/run/secrets/db-client/tls.crt"
+    # lessor knows the block; the files exist only in the pod, so
+    # check-config names the first one it cannot read.
+    path = tmp_path / "lessor.yaml"
+    path.write_text(config)
+    result = subprocess.run([lessor_bin(), "check-config", "--config", str(path)], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "upstreams[0].tls.ca_file" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -448,6 +448,7 @@ where
                 endpoint: conn.endpoint(),
                 pid: b.pid,
                 secret,
+                tls: leased.pool().dialer_tls(),
             })
         });
         let lease_id = format!("pg-{:x}-{:x}", self.id, self.holds);
@@ -458,7 +459,7 @@ where
             conn.id(),
             self.holder.clone(),
             trace_id,
-            target,
+            target.clone(),
         ));
         let mut guard = LeaseGuard::new(leased, OnAbort::Evict);
         self.slot.set(target).await;

@@ -162,13 +162,18 @@ async fn cancel(listener: &Listener, pid: i32, secret: i32) {
         return;
     };
     let held = slot.0.lock().await;
-    let Some(target) = *held else {
+    let Some(target) = held.clone() else {
         return;
     };
     let endpoint: SocketAddr = target.endpoint;
-    if let Err(e) =
-        crate::protocol::postgres::cancel::send(endpoint, target.pid, target.secret, CANCEL_TIMEOUT)
-            .await
+    if let Err(e) = crate::protocol::postgres::cancel::send(
+        endpoint,
+        target.pid,
+        target.secret,
+        CANCEL_TIMEOUT,
+        target.tls,
+    )
+    .await
     {
         tracing::debug!(upstream = %listener.upstream, error = %e, "cancel request failed");
     }

@@ -121,7 +121,7 @@ impl Listener {
 /// `INFO server`'s `redis_version` (`unknown` when refused), read whole
 /// from a clean connection; `None` when the connection failed.
 async fn info_version(
-    stream: &mut tokio::net::TcpStream,
+    stream: &mut crate::net::Stream,
     max_frame: bytesize::ByteSize,
 ) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -7,6 +7,7 @@
 //! they are what a driver adopting the session needs. The password is read
 //! at each dial and appears in no error.
 
+use crate::net::Stream;
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::md5_hash;
@@ -14,7 +15,6 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, Scr
 use postgres_protocol::message::backend::{ErrorFields, ErrorResponseBody, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::Backend;
 use crate::config::PostgresConfig;
@@ -23,11 +23,24 @@ use crate::protocol::OpenError;
 /// Startup messages are small; a server that sends more is not one.
 const STARTUP_MAX: usize = 1 << 20;
 
+/// Asks the server to switch to TLS (SSLRequest): `true` when it answers
+/// `S` (the TLS handshake follows at once), `false` on `N`.
+pub(crate) async fn request_tls(stream: &mut tokio::net::TcpStream) -> std::io::Result<bool> {
+    let mut out = BytesMut::new();
+    frontend::ssl_request(&mut out);
+    stream.write_all(&out).await?;
+    match stream.read_u8().await? {
+        b'S' => Ok(true),
+        b'N' => Ok(false),
+        other => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the server answered the SSLRequest with {other:#04x}, not S or N"),
+        )),
+    }
+}
+
 /// Opens the configured session on `stream`.
-pub(crate) async fn open(
-    stream: &mut TcpStream,
-    cfg: &PostgresConfig,
-) -> Result<Backend, OpenError> {
+pub(crate) async fn open(stream: &mut Stream, cfg: &PostgresConfig) -> Result<Backend, OpenError> {
     let password = cfg
         .password()
         .map_err(|e| OpenError::Credentials(e.to_string()))?;
@@ -186,7 +199,7 @@ impl std::fmt::Display for ServerError {
 
 /// The stream and what has been read of it but not parsed yet.
 struct Wire<'a> {
-    stream: &'a mut TcpStream,
+    stream: &'a mut Stream,
     buf: BytesMut,
 }
 

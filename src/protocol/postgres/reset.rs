@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
+use crate::net::Stream;
 use bytes::BytesMut;
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::frame::{Event, FrameError, Framer, parse};
 use crate::config::PostgresConfig;
@@ -68,7 +68,7 @@ impl Reset {
 
     /// Sends the queries and reads through their ReadyForQuery, within
     /// `RESET_TIMEOUT`.
-    pub(crate) async fn apply(&self, stream: &mut TcpStream) -> Settled {
+    pub(crate) async fn apply(&self, stream: &mut Stream) -> Settled {
         self.apply_with(stream, BytesMut::new(), true).await
     }
 
@@ -81,7 +81,7 @@ impl Reset {
     /// and `send` is false when the request went out already (pipelined).
     pub(crate) async fn apply_with(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut Stream,
         read: BytesMut,
         send: bool,
     ) -> Settled {

@@ -4,15 +4,21 @@
 //! password is read from its file or variable at each dial (a rotated Secret
 //! applies to new connections) and appears in no error.
 
+use crate::net::Stream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::resp::{Scanner, encode_command as command};
 use crate::config::RedisConfig;
 use crate::protocol::OpenError;
 
-/// Opens the configured session on `stream`.
-pub(crate) async fn open(stream: &mut TcpStream, cfg: &RedisConfig) -> Result<(), OpenError> {
+/// Opens the configured session on `stream`. `confirm`: make at least one
+/// round trip (a `PING` when nothing else is configured), so that a server
+/// that ends the session (a TLS client certificate it wanted) fails the dial.
+pub(crate) async fn open(
+    stream: &mut Stream,
+    cfg: &RedisConfig,
+    confirm: bool,
+) -> Result<(), OpenError> {
     let password = cfg
         .password()
         .map_err(|e| OpenError::Credentials(e.to_string()))?;
@@ -39,6 +45,10 @@ pub(crate) async fn open(stream: &mut TcpStream, cfg: &RedisConfig) -> Result<()
     if let Some(name) = &cfg.client_name {
         command(&mut request, &[b"CLIENT", b"SETNAME", name.as_bytes()]);
         steps.push("CLIENT SETNAME");
+    }
+    if steps.is_empty() && confirm {
+        command(&mut request, &[b"PING"]);
+        steps.push("PING");
     }
     if steps.is_empty() {
         return Ok(());

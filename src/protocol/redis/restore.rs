@@ -22,7 +22,7 @@ const RESTORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 impl Restore {
     /// Sends the undo and reads its replies, within `RESTORE_TIMEOUT`;
     /// whether every one was `+OK`.
-    pub(crate) async fn apply(&self, stream: &mut tokio::net::TcpStream) -> bool {
+    pub(crate) async fn apply(&self, stream: &mut crate::net::Stream) -> bool {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let undo = async {
             stream.write_all(&self.request).await.ok()?;

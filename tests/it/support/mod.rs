@@ -10,6 +10,7 @@ pub mod postgres;
 pub mod process;
 pub mod proxy;
 pub mod redis;
+pub mod tls;
 pub mod upstream;
 
 /// Generates `bb8::NAME` and `deadpool::NAME` tests from `async fn NAME(EngineKind)`.

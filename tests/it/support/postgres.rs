@@ -66,6 +66,12 @@ impl Postgres {
 
     /// Starts a server with extra settings (`max_connections=5`).
     pub async fn start_with(settings: &[&str]) -> Option<Self> {
+        Self::start_prepared(settings, |_| {}).await
+    }
+
+    /// Starts a server with extra settings, after `prepare` has changed its
+    /// data directory (TLS files, `pg_hba.conf`).
+    pub async fn start_prepared(settings: &[&str], prepare: impl FnOnce(&Path)) -> Option<Self> {
         let required = std::env::var("LESSOR_REQUIRE_POSTGRES").is_ok_and(|v| v == "1");
         let template = match template() {
             Ok(t) => t,
@@ -92,6 +98,7 @@ impl Postgres {
             conf.push('\n');
         }
         std::fs::write(data.join("postgresql.auto.conf"), conf).unwrap();
+        prepare(&data);
         for _ in 0..5 {
             let port = ports::reserve();
             let child = spawn(&data, port);
@@ -231,6 +238,19 @@ fn as_server(mut cmd: Command) -> Command {
     }
     cmd.env("LC_ALL", "C").env_remove("PGDATA");
     cmd
+}
+
+/// Writes `contents` into `data` as a file only the server's user may read
+/// (PostgreSQL refuses a key file others can read).
+pub fn write_private(data: &Path, name: &str, contents: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = data.join(name);
+    std::fs::write(&path, contents).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::chown(&path, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
 }
 
 /// A temp dir the server's user may write.
