@@ -5,13 +5,16 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 # The whole workspace: Cargo loads every member's manifest.
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
+# tokio_unstable for the task dump (/debug/runtime?tasks=1).
+COPY .cargo .cargo
 COPY proto proto
 COPY src src
 COPY client client
 COPY bench bench
-RUN cargo build --release --locked --bin lessor \
- && strip target/release/lessor
+# Not stripped: CPU profiles, task dumps and heap profiles name lessor's
+# functions from its symbols.
+RUN cargo build --release --locked --bin lessor
 
 # Runtime stage: distroless (glibc, CA certificates, no shell), non-root.
 # lessor writes nothing to its filesystem, so it runs with a read-only root.

@@ -166,6 +166,25 @@ enum Command {
     },
 }
 
+/// jemalloc, sampling one allocation per 512 KiB on average with its
+/// backtrace, so that `/debug/pprof/heap` can say who holds the memory.
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read when it starts: heap profiling on (sampled,
+/// active from the start).
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "malloc_conf")]
+pub static malloc_conf: &[u8] = b"prof:true,prof_active:true,lg_prof_sample:19\0";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {

@@ -6,8 +6,9 @@
 //!   pprof-rs, as the gzipped `profile.proto` that `go tool pprof` reads,
 //!   with symbolized Rust frames. One at a time: a second request while one
 //!   runs gets 429.
-//! - `GET /debug/pprof/heap`: 501, with why (lessor keeps the system
-//!   allocator; see the README's runbook for what to use instead).
+//! - `GET /debug/pprof/heap`: the live heap by allocation site, from
+//!   jemalloc's sampling profiler (one allocation per 512 KiB on average),
+//!   as the gzipped `profile.proto` `go tool pprof` reads.
 //! - `GET /debug/runtime`: the serving tokio runtime's figures as JSON
 //!   (workers, alive tasks, global queue depth, busy time and parks per
 //!   worker, blocking threads); `/metrics` carries the same as
@@ -122,13 +123,60 @@ fn unavailable(why: &str) -> Response {
         .into_response()
 }
 
-/// `GET /debug/pprof/heap`.
+/// `GET /debug/pprof/heap`: what the live heap holds, by allocation
+/// site, as the gzipped `profile.proto` of jemalloc's sampling profiler
+/// (addresses with the binary's mappings: `go tool pprof <lessor binary>
+/// heap.pb.gz` names them).
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+pub(crate) async fn heap() -> Response {
+    let Some(ctl) = jemalloc_pprof::PROF_CTL.as_ref() else {
+        return heap_unavailable("jemalloc's profiler is off in this process");
+    };
+    let ctl = ctl.clone();
+    // The dump writes a file and parses it: off the admin thread's worker.
+    let dumped = tokio::task::spawn_blocking(move || ctl.blocking_lock().dump_pprof()).await;
+    match dumped {
+        Ok(Ok(body)) => (
+            [
+                (header::CONTENT_TYPE, "application/octet-stream"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"heap.pb.gz\"",
+                ),
+            ],
+            body,
+        )
+            .into_response(),
+        Ok(Err(e)) => heap_unavailable(&e.to_string()),
+        Err(e) => heap_unavailable(&e.to_string()),
+    }
+}
+
+/// `GET /debug/pprof/heap` where lessor runs on the system allocator.
+#[cfg(not(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+)))]
 pub(crate) async fn heap() -> Response {
     (
         StatusCode::NOT_IMPLEMENTED,
-        "lessor runs on the system allocator, which keeps no heap profile; \
-         see /debug/runtime and lessor_process_resident_memory_bytes, and the \
-         README's runbook (heaptrack or a CPU profile of allocation paths)\n",
+        "this build runs on the system allocator, which keeps no heap profile \
+         (lessor uses jemalloc's profiler on Linux x86_64 and aarch64)\n",
+    )
+        .into_response()
+}
+
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+fn heap_unavailable(why: &str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("heap profile failed: {why}\n"),
     )
         .into_response()
 }

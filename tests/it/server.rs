@@ -350,3 +350,32 @@ async fn server_lease_limit_is_grpc_max_frame_beside_a_redis_upstream() {
         })
         .await;
 }
+
+/// One client connection carries thousands of leases, each released or
+/// dropped: the HTTP/2 limits on reset streams never turn a busy client
+/// away (GOAWAY ENHANCE_YOUR_CALM would fail its leases in flight).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_one_connection_carries_thousands_of_leases() {
+    let up = crate::support::TestUpstream::start().await;
+    let lessor = crate::support::Lessor::start(&crate::support::config_one(
+        &up.addr(),
+        lessor::EngineKind::Bb8,
+        &["pool: { max_size: 4, min_idle: 1 }"],
+    ))
+    .await;
+    for i in 0..1500 {
+        let lease = lessor
+            .client
+            .lease("up", &lessor_client::LeaseOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("lease {i}: {e}"));
+        if i % 2 == 0 {
+            lease
+                .release(lessor_client::pb::Disposition::Return)
+                .await
+                .unwrap_or_else(|e| panic!("release {i}: {e}"));
+        } else {
+            drop(lease);
+        }
+    }
+}

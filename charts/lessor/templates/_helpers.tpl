@@ -134,6 +134,10 @@ sidecar.native (with restartPolicy: Always), else under containers. */}}
     - name: lessor-config
       mountPath: /etc/lessor
       readOnly: true
+    # The root is read-only; a heap profile (/debug/pprof/heap) is
+    # written to a temporary file first.
+    - name: lessor-tmp
+      mountPath: /tmp
     {{- range $i, $m := .Values.sidecar.secretMounts }}
     - name: {{ printf "lessor-secret-%d" $i }}
       mountPath: {{ $m.mountPath | quote }}
@@ -165,6 +169,10 @@ sidecar.native (with restartPolicy: Always), else under containers. */}}
 - name: lessor-config
   configMap:
     name: {{ include "lessor.configName" . }}
+- name: lessor-tmp
+  emptyDir:
+    medium: Memory
+    sizeLimit: 16Mi
 {{- range $i, $m := .Values.sidecar.secretMounts }}
 - name: {{ printf "lessor-secret-%d" $i }}
   secret:

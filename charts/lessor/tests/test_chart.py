@@ -147,7 +147,12 @@ def test_native_sidecar_shape_probes_and_security():
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
     app = next(c for c in spec["containers"] if c["name"] == "app")
     assert {"name": "LESSOR_ADDR", "value": "127.0.0.1:7070"} in app["env"]
-    assert spec["volumes"] == [{"name": "lessor-config", "configMap": {"name": "shop-lessor-config"}}]
+    # The config, and a small /tmp for heap profiles (the root is read-only).
+    assert spec["volumes"] == [
+        {"name": "lessor-config", "configMap": {"name": "shop-lessor-config"}},
+        {"name": "lessor-tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+    ]
+    assert {"name": "lessor-tmp", "mountPath": "/tmp"} in lessor["volumeMounts"]
 
 
 def test_legacy_sidecar_is_an_ordinary_container():
@@ -335,7 +340,10 @@ def test_parent_chart_uses_the_named_templates(tmp_path):
     lessor = spec["initContainers"][0]
     assert lessor["name"] == "lessor" and lessor["restartPolicy"] == "Always"
     config_map = one(docs, "ConfigMap")
-    assert spec["volumes"] == [{"name": "lessor-config", "configMap": {"name": config_map["metadata"]["name"]}}]
+    assert spec["volumes"] == [
+        {"name": "lessor-config", "configMap": {"name": config_map["metadata"]["name"]}},
+        {"name": "lessor-tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+    ]
     assert config_map["metadata"]["name"] == "web-lessor-config"
     assert "cart-redis:6379" in config_map["data"]["lessor.yaml"]
     assert len(deployment["spec"]["template"]["metadata"]["annotations"]["checksum/lessor-config"]) == 64
