@@ -278,7 +278,7 @@ impl Collector for PoolCollector {
         family(
             &mut e,
             "lessor_connect_errors",
-            "Dials that failed, by reason (resolve, connect, socket, timeout, open, and tls_refused, tls_untrusted, tls_name_mismatch, tls_expired, tls_client_cert_required, tls_handshake).",
+            "Dials that failed, by reason (resolve, connect, socket, timeout, open, and tls_refused, tls_untrusted, tls_name_mismatch, tls_expired, tls_client_cert_required, tls_client_cert_rejected, tls_handshake).",
             connect_errors,
         )?;
         let tls: Vec<_> = pools

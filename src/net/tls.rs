@@ -40,6 +40,9 @@ pub(crate) enum TlsFailure {
     /// The server asked for a client certificate lessor does not have, and
     /// ended the session.
     ClientCertRequired,
+    /// The server refused the client certificate lessor presented (expired,
+    /// or from a CA it does not trust).
+    ClientCertRejected,
     /// Anything else (a protocol version or cipher mismatch, a reset).
     Handshake,
 }
@@ -47,12 +50,13 @@ pub(crate) enum TlsFailure {
 impl TlsFailure {
     /// Every failure, in a stable order (the metric's label values).
     #[cfg(test)]
-    pub(crate) const ALL: [TlsFailure; 6] = [
+    pub(crate) const ALL: [TlsFailure; 7] = [
         Self::Refused,
         Self::Untrusted,
         Self::NameMismatch,
         Self::Expired,
         Self::ClientCertRequired,
+        Self::ClientCertRejected,
         Self::Handshake,
     ];
 
@@ -64,6 +68,7 @@ impl TlsFailure {
             Self::NameMismatch => "tls_name_mismatch",
             Self::Expired => "tls_expired",
             Self::ClientCertRequired => "tls_client_cert_required",
+            Self::ClientCertRejected => "tls_client_cert_rejected",
             Self::Handshake => "tls_handshake",
         }
     }
@@ -85,6 +90,10 @@ impl TlsFailure {
             Self::Expired => "the server's certificate has expired or is not valid yet",
             Self::ClientCertRequired => {
                 "the server demands a client certificate: set tls.cert_file and tls.key_file"
+            }
+            Self::ClientCertRejected => {
+                "the server rejected lessor's client certificate (expired, or not issued by a \
+                 CA it trusts): check tls.cert_file"
             }
             Self::Handshake => "TLS handshake failed",
         }
@@ -110,6 +119,18 @@ pub(crate) struct Handshake {
     /// The server asked for a client certificate and lessor has none:
     /// whatever fails next is most likely the server ending the session for it.
     pub(crate) cert_asked_unanswered: bool,
+    /// The server asked for a client certificate and lessor sent one: under
+    /// TLS 1.3 its verdict comes only with the first read.
+    pub(crate) cert_sent: bool,
+}
+
+impl Handshake {
+    /// Whether the dial must make a round trip before it counts: the
+    /// server judged a client certificate (or its absence) after the
+    /// client's handshake ended.
+    pub(crate) fn confirm(self) -> bool {
+        self.cert_asked_unanswered || self.cert_sent
+    }
 }
 
 /// What [`Tls::refresh`] did.
@@ -234,15 +255,17 @@ impl Tls {
             asked: asked.clone(),
         });
         let unanswered = || material.client.is_none() && asked.load(Ordering::Relaxed);
+        let sent = || material.client.is_some() && asked.load(Ordering::Relaxed);
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         match connector.connect(server_name, tcp).await {
             Ok(stream) => Ok((
                 Stream::Tls(Box::new(stream)),
                 Handshake {
                     cert_asked_unanswered: unanswered(),
+                    cert_sent: sent(),
                 },
             )),
-            Err(e) => Err(error(classify(&e, unanswered()), e.to_string())),
+            Err(e) => Err(error(classify(&e, unanswered(), sent()), e.to_string())),
         }
     }
 
@@ -260,8 +283,15 @@ impl Tls {
         // a close on the first read, or (PostgreSQL) as an error message
         // that names the certificate.
         let about_cert = transport || detail.contains("certificate");
-        (handshake.cert_asked_unanswered && about_cert).then(|| TlsError {
-            failure: TlsFailure::ClientCertRequired,
+        let failure = if handshake.cert_asked_unanswered {
+            TlsFailure::ClientCertRequired
+        } else if handshake.cert_sent {
+            TlsFailure::ClientCertRejected
+        } else {
+            return None;
+        };
+        about_cert.then(|| TlsError {
+            failure,
             name: name.to_owned(),
             detail: detail.to_owned(),
         })
@@ -289,7 +319,8 @@ impl Tls {
         })
         .await;
         let result = match outcome {
-            Ok(Ok(None)) => return Refreshed::Unchanged,
+            // Back to (or still) what is in force: any earlier failure is over.
+            Ok(Ok(None)) => Refreshed::Unchanged,
             Ok(Ok(Some(material))) => {
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) =
                     Some(Arc::new(material));
@@ -350,8 +381,9 @@ fn host_of(address: &str) -> &str {
 }
 
 /// Which failure an error from the handshake is. `unanswered`: the server
-/// asked for a client certificate and got none.
-fn classify(e: &io::Error, unanswered: bool) -> TlsFailure {
+/// asked for a client certificate and got none; `sent`: it asked and got
+/// lessor's.
+fn classify(e: &io::Error, unanswered: bool, sent: bool) -> TlsFailure {
     let rustls_error = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
     match rustls_error {
         Some(rustls::Error::InvalidCertificate(cert)) => match cert {
@@ -369,6 +401,16 @@ fn classify(e: &io::Error, unanswered: bool) -> TlsFailure {
         Some(rustls::Error::AlertReceived(AlertDescription::CertificateRequired)) => {
             TlsFailure::ClientCertRequired
         }
+        // TLS 1.2: the server judges the certificate inside the handshake.
+        Some(rustls::Error::AlertReceived(
+            AlertDescription::BadCertificate
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::CertificateRevoked
+            | AlertDescription::CertificateExpired
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::UnknownCA
+            | AlertDescription::AccessDenied,
+        )) if sent => TlsFailure::ClientCertRejected,
         _ if unanswered => TlsFailure::ClientCertRequired,
         _ => TlsFailure::Handshake,
     }
@@ -414,23 +456,33 @@ mod tests {
         let wrap = |e: rustls::Error| io::Error::new(io::ErrorKind::InvalidData, e);
         let cert = |c| wrap(rustls::Error::InvalidCertificate(c));
         assert_eq!(
-            classify(&cert(CertificateError::UnknownIssuer), false),
+            classify(&cert(CertificateError::UnknownIssuer), false, false),
             TlsFailure::Untrusted
         );
         assert_eq!(
-            classify(&cert(CertificateError::NotValidForName), false),
+            classify(&cert(CertificateError::NotValidForName), false, false),
             TlsFailure::NameMismatch
         );
         assert_eq!(
-            classify(&cert(CertificateError::Expired), true),
+            classify(&cert(CertificateError::Expired), true, false),
             TlsFailure::Expired
         );
         let alert = wrap(rustls::Error::AlertReceived(
             AlertDescription::CertificateRequired,
         ));
-        assert_eq!(classify(&alert, false), TlsFailure::ClientCertRequired);
+        assert_eq!(
+            classify(&alert, false, false),
+            TlsFailure::ClientCertRequired
+        );
         let eof = io::Error::from(io::ErrorKind::UnexpectedEof);
-        assert_eq!(classify(&eof, true), TlsFailure::ClientCertRequired);
-        assert_eq!(classify(&eof, false), TlsFailure::Handshake);
+        assert_eq!(classify(&eof, true, false), TlsFailure::ClientCertRequired);
+        assert_eq!(classify(&eof, false, false), TlsFailure::Handshake);
+        // TLS 1.2: the server's verdict on the certificate lessor sent.
+        let refused = wrap(rustls::Error::AlertReceived(AlertDescription::UnknownCA));
+        assert_eq!(
+            classify(&refused, false, true),
+            TlsFailure::ClientCertRejected
+        );
+        assert_eq!(classify(&refused, false, false), TlsFailure::Handshake);
     }
 }

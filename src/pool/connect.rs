@@ -97,7 +97,7 @@ pub(crate) enum DialError {
 
 /// The `reason` label values of `lessor_connect_errors_total`, in the order
 /// of `Counters::connect_error_reasons`.
-pub(crate) const CONNECT_ERROR_REASONS: [&str; 11] = [
+pub(crate) const CONNECT_ERROR_REASONS: [&str; 12] = [
     "resolve",
     "connect",
     "socket",
@@ -108,6 +108,7 @@ pub(crate) const CONNECT_ERROR_REASONS: [&str; 11] = [
     "tls_name_mismatch",
     "tls_expired",
     "tls_client_cert_required",
+    "tls_client_cert_rejected",
     "tls_handshake",
 ];
 
@@ -355,7 +356,7 @@ impl Dialer {
             let (mut stream, handshake) = self.secure(tls, stream, addr, &name).await?;
             let backend = self
                 .opener
-                .open(&mut stream, handshake.cert_asked_unanswered)
+                .open(&mut stream, handshake.confirm())
                 .await
                 .map_err(|source| {
                     let (detail, transport) = match &source {

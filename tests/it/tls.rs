@@ -428,6 +428,13 @@ async fn tls_redis_dial_failures_name_their_cause_and_require_skips_the_name() {
     let verify_ca = tls_block(d, &ca.pem(), None, ", mode: verify-ca");
     let named = tls_block(d, &ca.pem(), None, ", server_name: db.other.example");
     let require = "tls: { mode: require }";
+    // A client certificate the server does not trust (another CA's).
+    let rejected = tls_block(
+        d,
+        &ca.pem(),
+        Some(&stranger.client("lessor", CLIENT_UNTIL)),
+        "",
+    );
     let upstreams = [
         (
             "untrusted",
@@ -447,6 +454,7 @@ async fn tls_redis_dial_failures_name_their_cause_and_require_skips_the_name() {
         ("tcp", &other_name, "protocol: tcp", require),
         ("expired", &expired, "protocol: redis", trusted.as_str()),
         ("nocert", &mtls, "protocol: redis", trusted.as_str()),
+        ("rejected", &mtls, "protocol: redis", rejected.as_str()),
     ];
     let mut yaml = "upstreams:\n".to_owned();
     for (name, server, protocol, tls) in upstreams {
@@ -495,6 +503,11 @@ async fn tls_redis_dial_failures_name_their_cause_and_require_skips_the_name() {
             "nocert",
             "the server demands a client certificate",
             "tls_client_cert_required",
+        ),
+        (
+            "rejected",
+            "the server rejected lessor's client certificate",
+            "tls_client_cert_rejected",
         ),
     ] {
         let err = lease_error(&lessor.client, name).await;
@@ -735,6 +748,19 @@ async fn tls_rotation_of_ca_and_client_certificate_under_running_leases() {
         .is_some_and(|n| n >= 1.0),
         "{body}"
     );
+    // Rolled back to the files in force: the failure is over.
+    secret.update(&[
+        ("ca.crt", &both),
+        ("tls.crt", &new_client.cert),
+        ("tls.key", &new_client.key),
+    ]);
+    lessor
+        .wait_for("the reload failure cleared", |s| {
+            s.tls
+                .as_ref()
+                .is_some_and(|t| t.last_reload_error.is_empty())
+        })
+        .await;
 
     stop.store(true, Ordering::Relaxed);
     for worker in workers {
