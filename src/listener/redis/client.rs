@@ -342,10 +342,23 @@ where
     }
 
     /// Writes a reply lessor gives itself.
+    /// A client that does not read them cannot keep its slot: the write
+    /// gives up at the grace's end, after `lease.idle_timeout`, and before
+    /// authentication at the startup deadline.
     async fn reply(&mut self, bytes: &[u8]) -> Next {
-        match self.wr.write_all(bytes).await {
-            Ok(()) => Next::Go,
-            Err(_) => Next::Close,
+        let revoke = self.revoke.clone();
+        let listener = self.listener.clone();
+        let mut deadline = tokio::time::Instant::now() + listener.config.lease.idle_timeout;
+        if !self.state.authed {
+            deadline = deadline.min(self.connected + listener.listen.startup_timeout);
+        }
+        tokio::select! {
+            written = self.wr.write_all(bytes) => match written {
+                Ok(()) => Next::Go,
+                Err(_) => Next::Close,
+            },
+            () = revoke.cancelled() => Next::Close,
+            () = tokio::time::sleep_until(deadline) => Next::Close,
         }
     }
 
