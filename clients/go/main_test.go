@@ -13,7 +13,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -177,9 +176,20 @@ func startLessor(bin, dir, listen, yaml string) (string, func(), error) {
 			grpc = fmt.Sprintf("127.0.0.1:%d", freePort())
 		}
 		admin := fmt.Sprintf("127.0.0.1:%d", freePort())
-		path := filepath.Join(dir, fmt.Sprintf("lessor-%d.yaml", attempt))
+		// Each process gets a file of its own: lessor reloads its config
+		// when the file changes, so a shared name would reconfigure the
+		// sidecar every other test uses.
+		file, err := os.CreateTemp(dir, "lessor-*.yaml")
+		if err != nil {
+			return "", nil, err
+		}
+		path := file.Name()
 		config := fmt.Sprintf("grpc: { listen: %q }\nadmin: { listen: %q, control_listen: \"\" }\n%s", grpc, admin, yaml)
-		if err := os.WriteFile(path, []byte(config), 0o600); err != nil {
+		_, err = file.WriteString(config)
+		if cerr := file.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
 			return "", nil, err
 		}
 		cmd := exec.Command(bin, "serve", "--config", path)
