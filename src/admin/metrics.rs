@@ -403,6 +403,7 @@ impl Collector for PoolCollector {
         let mut endpoint_conns = Vec::new();
         let mut endpoint_ready = Vec::new();
         let mut endpoint_ejected = Vec::new();
+        let mut endpoint_role = Vec::new();
         for p in &pools {
             for ep in p.endpoints().snapshot() {
                 let labels = vec![
@@ -417,7 +418,15 @@ impl Collector for PoolCollector {
                 with_state("idle", ep.idle);
                 with_state("in_use", ep.connections.saturating_sub(ep.idle));
                 endpoint_ready.push((labels.clone(), gauge(i64::from(ep.ready))));
-                endpoint_ejected.push((labels, gauge(i64::from(ep.ejected))));
+                endpoint_ejected.push((labels.clone(), gauge(i64::from(ep.ejected))));
+                if p.config().role != crate::config::Role::Any {
+                    let now = ep.role.map_or("unknown", |r| r.as_str());
+                    for role in ["primary", "replica", "unknown"] {
+                        let mut l = labels.clone();
+                        l.push(("role", role.to_owned()));
+                        endpoint_role.push((l, gauge(i64::from(role == now))));
+                    }
+                }
             }
         }
         family(
@@ -437,6 +446,12 @@ impl Collector for PoolCollector {
             "lessor_endpoint_ejected",
             "1 while the endpoint is ejected for failing.",
             endpoint_ejected,
+        )?;
+        family(
+            &mut e,
+            "lessor_endpoint_role",
+            "1 for the role the endpoint's server last reported (upstreams with role primary or replica).",
+            endpoint_role,
         )?;
 
         if !pools.is_empty() {

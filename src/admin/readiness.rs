@@ -99,6 +99,8 @@ fn explain(p: &PoolReadiness) -> String {
         "pool closed (shutting down)".to_owned()
     } else if !p.source.synced {
         p.source.detail.clone()
+    } else if !p.any_usable && p.roles.is_some() {
+        "no ready endpoint of the wanted role".to_owned()
     } else if !p.any_usable {
         "no ready endpoint".to_owned()
     } else if p.ready {
@@ -117,6 +119,10 @@ fn explain(p: &PoolReadiness) -> String {
         format!("{detail}; {}", p.source.detail)
     } else {
         detail
+    };
+    let detail = match &p.roles {
+        Some(roles) => format!("{detail}; {roles}"),
+        None => detail,
     };
     let detail = match &p.tls {
         Some(tls) => format!("{detail}; {}", tls_detail(tls)),

@@ -242,6 +242,10 @@ pub fn stats_table(stats: &[UpstreamStats]) -> String {
             if e.ejected {
                 state.push_str(",ejected");
             }
+            if !e.role.is_empty() {
+                state.push(',');
+                state.push_str(&e.role);
+            }
             let _ = writeln!(
                 out,
                 "  {} endpoint {}  {state}  conns={} idle={}",

@@ -44,6 +44,33 @@ pub enum ReadinessRole {
     Optional,
 }
 
+/// Which endpoints of an upstream may serve it: any, or only those whose
+/// server says it is the primary (takes writes) or a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Every endpoint; roles are not asked (today's behaviour, no extra
+    /// round trip at dial).
+    #[default]
+    Any,
+    /// Only an endpoint that takes writes (PostgreSQL not in recovery and
+    /// not read-only by default; Redis `ROLE` master).
+    Primary,
+    /// Only a read-only endpoint (a hot standby; a Redis replica).
+    Replica,
+}
+
+impl Role {
+    /// The name used in config, `Stats`, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Any => "any",
+            Self::Primary => "primary",
+            Self::Replica => "replica",
+        }
+    }
+}
+
 /// What happens to a connection whose lease ends without `Release`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -63,6 +90,9 @@ pub struct UpstreamConfig {
     pub name: String,
     /// Where the endpoints come from: `address`, or one `discovery` source.
     pub source: Source,
+    /// Which endpoints may serve leases, by their server's role. Default
+    /// `any`.
+    pub role: Role,
     /// How lessor treats the bytes: `tcp` (opaque), `redis` or `postgres`
     /// (parsed).
     pub protocol: Protocol,
@@ -101,13 +131,17 @@ impl UpstreamConfig {
     }
 }
 
-/// Where an upstream's endpoints come from. The YAML has three keys for it
-/// (`address`, `discovery.dns`, `discovery.kubernetes`); parsing turns the
-/// one that is set into this, so nothing at run time checks which.
+/// Where an upstream's endpoints come from. The YAML has four keys for it
+/// (`address`, `discovery.static`, `discovery.dns`,
+/// `discovery.kubernetes`); parsing turns the one that is set into this,
+/// so nothing at run time checks which.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Source {
     /// A static `host:port`; a DNS name resolves at dial time.
     Address(String),
+    /// A fixed list of `host:port` endpoints (a primary and its replicas
+    /// named without DNS), each resolved at dial time.
+    Static(Vec<String>),
     /// Every A/AAAA record of a name, re-resolved.
     Dns(DnsDiscovery),
     /// The EndpointSlices of a Kubernetes Service, watched.
@@ -126,6 +160,7 @@ impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Address(a) => f.write_str(a),
+            Self::Static(list) => write!(f, "static {}", list.join(", ")),
             Self::Dns(d) => write!(f, "dns {}:{}", d.name, d.port),
             Self::Kubernetes(k) => write!(
                 f,
@@ -150,6 +185,8 @@ struct RawUpstream {
     address: Option<String>,
     #[serde(default)]
     discovery: Option<DiscoveryConfig>,
+    #[serde(default)]
+    role: Role,
     #[serde(default)]
     protocol: Protocol,
     #[serde(default)]
@@ -179,14 +216,18 @@ impl TryFrom<RawUpstream> for UpstreamConfig {
 
     fn try_from(raw: RawUpstream) -> Result<Self, String> {
         let discovery = raw.discovery.unwrap_or_default();
-        let source = match (raw.address, discovery.dns, discovery.kubernetes) {
-            (Some(address), None, None) => Source::Address(address),
-            (None, Some(dns), None) => Source::Dns(dns),
-            (None, None, Some(kube)) => Source::Kubernetes(kube),
+        let source = match (
+            raw.address,
+            discovery.r#static,
+            discovery.dns,
+            discovery.kubernetes,
+        ) {
+            (Some(address), None, None, None) => Source::Address(address),
+            (None, Some(list), None, None) => Source::Static(list),
+            (None, None, Some(dns), None) => Source::Dns(dns),
+            (None, None, None, Some(kube)) => Source::Kubernetes(kube),
             _ => {
-                return Err(
-                    "set exactly one of address, discovery.dns and discovery.kubernetes".into(),
-                );
+                return Err("set exactly one of address, discovery.static, discovery.dns and discovery.kubernetes".into());
             }
         };
         if raw.redis.is_some() && raw.protocol != Protocol::Redis {
@@ -221,6 +262,7 @@ impl TryFrom<RawUpstream> for UpstreamConfig {
         Ok(Self {
             name: raw.name,
             source,
+            role: raw.role,
             protocol: raw.protocol,
             redis: raw.redis.unwrap_or_default(),
             postgres: raw.postgres.unwrap_or_default(),
@@ -240,6 +282,7 @@ impl TryFrom<RawUpstream> for UpstreamConfig {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 struct DiscoveryConfig {
+    r#static: Option<Vec<String>>,
     dns: Option<DnsDiscovery>,
     kubernetes: Option<KubernetesDiscovery>,
 }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::{
-    ClientAuth, Config, ConfigError, PortRef, Protocol, Source, TlsMode, UpstreamConfig, invalid,
+    ClientAuth, Config, ConfigError, PortRef, Protocol, Role, Source, TlsMode, UpstreamConfig, invalid,
 };
 
 impl Config {
@@ -357,6 +357,25 @@ impl UpstreamConfig {
                 validate_host_port(address).map_err(|p| invalid(format!("{at}.address"), p))?;
                 (None, None)
             }
+            Source::Static(list) => {
+                if list.is_empty() {
+                    return Err(invalid(
+                        format!("{at}.discovery.static"),
+                        "must list at least one host:port",
+                    ));
+                }
+                for (i, address) in list.iter().enumerate() {
+                    validate_host_port(address)
+                        .map_err(|p| invalid(format!("{at}.discovery.static[{i}]"), p))?;
+                    if list[..i].contains(address) {
+                        return Err(invalid(
+                            format!("{at}.discovery.static[{i}]"),
+                            format!("`{address}` is listed twice"),
+                        ));
+                    }
+                }
+                (None, None)
+            }
             Source::Dns(dns) => (Some(dns), None),
             Source::Kubernetes(kube) => (None, Some(kube)),
         };
@@ -390,6 +409,15 @@ impl UpstreamConfig {
                     "must be a port name or a number 1-65535",
                 ));
             }
+        }
+        if self.role != Role::Any && self.protocol == Protocol::Tcp {
+            return Err(invalid(
+                format!("{at}.role"),
+                format!(
+                    "`{}` needs `protocol: redis` or `postgres`: lessor cannot ask a tcp upstream whether it is a primary",
+                    self.role.as_str()
+                ),
+            ));
         }
         match self.protocol {
             Protocol::Tcp => {}

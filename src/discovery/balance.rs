@@ -6,16 +6,22 @@
 //!
 //! Invariants: an endpoint's `connections` counts exactly the open
 //! connections to it (each holds an [`EndpointRef`], which counts on drop);
-//! a retired endpoint (gone, not ready, or terminating) is never dialed, and
-//! its connections are never returned to the pool.
+//! a retired endpoint (gone, not ready, terminating, or known to have
+//! another role than the upstream wants) is never dialed, and its
+//! connections are never returned to the pool.
+//!
+//! Roles: an endpoint's role is unknown until a dial or a check asks its
+//! server. An unknown one may be dialed (the dial asks); a connection is
+//! handed out only once its endpoint's role is known to match.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::config::OutlierConfig;
+use crate::config::{OutlierConfig, Role};
+use crate::protocol::role::ServerRole;
 
 const BACKOFF_BASE: Duration = Duration::from_millis(25);
 const BACKOFF_CAP: Duration = Duration::from_secs(1);
@@ -43,6 +49,36 @@ pub(crate) struct Endpoint {
     out: AtomicU32,
     dialing: AtomicU32,
     health: Mutex<Health>,
+    /// The last role its server reported: 0 unknown, 1 primary, 2 replica.
+    role: AtomicU8,
+    /// The role the upstream wants (`any`: roles are not asked).
+    wanted: Role,
+}
+
+/// Why an endpoint may no longer hold pooled connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retirement {
+    /// Gone from discovery, not ready, or terminating.
+    Removed,
+    /// Its server's role is not the one the upstream wants.
+    WrongRole,
+}
+
+fn role_code(role: Option<ServerRole>) -> u8 {
+    match role {
+        None => 0,
+        Some(ServerRole::Primary) => 1,
+        Some(ServerRole::Replica) => 2,
+    }
+}
+
+/// Whether a server of `role` may serve an upstream that wants `wanted`.
+pub(crate) fn role_fits(wanted: Role, role: ServerRole) -> bool {
+    match wanted {
+        Role::Any => true,
+        Role::Primary => role == ServerRole::Primary,
+        Role::Replica => role == ServerRole::Replica,
+    }
 }
 
 /// Failure bookkeeping; the mutex is held for arithmetic only.
@@ -71,10 +107,13 @@ pub(crate) struct EndpointSnapshot {
     pub connections: u32,
     /// Idle connections.
     pub idle: u32,
+    /// Its server's last reported role (`None`: not asked yet, or the
+    /// upstream's role is `any`).
+    pub role: Option<ServerRole>,
 }
 
 impl Endpoint {
-    fn new(d: &Discovered) -> Self {
+    fn new(d: &Discovered, wanted: Role) -> Self {
         Self {
             target: d.target.clone(),
             ready: AtomicBool::new(d.ready),
@@ -84,6 +123,8 @@ impl Endpoint {
             out: AtomicU32::new(0),
             dialing: AtomicU32::new(0),
             health: Mutex::new(Health::default()),
+            role: AtomicU8::new(0),
+            wanted,
         }
     }
 
@@ -96,12 +137,54 @@ impl Endpoint {
         &self.target
     }
 
-    /// Gone, not ready, or terminating: no new connections, and its
-    /// connections leave the pool.
+    /// Gone, not ready, terminating, or of the wrong role: no new
+    /// connections, and its connections leave the pool.
     pub(crate) fn retired(&self) -> bool {
-        self.removed.load(Ordering::Acquire)
+        self.retirement().is_some()
+    }
+
+    /// Why it is retired, if it is.
+    pub(crate) fn retirement(&self) -> Option<Retirement> {
+        if self.removed.load(Ordering::Acquire)
             || !self.ready.load(Ordering::Acquire)
             || self.terminating.load(Ordering::Acquire)
+        {
+            return Some(Retirement::Removed);
+        }
+        match self.role() {
+            Some(role) if !role_fits(self.wanted, role) => Some(Retirement::WrongRole),
+            _ => None,
+        }
+    }
+
+    /// The role the upstream wants of it.
+    pub(crate) fn wanted(&self) -> Role {
+        self.wanted
+    }
+
+    /// Its server's last reported role.
+    pub(crate) fn role(&self) -> Option<ServerRole> {
+        match self.role.load(Ordering::Acquire) {
+            1 => Some(ServerRole::Primary),
+            2 => Some(ServerRole::Replica),
+            _ => None,
+        }
+    }
+
+    /// Records the role its server reported; returns the previous one when
+    /// it changed (from unknown too).
+    pub(crate) fn observe_role(&self, role: ServerRole) -> Option<Option<ServerRole>> {
+        let before = self.role.swap(role_code(Some(role)), Ordering::AcqRel);
+        (before != role_code(Some(role))).then(|| match before {
+            1 => Some(ServerRole::Primary),
+            2 => Some(ServerRole::Replica),
+            _ => None,
+        })
+    }
+
+    /// Open connections to it (leased, idle, or being checked).
+    pub(crate) fn connections(&self) -> u32 {
+        self.connections.load(Ordering::Relaxed)
     }
 
     /// Ejected right now.
@@ -181,6 +264,7 @@ impl Endpoint {
             ejected: self.ejected(now),
             connections,
             idle: connections.saturating_sub(self.out.load(Ordering::Relaxed)),
+            role: self.role(),
         }
     }
 }
@@ -260,11 +344,21 @@ pub(crate) struct EndpointSet {
     /// endpoints lose their idle connections at once.
     changed: Notify,
     outlier: OutlierConfig,
+    /// The role the upstream wants of its endpoints.
+    wanted: Role,
+    /// Wakes the pool's role check now (a write refused as read-only).
+    recheck: Notify,
 }
 
 impl EndpointSet {
     /// An empty set waiting for its discovery source.
+    #[cfg(test)]
     pub(crate) fn discovered(outlier: OutlierConfig, detail: &str) -> Arc<Self> {
+        Self::with_role(outlier, detail, Role::Any)
+    }
+
+    /// An empty set whose endpoints serve only servers of `wanted`'s role.
+    pub(crate) fn with_role(outlier: OutlierConfig, detail: &str, wanted: Role) -> Arc<Self> {
         Arc::new(Self {
             endpoints: RwLock::new(Vec::new()),
             status: Mutex::new(SourceStatus {
@@ -274,18 +368,77 @@ impl EndpointSet {
             }),
             changed: Notify::new(),
             outlier,
+            wanted,
+            recheck: Notify::new(),
         })
     }
 
     /// A fixed single endpoint (a static `address`).
+    #[cfg(test)]
     pub(crate) fn fixed(address: &str, outlier: OutlierConfig) -> Arc<Self> {
-        let set = Self::discovered(outlier, "static address");
-        set.update(vec![Discovered {
-            target: address.to_owned(),
-            ready: true,
-            terminating: false,
-        }]);
+        Self::listed(&[address.to_owned()], outlier, Role::Any, "static address")
+    }
+
+    /// A fixed list of endpoints (`discovery.static`, or one `address`).
+    pub(crate) fn listed(
+        targets: &[String],
+        outlier: OutlierConfig,
+        wanted: Role,
+        detail: &str,
+    ) -> Arc<Self> {
+        let set = Self::with_role(outlier, detail, wanted);
+        set.update(
+            targets
+                .iter()
+                .map(|target| Discovered {
+                    target: target.clone(),
+                    ready: true,
+                    terminating: false,
+                })
+                .collect(),
+        );
         set
+    }
+
+    /// The role the upstream wants.
+    pub(crate) fn wanted(&self) -> Role {
+        self.wanted
+    }
+
+    /// Records the role `endpoint`'s server reported. A change is logged
+    /// (an event of the current span: the dial's or the role check's) and,
+    /// when it retires the endpoint or brings it back, wakes the pool so
+    /// idle connections of the wrong role close at once.
+    pub(crate) fn observe_role(&self, endpoint: &Endpoint, role: ServerRole) {
+        let Some(before) = endpoint.observe_role(role) else {
+            return;
+        };
+        match before {
+            None => tracing::debug!(endpoint = %endpoint.target(), role = role.as_str(), "endpoint role learned"),
+            Some(before) => tracing::info!(
+                endpoint = %endpoint.target(),
+                from = before.as_str(),
+                to = role.as_str(),
+                wanted = self.wanted.as_str(),
+                "endpoint role changed"
+            ),
+        }
+        self.changed.notify_one();
+    }
+
+    /// Asks the pool to check its endpoints' roles now.
+    pub(crate) fn request_recheck(&self) {
+        self.recheck.notify_one();
+    }
+
+    /// Resolves when a role check was asked for.
+    pub(crate) async fn recheck_requested(&self) {
+        self.recheck.notified().await;
+    }
+
+    /// Every endpoint now, for the role check.
+    pub(crate) fn endpoints(&self) -> Vec<Arc<Endpoint>> {
+        self.read().clone()
     }
 
     /// The outlier settings.
@@ -314,7 +467,7 @@ impl EndpointSet {
                         ep.ready.store(d.ready, Ordering::Release);
                         ep.terminating.store(d.terminating, Ordering::Release);
                     }
-                    None => list.push(Arc::new(Endpoint::new(d))),
+                    None => list.push(Arc::new(Endpoint::new(d, self.wanted))),
                 }
             }
         }
@@ -343,10 +496,13 @@ impl EndpointSet {
     }
 
     /// Whether some endpoint may take new connections (present, ready, not
-    /// terminating). With none, the upstream cannot serve a lease, whatever
-    /// its pool still holds.
+    /// terminating) and, for an upstream that wants a role, is known to have
+    /// it. With none, the upstream cannot serve a lease, whatever its pool
+    /// still holds.
     pub(crate) fn any_usable(&self) -> bool {
-        self.read().iter().any(|ep| !ep.retired())
+        self.read().iter().any(|ep| {
+            !ep.retired() && (self.wanted == Role::Any || ep.role().is_some())
+        })
     }
 
     /// Resolves when the set changed since the last call.

@@ -1,7 +1,8 @@
 //! Where an upstream's endpoints come from: a static `address` (one
-//! endpoint, resolved at dial time), DNS (every A/AAAA record of a name,
-//! re-resolved every `refresh`), or Kubernetes EndpointSlices (watched). Each
-//! source feeds the upstream's [`EndpointSet`], which the pool dials from.
+//! endpoint, resolved at dial time) or list (`discovery.static`), DNS
+//! (every A/AAAA record of a name, re-resolved every `refresh`), or
+//! Kubernetes EndpointSlices (watched). Each source feeds the upstream's
+//! [`EndpointSet`], which the pool dials from.
 //!
 //! A source that fails keeps the last known endpoints, retries with backoff,
 //! and says so in `/readyz?verbose`; an upstream is not ready before its
@@ -19,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub(crate) use balance::{
-    Discovered, EndpointRef, EndpointSet, EndpointSnapshot, NoEndpoint, SourceStatus,
+    Discovered, Endpoint, EndpointRef, EndpointSet, EndpointSnapshot, NoEndpoint, Retirement,
+    SourceStatus, role_fits,
 };
 
 use crate::config::{Source, UpstreamConfig};
@@ -54,10 +56,22 @@ impl Resolver for SystemResolver {
 /// address, an empty set waiting for its source otherwise.
 pub(crate) fn endpoint_set(config: &UpstreamConfig) -> Arc<EndpointSet> {
     match &config.source {
-        Source::Address(address) => EndpointSet::fixed(address, config.outlier.clone()),
-        Source::Dns(_) | Source::Kubernetes(_) => EndpointSet::discovered(
+        Source::Address(address) => EndpointSet::listed(
+            std::slice::from_ref(address),
+            config.outlier.clone(),
+            config.role,
+            "static address",
+        ),
+        Source::Static(list) => EndpointSet::listed(
+            list,
+            config.outlier.clone(),
+            config.role,
+            "static list",
+        ),
+        Source::Dns(_) | Source::Kubernetes(_) => EndpointSet::with_role(
             config.outlier.clone(),
             &format!("{}: waiting for the first sync", config.source),
+            config.role,
         ),
     }
 }
@@ -73,7 +87,7 @@ pub(crate) fn start(
 ) {
     let upstream = config.name.clone();
     match &config.source {
-        Source::Address(_) => {}
+        Source::Address(_) | Source::Static(_) => {}
         Source::Dns(dns) => {
             tracker.spawn(dns::run(
                 upstream,

@@ -283,15 +283,15 @@ async fn round_trip(
     let upstream = |e: std::io::Error| ExchangeError::Upstream(e.to_string());
     stream.write_all(request).await.map_err(upstream)?;
     let reply = read_replies(stream, &mut session, max_frame).await?;
-    if let Err(why) = session.verdict() {
-        return Ok((reply, Err(why)));
-    }
-    if let Some(restore) = session.restore(redis)
-        && !restore.apply(stream).await
-    {
-        return Ok((reply, Err("the session could not be restored".into())));
-    }
-    Ok((reply, Ok(())))
+    let clean = match (session.verdict(), session.restore(redis)) {
+        (Err(why), _) => Err(why),
+        (Ok(()), Some(restore)) if !restore.apply(stream).await => {
+            Err("the session could not be restored".into())
+        }
+        (Ok(()), _) => Ok(()),
+    };
+    leased.conn_mut().refused_write |= session.take_refused_write();
+    Ok((reply, clean))
 }
 
 /// Reads until the session has every reply it is owed, scanning each read

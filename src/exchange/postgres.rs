@@ -124,6 +124,7 @@ pub(super) async fn run(
         }
         Ok(Ok(replied)) => {
             let reply = replied.reply.clone();
+            leased.conn_mut().refused_write |= replied.refused_write;
             if replied.status != b'I' && cfg.on_open_transaction == OnOpenTransaction::Evict {
                 tracing::debug!(upstream = %pool.name(), "exchange left a transaction open; connection closed");
                 leased.evict(EvictReason::Dirty);
@@ -146,6 +147,8 @@ struct Replied {
     status: u8,
     /// ParameterStatus reports in the reply, for the connection's record.
     reported: Vec<(String, String)>,
+    /// The server refused a write as read-only (SQLSTATE 25006).
+    refused_write: bool,
 }
 
 /// Writes the request and the pipelined reset; reads up to the request's
@@ -198,6 +201,7 @@ async fn round_trip(
                 rest,
                 status: session.status(),
                 reported: session.take_reported(),
+                refused_write: session.take_refused_write(),
             });
         }
         if buf.len() as u64 > max {

@@ -171,6 +171,7 @@ fn to_pb(s: PoolSnapshot) -> UpstreamStats {
                 connections: e.connections,
                 idle: e.idle,
                 terminating: e.terminating,
+                role: e.role.map(|r| r.as_str().to_owned()).unwrap_or_default(),
             })
             .collect(),
         tls: s.tls.map(|t| pb::UpstreamTls {

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::state::{self, Direction, End, Fate, Outcome};
 use crate::config::OnAbort;
-use crate::pool::{Conn, EvictReason, Leased, health};
+use crate::pool::{Conn, Leased, health};
 use lessor_client::pb::Disposition;
 
 /// A live lease's connection and the traffic facts its end depends on.
@@ -139,10 +139,10 @@ impl LeaseGuard {
             }
             Fate::Return => {
                 counters.lease_returned.observe(held);
-                if !leased.give_back() {
-                    // Discovery retired its endpoint during the lease: it was
-                    // closed, and Ended must say so.
-                    outcome.fate = Fate::Evict(EvictReason::EndpointRemoved);
+                if let Some(reason) = leased.give_back() {
+                    // Its endpoint retired during the lease (gone, or of
+                    // the wrong role): it was closed, and Ended must say so.
+                    outcome.fate = Fate::Evict(reason);
                     if let Some((disposition, _)) = outcome.ended.as_mut() {
                         *disposition = Disposition::Evict;
                     }

@@ -339,6 +339,7 @@ impl Active {
         if let Some(session) = &mut self.session {
             let (verdict, restore) = session.conclude(guard.leased().pool().config());
             session.record(guard.conn_mut().backend.as_deref_mut());
+            guard.conn_mut().refused_write |= session.take_refused_write();
             if let Some(restore) = restore {
                 guard.set_restore(restore);
             }

@@ -189,7 +189,8 @@ impl Tls {
         let default_name = match source {
             Source::Address(address) => Some(host_of(address).to_owned()),
             Source::Dns(dns) => Some(dns.name.clone()),
-            Source::Kubernetes(_) => None,
+            // Each endpoint's own host (see `server_name`).
+            Source::Static(_) | Source::Kubernetes(_) => None,
         };
         let (current, failures, error) = match loaded {
             Ok(material) => (Some(Arc::new(material)), 0, None),
@@ -220,12 +221,19 @@ impl Tls {
     }
 
     /// The name verified for a dial to `ip`.
-    pub(crate) fn server_name(&self, ip: std::net::IpAddr) -> String {
+    pub(crate) fn server_name(&self, target: &str, ip: std::net::IpAddr) -> String {
         self.config
             .server_name
             .clone()
             .or_else(|| self.default_name.clone())
-            .unwrap_or_else(|| ip.to_string())
+            .unwrap_or_else(|| {
+                // A listed endpoint's host name; an IP verifies as an IP.
+                let host = host_of(target);
+                match host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+                    Ok(_) => ip.to_string(),
+                    Err(_) => host.to_owned(),
+                }
+            })
     }
 
     /// Runs the TLS handshake on a connected socket (inside the dial's

@@ -245,8 +245,8 @@ impl Pool {
     /// whether the probe is due. Counts the check unless a probe must follow
     /// (the probe counts then).
     pub(crate) fn vet(&self, mut conn: PoolConn, now: Instant, at: VetFor) -> Vetted {
-        if conn.retired() {
-            self.evict(conn, EvictReason::EndpointRemoved);
+        if let Some(reason) = conn.retirement() {
+            self.evict(conn, reason);
             return Vetted::Evicted;
         }
         if self.superseded(&conn) {

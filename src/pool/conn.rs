@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::discovery::EndpointRef;
+use super::EvictReason;
+use crate::config::Role;
+use crate::discovery::{EndpointRef, Retirement};
 
 /// One upstream socket owned by a pool. Only the pool and the lease holding it
 /// ever touch the socket; nothing else can keep it alive.
@@ -34,6 +36,10 @@ pub(crate) struct Conn {
     pub(crate) broken: bool,
     /// A PostgreSQL session's parameters and backend key, from its startup.
     pub(crate) backend: Option<Box<crate::protocol::postgres::Backend>>,
+    /// A lease saw the server refuse a write as read-only (SQLSTATE 25006,
+    /// Redis `-READONLY`): on a `primary` upstream the connection is closed
+    /// at its return and its endpoint's role checked at once.
+    pub(crate) refused_write: bool,
 }
 
 impl Conn {
@@ -59,6 +65,7 @@ impl Conn {
             endpoint_ref,
             broken: false,
             backend: None,
+            refused_write: false,
         }
     }
 
@@ -72,10 +79,19 @@ impl Conn {
         &self.endpoint_ref
     }
 
-    /// Its endpoint is gone, not ready or terminating: the connection must
-    /// leave the pool.
-    pub(crate) fn retired(&self) -> bool {
-        self.endpoint_ref.endpoint().retired()
+    /// Why the connection must leave the pool, if it must: its endpoint is
+    /// gone, not ready or terminating, or its server is (or, having refused
+    /// a write, may be) of another role than the upstream wants.
+    pub(crate) fn retirement(&self) -> Option<EvictReason> {
+        let endpoint = self.endpoint_ref.endpoint();
+        match endpoint.retirement() {
+            Some(Retirement::Removed) => Some(EvictReason::EndpointRemoved),
+            Some(Retirement::WrongRole) => Some(EvictReason::RoleChanged),
+            None if self.refused_write && endpoint.wanted() == Role::Primary => {
+                Some(EvictReason::RoleChanged)
+            }
+            None => None,
+        }
     }
 
     /// Process-unique id, stable for the connection's life.

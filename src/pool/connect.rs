@@ -25,9 +25,10 @@ use crate::net::{Handshake, Stream, Tls, TlsError};
 
 use super::conn::Conn;
 use super::stats::Counters;
-use crate::config::{KeepaliveConfig, PoolConfig};
-use crate::discovery::{EndpointRef, EndpointSet, NoEndpoint};
+use crate::config::{KeepaliveConfig, PoolConfig, Role};
+use crate::discovery::{Endpoint, EndpointRef, EndpointSet, NoEndpoint, role_fits};
 use crate::protocol::postgres::Backend;
+use crate::protocol::role::ServerRole;
 use crate::protocol::{OpenError, Opener};
 
 /// Why a dial produced no connection.
@@ -216,17 +217,29 @@ impl Dialer {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Dials once: picks an endpoint, connects, counts.
+    /// Dials once: picks an endpoint, connects, counts. On an upstream that
+    /// wants a role, a server of another role is recorded as such and the
+    /// next endpoint is tried (each at most once: a retired one is not
+    /// chosen again).
     pub(crate) async fn dial(&self) -> Result<Conn, DialError> {
+        loop {
+            if let Some(dialed) = self.dial_once().await {
+                return dialed;
+            }
+        }
+    }
+
+    /// One endpoint's dial; `None`: its server has the wrong role.
+    async fn dial_once(&self) -> Option<Result<Conn, DialError>> {
         let dialing = match self.endpoints.choose() {
             Ok(d) => d,
             Err(no) => {
                 let err = match no {
-                    NoEndpoint::NoneReady => DialError::NoEndpoints(self.endpoints.status().detail),
+                    NoEndpoint::NoneReady => DialError::NoEndpoints(self.no_endpoint_detail()),
                     NoEndpoint::Backoff { retry_in, last } => DialError::Backoff { retry_in, last },
                 };
                 self.failures.send_modify(|g| *g += 1);
-                return Err(err);
+                return Some(Err(err));
             }
         };
         let endpoint = dialing.endpoint().clone();
@@ -234,12 +247,22 @@ impl Dialer {
             // A guard, not a pair of calls: deadpool cancels dials mid-way
             // when a checkout's deadline passes.
             let _dialing = InFlight::enter(&self.in_flight);
-            self.connect(endpoint.target()).await
+            self.connect(endpoint.target(), self.endpoints.wanted() != Role::Any)
+                .await
         };
         drop(dialing);
-        match connected {
-            Ok((stream, addr, backend)) => {
+        Some(match connected {
+            Ok((stream, addr, backend, role)) => {
                 endpoint.record_success();
+                if let Some(role) = role {
+                    self.endpoints.observe_role(&endpoint, role);
+                    if !role_fits(self.endpoints.wanted(), role) {
+                        // Closed unused: the server answered, so this is no
+                        // dial failure; the endpoint is retired until a
+                        // role check finds it changed.
+                        return None;
+                    }
+                }
                 let was = std::mem::replace(&mut *self.last(), (Some(true), None)).0;
                 if was != Some(true) {
                     self.ready_signal.send_replace(());
@@ -277,7 +300,48 @@ impl Dialer {
                 tracing::debug!(endpoint = %endpoint.target(), error = %err, "dial failed");
                 Err(err)
             }
+        })
+    }
+
+    /// Why no endpoint may be dialed: the source's state, and for an
+    /// upstream that wants a role, what each endpoint's server last said.
+    fn no_endpoint_detail(&self) -> String {
+        let detail = self.endpoints.status().detail;
+        let wanted = self.endpoints.wanted();
+        if wanted == Role::Any {
+            return detail;
         }
+        let roles: Vec<String> = self
+            .endpoints
+            .snapshot()
+            .into_iter()
+            .map(|e| {
+                let role = e.role.map_or("role unknown", ServerRole::as_str);
+                format!("{} {role}", e.target)
+            })
+            .collect();
+        format!(
+            "no endpoint is a {}: {} ({detail})",
+            wanted.as_str(),
+            roles.join(", ")
+        )
+    }
+
+    /// Asks `endpoint`'s server for its role over a connection of its own,
+    /// closed after: for endpoints the pool holds no connection to (a
+    /// replica that may have been promoted). Counted nowhere but the
+    /// endpoint's role.
+    pub(crate) async fn probe_role(&self, endpoint: &Endpoint) -> Result<ServerRole, DialError> {
+        let (_, addr, _, role) = self.connect(endpoint.target(), true).await?;
+        role.ok_or_else(|| DialError::Open {
+            addr,
+            source: OpenError::Io("a tcp upstream has no role".into()),
+        })
+    }
+
+    /// The session opener, for asking an idle connection's role.
+    pub(crate) fn opener(&self) -> &Opener {
+        &self.opener
     }
 
     /// PostgreSQL's SSLRequest where the protocol has one, then the TLS
@@ -308,10 +372,13 @@ impl Dialer {
             .map_err(|source| DialError::Tls { addr, source })
     }
 
+    /// Connects and opens the session; with `ask_role`, learns the
+    /// server's role too, inside the same `connect_timeout`.
     async fn connect(
         &self,
         address: &str,
-    ) -> Result<(Stream, SocketAddr, Option<Backend>), DialError> {
+        ask_role: bool,
+    ) -> Result<(Stream, SocketAddr, Option<Backend>, Option<ServerRole>), DialError> {
         let attempt = async {
             let addrs = tokio::net::lookup_host(address)
                 .await
@@ -352,7 +419,7 @@ impl Dialer {
                     .map_err(|source| DialError::Open { addr, source })?;
                 return Ok((stream, addr, backend));
             };
-            let name = tls.server_name(addr.ip());
+            let name = tls.server_name(address, addr.ip());
             let (mut stream, handshake) = self.secure(tls, stream, addr, &name).await?;
             let backend = self
                 .opener
@@ -369,6 +436,18 @@ impl Dialer {
                     }
                 })?;
             Ok((stream, addr, backend))
+        };
+        let opened = async {
+            let (mut stream, addr, backend) = opened.await?;
+            let role = if ask_role {
+                self.opener
+                    .learn_role(&mut stream, backend.as_ref())
+                    .await
+                    .map_err(|source| DialError::Open { addr, source })?
+            } else {
+                None
+            };
+            Ok((stream, addr, backend, role))
         };
         tokio::time::timeout(self.connect_timeout, opened)
             .await

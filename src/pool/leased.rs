@@ -46,23 +46,21 @@ impl Leased {
     }
 
     /// Gives the connection back to the idle list, unless its endpoint has
-    /// retired meanwhile (then it is closed as `endpoint_removed`); returns
-    /// whether it went back.
-    pub(crate) fn give_back(mut self) -> bool {
-        let Some(mut conn) = self.take_conn() else {
-            return false;
-        };
-        if conn.retired() {
-            self.pool.evict(conn, EvictReason::EndpointRemoved);
-            return false;
+    /// retired meanwhile (gone, or of the wrong role) or an operator asked
+    /// for new connections; returns why it was closed instead.
+    pub(crate) fn give_back(mut self) -> Option<EvictReason> {
+        let mut conn = self.take_conn()?;
+        if let Some(reason) = conn.retirement() {
+            self.pool.evict(conn, reason);
+            return Some(reason);
         }
         if self.pool.is_retired() || self.pool.superseded(&conn) {
             self.pool.evict(conn, EvictReason::Reconnect);
-            return false;
+            return Some(EvictReason::Reconnect);
         }
         conn.mark_idle(Instant::now());
         conn.put_back();
-        true
+        None
     }
 
     /// Closes the connection, counted under `reason`.
@@ -79,6 +77,11 @@ impl Leased {
     fn take_conn(&mut self) -> Option<PoolConn> {
         let conn = self.conn.take()?;
         self.pool.counters.leased.fetch_sub(1, Ordering::Relaxed);
+        if conn.refused_write || super::role::reports_disagree(&conn) {
+            // The server may have been demoted or promoted: ask it now,
+            // not at the next health interval.
+            self.pool.dialer.endpoints().request_recheck();
+        }
         Some(conn)
     }
 }

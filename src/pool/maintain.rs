@@ -45,10 +45,17 @@ impl Pool {
                     self.purge_retired();
                     self.ready_signal.send_replace(());
                 }
+                // A lease saw a hint that a server's role changed.
+                _ = endpoints.recheck_requested() => {
+                    self.check_roles().await;
+                    self.purge_retired();
+                }
                 _ = tokio::time::sleep_until(retry.unwrap_or(next_sweep)), if retry.is_some() => {}
                 _ = tokio::time::sleep_until(next_sweep) => {
                     self.refresh_tls().await;
                     self.sweep().await;
+                    self.check_roles().await;
+                    self.purge_retired();
                     next_sweep = tokio::time::Instant::now() + interval;
                 }
             }
@@ -77,8 +84,8 @@ impl Pool {
     fn purge_retired(&self) {
         let mut keep = Vec::new();
         while let Some(conn) = self.engine.try_get_idle(&self.counters) {
-            if conn.retired() {
-                self.evict(conn, EvictReason::EndpointRemoved);
+            if let Some(reason) = conn.retirement() {
+                self.evict(conn, reason);
             } else {
                 keep.push(conn);
             }

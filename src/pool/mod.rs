@@ -23,6 +23,7 @@ pub(crate) mod health;
 mod leased;
 mod maintain;
 mod restore;
+mod role;
 mod set;
 mod stats;
 
@@ -79,6 +80,8 @@ pub(crate) struct PoolReadiness {
     pub paused: bool,
     /// TLS towards the upstream (shown in `/readyz?verbose`).
     pub tls: Option<crate::net::TlsStatus>,
+    /// The wanted role and each endpoint's, for an upstream that wants one.
+    pub roles: Option<String>,
 }
 
 /// A point-in-time view of a pool, for `Stats`, metrics and readiness.
@@ -331,7 +334,32 @@ impl Pool {
             last_dial_error: self.dialer.last_error(),
             paused: self.is_paused(),
             tls: self.dialer.tls().map(|t| t.status()),
+            roles: self.roles_detail(),
         }
+    }
+
+    /// For an upstream that wants a role: which it wants and what each
+    /// endpoint's server last said, for `/readyz?verbose`.
+    fn roles_detail(&self) -> Option<String> {
+        let wanted = self.config.role;
+        if wanted == crate::config::Role::Any {
+            return None;
+        }
+        let endpoints: Vec<String> = self
+            .dialer
+            .endpoints()
+            .snapshot()
+            .into_iter()
+            .map(|e| {
+                let role = e.role.map_or("role unknown", |r| r.as_str());
+                format!("{} {role}", e.target)
+            })
+            .collect();
+        Some(format!(
+            "role {}: {}",
+            wanted.as_str(),
+            endpoints.join(", ")
+        ))
     }
 
     /// Stops granting connections: checkouts wait until [`Pool::resume`]

@@ -38,11 +38,15 @@ pub(crate) enum EvictReason {
     /// An operator asked for new connections (`lessor reconnect`): one
     /// dialed before was closed at its return, or at once when idle.
     Reconnect,
+    /// Its endpoint's server is no longer of the role the upstream wants
+    /// (a primary demoted, a replica promoted), or refused a write as
+    /// read-only.
+    RoleChanged,
 }
 
 impl EvictReason {
     /// Every reason, in a stable order.
-    pub(crate) const ALL: [EvictReason; 13] = [
+    pub(crate) const ALL: [EvictReason; 14] = [
         Self::HealthCheck,
         Self::IdleTimeout,
         Self::MaxLifetime,
@@ -56,6 +60,7 @@ impl EvictReason {
         Self::EndpointRemoved,
         Self::Surplus,
         Self::Reconnect,
+        Self::RoleChanged,
     ];
 
     /// The wire and label name.
@@ -74,6 +79,7 @@ impl EvictReason {
             Self::EndpointRemoved => "endpoint_removed",
             Self::Surplus => "surplus",
             Self::Reconnect => "reconnect",
+            Self::RoleChanged => "role_changed",
         }
     }
 

@@ -16,6 +16,7 @@
 
 pub(crate) mod postgres;
 pub(crate) mod redis;
+pub(crate) mod role;
 
 use crate::net::Stream;
 use bytes::Bytes;
@@ -234,6 +235,15 @@ impl Session {
         match self {
             Self::Postgres(s) => s.take_reported(),
             Self::Redis(_) => Vec::new(),
+        }
+    }
+
+    /// Whether the server refused a write as read-only since the last take
+    /// (SQLSTATE 25006, `-READONLY`): the pool then checks its role.
+    pub(crate) fn take_refused_write(&mut self) -> bool {
+        match self {
+            Self::Postgres(s) => s.take_refused_write(),
+            Self::Redis(s) => s.take_refused_write(),
         }
     }
 

@@ -506,6 +506,7 @@ where
             let backend = guard.conn_mut().backend.as_deref_mut();
             note_reported(backend, reported);
             session.record(guard.conn_mut().backend.as_deref_mut());
+            guard.conn_mut().refused_write |= session.take_refused_write();
             if let Some(restore) = restore {
                 guard.set_restore(restore);
             }

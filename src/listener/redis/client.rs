@@ -519,6 +519,7 @@ where
             span.record("otel.status_code", "ERROR");
         }
         guard.set_verdict(verdict);
+        guard.conn_mut().refused_write |= session.take_refused_write();
         drop(hold.live.take());
         let done = guard.finish(end);
         tracing::debug!(upstream = %listener.upstream, fate = ?done.outcome.fate, "redis hold ended");

@@ -30,7 +30,7 @@ pub(crate) async fn send(
         let mut stream = match &tls {
             None => Stream::Plain(tcp),
             Some(tls) => {
-                let name = tls.server_name(endpoint.ip());
+                let name = tls.server_name(&endpoint.to_string(), endpoint.ip());
                 if !super::handshake::request_tls(&mut tcp).await? {
                     return Err(std::io::Error::other(tls.refused(&name)));
                 }

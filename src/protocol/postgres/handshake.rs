@@ -247,3 +247,53 @@ fn sasl(user: &str, e: &std::io::Error) -> OpenError {
 fn fallible<T>(r: std::io::Result<T>) -> Result<T, OpenError> {
     r.map_err(io)
 }
+
+/// What a session says about its server's role: in recovery (a hot
+/// standby), and read-only by default. For servers that report neither
+/// `in_hot_standby` (before PostgreSQL 14) nor anything since, and for
+/// re-checking an idle pooled session, whose reports arrive only with a
+/// query: `SELECT pg_is_in_recovery()` and the read-only default, as one
+/// simple query. The session must be idle; it is idle again after.
+pub(crate) async fn ask_role(stream: &mut Stream) -> Result<(bool, bool), OpenError> {
+    let mut out = BytesMut::new();
+    frontend::query(
+        "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only')",
+        &mut out,
+    )
+    .map_err(io)?;
+    let mut conn = Wire {
+        stream,
+        buf: BytesMut::with_capacity(256),
+    };
+    conn.send(&mut out).await?;
+    let mut answer = None;
+    let mut refused = None;
+    loop {
+        match conn.next().await? {
+            Message::DataRow(row) => {
+                let mut values = Vec::new();
+                let mut ranges = row.ranges();
+                while let Some(range) = fallible(ranges.next())? {
+                    values.push(range.map(|r| row.buffer()[r].to_vec()));
+                }
+                if let [Some(recovery), Some(read_only)] = values.as_slice() {
+                    answer = Some((recovery == b"t", read_only == b"on"));
+                }
+            }
+            Message::ErrorResponse(body) => {
+                refused = Some(ServerError::from_body(&body).to_string());
+            }
+            Message::ReadyForQuery(_) => break,
+            // RowDescription, CommandComplete, notices and reports.
+            _ => {}
+        }
+    }
+    match (answer, refused) {
+        (Some(answer), _) => Ok(answer),
+        (None, Some(reason)) => Err(OpenError::Refused {
+            step: "role check",
+            reason,
+        }),
+        (None, None) => Err(unexpected("a role check without its row")),
+    }
+}

@@ -77,6 +77,9 @@ pub(crate) struct Server {
     lost: Option<&'static str>,
     /// ParameterStatus reports, in arrival order.
     reported: Vec<(String, String)>,
+    /// An ErrorResponse said SQLSTATE 25006 (read-only SQL transaction):
+    /// the server may have been demoted. Taken by the pool.
+    refused_write: bool,
 }
 
 impl Default for Server {
@@ -90,6 +93,7 @@ impl Default for Server {
             copy_both: false,
             lost: None,
             reported: Vec::new(),
+            refused_write: false,
         }
     }
 }
@@ -111,7 +115,7 @@ impl Server {
 
     /// A whole backend message arrived (its bytes when the framer kept
     /// them: ReadyForQuery, ParameterStatus).
-    pub(crate) fn received(&mut self, tag: u8, whole: Option<&mut BytesMut>) {
+    pub(crate) fn received(&mut self, tag: u8, mut whole: Option<&mut BytesMut>) {
         match tag {
             // Asynchronous: NoticeResponse, NotificationResponse, and
             // ParameterStatus (kept, whatever the state).
@@ -125,6 +129,13 @@ impl Server {
                 return;
             }
             b'W' => self.copy_both = true,
+            b'E' => {
+                if let Some(Message::ErrorResponse(body)) = whole.as_deref_mut().and_then(parse)
+                    && super::handshake::ServerError::from_body(&body).code == "25006"
+                {
+                    self.refused_write = true;
+                }
+            }
             _ => {}
         }
         if self.lost.is_some() || self.copy_both {
@@ -316,6 +327,11 @@ impl Server {
     /// ReadyForQuery messages received so far.
     pub(crate) fn ready(&self) -> u64 {
         self.ready
+    }
+
+    /// Whether a write was refused as read-only since the last take.
+    pub(crate) fn take_refused_write(&mut self) -> bool {
+        std::mem::take(&mut self.refused_write)
     }
 
     /// The ParameterStatus reports so far, taken.

@@ -20,7 +20,7 @@ use crate::config::{OnOpenTransaction, PostgresConfig};
 
 /// Backend messages whose body the tracker reads: ReadyForQuery,
 /// ParameterStatus.
-const KEPT: &[u8] = b"ZS";
+const KEPT: &[u8] = b"ZSE";
 
 /// Why client bytes are not forwarded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -193,6 +193,12 @@ impl PgSession {
     /// Why the server's state cannot be known, if it cannot.
     pub(crate) fn lost(&self) -> Option<&'static str> {
         self.server.lost()
+    }
+
+    /// Whether the server refused a write as read-only (SQLSTATE 25006)
+    /// since the last take.
+    pub(crate) fn take_refused_write(&mut self) -> bool {
+        self.server.take_refused_write()
     }
 
     /// The ParameterStatus reports seen so far, taken.

@@ -84,3 +84,75 @@ pub(crate) async fn open(
     }
     Ok(())
 }
+
+/// Asks a Redis server whether it is a replica: `ROLE` (`master`, `slave`;
+/// a sentinel is neither), or, where the session's ACL user may not run
+/// `ROLE`, the `role:` line of `INFO replication`. The session must be
+/// idle (no reply owed); it is idle again after.
+pub(crate) async fn ask_role(stream: &mut Stream) -> Result<bool, OpenError> {
+    let mut request = Vec::new();
+    command(&mut request, &[b"ROLE"]);
+    let (frame, _) = one_reply(stream, &request).await?;
+    if !frame.is_error() {
+        return match frame.first().as_str() {
+            "master" => Ok(false),
+            "slave" => Ok(true),
+            other => Err(OpenError::Refused {
+                step: "ROLE",
+                reason: format!("the server's role is `{other}`, neither master nor replica"),
+            }),
+        };
+    }
+    let mut request = Vec::new();
+    command(&mut request, &[b"INFO", b"replication"]);
+    let (frame, raw) = one_reply(stream, &request).await?;
+    let text = String::from_utf8_lossy(&raw);
+    if frame.is_error() {
+        return Err(OpenError::Refused {
+            step: "ROLE and INFO replication",
+            reason: text.trim().to_owned(),
+        });
+    }
+    match text.lines().find_map(|l| l.trim().strip_prefix("role:")) {
+        Some("master") => Ok(false),
+        Some("slave") => Ok(true),
+        other => Err(OpenError::Refused {
+            step: "INFO replication",
+            reason: format!("no role master or slave in the reply ({other:?})"),
+        }),
+    }
+}
+
+/// Writes `request` and reads its one reply frame (at most 64 KiB): the
+/// frame and its bytes.
+async fn one_reply(
+    stream: &mut Stream,
+    request: &[u8],
+) -> Result<(super::resp::Frame, Vec<u8>), OpenError> {
+    const MAX: usize = 64 * 1024;
+    let io = |e: std::io::Error| OpenError::Io(e.to_string());
+    stream.write_all(request).await.map_err(io)?;
+    let mut scanner = Scanner::new(MAX as u64);
+    let mut raw = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // Nothing else is owed: a read cannot run past the reply.
+        let n = stream.read(&mut buf).await.map_err(io)?;
+        if n == 0 {
+            return Err(OpenError::Io("the server closed the connection".into()));
+        }
+        raw.extend_from_slice(&buf[..n]);
+        let mut frame = None;
+        scanner
+            .feed(&buf[..n], |f| {
+                frame.get_or_insert(f);
+            })
+            .map_err(|e| OpenError::Io(e.to_string()))?;
+        if let Some(frame) = frame {
+            return Ok((frame, raw));
+        }
+        if raw.len() > MAX {
+            return Err(OpenError::Io("an oversized reply".into()));
+        }
+    }
+}

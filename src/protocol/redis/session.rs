@@ -79,6 +79,9 @@ pub(crate) struct RedisSession {
     unknown: Option<&'static str>,
     /// An Exchange: the first command it cannot carry, with why.
     refused: Option<String>,
+    /// A reply was `-READONLY` (a replica refused a write): the server may
+    /// have been demoted. Taken by the pool.
+    refused_write: bool,
     exchange: bool,
     /// `MULTI` without its `EXEC`/`DISCARD` yet (restored with `DISCARD`).
     multi: bool,
@@ -136,6 +139,7 @@ impl RedisSession {
             changed: None,
             unknown: None,
             refused: None,
+            refused_write: false,
             exchange: false,
             multi: false,
             watching: false,
@@ -312,6 +316,11 @@ impl RedisSession {
             self.answered(f);
         }
         fed.map_err(|e| (e, frames.last().map_or(0, |f| f.end)))
+    }
+
+    /// Whether a reply was `-READONLY` since the last take.
+    pub(crate) fn take_refused_write(&mut self) -> bool {
+        std::mem::take(&mut self.refused_write)
     }
 
     /// Replies Redis still owes.
@@ -518,6 +527,9 @@ impl RedisSession {
     /// One frame from Redis went out: it answers the oldest owed reply, or
     /// is out-of-band (a RESP3 push that answers no command).
     fn answered(&mut self, frame: &Frame) {
+        if frame.is_error() && frame.args.first().is_some_and(|e| e.starts_with(b"READONLY")) {
+            self.refused_write = true;
+        }
         // Out of band: a RESP3 push, or a message to a RESP2 subscriber
         // (an array, in the one context where no reply can start so).
         let oob = frame.is_push()
