@@ -164,7 +164,7 @@ fn top_level_errors_name_the_field() {
         ("bogus: 1\n", "unknown field `bogus`"),
         (
             "upstreams:\n  - name: a\n",
-            "upstreams[0]: set exactly one of address, discovery.dns and discovery.kubernetes",
+            "upstreams[0]: set exactly one of address, discovery.static, discovery.dns and discovery.kubernetes",
         ),
         (
             "upstreams:\n  - name: \"a b\"\n    address: x:1\n",

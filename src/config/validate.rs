@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::{
-    ClientAuth, Config, ConfigError, PortRef, Protocol, Role, Source, TlsMode, UpstreamConfig, invalid,
+    ClientAuth, Config, ConfigError, PortRef, Protocol, Role, Source, TlsMode, UpstreamConfig,
+    invalid,
 };
 
 impl Config {

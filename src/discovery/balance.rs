@@ -175,11 +175,12 @@ impl Endpoint {
     /// it changed (from unknown too).
     pub(crate) fn observe_role(&self, role: ServerRole) -> Option<Option<ServerRole>> {
         let before = self.role.swap(role_code(Some(role)), Ordering::AcqRel);
-        (before != role_code(Some(role))).then(|| match before {
+        let before = match before {
             1 => Some(ServerRole::Primary),
             2 => Some(ServerRole::Replica),
             _ => None,
-        })
+        };
+        (before != Some(role)).then_some(before)
     }
 
     /// Open connections to it (leased, idle, or being checked).
@@ -414,7 +415,9 @@ impl EndpointSet {
             return;
         };
         match before {
-            None => tracing::debug!(endpoint = %endpoint.target(), role = role.as_str(), "endpoint role learned"),
+            None => {
+                tracing::debug!(endpoint = %endpoint.target(), role = role.as_str(), "endpoint role learned")
+            }
             Some(before) => tracing::info!(
                 endpoint = %endpoint.target(),
                 from = before.as_str(),
@@ -500,9 +503,9 @@ impl EndpointSet {
     /// it. With none, the upstream cannot serve a lease, whatever its pool
     /// still holds.
     pub(crate) fn any_usable(&self) -> bool {
-        self.read().iter().any(|ep| {
-            !ep.retired() && (self.wanted == Role::Any || ep.role().is_some())
-        })
+        self.read()
+            .iter()
+            .any(|ep| !ep.retired() && (self.wanted == Role::Any || ep.role().is_some()))
     }
 
     /// Resolves when the set changed since the last call.

@@ -62,12 +62,9 @@ pub(crate) fn endpoint_set(config: &UpstreamConfig) -> Arc<EndpointSet> {
             config.role,
             "static address",
         ),
-        Source::Static(list) => EndpointSet::listed(
-            list,
-            config.outlier.clone(),
-            config.role,
-            "static list",
-        ),
+        Source::Static(list) => {
+            EndpointSet::listed(list, config.outlier.clone(), config.role, "static list")
+        }
         Source::Dns(_) | Source::Kubernetes(_) => EndpointSet::with_role(
             config.outlier.clone(),
             &format!("{}: waiting for the first sync", config.source),

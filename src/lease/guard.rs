@@ -128,6 +128,16 @@ impl LeaseGuard {
             Some(Err(_)) => Some(Direction::ToUpstream),
         };
         let mut outcome = state::conclude(end, last, socket, self.on_abort);
+        if let (Fate::Return, Some(reason)) = (&outcome.fate, leased.conn().retirement()) {
+            // Its endpoint retired during the lease (gone, of the wrong
+            // role, or the server refused a write as read-only): closed,
+            // not restored, and Ended says so.
+            self.restore = None;
+            outcome.fate = Fate::Evict(reason);
+            if let Some((disposition, _)) = outcome.ended.as_mut() {
+                *disposition = Disposition::Evict;
+            }
+        }
         let counters = leased.pool().counters();
         let held = self.started.elapsed();
         match outcome.fate {

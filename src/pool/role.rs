@@ -50,20 +50,16 @@ impl Pool {
                 .as_ref()
                 .map_or(self.config.pool.connect_timeout, |p| p.timeout);
             let opener = self.dialer.opener().clone();
-            let asked = join_all(
-                held.iter_mut()
-                    .zip(&asking)
-                    .filter(|(_, ask)| **ask)
-                    .map(|(conn, _)| {
-                        let opener = &opener;
-                        async move {
-                            let asked =
-                                tokio::time::timeout(timeout, opener.ask_role(&mut conn.stream))
-                                    .await;
-                            (conn.id(), asked)
-                        }
-                    }),
-            )
+            let asked = join_all(held.iter_mut().zip(&asking).filter(|(_, ask)| **ask).map(
+                |(conn, _)| {
+                    let opener = &opener;
+                    async move {
+                        let asked =
+                            tokio::time::timeout(timeout, opener.ask_role(&mut conn.stream)).await;
+                        (conn.id(), asked)
+                    }
+                },
+            ))
             .await;
             let mut failed = Vec::new();
             for (id, asked) in asked {
@@ -101,9 +97,7 @@ impl Pool {
             let lonely: Vec<_> = set
                 .endpoints()
                 .into_iter()
-                .filter(|ep| {
-                    ep.connections() == 0 && ep.retirement() != Some(Retirement::Removed)
-                })
+                .filter(|ep| ep.connections() == 0 && ep.retirement() != Some(Retirement::Removed))
                 .collect();
             let probed = join_all(lonely.iter().map(|ep| self.dialer.probe_role(ep))).await;
             for (ep, probed) in lonely.iter().zip(probed) {

@@ -62,7 +62,10 @@ impl Opener {
     }
 
     /// Asks an idle session's server for its role now. `None` for `tcp`.
-    pub(crate) async fn ask_role(&self, stream: &mut Stream) -> Result<Option<ServerRole>, OpenError> {
+    pub(crate) async fn ask_role(
+        &self,
+        stream: &mut Stream,
+    ) -> Result<Option<ServerRole>, OpenError> {
         let replica = match self {
             Self::Tcp => return Ok(None),
             Self::Redis(_) => super::redis::handshake::ask_role(stream).await?,
@@ -92,7 +95,10 @@ mod tests {
 
     #[test]
     fn startup_reports_tell_the_role_from_postgresql_14() {
-        assert_eq!(from_parameters(&params(&[("server_version", "13.9")])), None);
+        assert_eq!(
+            from_parameters(&params(&[("server_version", "13.9")])),
+            None
+        );
         assert_eq!(
             from_parameters(&params(&[
                 ("in_hot_standby", "off"),

@@ -527,7 +527,12 @@ impl RedisSession {
     /// One frame from Redis went out: it answers the oldest owed reply, or
     /// is out-of-band (a RESP3 push that answers no command).
     fn answered(&mut self, frame: &Frame) {
-        if frame.is_error() && frame.args.first().is_some_and(|e| e.starts_with(b"READONLY")) {
+        if frame.is_error()
+            && frame
+                .args
+                .first()
+                .is_some_and(|e| e.starts_with(b"READONLY"))
+        {
             self.refused_write = true;
         }
         // Out of band: a RESP3 push, or a message to a RESP2 subscriber

@@ -30,6 +30,7 @@ const BIN: &str = "/usr/lib/postgresql/15/bin";
 const NOBODY: u32 = 65534;
 
 const HBA: &str = "\
+host replication postgres 127.0.0.1/32 trust
 host all postgres 127.0.0.1/32 trust
 host all trustuser 127.0.0.1/32 trust
 host all md5user 127.0.0.1/32 md5
@@ -109,6 +110,42 @@ impl Postgres {
             dir = pg.into_dir();
         }
         panic!("postgres exited at start on five ports in a row");
+    }
+
+    /// Starts a streaming replica of this server: `pg_basebackup -R` (a
+    /// hot standby following this one), on a port of its own.
+    pub async fn start_replica(&self) -> Self {
+        let mut dir = owned_tempdir();
+        let data = dir.path().join("data");
+        let out = as_server(Command::new(Path::new(BIN).join("pg_basebackup")))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .arg("-D")
+            .arg(&data)
+            .args(["-R", "-X", "stream", "--no-sync", "-c", "fast"])
+            .output()
+            .expect("pg_basebackup");
+        assert!(
+            out.status.success(),
+            "pg_basebackup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for _ in 0..5 {
+            let port = ports::reserve();
+            let child = spawn(&data, port);
+            let mut pg = Self { child, port, dir };
+            if pg.wait_ready().await {
+                return pg;
+            }
+            dir = pg.into_dir();
+        }
+        panic!("the replica exited at start on five ports in a row");
     }
 
     fn into_dir(mut self) -> tempfile::TempDir {
