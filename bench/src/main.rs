@@ -58,6 +58,10 @@ struct Args {
     /// p50 and throughput at 32 clients) on redis-server and PostgreSQL.
     #[arg(long, conflicts_with_all = ["redis", "postgres"])]
     tls: bool,
+    /// With --compare: the failover drill (a write loop through lessor and
+    /// directly while a Redis and a PostgreSQL primary are switched).
+    #[arg(long, conflicts_with_all = ["redis", "postgres", "tls"])]
+    failover: bool,
     /// With --compare: also write the report as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -141,6 +145,15 @@ fn main() -> ExitCode {
         };
         if args.listener_only {
             return match runtime.block_on(compare::redis_benchmark::run(&opts)) {
+                Ok(report) => {
+                    print!("{}", report.render());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            };
+        }
+        if args.failover {
+            return match runtime.block_on(compare::failover::run(&opts)) {
                 Ok(report) => {
                     print!("{}", report.render());
                     ExitCode::SUCCESS

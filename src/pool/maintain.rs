@@ -23,6 +23,10 @@ use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
 
 use super::{EvictReason, Pool, PoolConn, VetFor, Vetted, health};
+
+/// How often endpoints' roles are asked while an upstream that wants a role
+/// has no usable connection.
+const OUTAGE_ROLE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 use crate::net::Refreshed;
 
 impl Pool {
@@ -31,6 +35,10 @@ impl Pool {
         let interval = self.config.health.interval;
         let mut next_sweep = tokio::time::Instant::now() + interval;
         let endpoints = self.dialer.endpoints().clone();
+        let wants_role = endpoints.wanted() != crate::config::Role::Any;
+        // A deadline of its own (not a sleep restarted by every wake-up):
+        // in the past while all is well, so an outage is checked at once.
+        let mut outage_check = tokio::time::Instant::now();
         loop {
             let retry = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -49,6 +57,14 @@ impl Pool {
                 _ = endpoints.recheck_requested() => {
                     self.check_roles().await;
                     self.purge_retired();
+                }
+                // No usable connection on an upstream that wants a role (a
+                // primary died): the replicas are asked often, so a
+                // promotion is seen within this, not a whole interval.
+                _ = tokio::time::sleep_until(outage_check), if wants_role && !self.ready() => {
+                    self.check_roles().await;
+                    self.purge_retired();
+                    outage_check = tokio::time::Instant::now() + OUTAGE_ROLE_CHECK.min(interval);
                 }
                 _ = tokio::time::sleep_until(retry.unwrap_or(next_sweep)), if retry.is_some() => {}
                 _ = tokio::time::sleep_until(next_sweep) => {

@@ -449,19 +449,51 @@ async fn discovery_dns_answers_add_and_remove_endpoints() {
             conns(s, "127.0.0.1") == 2 && conns(s, "127.0.0.2") == 2
         })
         .await;
+    // A lease on 127.0.0.2, held across its removal.
+    let mut on_two = None;
+    let mut others = Vec::new();
+    while on_two.is_none() {
+        let lease = lessor.lease().await.unwrap();
+        if lease.granted().endpoint.starts_with("127.0.0.2:") {
+            on_two = Some(lease);
+        } else {
+            others.push(lease);
+        }
+    }
+    for lease in others {
+        lease.release(Disposition::Return).await.unwrap();
+    }
+    let mut on_two = on_two.unwrap();
     // The answer changes: 127.0.0.2 leaves, 127.0.0.3 arrives.
     *answers.0.lock().unwrap() = vec![addr("127.0.0.1"), addr("127.0.0.3")];
-    let s = lessor
+    lessor
         .wait_for("the endpoints follow the answer", |s| {
             endpoint(s, "127.0.0.2").is_none()
                 && endpoint(s, "127.0.0.3").is_some_and(|e| e.connections > 0)
         })
         .await;
-    assert!(evictions(&s, "endpoint_removed") >= 2);
+    // Its idle connections close at once; the leased one stays, and works.
+    crate::support::eventually("only the leased socket left on .2", || async {
+        pods[1].open() == 1
+    })
+    .await;
+    let idle_closed = evictions(&lessor.stats("up").await, "endpoint_removed");
+    assert!(idle_closed >= 1);
+    on_two.send("still here").await.unwrap();
+    assert_eq!(on_two.recv_at_least(10).await.unwrap(), "still here");
+    // At its return it is closed, counted, and Ended says so.
+    let ended = on_two.release(Disposition::Return).await.unwrap();
+    assert_eq!(ended.disposition(), Disposition::Evict);
+    lessor
+        .wait_for("the leased one counted at its return", |s| {
+            evictions(s, "endpoint_removed") == idle_closed + 1
+        })
+        .await;
     crate::support::eventually("the removed endpoint's sockets closed", || async {
         pods[1].open() == 0
     })
     .await;
+    lessor.assert_accounted().await;
     // Failing lookups keep the last answer.
     answers.0.lock().unwrap().clear();
     let before = answers.lookups();

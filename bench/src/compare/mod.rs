@@ -38,6 +38,7 @@ use lessor::EchoServer;
 use lessor_client::pb::Disposition;
 use lessor_client::{Client, LeaseOptions};
 
+pub(crate) mod failover;
 pub(crate) mod pgbench;
 pub(crate) mod postgres;
 pub(crate) mod redis_benchmark;

@@ -46,6 +46,12 @@ impl ChildGuard {
         self.0.id()
     }
 
+    /// SIGKILL, and reaps it (a failover drill's dying primary).
+    pub(crate) fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
     /// `None` while it runs; its exit status once it has exited.
     pub(crate) fn exited(&mut self) -> Option<String> {
         match self.0.try_wait() {
