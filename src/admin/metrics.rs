@@ -378,6 +378,22 @@ impl Collector for PoolCollector {
             checks,
         )?;
 
+        let role_checks = pools
+            .iter()
+            .filter(|p| p.config().role != crate::config::Role::Any)
+            .map(|p| {
+                (
+                    vec![("upstream", p.name().to_owned())],
+                    ConstCounter::new(load(&p.counters().role_checks)),
+                )
+            });
+        family(
+            &mut e,
+            "lessor_role_checks",
+            "Passes asking the endpoints' servers their role (each health interval, during an outage, and after a hint).",
+            role_checks,
+        )?;
+
         let bytes = pools.iter().flat_map(|p| {
             let c = p.counters();
             [

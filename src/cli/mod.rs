@@ -229,7 +229,10 @@ pub fn stats_table(stats: &[UpstreamStats]) -> String {
     }
     // Endpoints, for upstreams with more than one (discovery) or a problem.
     for s in stats {
-        let show = s.endpoints.len() > 1 || s.endpoints.iter().any(|e| !e.ready || e.ejected);
+        let show = s.endpoints.len() > 1
+            || s.endpoints
+                .iter()
+                .any(|e| !e.ready || e.ejected || !e.role.is_empty());
         for e in s.endpoints.iter().filter(|_| show) {
             let mut state = if e.terminating {
                 "terminating"

@@ -53,6 +53,10 @@ pub(crate) struct Endpoint {
     role: AtomicU8,
     /// The role the upstream wants (`any`: roles are not asked).
     wanted: Role,
+    /// When it last became a primary, in its set's order of such events.
+    primary_seq: std::sync::atomic::AtomicU64,
+    /// The set's primary of longest standing (its `primary_seq`; 0: none).
+    leader: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Why an endpoint may no longer hold pooled connections.
@@ -113,7 +117,7 @@ pub(crate) struct EndpointSnapshot {
 }
 
 impl Endpoint {
-    fn new(d: &Discovered, wanted: Role) -> Self {
+    fn new(d: &Discovered, wanted: Role, leader: Arc<std::sync::atomic::AtomicU64>) -> Self {
         Self {
             target: d.target.clone(),
             ready: AtomicBool::new(d.ready),
@@ -125,6 +129,8 @@ impl Endpoint {
             health: Mutex::new(Health::default()),
             role: AtomicU8::new(0),
             wanted,
+            primary_seq: std::sync::atomic::AtomicU64::new(0),
+            leader,
         }
     }
 
@@ -153,8 +159,21 @@ impl Endpoint {
         }
         match self.role() {
             Some(role) if !role_fits(self.wanted, role) => Some(Retirement::WrongRole),
+            // A split brain: only the primary of longest standing serves.
+            Some(ServerRole::Primary)
+                if self.wanted == Role::Primary
+                    && self.primary_seq.load(Ordering::Acquire)
+                        != self.leader.load(Ordering::Acquire) =>
+            {
+                Some(Retirement::WrongRole)
+            }
             _ => None,
         }
+    }
+
+    /// Present, and its server last said it is the primary.
+    fn is_primary(&self) -> bool {
+        !self.removed.load(Ordering::Acquire) && self.role() == Some(ServerRole::Primary)
     }
 
     /// The role the upstream wants of it.
@@ -349,6 +368,15 @@ pub(crate) struct EndpointSet {
     wanted: Role,
     /// Wakes the pool's role check now (a write refused as read-only).
     recheck: Notify,
+    /// A round of role probes is under way.
+    probing: AtomicBool,
+    /// Bumped each time an endpoint is seen to become a primary: among
+    /// several primaries (a split brain), the one that has been primary
+    /// longest serves.
+    primary_seq: std::sync::atomic::AtomicU64,
+    /// That one's `primary_seq` (0: no primary known), shared with every
+    /// endpoint so each can tell whether it is retired.
+    leader: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl EndpointSet {
@@ -371,7 +399,32 @@ impl EndpointSet {
             outlier,
             wanted,
             recheck: Notify::new(),
+            probing: AtomicBool::new(false),
+            primary_seq: std::sync::atomic::AtomicU64::new(0),
+            leader: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         })
+    }
+
+    /// Elects the primary of longest standing among those present.
+    fn elect_leader(&self) {
+        let first = self
+            .read()
+            .iter()
+            .filter(|ep| ep.is_primary())
+            .map(|ep| ep.primary_seq.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(0);
+        self.leader.store(first, Ordering::Release);
+    }
+
+    /// Claims the next round of role probes; false while one runs.
+    pub(crate) fn begin_probes(&self) -> bool {
+        !self.probing.swap(true, Ordering::AcqRel)
+    }
+
+    /// The round of role probes is over.
+    pub(crate) fn end_probes(&self) {
+        self.probing.store(false, Ordering::Release);
     }
 
     /// A fixed single endpoint (a static `address`).
@@ -414,6 +467,11 @@ impl EndpointSet {
         let Some(before) = endpoint.observe_role(role) else {
             return;
         };
+        if role == ServerRole::Primary {
+            let seq = self.primary_seq.fetch_add(1, Ordering::Relaxed) + 1;
+            endpoint.primary_seq.store(seq, Ordering::Release);
+        }
+        self.elect_leader();
         match before {
             None => {
                 tracing::debug!(endpoint = %endpoint.target(), role = role.as_str(), "endpoint role learned")
@@ -426,7 +484,36 @@ impl EndpointSet {
                 "endpoint role changed"
             ),
         }
+        if role == ServerRole::Primary && self.primaries() > 1 {
+            let primaries: Vec<String> = self
+                .read()
+                .iter()
+                .filter(|ep| ep.is_primary())
+                .map(|ep| ep.target.clone())
+                .collect();
+            tracing::warn!(
+                primaries = %primaries.join(", "),
+                "more than one endpoint reports being the primary (a split brain?); new connections go to the one that was primary first"
+            );
+        }
         self.changed.notify_one();
+    }
+
+    /// How many present endpoints last reported being the primary (more
+    /// than one: a split brain, shown in `/readyz?verbose`).
+    pub(crate) fn primaries(&self) -> usize {
+        self.read().iter().filter(|ep| ep.is_primary()).count()
+    }
+
+    /// `endpoint` could not be reached: what its server said before no
+    /// longer counts (a dead primary is not a primary, and must not hold
+    /// the place of a promoted one).
+    pub(crate) fn forget_role(&self, endpoint: &Endpoint) {
+        if self.wanted != Role::Any && endpoint.role.swap(0, Ordering::AcqRel) != 0 {
+            tracing::info!(endpoint = %endpoint.target(), "endpoint unreachable; its role is unknown until it answers");
+            self.elect_leader();
+            self.changed.notify_one();
+        }
     }
 
     /// Asks the pool to check its endpoints' roles now.
@@ -470,10 +557,11 @@ impl EndpointSet {
                         ep.ready.store(d.ready, Ordering::Release);
                         ep.terminating.store(d.terminating, Ordering::Release);
                     }
-                    None => list.push(Arc::new(Endpoint::new(d, self.wanted))),
+                    None => list.push(Arc::new(Endpoint::new(d, self.wanted, self.leader.clone()))),
                 }
             }
         }
+        self.elect_leader();
         {
             let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
             status.synced = true;

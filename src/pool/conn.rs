@@ -37,8 +37,8 @@ pub(crate) struct Conn {
     /// A PostgreSQL session's parameters and backend key, from its startup.
     pub(crate) backend: Option<Box<crate::protocol::postgres::Backend>>,
     /// A lease saw the server refuse a write as read-only (SQLSTATE 25006,
-    /// Redis `-READONLY`): on a `primary` upstream the connection is closed
-    /// at its return and its endpoint's role checked at once.
+    /// Redis `-READONLY`): on a `primary` upstream its endpoint's role is
+    /// asked at once. Cleared when the connection goes back.
     pub(crate) refused_write: bool,
 }
 
@@ -80,17 +80,29 @@ impl Conn {
     }
 
     /// Why the connection must leave the pool, if it must: its endpoint is
-    /// gone, not ready or terminating, or its server is (or, having refused
-    /// a write, may be) of another role than the upstream wants.
+    /// gone, not ready or terminating, or its server is of another role than
+    /// the upstream wants.
     pub(crate) fn retirement(&self) -> Option<EvictReason> {
-        let endpoint = self.endpoint_ref.endpoint();
-        match endpoint.retirement() {
+        match self.endpoint_ref.endpoint().retirement() {
             Some(Retirement::Removed) => Some(EvictReason::EndpointRemoved),
             Some(Retirement::WrongRole) => Some(EvictReason::RoleChanged),
-            None if self.refused_write && endpoint.wanted() == Role::Primary => {
-                Some(EvictReason::RoleChanged)
-            }
             None => None,
+        }
+    }
+
+    /// Whether what the last lease saw hints that its server's role changed:
+    /// a write refused as read-only on a `primary` upstream (on a `replica`
+    /// one that is the normal answer), or PostgreSQL reports that disagree
+    /// with the endpoint's known role. A hint only: the server is asked
+    /// before anything is closed.
+    pub(crate) fn role_hint(&self) -> bool {
+        let endpoint = self.endpoint_ref.endpoint();
+        match endpoint.wanted() {
+            Role::Any => false,
+            wanted => {
+                (self.refused_write && wanted == Role::Primary)
+                    || super::role::reports_disagree(self)
+            }
         }
     }
 

@@ -114,6 +114,15 @@ pub(crate) const CONNECT_ERROR_REASONS: [&str; 12] = [
 ];
 
 impl DialError {
+    /// The endpoint did not answer at all (refused, unresolvable, silent):
+    /// what it said before, its role included, is stale.
+    pub(crate) fn unreachable(&self) -> bool {
+        matches!(
+            self,
+            Self::Resolve { .. } | Self::Connect { .. } | Self::Timeout { .. }
+        )
+    }
+
     /// Its `reason` label (one of [`CONNECT_ERROR_REASONS`]).
     pub(crate) fn reason(&self) -> &'static str {
         match self {
@@ -283,6 +292,9 @@ impl Dialer {
             }
             Err(err) => {
                 let message = err.to_string();
+                if err.unreachable() {
+                    self.endpoints.forget_role(&endpoint);
+                }
                 if endpoint.record_failure(&message, self.endpoints.outlier(), true) {
                     tracing::warn!(endpoint = %endpoint.target(), error = %message, "endpoint ejected after repeated failures");
                 }

@@ -56,7 +56,8 @@ pub(crate) enum HealthError {
 pub(crate) async fn check(conn: &mut Conn, probe: Option<&ProbeConfig>) -> Result<(), HealthError> {
     liveness(conn)?;
     if let Some(probe) = probe {
-        run_probe(&mut conn.stream, probe).await?;
+        let backend = conn.backend.as_deref_mut();
+        run_probe(&mut conn.stream, probe, backend).await?;
         liveness(conn)?;
     }
     conn.mark_validated(Instant::now());
@@ -73,18 +74,67 @@ pub(crate) fn liveness(conn: &mut Conn) -> Result<(), HealthError> {
     }
 }
 
-async fn run_probe(stream: &mut Stream, probe: &ProbeConfig) -> Result<(), HealthError> {
+/// The largest message a probe of a PostgreSQL session reads.
+const ASYNC_MAX: usize = 64 * 1024;
+
+/// Sends the probe and compares the answer. On a PostgreSQL session
+/// (`backend`), whole ParameterStatus and NoticeResponse messages before
+/// the answer are asynchronous (a promotion reports `in_hot_standby`, a
+/// reload reports changed settings), not a wrong answer: they are read past,
+/// and the reports recorded on the session, where a change of role is
+/// noticed.
+async fn run_probe(
+    stream: &mut Stream,
+    probe: &ProbeConfig,
+    mut backend: Option<&mut crate::protocol::postgres::Backend>,
+) -> Result<(), HealthError> {
+    let expect = probe.expect.as_bytes();
     let round_trip = async {
         stream.write_all(probe.send.as_bytes()).await?;
-        let mut got = vec![0u8; probe.expect.len()];
-        stream.read_exact(&mut got).await?;
-        Ok::<_, io::Error>(got)
+        if backend.is_none() || expect.len() < 5 {
+            let mut got = vec![0u8; expect.len()];
+            stream.read_exact(&mut got).await?;
+            return Ok::<_, io::Error>(got);
+        }
+        // Message by message: reports come anywhere in the answer
+        // (ParameterStatus just before ReadyForQuery, for one).
+        let mut got = Vec::with_capacity(expect.len());
+        while got.len() < expect.len() {
+            let mut head = [0u8; 5];
+            stream.read_exact(&mut head).await?;
+            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+            if !(4..=ASYNC_MAX).contains(&len) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a message of an impossible length",
+                ));
+            }
+            let mut body = vec![0u8; len - 4];
+            stream.read_exact(&mut body).await?;
+            let asynchronous =
+                matches!(head[0], b'S' | b'N') && expect.get(got.len()) != Some(&head[0]);
+            if !asynchronous {
+                got.extend_from_slice(&head);
+                got.extend_from_slice(&body);
+                continue;
+            }
+            if head[0] == b'S'
+                && let Some(backend) = backend.as_deref_mut()
+                && let [name, value, ..] = body.split(|b| *b == 0).collect::<Vec<_>>()[..]
+            {
+                backend.parameters.insert(
+                    String::from_utf8_lossy(name).into_owned(),
+                    String::from_utf8_lossy(value).into_owned(),
+                );
+            }
+        }
+        Ok(got)
     };
     let got = tokio::time::timeout(probe.timeout, round_trip)
         .await
         .map_err(|_| HealthError::ProbeTimeout(probe.timeout))?
         .map_err(HealthError::ProbeIo)?;
-    if got != probe.expect.as_bytes() {
+    if got != expect {
         return Err(HealthError::ProbeMismatch {
             got: String::from_utf8_lossy(&got).into_owned(),
             expected: probe.expect.clone(),

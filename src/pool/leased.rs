@@ -77,11 +77,13 @@ impl Leased {
     fn take_conn(&mut self) -> Option<PoolConn> {
         let conn = self.conn.take()?;
         self.pool.counters.leased.fetch_sub(1, Ordering::Relaxed);
-        if conn.refused_write || super::role::reports_disagree(&conn) {
-            // The server may have been demoted or promoted: ask it now,
-            // not at the next health interval.
+        let mut conn = conn;
+        if conn.role_hint() {
+            // The server may have been demoted or promoted: ask it soon
+            // (rate-limited), not at the next health interval.
             self.pool.dialer.endpoints().request_recheck();
         }
+        conn.refused_write = false;
         Some(conn)
     }
 }

@@ -27,6 +27,9 @@ use super::{EvictReason, Pool, PoolConn, VetFor, Vetted, health};
 /// How often endpoints' roles are asked while an upstream that wants a role
 /// has no usable connection.
 const OUTAGE_ROLE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The least time between two role checks that hints asked for.
+const HINT_GAP: std::time::Duration = std::time::Duration::from_millis(100);
 use crate::net::Refreshed;
 
 impl Pool {
@@ -39,6 +42,7 @@ impl Pool {
         // A deadline of its own (not a sleep restarted by every wake-up):
         // in the past while all is well, so an outage is checked at once.
         let mut outage_check = tokio::time::Instant::now();
+        let mut last_hint_check = tokio::time::Instant::now() - HINT_GAP;
         loop {
             let retry = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -53,10 +57,14 @@ impl Pool {
                     self.purge_retired();
                     self.ready_signal.send_replace(());
                 }
-                // A lease saw a hint that a server's role changed.
+                // A lease saw a hint that a server's role changed. Hints
+                // come from clients' traffic: at most one pass per
+                // HINT_GAP, however many arrive.
                 _ = endpoints.recheck_requested() => {
+                    tokio::time::sleep_until(last_hint_check + HINT_GAP).await;
                     self.check_roles().await;
                     self.purge_retired();
+                    last_hint_check = tokio::time::Instant::now();
                 }
                 // No usable connection on an upstream that wants a role (a
                 // primary died): the replicas are asked often, so a
@@ -227,7 +235,13 @@ impl Pool {
         for (conn, result) in probed {
             self.counters.health_checks.fetch_add(1, Ordering::Relaxed);
             match result {
-                Ok(()) => keep.push(conn),
+                Ok(()) => {
+                    if conn.role_hint() {
+                        // The probe read a report of a role change.
+                        self.dialer.endpoints().request_recheck();
+                    }
+                    keep.push(conn);
+                }
                 Err(e) => self.failed_check(conn, &e),
             }
         }

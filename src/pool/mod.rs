@@ -355,8 +355,12 @@ impl Pool {
                 format!("{} {role}", e.target)
             })
             .collect();
+        let split = match self.dialer.endpoints().primaries() {
+            n if n > 1 => format!("; {n} endpoints report being the primary (split brain?)"),
+            _ => String::new(),
+        };
         Some(format!(
-            "role {}: {}",
+            "role {}: {}{split}",
             wanted.as_str(),
             endpoints.join(", ")
         ))

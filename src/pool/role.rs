@@ -26,6 +26,7 @@ impl Pool {
         if set.wanted() == Role::Any {
             return;
         }
+        self.counters.role_checks.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("role_check", lessor.upstream = %self.name());
         async {
             let mut held = Vec::new();
@@ -93,20 +94,38 @@ impl Pool {
             for conn in keep.into_iter().rev() {
                 conn.put_back();
             }
-            // Endpoints without a connection: asked over one of their own.
+            // Endpoints without a connection: asked over one of their own,
+            // in a task (a server that accepts and never answers holds a
+            // probe for `connect_timeout`, and must not hold this loop),
+            // one round of probes at a time.
             let lonely: Vec<_> = set
                 .endpoints()
                 .into_iter()
                 .filter(|ep| ep.connections() == 0 && ep.retirement() != Some(Retirement::Removed))
                 .collect();
-            let probed = join_all(lonely.iter().map(|ep| self.dialer.probe_role(ep))).await;
-            for (ep, probed) in lonely.iter().zip(probed) {
-                match probed {
-                    Ok(found) => set.observe_role(ep, found),
-                    Err(e) => {
-                        tracing::debug!(endpoint = %ep.target(), error = %e, "role probe failed");
+            if !lonely.is_empty() && set.begin_probes() {
+                let dialer = self.dialer.clone();
+                let ready = self.ready_signal.clone();
+                let set = set.clone();
+                self.spawn(
+                    async move {
+                        let probed = join_all(lonely.iter().map(|ep| dialer.probe_role(ep))).await;
+                        for (ep, probed) in lonely.iter().zip(probed) {
+                            match probed {
+                                Ok(found) => set.observe_role(ep, found),
+                                Err(e) => {
+                                    tracing::debug!(endpoint = %ep.target(), error = %e, "role probe failed");
+                                    if e.unreachable() {
+                                        set.forget_role(ep);
+                                    }
+                                }
+                            }
+                        }
+                        set.end_probes();
+                        ready.send_replace(());
                     }
-                }
+                    .instrument(tracing::Span::current()),
+                );
             }
         }
         .instrument(span)
@@ -122,9 +141,6 @@ impl Pool {
 /// server is asked before anything changes.
 pub(super) fn reports_disagree(conn: &super::Conn) -> bool {
     let endpoint = conn.endpoint_ref().endpoint();
-    if endpoint.wanted() == Role::Any {
-        return false;
-    }
     conn.backend
         .as_ref()
         .and_then(|b| role::from_parameters(&b.parameters))

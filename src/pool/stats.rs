@@ -102,6 +102,8 @@ pub(crate) struct Counters {
     connect_error_reasons: [AtomicU64; CONNECT_ERROR_REASONS.len()],
     /// Checks run (peek, plus probe when due).
     pub health_checks: AtomicU64,
+    /// Passes over the endpoints' roles (`role: primary` or `replica`).
+    pub role_checks: AtomicU64,
     /// Checks that failed (and evicted their connection).
     pub health_check_failures: AtomicU64,
     /// Checkouts that hit their deadline.
@@ -178,6 +180,7 @@ impl Default for Counters {
             connect_errors: AtomicU64::new(0),
             connect_error_reasons: Default::default(),
             health_checks: AtomicU64::new(0),
+            role_checks: AtomicU64::new(0),
             health_check_failures: AtomicU64::new(0),
             checkout_timeouts: AtomicU64::new(0),
             evictions: Default::default(),

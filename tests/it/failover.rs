@@ -290,14 +290,6 @@ async fn failover_redis_primary_follows_replicaof(engine: EngineKind) {
         return;
     };
     let b = Redis::start().await.unwrap();
-    let replicaof = |of: &Redis| {
-        let (host, port) = of
-            .addr()
-            .rsplit_once(':')
-            .map(|(h, p)| (h.to_owned(), p.to_owned()))
-            .unwrap();
-        format!("REPLICAOF {host} {port}\r\n")
-    };
     b.command(replicaof(&a).as_bytes()).await.unwrap();
     let lessor = Lessor::start(&config(engine, &[b.addr(), a.addr()], "redis", "200ms")).await;
     lessor
@@ -367,22 +359,15 @@ async fn failover_redis_primary_follows_replicaof(engine: EngineKind) {
 }
 
 /// With a health interval no test waits for, only the hint can make
-/// lessor notice: a `-READONLY` reply closes that connection at its
-/// return (`role_changed`) and has the endpoint asked at once.
+/// lessor notice: a `-READONLY` reply has the endpoints asked at once, and
+/// the demoted server's connections close (`role_changed`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_redis_readonly_reply_triggers_a_role_check() {
     let Some(a) = Redis::start().await else {
         return;
     };
     let b = Redis::start().await.unwrap();
-    let (host, port) = a
-        .addr()
-        .rsplit_once(':')
-        .map(|(h, p)| (h.to_owned(), p.to_owned()))
-        .unwrap();
-    b.command(format!("REPLICAOF {host} {port}\r\n").as_bytes())
-        .await
-        .unwrap();
+    b.command(replicaof(&a).as_bytes()).await.unwrap();
     let lessor = Lessor::start(&config(
         EngineKind::Bb8,
         &[a.addr(), b.addr()],
@@ -398,28 +383,30 @@ async fn failover_redis_readonly_reply_triggers_a_role_check() {
     let mut lease = lessor.lease().await.unwrap();
     assert_eq!(lease.granted().endpoint, a.addr());
     b.command(b"REPLICAOF NO ONE\r\n").await.unwrap();
-    let (host, port) = b
-        .addr()
-        .rsplit_once(':')
-        .map(|(h, p)| (h.to_owned(), p.to_owned()))
-        .unwrap();
-    a.command(format!("REPLICAOF {host} {port}\r\n").as_bytes())
-        .await
-        .unwrap();
+    a.command(replicaof(&b).as_bytes()).await.unwrap();
     lease.send(&b"SET k v\r\n"[..]).await.unwrap();
     let refused = read_redis(&mut lease).await.unwrap();
     assert!(
         format!("{refused:?}").contains("READONLY"),
         "a replica refuses the write: {refused:?}"
     );
-    let ended = lease.release(Disposition::Return).await.unwrap();
-    assert_eq!(ended.disposition(), Disposition::Evict);
+    lease.release(Disposition::Return).await.unwrap();
     let s = lessor
         .wait_for("the hint had both servers asked", |s| {
-            role_of(s, &a.addr()) == "replica" && role_of(s, &b.addr()) == "primary"
+            role_of(s, &a.addr()) == "replica"
+                && role_of(s, &b.addr()) == "primary"
+                && evictions(s, "role_changed") >= 1
         })
         .await;
-    assert!(evictions(&s, "role_changed") >= 1, "{s:#?}");
+    assert_eq!(
+        s.endpoints
+            .iter()
+            .find(|e| e.address == a.addr())
+            .unwrap()
+            .connections,
+        0,
+        "{s:#?}"
+    );
     let reply = lessor
         .client
         .exchange("up", &b"SET k w\r\n"[..], None)
@@ -431,10 +418,29 @@ async fn failover_redis_readonly_reply_triggers_a_role_check() {
     );
 }
 
+/// `REPLICAOF host port` for a server.
+fn replicaof(of: &Redis) -> String {
+    let addr = of.addr();
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    format!("REPLICAOF {host} {port}\r\n")
+}
+
+/// The `lessor_role_checks_total` of `up`.
+async fn role_checks(lessor: &Lessor) -> u64 {
+    let metrics = http::fetch(&lessor.admin, "/metrics", None)
+        .await
+        .unwrap()
+        .body;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lessor_role_checks_total{upstream=\"up\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no lessor_role_checks_total in\n{metrics}"))
+}
+
 /// SQLSTATE 25006 is PostgreSQL's "read-only transaction": on a `primary`
-/// upstream the connection that saw it closes at its return and the
-/// server is asked; a primary that merely ran a `READ ONLY` transaction
-/// stays the primary.
+/// upstream it has the server asked at once; a primary that merely ran a
+/// `READ ONLY` transaction stays the primary, and nothing is closed for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_pg_read_only_refusal_asks_the_server() {
     let Some(pg) = Postgres::start().await else {
@@ -449,17 +455,18 @@ async fn failover_pg_read_only_refusal_asks_the_server() {
     lessor
         .wait_for("the primary known", |s| role_of(s, &pg.addr()) == "primary")
         .await;
+    let before = role_checks(&lessor).await;
     let mut lease = lessor.lease().await.unwrap();
     let reply = query(&mut lease, "BEGIN READ ONLY; INSERT INTO w VALUES (1)").await;
     assert_eq!(reply.error.as_deref(), Some("25006"), "{reply:?}");
-    let ended = lease.release(Disposition::Return).await.unwrap();
-    assert_eq!(ended.disposition(), Disposition::Evict);
-    let s = lessor
-        .wait_for("counted as role_changed", |s| {
-            evictions(s, "role_changed") == 1
-        })
-        .await;
+    lease.release(Disposition::Return).await.unwrap();
+    eventually("the hint had the server asked", || async {
+        role_checks(&lessor).await > before
+    })
+    .await;
+    let s = lessor.stats("up").await;
     assert_eq!(role_of(&s, &pg.addr()), "primary");
+    assert_eq!(evictions(&s, "role_changed"), 0, "{s:#?}");
     let mut lease = lessor.lease().await.unwrap();
     assert_eq!(
         query(&mut lease, "INSERT INTO w VALUES (2)").await.error,
@@ -490,4 +497,87 @@ fn failover_config_errors_name_the_field() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("role"), "{err}");
+}
+
+/// Two servers that both say they are the primary (a split brain): lessor
+/// says so in `/readyz?verbose` and writes go to one of them only, the one
+/// that was the primary first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_split_brain_is_shown_and_writes_stay_on_one_primary() {
+    let Some(a) = Redis::start().await else {
+        return;
+    };
+    let b = Redis::start().await.unwrap();
+    let lessor = Lessor::start(&config(
+        EngineKind::Deadpool,
+        &[a.addr(), b.addr()],
+        "redis",
+        "100ms",
+    ))
+    .await;
+    lessor
+        .wait_for("both known as primaries", |s| {
+            role_of(s, &a.addr()) == "primary" && role_of(s, &b.addr()) == "primary"
+        })
+        .await;
+    let verbose = http::fetch(&lessor.admin, "/readyz?verbose", None)
+        .await
+        .unwrap()
+        .body;
+    assert!(verbose.contains("split brain"), "{verbose}");
+    let mut served = std::collections::BTreeSet::new();
+    // Fresh connections each time: max_size 4 with 8 held at once dials.
+    for _ in 0..4 {
+        let mut leases = Vec::new();
+        for _ in 0..4 {
+            let lease = lessor.lease().await.unwrap();
+            served.insert(lease.granted().endpoint.clone());
+            leases.push(lease);
+        }
+        for lease in leases {
+            lease.release(Disposition::Evict).await.unwrap();
+        }
+    }
+    assert_eq!(served.len(), 1, "writes went to {served:?}");
+}
+
+/// PostgreSQL reports a reloaded setting (and a promotion's
+/// `in_hot_standby`) to idle sessions with their next answer: the probe
+/// reads past the ParameterStatus, records it, and is no failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_pg_reports_before_a_probe_answer_are_recorded_not_failures() {
+    let Some(pg) = Postgres::start().await else {
+        return;
+    };
+    let lessor = Lessor::start(&config(EngineKind::Bb8, &[pg.addr()], "postgres", "100ms")).await;
+    lessor.wait_for("two idle", |s| s.idle >= 2).await;
+    let admin = pg.admin().await;
+    admin
+        .batch_execute("ALTER SYSTEM SET \"DateStyle\" = 'SQL, DMY'")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    let before = lessor.stats("up").await.health_checks;
+    lessor
+        .wait_for("idle connections probed after the reload", |s| {
+            s.health_checks >= before + 6
+        })
+        .await;
+    let s = lessor.stats("up").await;
+    assert_eq!(s.health_check_failures, 0, "{s:#?}");
+    assert_eq!(evictions(&s, "health_check"), 0, "{s:#?}");
+    let lease = lessor.lease().await.unwrap();
+    assert_eq!(
+        lease
+            .granted()
+            .server_parameters
+            .get("DateStyle")
+            .map(String::as_str),
+        Some("SQL, DMY"),
+        "the report the probe read is on the session's record"
+    );
+    lease.release(Disposition::Return).await.unwrap();
 }

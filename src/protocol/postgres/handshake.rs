@@ -253,11 +253,15 @@ fn fallible<T>(r: std::io::Result<T>) -> Result<T, OpenError> {
 /// `in_hot_standby` (before PostgreSQL 14) nor anything since, and for
 /// re-checking an idle pooled session, whose reports arrive only with a
 /// query: `SELECT pg_is_in_recovery()` and the read-only default, as one
-/// simple query. The session must be idle; it is idle again after.
+/// simple query. The default is the setting's `reset_val` (the server's,
+/// database's or role's), not the session's: a client's own `SET` that a
+/// reset did not undo must not make the primary look like a replica. The
+/// session must be idle; it is idle again after.
 pub(crate) async fn ask_role(stream: &mut Stream) -> Result<(bool, bool), OpenError> {
     let mut out = BytesMut::new();
     frontend::query(
-        "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only')",
+        "SELECT pg_is_in_recovery(), (SELECT reset_val FROM pg_settings \
+         WHERE name = 'default_transaction_read_only')",
         &mut out,
     )
     .map_err(io)?;
