@@ -212,7 +212,13 @@ impl Pool {
     /// backoff after failed health checks, or a failure while leases are
     /// out, is no reason to fail every waiter.
     fn hopeless(&self) -> bool {
-        !self.dialer.endpoints().any_usable()
+        let endpoints = self.dialer.endpoints();
+        // Servers that answer but none with the wanted role (a switchover
+        // under way): a role check may find one within the deadline.
+        let roles_pending = endpoints.wanted() != crate::config::Role::Any
+            && endpoints.status().synced
+            && !endpoints.snapshot().is_empty();
+        (!endpoints.any_usable() && !roles_pending)
             || (self.dialer.last_dial_ok() == Some(false) && self.engine.size() == 0)
     }
 
@@ -223,7 +229,14 @@ impl Pool {
         if endpoints.any_usable() {
             CheckoutError::Unavailable(dial_error)
         } else {
-            CheckoutError::Unavailable(format!("no ready endpoint ({})", endpoints.status().detail))
+            let roles = self
+                .roles_detail()
+                .map(|r| format!("; {r}"))
+                .unwrap_or_default();
+            CheckoutError::Unavailable(format!(
+                "no ready endpoint ({}{roles})",
+                endpoints.status().detail
+            ))
         }
     }
 

@@ -340,7 +340,7 @@ impl Pool {
 
     /// For an upstream that wants a role: which it wants and what each
     /// endpoint's server last said, for `/readyz?verbose`.
-    fn roles_detail(&self) -> Option<String> {
+    pub(crate) fn roles_detail(&self) -> Option<String> {
         let wanted = self.config.role;
         if wanted == crate::config::Role::Any {
             return None;

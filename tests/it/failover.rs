@@ -581,3 +581,47 @@ async fn failover_pg_reports_before_a_probe_answer_are_recorded_not_failures() {
     );
     lease.release(Disposition::Return).await.unwrap();
 }
+
+/// On a `replica` upstream a refused write is the normal answer, not a
+/// hint: a client writing in a loop makes lessor dial nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_writes_refused_by_a_replica_upstream_cause_no_dials() {
+    let Some(a) = Redis::start().await else {
+        return;
+    };
+    let b = Redis::start().await.unwrap();
+    b.command(replicaof(&a).as_bytes()).await.unwrap();
+    let yaml = config(EngineKind::Bb8, &[a.addr(), b.addr()], "redis", "1h")
+        .replace("role: primary", "role: replica");
+    let lessor = Lessor::start(&yaml).await;
+    lessor
+        .wait_for("b known as the replica", |s| {
+            role_of(s, &b.addr()) == "replica" && s.idle >= 2
+        })
+        .await;
+    let (a_before, b_before) = (dials(&a).await, dials(&b).await);
+    for _ in 0..100 {
+        let reply = lessor
+            .client
+            .exchange("up", &b"SET k v\r\n"[..], None)
+            .await
+            .unwrap();
+        assert!(reply.reply.starts_with(b"-READONLY"), "{reply:?}");
+        assert_eq!(reply.endpoint, b.addr());
+    }
+    // Our own INFO connections count too: one each per call above.
+    assert_eq!(dials(&a).await, a_before + 1, "no dial to the primary");
+    // The pool may grow to max_size (4) while Exchanges overlap its refill;
+    // a hint per refused write would have dialed a hundred times.
+    assert!(
+        dials(&b).await <= b_before + 1 + 4,
+        "connections churned on the replica"
+    );
+}
+
+/// Connections the server has accepted so far (`INFO stats`).
+async fn dials(r: &Redis) -> u64 {
+    r.info_field("stats", "total_connections_received")
+        .await
+        .unwrap()
+}
