@@ -92,6 +92,8 @@ pub struct UpstreamConfig {
     pub listen: Option<NativeListen>,
     /// TLS towards the upstream; absent: plain TCP.
     pub tls: Option<TlsConfig>,
+    /// A connection budget shared with the other sidecars of a group.
+    pub fleet: Option<super::FleetConfig>,
 }
 
 impl UpstreamConfig {
@@ -172,6 +174,8 @@ struct RawUpstream {
     listen: Option<NativeListen>,
     #[serde(default)]
     tls: Option<TlsConfig>,
+    #[serde(default)]
+    fleet: Option<super::FleetConfig>,
 }
 
 impl TryFrom<RawUpstream> for UpstreamConfig {
@@ -232,6 +236,7 @@ impl TryFrom<RawUpstream> for UpstreamConfig {
             readiness: raw.readiness,
             listen: raw.listen,
             tls: raw.tls,
+            fleet: raw.fleet,
         })
     }
 }
