@@ -196,7 +196,7 @@ mod tls;
 mod upstream;
 mod validate;
 
-pub use fleet::FleetConfig;
+pub(crate) use fleet::FleetConfig;
 pub use listen::*;
 pub(crate) use pool::*;
 pub(crate) use tls::{TlsConfig, TlsMode, TlsVersion};

@@ -34,6 +34,8 @@ pub(crate) struct Conn {
     pub(crate) broken: bool,
     /// A PostgreSQL session's parameters and backend key, from its startup.
     pub(crate) backend: Option<Box<crate::protocol::postgres::Backend>>,
+    /// Its place under the fleet budget's cap, freed when it closes.
+    pub(crate) cap_slot: Option<crate::fleet::CapSlot>,
 }
 
 impl Conn {
@@ -59,6 +61,7 @@ impl Conn {
             endpoint_ref,
             broken: false,
             backend: None,
+            cap_slot: None,
         }
     }
 

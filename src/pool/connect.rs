@@ -84,6 +84,10 @@ pub(crate) enum DialError {
     /// Discovery knows no endpoint that may take connections.
     #[error("no ready endpoint ({0})")]
     NoEndpoints(String),
+    /// The fleet budget's cap is reached: nothing was dialed (not a
+    /// failure of the upstream; never counted as one).
+    #[error("at the fleet cap")]
+    FleetCap,
     /// TLS could not be set up: refused, untrusted, wrong name, expired, a
     /// client certificate demanded (the error says which).
     #[error("TLS to {addr}: {source}")]
@@ -119,7 +123,10 @@ impl DialError {
             Self::Resolve { .. } => "resolve",
             Self::Connect { .. } => "connect",
             Self::Tune { .. } => "socket",
-            Self::Timeout { .. } | Self::Backoff { .. } | Self::NoEndpoints(_) => "timeout",
+            Self::Timeout { .. }
+            | Self::Backoff { .. }
+            | Self::NoEndpoints(_)
+            | Self::FleetCap => "timeout",
             Self::Open { .. } => "open",
             Self::Tls { source, .. } => source.failure.reason(),
         }
@@ -149,6 +156,8 @@ pub(crate) struct Dialer {
     in_flight: AtomicU32,
     /// TLS towards the upstream, when configured.
     tls: Option<Arc<Tls>>,
+    /// The fleet budget's cap: every dial takes a slot under it first.
+    fleet: Option<Arc<crate::fleet::FleetCap>>,
 }
 
 impl Dialer {
@@ -177,7 +186,14 @@ impl Dialer {
             opener,
             in_flight: AtomicU32::new(0),
             tls,
+            fleet: None,
         }
+    }
+
+    /// Puts every dial under the fleet budget's cap.
+    pub(crate) fn with_fleet_cap(mut self, fleet: Option<Arc<crate::fleet::FleetCap>>) -> Self {
+        self.fleet = fleet;
+        self
     }
 
     /// The upstream's TLS client, when it has one.
@@ -218,6 +234,11 @@ impl Dialer {
 
     /// Dials once: picks an endpoint, connects, counts.
     pub(crate) async fn dial(&self) -> Result<Conn, DialError> {
+        // The slot first: the dial itself counts against the fleet budget.
+        let slot = match &self.fleet {
+            Some(fleet) => Some(fleet.try_acquire().ok_or(DialError::FleetCap)?),
+            None => None,
+        };
         let dialing = match self.endpoints.choose() {
             Ok(d) => d,
             Err(no) => {
@@ -256,6 +277,7 @@ impl Dialer {
                     EndpointRef::new(endpoint),
                 );
                 conn.backend = backend.map(Box::new);
+                conn.cap_slot = slot;
                 Ok(conn)
             }
             Err(err) => {

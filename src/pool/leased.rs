@@ -60,8 +60,13 @@ impl Leased {
             self.pool.evict(conn, EvictReason::Reconnect);
             return false;
         }
+        if self.pool.over_fleet_cap() {
+            self.pool.evict(conn, EvictReason::FleetCap);
+            return false;
+        }
         conn.mark_idle(Instant::now());
         conn.put_back();
+        self.pool.returned_under_cap();
         true
     }
 

@@ -31,6 +31,7 @@ impl Pool {
         let interval = self.config.health.interval;
         let mut next_sweep = tokio::time::Instant::now() + interval;
         let endpoints = self.dialer.endpoints().clone();
+        let mut fleet = self.fleet_cap().map(|f| f.subscribe());
         loop {
             let retry = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -45,6 +46,9 @@ impl Pool {
                     self.purge_retired();
                     self.ready_signal.send_replace(());
                 }
+                // The fleet cap dropped (idle ones above it close now) or
+                // rose (min_idle may refill).
+                () = self.fleet_cap_changed(&mut fleet) => self.trim_to_fleet_cap(),
                 _ = tokio::time::sleep_until(retry.unwrap_or(next_sweep)), if retry.is_some() => {}
                 _ = tokio::time::sleep_until(next_sweep) => {
                     self.refresh_tls().await;
@@ -111,7 +115,9 @@ impl Pool {
             .min_idle()
             .saturating_sub(self.idle() + dialing)
             .max(floor);
+        // The fleet cap wins over min_idle.
         want.min(self.config.pool.max_size.saturating_sub(size))
+            .min(self.fleet_room())
     }
 
     /// Dials what [`Pool::wanted`] asks for, concurrently. When dials fail,
@@ -134,6 +140,8 @@ impl Pool {
                             self.counters.evicted(EvictReason::Surplus);
                         }
                     }
+                    // At the fleet cap: nothing failed, the cap decides.
+                    Err(super::connect::DialError::FleetCap) => {}
                     Err(_) => failed = true,
                 }
             }

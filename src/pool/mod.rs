@@ -13,6 +13,7 @@
 //! - `leased` counts [`Leased`] guards, so it equals the live leases.
 
 mod bb8;
+mod capped;
 mod checkout;
 mod conn;
 mod connect;
@@ -150,6 +151,8 @@ pub(crate) struct Pool {
     /// A reload replaced or removed this pool: every connection it still
     /// has is closed at its return, whenever it was dialed.
     retired: AtomicBool,
+    /// The fleet budget's cap, for an upstream with a `fleet:` block.
+    fleet: Option<Arc<crate::fleet::FleetCap>>,
 }
 
 /// How long the CancelRequest for an evicted session's query may take.
@@ -171,6 +174,7 @@ impl Pool {
             }
             Arc::new(tls)
         });
+        let fleet = crate::fleet::gate_for(&config);
         let dialer = Arc::new(Dialer::new(
             crate::discovery::endpoint_set(&config),
             &config.pool,
@@ -179,7 +183,8 @@ impl Pool {
             ready_signal.clone(),
             crate::protocol::Opener::for_upstream(&config),
             tls,
-        ));
+        )
+        .with_fleet_cap(fleet.clone()));
         let engine = Engine::new(config.engine, dialer.clone(), config.pool.max_size);
         Arc::new(Self {
             config,
@@ -193,6 +198,7 @@ impl Pool {
             reconnect_before: std::sync::Mutex::new(None),
             retired: AtomicBool::new(false),
             tasks: TaskTracker::new(),
+            fleet,
         })
     }
 

@@ -38,11 +38,14 @@ pub(crate) enum EvictReason {
     /// An operator asked for new connections (`lessor reconnect`): one
     /// dialed before was closed at its return, or at once when idle.
     Reconnect,
+    /// The fleet budget lowered this sidecar's cap: an idle connection
+    /// above it closed at once, a leased one at its return.
+    FleetCap,
 }
 
 impl EvictReason {
     /// Every reason, in a stable order.
-    pub(crate) const ALL: [EvictReason; 13] = [
+    pub(crate) const ALL: [EvictReason; 14] = [
         Self::HealthCheck,
         Self::IdleTimeout,
         Self::MaxLifetime,
@@ -56,6 +59,7 @@ impl EvictReason {
         Self::EndpointRemoved,
         Self::Surplus,
         Self::Reconnect,
+        Self::FleetCap,
     ];
 
     /// The wire and label name.
@@ -74,6 +78,7 @@ impl EvictReason {
             Self::EndpointRemoved => "endpoint_removed",
             Self::Surplus => "surplus",
             Self::Reconnect => "reconnect",
+            Self::FleetCap => "fleet_cap",
         }
     }
 
