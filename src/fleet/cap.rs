@@ -65,6 +65,23 @@ pub(crate) struct FleetView {
     pub(crate) last_error: Option<String>,
 }
 
+/// A point-in-time view of the gate and the group.
+#[derive(Debug, Clone)]
+pub(crate) struct FleetSnapshot {
+    /// What the coordination loop knew.
+    pub(crate) view: FleetView,
+    /// The effective cap.
+    pub(crate) cap: u32,
+    /// Connections open or being dialed.
+    pub(crate) held: u32,
+    /// Checkouts waiting at the cap now.
+    pub(crate) waiting: u32,
+    /// Checkouts that waited at the cap.
+    pub(crate) waits: u64,
+    /// Checkouts that timed out at the cap.
+    pub(crate) timeouts: u64,
+}
+
 /// One upstream's cap gate, shared by its pool (dials, checkouts, returns)
 /// and its coordination loop.
 #[derive(Debug)]
@@ -208,6 +225,18 @@ impl FleetCap {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Everything `Stats`, metrics and readiness show.
+    pub(crate) fn snapshot(&self) -> FleetSnapshot {
+        FleetSnapshot {
+            view: self.view(),
+            cap: self.cap(),
+            held: self.held(),
+            waiting: self.waiting.load(Ordering::Relaxed),
+            waits: self.waits.load(Ordering::Relaxed),
+            timeouts: self.timeouts.load(Ordering::Relaxed),
+        }
     }
 
     /// Updates the view (the coordination loop).

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub(crate) use self::cap::{CapSlot, FleetCap, FleetMode, FleetView};
+pub(crate) use self::cap::{CapSlot, FleetCap, FleetMode, FleetSnapshot};
 
 use crate::config::UpstreamConfig;
 

@@ -125,6 +125,8 @@ pub(crate) struct PoolSnapshot {
     pub endpoints: Vec<EndpointSnapshot>,
     /// TLS towards the upstream; `None`: plain TCP.
     pub tls: Option<crate::net::TlsStatus>,
+    /// The fleet budget, for an upstream with a `fleet:` block.
+    pub fleet: Option<crate::fleet::FleetSnapshot>,
 }
 
 /// One upstream's pool. Shared as `Arc<Pool>` by the gRPC service, leases and
@@ -466,6 +468,7 @@ impl Pool {
             ready: self.ready(),
             endpoints: self.dialer.endpoints().snapshot(),
             tls: self.dialer.tls().map(|t| t.status()),
+            fleet: self.fleet.as_ref().map(|f| f.snapshot()),
         }
     }
 
