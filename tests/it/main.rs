@@ -7,6 +7,7 @@ mod blackhole;
 mod cli;
 mod conformance;
 mod discovery;
+mod fleet;
 mod faults;
 mod leak;
 mod ops;
