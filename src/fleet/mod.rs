@@ -112,3 +112,27 @@ fn identity() -> Result<member::Identity, String> {
         .ok_or("no POD_NAMESPACE and no service account namespace")?;
     Ok(member::Identity { pod, namespace })
 }
+
+/// The fleet facts in words, for `/readyz?verbose` (and logs):
+/// `fleet coordinated group=cache cap=5 claim=5 share=5 claimed=20/20 live_peers=4`.
+pub(crate) fn describe(f: &FleetSnapshot) -> String {
+    let v = &f.view;
+    let mut out = format!(
+        "fleet {} group={} cap={} claim={} share={} claimed={}/{} live_peers={}",
+        v.mode.as_str(),
+        v.group,
+        f.cap,
+        v.claim,
+        v.share,
+        v.claimed_total,
+        v.budget,
+        v.live_peers
+    );
+    if f.waiting > 0 {
+        out.push_str(&format!(" waiting_at_cap={}", f.waiting));
+    }
+    if let Some(e) = &v.last_error {
+        out.push_str(&format!(" last_error={e:?}"));
+    }
+    out
+}

@@ -80,6 +80,8 @@ pub(crate) struct PoolReadiness {
     pub paused: bool,
     /// TLS towards the upstream (shown in `/readyz?verbose`).
     pub tls: Option<crate::net::TlsStatus>,
+    /// The fleet budget (shown in `/readyz?verbose`).
+    pub fleet: Option<crate::fleet::FleetSnapshot>,
 }
 
 /// A point-in-time view of a pool, for `Stats`, metrics and readiness.
@@ -339,6 +341,7 @@ impl Pool {
             last_dial_error: self.dialer.last_error(),
             paused: self.is_paused(),
             tls: self.dialer.tls().map(|t| t.status()),
+            fleet: self.fleet.as_ref().map(|f| f.snapshot()),
         }
     }
 
