@@ -52,7 +52,9 @@ pub(crate) fn build(
         },
         spec: Some(LeaseSpec {
             holder_identity: Some(pod.to_owned()),
-            lease_duration_seconds: Some(i32::try_from(lease_duration.as_secs()).unwrap_or(i32::MAX)),
+            lease_duration_seconds: Some(
+                i32::try_from(lease_duration.as_secs()).unwrap_or(i32::MAX),
+            ),
             acquire_time: Some(micro_time(now)),
             ..Default::default()
         }),
@@ -130,7 +132,11 @@ mod tests {
         assert_eq!(claim(&mine), 3);
         assert_eq!(expires(&mine), Some(t0 + Duration::from_secs(15)));
         let other = build("orders", "pod-b", Duration::from_secs(15), 7, t0);
-        let live = live_peers([&mine, &other], "lessor-orders-pod-a", t0 + Duration::from_secs(14));
+        let live = live_peers(
+            [&mine, &other],
+            "lessor-orders-pod-a",
+            t0 + Duration::from_secs(14),
+        );
         assert_eq!(
             live,
             [PeerClaim {
@@ -145,6 +151,9 @@ mod tests {
         assert_eq!(json["spec"]["holderIdentity"], "pod-b");
         assert_eq!(json["spec"]["leaseDurationSeconds"], 15);
         let renew = json["spec"]["renewTime"].as_str().unwrap();
-        assert!(renew.ends_with(".000000Z"), "MicroTime has 6 digits: {renew}");
+        assert!(
+            renew.ends_with(".000000Z"),
+            "MicroTime has 6 digits: {renew}"
+        );
     }
 }

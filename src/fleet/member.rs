@@ -141,8 +141,12 @@ pub(crate) async fn run(
         let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
     }
     match api.delete(&name, &DeleteParams::default()).await {
-        Ok(_) => tracing::info!(upstream = %member.upstream, lease = %name, "fleet: Lease deleted, claim handed back"),
-        Err(e) => tracing::warn!(upstream = %member.upstream, lease = %name, error = %e, "fleet: could not delete the Lease; it expires after its duration"),
+        Ok(_) => {
+            tracing::info!(upstream = %member.upstream, lease = %name, "fleet: Lease deleted, claim handed back")
+        }
+        Err(e) => {
+            tracing::warn!(upstream = %member.upstream, lease = %name, error = %e, "fleet: could not delete the Lease; it expires after its duration")
+        }
     }
 }
 
@@ -170,7 +174,8 @@ impl Member {
                         lease::stamp(&mut old, 0, SystemTime::now());
                         if let Some(spec) = old.spec.as_mut() {
                             spec.holder_identity = Some(pod.clone());
-                            spec.lease_duration_seconds = fresh.spec.as_ref().and_then(|s| s.lease_duration_seconds);
+                            spec.lease_duration_seconds =
+                                fresh.spec.as_ref().and_then(|s| s.lease_duration_seconds);
                         }
                         api.replace(&name, &PostParams::default(), &old).await
                     }
@@ -224,7 +229,13 @@ impl Member {
                 .lease_duration
                 .saturating_sub(self.config.renew_interval);
         let max_size = self.gate.max_size();
-        let decision = rules::decide(self.config.budget, max_size, &self.pod, self.accepted, &peers);
+        let decision = rules::decide(
+            self.config.budget,
+            max_size,
+            &self.pod,
+            self.accepted,
+            &peers,
+        );
         if fenced {
             if self.accepted > 0 {
                 tracing::warn!(upstream = %self.upstream, "fleet: Lease not renewed in time; holding no new connections until it is");
@@ -271,7 +282,11 @@ impl Member {
             return;
         }
         let selector = format!("{}={}", lease::GROUP_LABEL, self.group);
-        let fresh = match self.api.list(&ListParams::default().labels(&selector)).await {
+        let fresh = match self
+            .api
+            .list(&ListParams::default().labels(&selector))
+            .await
+        {
             Ok(list) => list.items,
             Err(e) => {
                 self.note_error(format!("list Leases: {e}"));
@@ -287,7 +302,10 @@ impl Member {
             let back = self.accepted.max(self.gate.held());
             tracing::debug!(upstream = %self.upstream, wanted = to, back, "fleet: lost a race for room; backing off");
             let _ = self.write(back).await;
-            let pause = self.config.renew_interval.mul_f64(0.1 + fastrand::f64() * 0.4);
+            let pause = self
+                .config
+                .renew_interval
+                .mul_f64(0.1 + fastrand::f64() * 0.4);
             self.grow_after = Some(Instant::now() + pause);
         }
     }
@@ -305,7 +323,10 @@ impl Member {
         for _ in 0..2 {
             let mut next = self.lease.clone();
             lease::stamp(&mut next, claim, SystemTime::now());
-            let written = self.api.replace(&self.name, &PostParams::default(), &next).await;
+            let written = self
+                .api
+                .replace(&self.name, &PostParams::default(), &next)
+                .await;
             match written {
                 Ok(lease) => {
                     self.lease = lease;

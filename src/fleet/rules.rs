@@ -59,7 +59,13 @@ pub(crate) fn fair_share(budget: u32, me: &str, peers: &[PeerClaim]) -> u32 {
 ///   the budget.
 /// - Above its share it shrinks: the cap drops at once; the published claim
 ///   follows when the connections have closed (the caller's business).
-pub(crate) fn decide(budget: u32, max_size: u32, me: &str, claim: u32, peers: &[PeerClaim]) -> Decision {
+pub(crate) fn decide(
+    budget: u32,
+    max_size: u32,
+    me: &str,
+    claim: u32,
+    peers: &[PeerClaim],
+) -> Decision {
     let share = fair_share(budget, me, peers);
     let target = share.min(max_size);
     let others: u64 = peers.iter().map(|p| u64::from(p.claim)).sum();
@@ -114,22 +120,16 @@ mod tests {
             let total: u32 = pods
                 .iter()
                 .map(|me| {
-                    let others: Vec<_> = pods
-                        .iter()
-                        .filter(|p| *p != me)
-                        .map(|p| (*p, 0))
-                        .collect();
+                    let others: Vec<_> =
+                        pods.iter().filter(|p| *p != me).map(|p| (*p, 0)).collect();
                     fair_share(budget, me, &peers(&others))
                 })
                 .sum();
             assert_eq!(total, budget, "budget {budget}");
             if budget >= pods.len() as u32 {
                 for me in pods {
-                    let others: Vec<_> = pods
-                        .iter()
-                        .filter(|p| **p != me)
-                        .map(|p| (*p, 0))
-                        .collect();
+                    let others: Vec<_> =
+                        pods.iter().filter(|p| **p != me).map(|p| (*p, 0)).collect();
                     assert!(fair_share(budget, me, &peers(&others)) >= 1);
                 }
             }
@@ -143,13 +143,38 @@ mod tests {
         // Four pods held 5 each; a fifth arrives at 0.
         let full = peers(&[("a", 5), ("b", 5), ("c", 5), ("d", 5)]);
         let d = decide(20, 32, "e", 0, &full);
-        assert_eq!((d.share, d.step, d.claimed_total, d.live), (4, Step::Hold, 20, 5));
+        assert_eq!(
+            (d.share, d.step, d.claimed_total, d.live),
+            (4, Step::Hold, 20, 5)
+        );
         // The others shrink to 4.
-        assert_eq!(decide(20, 32, "a", 5, &peers(&[("b", 5), ("c", 5), ("d", 5), ("e", 0)])).step, Step::Shrink(4));
+        assert_eq!(
+            decide(
+                20,
+                32,
+                "a",
+                5,
+                &peers(&[("b", 5), ("c", 5), ("d", 5), ("e", 0)])
+            )
+            .step,
+            Step::Shrink(4)
+        );
         // Once one has published 4, the new pod can take that one.
-        let d = decide(20, 32, "e", 0, &peers(&[("a", 4), ("b", 5), ("c", 5), ("d", 5)]));
+        let d = decide(
+            20,
+            32,
+            "e",
+            0,
+            &peers(&[("a", 4), ("b", 5), ("c", 5), ("d", 5)]),
+        );
         assert_eq!(d.step, Step::Grow(1));
-        let d = decide(20, 32, "e", 1, &peers(&[("a", 4), ("b", 4), ("c", 4), ("d", 4)]));
+        let d = decide(
+            20,
+            32,
+            "e",
+            1,
+            &peers(&[("a", 4), ("b", 4), ("c", 4), ("d", 4)]),
+        );
         assert_eq!(d.step, Step::Grow(4));
     }
 

@@ -75,7 +75,10 @@ impl Pool {
 
     /// Resolves when the fleet cap or the connections under it change;
     /// never without a fleet budget.
-    pub(super) async fn fleet_cap_changed(&self, rx: &mut Option<tokio::sync::watch::Receiver<()>>) {
+    pub(super) async fn fleet_cap_changed(
+        &self,
+        rx: &mut Option<tokio::sync::watch::Receiver<()>>,
+    ) {
         match rx {
             Some(rx) => {
                 if rx.changed().await.is_err() {

@@ -123,10 +123,9 @@ impl DialError {
             Self::Resolve { .. } => "resolve",
             Self::Connect { .. } => "connect",
             Self::Tune { .. } => "socket",
-            Self::Timeout { .. }
-            | Self::Backoff { .. }
-            | Self::NoEndpoints(_)
-            | Self::FleetCap => "timeout",
+            Self::Timeout { .. } | Self::Backoff { .. } | Self::NoEndpoints(_) | Self::FleetCap => {
+                "timeout"
+            }
             Self::Open { .. } => "open",
             Self::Tls { source, .. } => source.failure.reason(),
         }

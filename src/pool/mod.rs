@@ -179,16 +179,18 @@ impl Pool {
             Arc::new(tls)
         });
         let fleet = crate::fleet::gate_for(&config);
-        let dialer = Arc::new(Dialer::new(
-            crate::discovery::endpoint_set(&config),
-            &config.pool,
-            next_conn_id,
-            counters.clone(),
-            ready_signal.clone(),
-            crate::protocol::Opener::for_upstream(&config),
-            tls,
-        )
-        .with_fleet_cap(fleet.clone()));
+        let dialer = Arc::new(
+            Dialer::new(
+                crate::discovery::endpoint_set(&config),
+                &config.pool,
+                next_conn_id,
+                counters.clone(),
+                ready_signal.clone(),
+                crate::protocol::Opener::for_upstream(&config),
+                tls,
+            )
+            .with_fleet_cap(fleet.clone()),
+        );
         let engine = Engine::new(config.engine, dialer.clone(), config.pool.max_size);
         Arc::new(Self {
             config,

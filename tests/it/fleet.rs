@@ -101,7 +101,13 @@ async fn one_lease(client: &Client) -> Result<(), String> {
     Ok(())
 }
 
-async fn start_pod(api: &FakeApi, kubeconfig: &str, redis: &Redis, name: &str, max_size: u32) -> Pod {
+async fn start_pod(
+    api: &FakeApi,
+    kubeconfig: &str,
+    redis: &Redis,
+    name: &str,
+    max_size: u32,
+) -> Pod {
     let served = Served::start_with(
         &config(&redis.addr(), max_size),
         &[
@@ -133,7 +139,12 @@ fn shares(names: &[&str]) -> BTreeMap<String, u32> {
     sorted
         .iter()
         .enumerate()
-        .map(|(i, p)| ((*p).to_owned(), BUDGET / n + u32::from((i as u32) < BUDGET % n)))
+        .map(|(i, p)| {
+            (
+                (*p).to_owned(),
+                BUDGET / n + u32::from((i as u32) < BUDGET % n),
+            )
+        })
         .collect()
 }
 
@@ -239,8 +250,15 @@ async fn fleet_budget_holds_while_the_group_scales_4_6_2() {
         .iter()
         .filter_map(|l| l["metadata"]["name"].as_str().map(str::to_owned))
         .collect();
-    for gone in ["lessor-cache-pod-2", "lessor-cache-pod-3", "lessor-cache-pod-4"] {
-        assert!(!names.contains(&gone.to_owned()), "{gone} still there: {names:?}");
+    for gone in [
+        "lessor-cache-pod-2",
+        "lessor-cache-pod-3",
+        "lessor-cache-pod-4",
+    ] {
+        assert!(
+            !names.contains(&gone.to_owned()),
+            "{gone} still there: {names:?}"
+        );
     }
 
     for pod in &mut pods {
@@ -266,7 +284,10 @@ async fn fleet_budget_holds_while_the_group_scales_4_6_2() {
     assert!(leases > 100, "only {leases} leases");
     // Waits at the fleet cap are visible apart from the pool's own.
     let f = fleet_stats(&pods[0].served).await.unwrap();
-    assert!(f.waits > 0, "8 clients on a share of 5 wait at the cap: {f:?}");
+    assert!(
+        f.waits > 0,
+        "8 clients on a share of 5 wait at the cap: {f:?}"
+    );
     let metrics = http::fetch(&pods[0].served.admin, "/metrics", None)
         .await
         .unwrap()
@@ -280,5 +301,116 @@ async fn fleet_budget_holds_while_the_group_scales_4_6_2() {
     ] {
         assert!(metrics.contains(line), "no `{line}` in:\n{metrics}");
     }
-    assert!(metrics.contains("lessor_fleet_cap_waits_total{upstream=\"cache\"}"), "{metrics}");
+    assert!(
+        metrics.contains("lessor_fleet_cap_waits_total{upstream=\"cache\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_without_the_api_the_budget_is_a_local_cap() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    // No POD_NAME, no service account: a local run.
+    let served = Served::start_with(&config(&redis.addr(), 12), &[("POD_NAME", "")]).await;
+    crate::support::eventually("the local cap", || async {
+        fleet_stats(&served)
+            .await
+            .is_some_and(|f| f.mode == "local" && f.effective_cap == 12)
+    })
+    .await;
+    let f = fleet_stats(&served).await.unwrap();
+    assert_eq!((f.budget, f.live_peers, f.claim), (BUDGET, 1, 12), "{f:?}");
+    // min(budget, max_size): with max_size above the budget, the budget.
+    drop(served);
+    let served = Served::start_with(&config(&redis.addr(), 32), &[("POD_NAME", "")]).await;
+    crate::support::eventually("the budget as the cap", || async {
+        fleet_stats(&served)
+            .await
+            .is_some_and(|f| f.mode == "local" && f.effective_cap == BUDGET)
+    })
+    .await;
+    let verbose = http::fetch(&served.admin, "/readyz?verbose", None)
+        .await
+        .unwrap()
+        .body;
+    assert!(
+        verbose.contains("fleet local group=cache cap=20"),
+        "{verbose}"
+    );
+    // Said once, at startup.
+    let said = served
+        .stdout()
+        .matches("the fleet budget acts as a local cap")
+        .count();
+    assert_eq!(said, 1, "{}", served.stdout());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_conflicts_are_reread_and_an_unrenewable_lease_stops_dialing() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let api = FakeApi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let pod = start_pod(&api, &kubeconfig, &redis, "solo", 12).await;
+    let want_cap = |cap: u32, mode: &'static str| {
+        let served = &pod.served;
+        move || async move {
+            fleet_stats(served)
+                .await
+                .is_some_and(|f| f.effective_cap == cap && f.mode == mode)
+        }
+    };
+    crate::support::eventually(
+        "the whole budget up to max_size",
+        want_cap(12, "coordinated"),
+    )
+    .await;
+
+    // Someone else writes our Lease: our next renewal conflicts (409), reads
+    // it again and carries on with the claim intact.
+    api.leases.touch("shop", "lessor-cache-solo");
+    let conflicts = &api.leases.requests.conflicts;
+    crate::support::eventually("a conflict on renewal", || async {
+        conflicts.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    let renewed =
+        |lease: &serde_json::Value| lease["spec"]["renewTime"].as_str().map(str::to_owned);
+    let before = renewed(&api.leases.all("shop")[0]);
+    crate::support::eventually("a renewal after the conflict", || async {
+        let lease = api.leases.all("shop").remove(0);
+        renewed(&lease) != before && lease["metadata"]["annotations"]["lessor.dev/claim"] == "12"
+    })
+    .await;
+    assert_eq!(fleet_stats(&pod.served).await.unwrap().mode, "coordinated");
+
+    // Hold one connection in a lease across the outage: it is never cut.
+    let client = pod.served.client().await;
+    let mut held = client
+        .lease("cache", &LeaseOptions::default())
+        .await
+        .unwrap();
+    // The API goes away: within the lease duration the sidecar stops
+    // counting on its claim (cap 0) and closes its idle connections.
+    api.leases.set_down(true);
+    crate::support::eventually("fenced at cap 0", want_cap(0, "fenced")).await;
+    crate::support::eventually("idle connections closed", || async {
+        redis
+            .info_field("clients", "connected_clients")
+            .await
+            .is_some_and(|n| n <= 2)
+    })
+    .await;
+    held.send("PING\r\n").await.unwrap();
+    assert_eq!(held.recv_at_least(7).await.unwrap(), "+PONG\r\n");
+    held.release(Disposition::Return).await.unwrap();
+
+    // Back: it renews and grows again through the API.
+    api.leases.set_down(false);
+    crate::support::eventually("coordinated again", want_cap(12, "coordinated")).await;
+    one_lease(&client).await.unwrap();
 }
