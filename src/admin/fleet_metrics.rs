@@ -14,6 +14,9 @@ use super::metrics::family;
 use crate::fleet::{FleetMode, FleetSnapshot};
 use crate::pool::PoolSet;
 
+/// A gauge: its name, its help, and how it is read from a snapshot.
+type Gauge = (&'static str, &'static str, fn(&FleetSnapshot) -> u32);
+
 /// The fleet figures of every upstream with a `fleet:` block.
 pub(super) struct FleetCollector {
     pub(super) pools: Arc<PoolSet>,
@@ -37,7 +40,7 @@ impl Collector for FleetCollector {
             return Ok(());
         }
         let up = |name: &str| [("upstream", name.to_owned())];
-        let gauges: [(&str, &str, fn(&FleetSnapshot) -> u32); 7] = [
+        let gauges: [Gauge; 7] = [
             (
                 "lessor_fleet_budget",
                 "The connections the whole group may hold to the upstream.",

@@ -268,7 +268,10 @@ async fn fleet_budget_holds_while_the_group_scales_4_6_2() {
     let (peak, samples) = sampler.await.unwrap();
     let leases = tally.leases.load(Ordering::Relaxed);
     let failures = tally.failures.load(Ordering::Relaxed);
-    eprintln!("fleet: peak {peak} redis clients over {samples} samples, {leases} leases");
+    eprintln!(
+        "fleet: peak {peak} redis clients over {samples} samples, {leases} leases, {} Lease API requests",
+        api.leases.requests.total()
+    );
     assert!(samples > 50, "sampled only {samples} times");
     assert!(peak <= BUDGET, "redis saw {peak} clients, budget {BUDGET}");
     assert!(
