@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub(crate) use self::cap::{CapSlot, FleetCap, FleetMode, FleetSnapshot};
+pub(crate) use self::member::{Identity, run as run_member};
 
 use crate::config::UpstreamConfig;
 
