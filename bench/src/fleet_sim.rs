@@ -97,12 +97,7 @@ pub async fn run(opts: &FleetSimOptions) -> Result<FleetSimReport, BenchError> {
         tokio::spawn(async move {
             let mut samples = 0u64;
             while sampling.load(Ordering::Relaxed) {
-                let total: u32 = members
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .map(|(_, m)| m.held())
-                    .sum();
+                let total: u32 = members.lock().unwrap().iter().map(|(_, m)| m.held()).sum();
                 peak.fetch_max(total, Ordering::Relaxed);
                 samples += 1;
                 tokio::time::sleep(Duration::from_millis(1)).await;

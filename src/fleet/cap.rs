@@ -107,6 +107,9 @@ pub(crate) struct FleetCap {
     pub(crate) waits: AtomicU64,
     /// Checkouts whose deadline passed while waiting at the cap.
     pub(crate) timeouts: AtomicU64,
+    /// The pool shut down (not merely retired by a reload): the Lease may
+    /// be deleted.
+    closed: std::sync::atomic::AtomicBool,
     view: Mutex<FleetView>,
 }
 
@@ -123,6 +126,7 @@ impl FleetCap {
             waiting: AtomicU32::new(0),
             waits: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
             view: Mutex::new(FleetView {
                 budget,
                 group,
@@ -162,6 +166,18 @@ impl FleetCap {
             }
             self.changes.send_replace(());
         }
+    }
+
+    /// The pool shut down: nothing more is dialed.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.set_cap(0);
+        self.changes.send_replace(());
+    }
+
+    /// Whether the pool shut down.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// Whether a dial could take a slot now.

@@ -134,11 +134,15 @@ pub(crate) async fn run(
         }
     }
     // Graceful end: nothing new, wait (briefly) for the pool to close what
-    // it holds, then hand the claim back by deleting the Lease.
+    // it holds, then hand the claim back by deleting the Lease. A pool that
+    // a reload retired (not closed) leaves the Lease to its successor.
     gate.set_cap(0);
     let deadline = tokio::time::Instant::now() + DELETE_AFTER;
-    while gate.held() > 0 && tokio::time::Instant::now() < deadline {
+    while !(gate.is_closed() && gate.held() == 0) && tokio::time::Instant::now() < deadline {
         let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
+    }
+    if !gate.is_closed() {
+        return;
     }
     match api.delete(&name, &DeleteParams::default()).await {
         Ok(_) => {
@@ -310,9 +314,11 @@ impl Member {
         }
     }
 
-    /// The periodic renewal (it carries the current claim).
+    /// The periodic renewal. It carries the claim, lowered as far as the
+    /// connections closed so far allow while shrinking.
     async fn renew(&mut self) {
-        let _ = self.write(self.published).await;
+        let claim = self.published.min(self.accepted.max(self.gate.held()));
+        let _ = self.write(claim).await;
     }
 
     /// Writes our Lease with `claim`, renewed now: an update against the

@@ -481,6 +481,9 @@ impl Pool {
     /// close as their leases end.
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
+        if let Some(fleet) = &self.fleet {
+            fleet.close();
+        }
         self.ready_signal.send_replace(());
         self.tasks.close();
         let idle = self.idle();

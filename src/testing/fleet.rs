@@ -108,12 +108,18 @@ impl SimMember {
     /// `(claim, share, live_peers, coordinated)` as the member last knew.
     pub fn view(&self) -> (u32, u32, u32, bool) {
         let v = self.gate.view();
-        (v.claim, v.share, v.live_peers, v.mode == FleetMode::Coordinated)
+        (
+            v.claim,
+            v.share,
+            v.live_peers,
+            v.mode == FleetMode::Coordinated,
+        )
     }
 
     /// A graceful stop: connections close, the Lease is deleted.
     pub async fn stop(self) {
         self.stop.cancel();
+        self.gate.close();
         let _ = self.pool.await;
         let _ = self.member.await;
     }

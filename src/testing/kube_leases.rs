@@ -100,7 +100,10 @@ fn selected(selector: &str, object: &Value) -> bool {
 impl Leases {
     /// Serves these Leases alone on a free loopback port until `stop`;
     /// returns `http://127.0.0.1:port`.
-    pub async fn serve(&self, stop: tokio_util::sync::CancellationToken) -> std::io::Result<String> {
+    pub async fn serve(
+        &self,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> std::io::Result<String> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let app = self.routes();

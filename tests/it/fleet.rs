@@ -20,7 +20,7 @@ const BUDGET: u32 = 20;
 
 fn config(redis: &str, max_size: u32) -> String {
     format!(
-        "upstreams:\n  - name: cache\n    address: \"{redis}\"\n    pool: {{ max_size: {max_size}, min_idle: 1, checkout_timeout: 30s }}\n    health: {{ interval: 1s }}\n    lease: {{ max_duration: 30s }}\n    fleet: {{ budget: {BUDGET}, group: cache, renew_interval: 300ms, lease_duration: 2s }}\n"
+        "upstreams:\n  - name: cache\n    address: \"{redis}\"\n    pool: {{ max_size: {max_size}, min_idle: 1, checkout_timeout: 30s }}\n    health: {{ interval: 1s }}\n    lease: {{ max_duration: 30s }}\n    fleet: {{ budget: {BUDGET}, group: cache, renew_interval: 300ms, lease_duration: 3s }}\n"
     )
 }
 
