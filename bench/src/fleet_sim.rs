@@ -199,9 +199,30 @@ async fn at_shares(
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(BenchError::Reply(
-                "the sidecars did not reach their shares in time".into(),
-            ));
+            let all = members.lock().unwrap();
+            let mut names: Vec<&str> = all.iter().map(|(p, _)| p.as_str()).collect();
+            names.sort_unstable();
+            let live = names.len() as u32;
+            let off: Vec<String> = all
+                .iter()
+                .filter_map(|(pod, m)| {
+                    let rank = names.iter().position(|p| p == pod).unwrap_or(0) as u32;
+                    let share = budget / live + u32::from(rank < budget % live);
+                    let (claim, seen_share, peers, coordinated) = m.view();
+                    let ok = coordinated && peers == live && claim == share && m.cap() == share;
+                    (!ok).then(|| {
+                        format!(
+                            "{pod}: share {share} (it thinks {seen_share}), claim {claim}, cap {}, held {}, peers {peers}, coordinated {coordinated}",
+                            m.cap(),
+                            m.held()
+                        )
+                    })
+                })
+                .collect();
+            return Err(BenchError::Reply(format!(
+                "the sidecars did not reach their shares in time:\n{}",
+                off.join("\n")
+            )));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -93,12 +93,10 @@ pub(crate) async fn run(
     else {
         return;
     };
-    let selector = format!("{}={group}", lease::GROUP_LABEL);
-    let mut watch_config = watcher::Config::default().labels(&selector);
-    watch_config.initial_list_strategy = InitialListStrategy::ListWatch;
-    let (store, writer) = reflector::store();
-    let stream = reflect(writer, watcher::watcher(api.clone(), watch_config)).default_backoff();
-    tokio::pin!(stream);
+    let (mut store, mut stream) = watch(&api, &group);
+    // Our own renewals reach the watch every renew_interval: a watch that
+    // has said nothing for three of them is stuck, and is started afresh.
+    let mut last_event = Instant::now();
     let mut changes = gate.subscribe();
     let renew = member.config.renew_interval;
     let mut next_renew = tokio::time::Instant::now() + renew;
@@ -109,17 +107,25 @@ pub(crate) async fn run(
             .unwrap_or(next_renew);
         tokio::select! {
             _ = cancel.cancelled() => break,
-            event = stream.next() => match event {
-                None => break,
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    tracing::debug!(upstream = %member.upstream, error = %e, "fleet: watch of the group's Leases failed; retrying");
+            event = stream.next() => {
+                last_event = Instant::now();
+                match event {
+                    None => break,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::debug!(upstream = %member.upstream, error = %e, "fleet: watch of the group's Leases failed; retrying");
+                    }
                 }
-            },
+            }
             Ok(()) = changes.changed() => {}
             () = tokio::time::sleep_until(next_renew) => {
                 member.renew().await;
                 next_renew = tokio::time::Instant::now() + renew;
+                if last_event.elapsed() > renew * 3 {
+                    tracing::warn!(upstream = %member.upstream, "fleet: the watch of the group's Leases went quiet; restarting it");
+                    (store, stream) = watch(&api, &group);
+                    last_event = Instant::now();
+                }
             }
             () = tokio::time::sleep_until(wake_grow), if member.grow_after.is_some() => {
                 member.grow_after = None;
@@ -144,7 +150,7 @@ pub(crate) async fn run(
     if !gate.is_closed() {
         return;
     }
-    match api.delete(&name, &DeleteParams::default()).await {
+    match bounded(DELETE_AFTER, api.delete(&name, &DeleteParams::default())).await {
         Ok(_) => {
             tracing::info!(upstream = %member.upstream, lease = %name, "fleet: Lease deleted, claim handed back")
         }
@@ -154,7 +160,46 @@ pub(crate) async fn run(
     }
 }
 
+/// A reflector on the group's Leases: its store and the stream that feeds it.
+fn watch(
+    api: &Api<Lease>,
+    group: &str,
+) -> (
+    Store<Lease>,
+    futures::stream::BoxStream<'static, Result<watcher::Event<Lease>, watcher::Error>>,
+) {
+    let selector = format!("{}={group}", lease::GROUP_LABEL);
+    let mut watch_config = watcher::Config::default().labels(&selector);
+    watch_config.initial_list_strategy = InitialListStrategy::ListWatch;
+    let (store, writer) = reflector::store();
+    let stream = reflect(writer, watcher::watcher(api.clone(), watch_config))
+        .default_backoff()
+        .boxed();
+    (store, stream)
+}
+
+/// Bounds one API call: a hung request must not freeze the loop (fencing
+/// and renewals run in it).
+async fn bounded<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, kube::Error> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result,
+        Err(_) => Err(kube::Error::Service(Box::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {limit:?}"),
+        )))),
+    }
+}
+
 impl Member {
+    /// The longest one API call may take: half a renewal period (at least
+    /// 200ms), so a hung call cannot delay fencing past the Lease's expiry.
+    fn call_limit(&self) -> Duration {
+        (self.config.renew_interval / 2).max(Duration::from_millis(200))
+    }
+
     /// Creates (or adopts, after a restart of the same pod) our Lease with a
     /// claim of 0, retrying until the API answers or `cancel`.
     async fn join(
@@ -170,23 +215,27 @@ impl Member {
         let mut retry = Duration::from_millis(200);
         loop {
             let fresh = lease::build(&group, &pod, config.lease_duration, 0, SystemTime::now());
-            let created = match api.create(&PostParams::default(), &fresh).await {
-                Err(kube::Error::Api(e)) if e.code == 409 => match api.get(&name).await {
-                    // Ours from a previous run of this pod: we hold nothing
-                    // now, so claiming 0 is safe.
-                    Ok(mut old) => {
-                        lease::stamp(&mut old, 0, SystemTime::now());
-                        if let Some(spec) = old.spec.as_mut() {
-                            spec.holder_identity = Some(pod.clone());
-                            spec.lease_duration_seconds =
-                                fresh.spec.as_ref().and_then(|s| s.lease_duration_seconds);
+            let limit = (config.renew_interval / 2).max(Duration::from_millis(200));
+            let created = bounded(limit, async {
+                match api.create(&PostParams::default(), &fresh).await {
+                    Err(kube::Error::Api(e)) if e.code == 409 => match api.get(&name).await {
+                        // Ours from a previous run of this pod: we hold nothing
+                        // now, so claiming 0 is safe.
+                        Ok(mut old) => {
+                            lease::stamp(&mut old, 0, SystemTime::now());
+                            if let Some(spec) = old.spec.as_mut() {
+                                spec.holder_identity = Some(pod.clone());
+                                spec.lease_duration_seconds =
+                                    fresh.spec.as_ref().and_then(|s| s.lease_duration_seconds);
+                            }
+                            api.replace(&name, &PostParams::default(), &old).await
                         }
-                        api.replace(&name, &PostParams::default(), &old).await
-                    }
-                    Err(e) => Err(e),
-                },
-                other => other,
-            };
+                        Err(e) => Err(e),
+                    },
+                    other => other,
+                }
+            })
+            .await;
             match created {
                 Ok(lease) => {
                     tracing::info!(upstream = %upstream, %group, lease = %name, budget = config.budget, "fleet: joined the group with a claim of 0");
@@ -344,13 +393,15 @@ impl Member {
                     });
                     return Ok(());
                 }
-                Err(kube::Error::Api(e)) if e.code == 409 => match self.api.get(&self.name).await {
-                    Ok(current) => self.lease = current,
-                    Err(e) => {
-                        self.note_error(format!("read Lease after a conflict: {e}"));
-                        return Err(());
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    match bounded(self.call_limit(), self.api.get(&self.name)).await {
+                        Ok(current) => self.lease = current,
+                        Err(e) => {
+                            self.note_error(format!("read Lease after a conflict: {e}"));
+                            return Err(());
+                        }
                     }
-                },
+                }
                 Err(kube::Error::Api(e)) if e.code == 404 => {
                     let fresh = lease::build(
                         &self.group,
@@ -359,7 +410,12 @@ impl Member {
                         claim,
                         SystemTime::now(),
                     );
-                    match self.api.create(&PostParams::default(), &fresh).await {
+                    match bounded(
+                        self.call_limit(),
+                        self.api.create(&PostParams::default(), &fresh),
+                    )
+                    .await
+                    {
                         Ok(lease) => self.lease = lease,
                         Err(e) => {
                             self.note_error(format!("recreate Lease: {e}"));
