@@ -212,9 +212,10 @@ async fn at_shares(
                     let ok = coordinated && peers == live && claim == share && m.cap() == share;
                     (!ok).then(|| {
                         format!(
-                            "{pod}: share {share} (it thinks {seen_share}), claim {claim}, cap {}, held {}, peers {peers}, coordinated {coordinated}",
+                            "{pod}: share {share} (it thinks {seen_share}), claim {claim}, cap {}, held {}, peers {peers}, coordinated {coordinated}, last error {:?}",
                             m.cap(),
-                            m.held()
+                            m.held(),
+                            m.last_error()
                         )
                     })
                 })

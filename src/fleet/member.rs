@@ -107,16 +107,16 @@ pub(crate) async fn run(
             .unwrap_or(next_renew);
         tokio::select! {
             _ = cancel.cancelled() => break,
-            event = stream.next() => {
-                last_event = Instant::now();
-                match event {
-                    None => break,
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => {
-                        tracing::debug!(upstream = %member.upstream, error = %e, "fleet: watch of the group's Leases failed; retrying");
-                    }
+            event = stream.next() => match event {
+                None => break,
+                // Only news counts as a live watch: a watch failing over
+                // and over keeps a stale view.
+                Some(Ok(_)) => last_event = Instant::now(),
+                Some(Err(e)) => {
+                    tracing::debug!(upstream = %member.upstream, error = %e, "fleet: watch of the group's Leases failed; retrying");
+                    member.gate.update_view(|v| v.last_error = Some(format!("watch Leases: {e}")));
                 }
-            }
+            },
             Ok(()) = changes.changed() => {}
             () = tokio::time::sleep_until(next_renew) => {
                 member.renew().await;
@@ -137,6 +137,10 @@ pub(crate) async fn run(
             .is_some_and(|ready| ready.is_ok())
         {
             member.step(&store).await;
+        } else {
+            // No view of the group (a watch starting again): only the
+            // fencing rule can be applied, and it must be.
+            member.fence_if_unrenewed();
         }
     }
     // Graceful end: nothing new, wait (briefly) for the pool to close what
@@ -271,16 +275,31 @@ impl Member {
         }
     }
 
+    /// Whether our Lease went unrenewed so long that the group is about to
+    /// stop counting it.
+    fn unrenewed(&self) -> bool {
+        self.renewed.elapsed()
+            >= self
+                .config
+                .lease_duration
+                .saturating_sub(self.config.renew_interval)
+    }
+
+    /// The fencing rule alone: unrenewed, the cap drops to 0.
+    fn fence_if_unrenewed(&mut self) {
+        if self.unrenewed() {
+            self.accepted = 0;
+            self.gate.set_cap(0);
+            self.gate.update_view(|v| v.mode = FleetMode::Fenced);
+        }
+    }
+
     /// Applies the rules to the watched state: sets the cap, publishes a
     /// lower claim once the pool holds that few, or grows (and verifies).
     async fn step(&mut self, store: &Store<Lease>) {
         let now = SystemTime::now();
         let peers = lease::live_peers(store.state().iter().map(|l| &**l), &self.name, now);
-        let fenced = self.renewed.elapsed()
-            >= self
-                .config
-                .lease_duration
-                .saturating_sub(self.config.renew_interval);
+        let fenced = self.unrenewed();
         let max_size = self.gate.max_size();
         let decision = rules::decide(
             self.config.budget,

@@ -116,6 +116,11 @@ impl SimMember {
         )
     }
 
+    /// The last Kubernetes API error the member saw, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.gate.view().last_error
+    }
+
     /// A graceful stop: connections close, the Lease is deleted.
     pub async fn stop(self) {
         self.stop.cancel();

@@ -179,20 +179,43 @@ async fn wait_for_shares(pods: &[Pod]) {
     }
 }
 
-/// Samples Redis's own count of clients until stopped; the highest seen.
+/// Samples Redis's own count of clients (`INFO clients`) until stopped, on
+/// one connection kept open (a connection per sample would count the
+/// previous one until Redis has processed its close); the highest seen,
+/// the sampler's own connection not included.
 fn sample_clients(redis: Arc<Redis>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(u32, u32)> {
-    let peak = Arc::new(AtomicU32::new(0));
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     tokio::spawn(async move {
-        let mut samples = 0;
+        let mut conn = tokio::net::TcpStream::connect(redis.addr()).await.unwrap();
+        let (mut peak, mut samples) = (0u32, 0u32);
+        let mut buf = Vec::new();
         while !stop.load(Ordering::Relaxed) {
-            // The sampling connection is one of them.
-            if let Some(n) = redis.info_field("clients", "connected_clients").await {
-                peak.fetch_max(n.saturating_sub(1) as u32, Ordering::Relaxed);
-                samples += 1;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            conn.write_all(b"INFO clients\r\n").await.unwrap();
+            buf.clear();
+            // A bulk string: `$len\r\n` then len bytes and `\r\n`.
+            let text = loop {
+                let mut chunk = [0u8; 4096];
+                let n = conn.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "redis closed the sampler");
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                if let Some((head, body)) = text.split_once("\r\n") {
+                    let len: usize = head.trim_start_matches('$').parse().unwrap();
+                    if body.len() >= len + 2 {
+                        break body[..len].to_owned();
+                    }
+                }
+            };
+            let clients: u32 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("connected_clients:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("connected_clients in INFO clients");
+            peak = peak.max(clients.saturating_sub(1));
+            samples += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        (peak.load(Ordering::Relaxed), samples)
+        (peak, samples)
     })
 }
 
