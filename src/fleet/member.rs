@@ -64,6 +64,8 @@ struct Member {
     renewed: Instant,
     /// A growth that lost a race waits until then.
     grow_after: Option<Instant>,
+    /// A fresh list showed live peers the watch does not: restart it.
+    stale_view: bool,
 }
 
 /// Runs the membership until `cancel`, then deletes the Lease once the pool
@@ -137,6 +139,11 @@ pub(crate) async fn run(
             .is_some_and(|ready| ready.is_ok())
         {
             member.step(&store).await;
+            if std::mem::take(&mut member.stale_view) {
+                tracing::warn!(upstream = %member.upstream, "fleet: the watch of the group's Leases is behind the API; restarting it");
+                (store, stream) = watch(&api, &group);
+                last_event = Instant::now();
+            }
         } else {
             // No view of the group (a watch starting again): only the
             // fencing rule can be applied, and it must be.
@@ -260,6 +267,7 @@ impl Member {
                         accepted: 0,
                         renewed: Instant::now(),
                         grow_after: None,
+                        stale_view: false,
                     });
                 }
                 Err(e) => {
@@ -320,7 +328,7 @@ impl Member {
                 Step::Grow(to) => {
                     let ready = self.grow_after.is_none_or(|t| Instant::now() >= t);
                     if ready {
-                        self.grow(to).await;
+                        self.grow(to, peers.len()).await;
                     }
                 }
             }
@@ -349,7 +357,7 @@ impl Member {
     /// Publishes `to`, reads the group back, and accepts it only if the
     /// live claims fit the budget; otherwise takes it back and retries
     /// after a random pause (so two racing sidecars do not race again).
-    async fn grow(&mut self, to: u32) {
+    async fn grow(&mut self, to: u32, watched_peers: usize) {
         if self.write(to).await.is_err() {
             return;
         }
@@ -367,6 +375,9 @@ impl Member {
             }
         };
         let peers: Vec<PeerClaim> = lease::live_peers(&fresh, &self.name, SystemTime::now());
+        if peers.len() > watched_peers {
+            self.stale_view = true;
+        }
         if rules::accepted(self.config.budget, to, &peers) {
             tracing::debug!(upstream = %self.upstream, claim = to, "fleet: claim grown");
             self.accepted = to;
