@@ -251,6 +251,19 @@ async fn fleet_budget_holds_while_the_group_scales_4_6_2() {
         pods.push(pod);
     }
     wait_for_shares(&pods).await;
+    // The first four shrank from 5: connections above the new cap were
+    // closed (idle ones at once, leased ones at their return), counted.
+    let mut closed = 0;
+    for pod in &pods[..4] {
+        let client = pod.served.client().await;
+        let s = client.stats("cache").await.unwrap().remove(0);
+        closed += s.evictions.get("fleet_cap").copied().unwrap_or(0);
+        assert!(s.connections <= 4, "{s:#?}");
+    }
+    assert!(
+        closed >= 4,
+        "only {closed} connections closed for the fleet cap"
+    );
 
     // Two: one SIGKILLed (its Lease expires), three drained (SIGTERM: their
     // Leases are deleted). Their clients stop first: a killed pod's own
