@@ -32,6 +32,7 @@ mod demo;
 mod discovery;
 mod echo;
 mod exchange;
+mod fleet;
 mod grpc;
 mod lease;
 mod listener;

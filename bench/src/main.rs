@@ -7,12 +7,17 @@
 //!   (`--redis`, `--postgres`: against real servers; `--tls`: upstream TLS
 //!   against plain TCP);
 //! - `--soak N`: N leases ending every abnormal way against a `lessor serve`
-//!   child, and its leak indicators before and after.
+//!   child, and its leak indicators before and after;
+//! - `--fleet-sim N`: N simulated sidecars sharing a fleet budget through an
+//!   in-process Kubernetes Lease API (lessor's own coordination loop):
+//!   time to every share after scale events, API requests per sidecar, the
+//!   fleet's peak total.
 //!
 //! The sidecar under test is always a separate process of the binary given
 //! by `--lessor-bin`, so what is measured is what ships.
 
 mod compare;
+mod fleet_sim;
 mod load;
 mod soak;
 
@@ -76,6 +81,20 @@ struct Args {
     /// and leased connections before and after.
     #[arg(long, value_name = "LEASES")]
     soak: Option<u64>,
+    /// Fleet simulation: this many sidecars (half start, half join, then
+    /// half leave) share `--fleet-budget` through an in-process Lease API;
+    /// `--duration` is the steady phase.
+    #[arg(long, value_name = "SIDECARS")]
+    fleet_sim: Option<usize>,
+    /// With --fleet-sim: the group's budget.
+    #[arg(long, default_value_t = 200)]
+    fleet_budget: u32,
+    /// With --fleet-sim: Lease renewal period.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    fleet_renew: Duration,
+    /// With --fleet-sim: Lease duration (whole seconds).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    fleet_lease: Duration,
     /// lessor's gRPC address.
     #[arg(long, env = "LESSOR_ADDR", default_value = "127.0.0.1:7070")]
     target: String,
@@ -116,6 +135,22 @@ fn main() -> ExitCode {
         Ok(bin) => bin,
         Err(e) => return fail(&e),
     };
+    if let Some(sidecars) = args.fleet_sim {
+        let opts = fleet_sim::FleetSimOptions {
+            sidecars,
+            budget: args.fleet_budget,
+            renew_interval: args.fleet_renew,
+            lease_duration: args.fleet_lease,
+            steady: args.duration,
+        };
+        return match runtime.block_on(fleet_sim::run(&opts)) {
+            Ok(report) => {
+                print!("{}", report.render());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        };
+    }
     if let Some(leases) = args.soak {
         if let Err(e) = runnable(&lessor_bin) {
             return fail(&e);

@@ -58,6 +58,9 @@ pub(crate) fn registry(
 ) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(ReloadCollector { reloads }));
+    registry.register_collector(Box::new(super::fleet_metrics::FleetCollector {
+        pools: pools.clone(),
+    }));
     registry.register_collector(Box::new(PoolCollector { pools }));
     // The data plane's runtime, captured here: the admin server that encodes
     // the metrics runs on a runtime of its own.
@@ -149,7 +152,7 @@ impl std::fmt::Debug for PoolCollector {
 }
 
 /// Writes one metric family, one sample per label set.
-fn family<L, M>(
+pub(super) fn family<L, M>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,

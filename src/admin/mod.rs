@@ -15,6 +15,7 @@
 //! Also here: readiness itself, which `grpc::health` mirrors on the gRPC port.
 
 pub(crate) mod control;
+mod fleet_metrics;
 pub(crate) mod leases;
 pub(crate) mod metrics;
 pub(crate) mod profile;

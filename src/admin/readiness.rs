@@ -128,6 +128,10 @@ fn explain(p: &PoolReadiness) -> String {
         Some(tls) => format!("{detail}; {}", tls_detail(tls)),
         None => detail,
     };
+    let detail = match &p.fleet {
+        Some(fleet) => format!("{detail}; {}", crate::fleet::describe(fleet)),
+        None => detail,
+    };
     if p.paused {
         format!("{detail}; paused (lessor resume to grant again)")
     } else {

@@ -261,7 +261,35 @@ pub fn stats_table(stats: &[UpstreamStats]) -> String {
             let _ = writeln!(out, "  {} tls {}", s.name, tls_line(t));
         }
     }
+    for s in stats {
+        if let Some(f) = &s.fleet {
+            let _ = writeln!(out, "  {} fleet {}", s.name, fleet_line(f));
+        }
+    }
     out
+}
+
+/// One upstream's share of its fleet budget: how the cap is decided, the
+/// cap, the claim and the group's total, and waits at the cap.
+fn fleet_line(f: &lessor_client::pb::UpstreamFleet) -> String {
+    let mut line = format!(
+        "{} group={} cap={} claim={} share={} claimed={}/{} live_peers={} held={} waiting_at_cap={} cap_waits={}",
+        f.mode,
+        f.group,
+        f.effective_cap,
+        f.claim,
+        f.share,
+        f.claimed_total,
+        f.budget,
+        f.live_peers,
+        f.held,
+        f.waiting,
+        f.waits
+    );
+    if !f.last_error.is_empty() {
+        let _ = write!(line, " last_error={:?}", f.last_error);
+    }
+    line
 }
 
 /// One upstream's TLS facts: the name verified, the client certificate's
@@ -557,6 +585,35 @@ mod tests {
         assert!(lines[0].starts_with("UPSTREAM"));
         assert!(lines[1].starts_with("redis"));
         assert!(lines[1].contains(" dirty=2 "), "{table}");
+    }
+
+    #[test]
+    fn stats_table_shows_the_fleet_share() {
+        let s = UpstreamStats {
+            name: "cache".into(),
+            fleet: Some(lessor_client::pb::UpstreamFleet {
+                budget: 20,
+                effective_cap: 4,
+                claim: 5,
+                claimed_total: 21,
+                live_peers: 5,
+                group: "cache".into(),
+                mode: "coordinated".into(),
+                share: 4,
+                held: 5,
+                waiting: 2,
+                waits: 9,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let table = stats_table(&[s]);
+        assert!(
+            table.contains(
+                "  cache fleet coordinated group=cache cap=4 claim=5 share=4 claimed=21/20 live_peers=5 held=5 waiting_at_cap=2 cap_waits=9\n"
+            ),
+            "{table}"
+        );
     }
 
     #[test]

@@ -188,6 +188,7 @@ impl Config {
     }
 }
 
+mod fleet;
 mod listen;
 mod pool;
 mod protocol;
@@ -195,6 +196,7 @@ mod tls;
 mod upstream;
 mod validate;
 
+pub(crate) use fleet::FleetConfig;
 pub use listen::*;
 pub(crate) use pool::*;
 pub(crate) use tls::{TlsConfig, TlsMode, TlsVersion};

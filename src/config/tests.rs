@@ -566,3 +566,56 @@ fn tls_block_defaults_to_verify_full_and_checks_its_files() {
         assert!(e.contains("tls"), "{tls}: {e}");
     }
 }
+
+#[test]
+fn fleet_block_defaults_and_errors_name_the_field() {
+    let yaml =
+        "upstreams:\n  - name: Orders_DB\n    address: 127.0.0.1:5432\n    fleet: { budget: 20 }\n";
+    let c = Config::from_yaml(yaml).unwrap();
+    let fleet = c.upstreams[0].fleet.as_ref().unwrap();
+    assert_eq!(fleet.budget, 20);
+    assert_eq!(fleet.group_for("Orders_DB"), "orders-db");
+    assert_eq!(fleet.renew_interval, Duration::from_secs(5));
+    assert_eq!(fleet.lease_duration, Duration::from_secs(15));
+    assert!(
+        Config::from_yaml(MINIMAL).unwrap().upstreams[0]
+            .fleet
+            .is_none()
+    );
+
+    let with = |fleet: &str| {
+        err(&format!(
+            "upstreams:\n  - name: redis\n    address: 127.0.0.1:6379\n    fleet: {fleet}\n"
+        ))
+    };
+    assert_eq!(
+        with("{ budget: 0 }"),
+        "upstreams[0].fleet.budget: must be at least 1"
+    );
+    assert!(
+        with("{ budget: 5, group: Orders }")
+            .starts_with("upstreams[0].fleet.group: `Orders`: must be"),
+        "{}",
+        with("{ budget: 5, group: Orders }")
+    );
+    assert!(with("{ budget: 5, group: -x }").contains("start and end with a letter or digit"));
+    assert!(
+        with("{ budget: 5, renew_interval: 10s, lease_duration: 15s }").starts_with(
+            "upstreams[0].fleet.lease_duration: must be at least twice renew_interval"
+        )
+    );
+    assert!(
+        with("{ budget: 5, lease_duration: 1500ms, renew_interval: 500ms }")
+            .starts_with("upstreams[0].fleet.lease_duration: must be a whole number of seconds")
+    );
+    assert!(
+        with("{ budget: 5, renew_interval: 10ms }")
+            .starts_with("upstreams[0].fleet.renew_interval: must be at least 100ms")
+    );
+    assert!(
+        with("{ budget: 5, size: 3 }").contains("fleet.size: unknown field `size`"),
+        "{}",
+        with("{ budget: 5, size: 3 }")
+    );
+    assert!(with("{ group: x }").contains("missing field `budget`"));
+}

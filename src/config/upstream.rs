@@ -122,6 +122,8 @@ pub struct UpstreamConfig {
     pub listen: Option<NativeListen>,
     /// TLS towards the upstream; absent: plain TCP.
     pub tls: Option<TlsConfig>,
+    /// A connection budget shared with the other sidecars of a group.
+    pub fleet: Option<super::FleetConfig>,
 }
 
 impl UpstreamConfig {
@@ -209,6 +211,8 @@ struct RawUpstream {
     listen: Option<NativeListen>,
     #[serde(default)]
     tls: Option<TlsConfig>,
+    #[serde(default)]
+    fleet: Option<super::FleetConfig>,
 }
 
 impl TryFrom<RawUpstream> for UpstreamConfig {
@@ -274,6 +278,7 @@ impl TryFrom<RawUpstream> for UpstreamConfig {
             readiness: raw.readiness,
             listen: raw.listen,
             tls: raw.tls,
+            fleet: raw.fleet,
         })
     }
 }

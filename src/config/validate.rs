@@ -512,6 +512,9 @@ impl UpstreamConfig {
                 "must be at most 60s (a released lease holds its connection that long)",
             ));
         }
+        if let Some(fleet) = &self.fleet {
+            fleet.validate(at, &self.name)?;
+        }
         Ok(())
     }
 }

@@ -182,5 +182,24 @@ fn to_pb(s: PoolSnapshot) -> UpstreamStats {
             reload_failures: t.reload_failures,
             last_reload_error: t.last_reload_error.unwrap_or_default(),
         }),
+        fleet: s.fleet.map(fleet_to_pb),
+    }
+}
+
+fn fleet_to_pb(f: crate::fleet::FleetSnapshot) -> pb::UpstreamFleet {
+    pb::UpstreamFleet {
+        budget: f.view.budget,
+        effective_cap: f.cap,
+        claim: f.view.claim,
+        claimed_total: f.view.claimed_total,
+        live_peers: f.view.live_peers,
+        group: f.view.group,
+        mode: f.view.mode.as_str().to_owned(),
+        share: f.view.share,
+        held: f.held,
+        waiting: f.waiting,
+        waits: f.waits,
+        timeouts: f.timeouts,
+        last_error: f.view.last_error.unwrap_or_default(),
     }
 }

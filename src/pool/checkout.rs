@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
+use super::connect::DialError;
 use super::{CheckoutError, Counters, EngineError, EvictReason, Leased, Pool, PoolConn, health};
 use crate::telemetry::TARGET;
 
@@ -89,6 +90,18 @@ impl Pool {
     /// every slot taken, the pool is exhausted; with room left, a dial was
     /// under way and did not finish.
     fn timeout_error(&self, waited: Duration) -> CheckoutError {
+        if let Some(fleet) = self.fleet_cap()
+            && !fleet.has_room()
+            && fleet.cap() < self.config.pool.max_size
+        {
+            // Waiting on the fleet budget, not on the pool's own size.
+            fleet.timeouts.fetch_add(1, Ordering::Relaxed);
+            return CheckoutError::Exhausted {
+                waited,
+                leased: self.counters.leased.load(Ordering::Relaxed),
+                max_size: fleet.cap(),
+            };
+        }
         let max_size = self.config.pool.max_size;
         if self.engine.size() < max_size {
             let why = match self.dialer.last_error() {
@@ -115,20 +128,37 @@ impl Pool {
         // bb8 dials in tasks of its own and hides their errors; a failure
         // seen here while waiting means the upstream is not answering.
         let mut failures = self.dialer.subscribe_failures();
+        // A dial refused at the fleet cap: back to waiting there (bb8 only
+        // tells its error sink).
+        let mut refusals = self.fleet_cap().map(|f| f.subscribe_refusals());
         loop {
             let conn = match first.take() {
                 Some(conn) => conn,
                 None => {
+                    if let Some(conn) = self.wait_at_fleet_cap().await {
+                        first = Some(conn);
+                        continue;
+                    }
                     let failed = tokio::select! {
                         biased;
                         got = self.engine.get(&self.counters).instrument(self.dial_span()) => match got {
                             Ok(conn) => Ok(conn),
+                            Err(EngineError::Dial(DialError::FleetCap)) => continue,
                             Err(EngineError::Dial(e)) => Err(e.to_string()),
                             Err(EngineError::Closed) => return Err(CheckoutError::Closed),
                         },
                         Ok(()) = failures.changed() => {
                             Err(self.dialer.last_error().unwrap_or_else(|| "dial failed".into()))
                         }
+                        () = async {
+                            let refused = match refusals.as_mut() {
+                                Some(r) => r.changed().await.is_ok(),
+                                None => false,
+                            };
+                            if !refused {
+                                std::future::pending::<()>().await;
+                            }
+                        } => continue,
                     };
                     match failed {
                         Ok(conn) => conn,

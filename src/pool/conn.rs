@@ -40,6 +40,8 @@ pub(crate) struct Conn {
     /// Redis `-READONLY`): on a `primary` upstream its endpoint's role is
     /// asked at once. Cleared when the connection goes back.
     pub(crate) refused_write: bool,
+    /// Its place under the fleet budget's cap, freed when it closes.
+    pub(crate) cap_slot: Option<crate::fleet::CapSlot>,
 }
 
 impl Conn {
@@ -66,6 +68,7 @@ impl Conn {
             broken: false,
             backend: None,
             refused_write: false,
+            cap_slot: None,
         }
     }
 

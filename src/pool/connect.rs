@@ -85,6 +85,10 @@ pub(crate) enum DialError {
     /// Discovery knows no endpoint that may take connections.
     #[error("no ready endpoint ({0})")]
     NoEndpoints(String),
+    /// The fleet budget's cap is reached: nothing was dialed (not a
+    /// failure of the upstream; never counted as one).
+    #[error("at the fleet cap")]
+    FleetCap,
     /// TLS could not be set up: refused, untrusted, wrong name, expired, a
     /// client certificate demanded (the error says which).
     #[error("TLS to {addr}: {source}")]
@@ -129,7 +133,9 @@ impl DialError {
             Self::Resolve { .. } => "resolve",
             Self::Connect { .. } => "connect",
             Self::Tune { .. } => "socket",
-            Self::Timeout { .. } | Self::Backoff { .. } | Self::NoEndpoints(_) => "timeout",
+            Self::Timeout { .. } | Self::Backoff { .. } | Self::NoEndpoints(_) | Self::FleetCap => {
+                "timeout"
+            }
             Self::Open { .. } => "open",
             Self::Tls { source, .. } => source.failure.reason(),
         }
@@ -159,6 +165,8 @@ pub(crate) struct Dialer {
     in_flight: AtomicU32,
     /// TLS towards the upstream, when configured.
     tls: Option<Arc<Tls>>,
+    /// The fleet budget's cap: every dial takes a slot under it first.
+    fleet: Option<Arc<crate::fleet::FleetCap>>,
 }
 
 impl Dialer {
@@ -187,7 +195,14 @@ impl Dialer {
             opener,
             in_flight: AtomicU32::new(0),
             tls,
+            fleet: None,
         }
+    }
+
+    /// Puts every dial under the fleet budget's cap.
+    pub(crate) fn with_fleet_cap(mut self, fleet: Option<Arc<crate::fleet::FleetCap>>) -> Self {
+        self.fleet = fleet;
+        self
     }
 
     /// The upstream's TLS client, when it has one.
@@ -231,15 +246,24 @@ impl Dialer {
     /// next endpoint is tried (each at most once: a retired one is not
     /// chosen again).
     pub(crate) async fn dial(&self) -> Result<Conn, DialError> {
+        // The slot first: the dial itself counts against the fleet budget.
+        let mut slot = match &self.fleet {
+            Some(fleet) => Some(fleet.try_acquire().ok_or(DialError::FleetCap)?),
+            None => None,
+        };
         loop {
-            if let Some(dialed) = self.dial_once().await {
+            if let Some(dialed) = self.dial_once(&mut slot).await {
                 return dialed;
             }
         }
     }
 
-    /// One endpoint's dial; `None`: its server has the wrong role.
-    async fn dial_once(&self) -> Option<Result<Conn, DialError>> {
+    /// One endpoint's dial, holding `slot` (the connection takes it);
+    /// `None`: its server has the wrong role, and the slot is kept.
+    async fn dial_once(
+        &self,
+        slot: &mut Option<crate::fleet::CapSlot>,
+    ) -> Option<Result<Conn, DialError>> {
         let dialing = match self.endpoints.choose() {
             Ok(d) => d,
             Err(no) => {
@@ -288,6 +312,7 @@ impl Dialer {
                     EndpointRef::new(endpoint),
                 );
                 conn.backend = backend.map(Box::new);
+                conn.cap_slot = slot.take();
                 Ok(conn)
             }
             Err(err) => {

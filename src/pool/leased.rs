@@ -58,8 +58,13 @@ impl Leased {
             self.pool.evict(conn, EvictReason::Reconnect);
             return Some(EvictReason::Reconnect);
         }
+        if self.pool.over_fleet_cap() {
+            self.pool.evict(conn, EvictReason::FleetCap);
+            return Some(EvictReason::FleetCap);
+        }
         conn.mark_idle(Instant::now());
         conn.put_back();
+        self.pool.returned_under_cap();
         None
     }
 

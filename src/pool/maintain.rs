@@ -43,6 +43,7 @@ impl Pool {
         // in the past while all is well, so an outage is checked at once.
         let mut outage_check = tokio::time::Instant::now();
         let mut last_hint_check = tokio::time::Instant::now() - HINT_GAP;
+        let mut fleet = self.fleet_cap().map(|f| f.subscribe());
         loop {
             let retry = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -74,6 +75,9 @@ impl Pool {
                     self.purge_retired();
                     outage_check = tokio::time::Instant::now() + OUTAGE_ROLE_CHECK.min(interval);
                 }
+                // The fleet cap dropped (idle ones above it close now) or
+                // rose (min_idle may refill).
+                () = self.fleet_cap_changed(&mut fleet) => self.trim_to_fleet_cap(),
                 _ = tokio::time::sleep_until(retry.unwrap_or(next_sweep)), if retry.is_some() => {}
                 _ = tokio::time::sleep_until(next_sweep) => {
                     self.refresh_tls().await;
@@ -142,7 +146,9 @@ impl Pool {
             .min_idle()
             .saturating_sub(self.idle() + dialing)
             .max(floor);
+        // The fleet cap wins over min_idle.
         want.min(self.config.pool.max_size.saturating_sub(size))
+            .min(self.fleet_room())
     }
 
     /// Dials what [`Pool::wanted`] asks for, concurrently. When dials fail,
@@ -165,6 +171,8 @@ impl Pool {
                             self.counters.evicted(EvictReason::Surplus);
                         }
                     }
+                    // At the fleet cap: nothing failed, the cap decides.
+                    Err(super::connect::DialError::FleetCap) => {}
                     Err(_) => failed = true,
                 }
             }

@@ -13,6 +13,7 @@
 //! - `leased` counts [`Leased`] guards, so it equals the live leases.
 
 mod bb8;
+mod capped;
 mod checkout;
 mod conn;
 mod connect;
@@ -82,6 +83,8 @@ pub(crate) struct PoolReadiness {
     pub tls: Option<crate::net::TlsStatus>,
     /// The wanted role and each endpoint's, for an upstream that wants one.
     pub roles: Option<String>,
+    /// The fleet budget (shown in `/readyz?verbose`).
+    pub fleet: Option<crate::fleet::FleetSnapshot>,
 }
 
 /// A point-in-time view of a pool, for `Stats`, metrics and readiness.
@@ -127,6 +130,8 @@ pub(crate) struct PoolSnapshot {
     pub endpoints: Vec<EndpointSnapshot>,
     /// TLS towards the upstream; `None`: plain TCP.
     pub tls: Option<crate::net::TlsStatus>,
+    /// The fleet budget, for an upstream with a `fleet:` block.
+    pub fleet: Option<crate::fleet::FleetSnapshot>,
 }
 
 /// One upstream's pool. Shared as `Arc<Pool>` by the gRPC service, leases and
@@ -153,6 +158,8 @@ pub(crate) struct Pool {
     /// A reload replaced or removed this pool: every connection it still
     /// has is closed at its return, whenever it was dialed.
     retired: AtomicBool,
+    /// The fleet budget's cap, for an upstream with a `fleet:` block.
+    fleet: Option<Arc<crate::fleet::FleetCap>>,
 }
 
 /// How long the CancelRequest for an evicted session's query may take.
@@ -174,15 +181,19 @@ impl Pool {
             }
             Arc::new(tls)
         });
-        let dialer = Arc::new(Dialer::new(
-            crate::discovery::endpoint_set(&config),
-            &config.pool,
-            next_conn_id,
-            counters.clone(),
-            ready_signal.clone(),
-            crate::protocol::Opener::for_upstream(&config),
-            tls,
-        ));
+        let fleet = crate::fleet::gate_for(&config);
+        let dialer = Arc::new(
+            Dialer::new(
+                crate::discovery::endpoint_set(&config),
+                &config.pool,
+                next_conn_id,
+                counters.clone(),
+                ready_signal.clone(),
+                crate::protocol::Opener::for_upstream(&config),
+                tls,
+            )
+            .with_fleet_cap(fleet.clone()),
+        );
         let engine = Engine::new(config.engine, dialer.clone(), config.pool.max_size);
         Arc::new(Self {
             config,
@@ -196,6 +207,7 @@ impl Pool {
             reconnect_before: std::sync::Mutex::new(None),
             retired: AtomicBool::new(false),
             tasks: TaskTracker::new(),
+            fleet,
         })
     }
 
@@ -335,6 +347,7 @@ impl Pool {
             paused: self.is_paused(),
             tls: self.dialer.tls().map(|t| t.status()),
             roles: self.roles_detail(),
+            fleet: self.fleet.as_ref().map(|f| f.snapshot()),
         }
     }
 
@@ -492,6 +505,7 @@ impl Pool {
             ready: self.ready(),
             endpoints: self.dialer.endpoints().snapshot(),
             tls: self.dialer.tls().map(|t| t.status()),
+            fleet: self.fleet.as_ref().map(|f| f.snapshot()),
         }
     }
 
@@ -499,6 +513,9 @@ impl Pool {
     /// close as their leases end.
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
+        if let Some(fleet) = &self.fleet {
+            fleet.close();
+        }
         self.ready_signal.send_replace(());
         self.tasks.close();
         let idle = self.idle();

@@ -316,6 +316,9 @@ impl Runner {
             &self.tracker,
             &stop,
         );
+        if let Some(gate) = pool.fleet_cap() {
+            crate::fleet::start(pool.config(), gate.clone(), &self.tracker, &stop);
+        }
         self.tracker.spawn(pool.clone().maintain(stop.clone()));
         self.stops.insert(Arc::as_ptr(pool) as usize, stop);
     }

@@ -42,11 +42,14 @@ pub(crate) enum EvictReason {
     /// (a primary demoted, a replica promoted), or refused a write as
     /// read-only.
     RoleChanged,
+    /// The fleet budget lowered this sidecar's cap: an idle connection
+    /// above it closed at once, a leased one at its return.
+    FleetCap,
 }
 
 impl EvictReason {
     /// Every reason, in a stable order.
-    pub(crate) const ALL: [EvictReason; 14] = [
+    pub(crate) const ALL: [EvictReason; 15] = [
         Self::HealthCheck,
         Self::IdleTimeout,
         Self::MaxLifetime,
@@ -61,6 +64,7 @@ impl EvictReason {
         Self::Surplus,
         Self::Reconnect,
         Self::RoleChanged,
+        Self::FleetCap,
     ];
 
     /// The wire and label name.
@@ -80,6 +84,7 @@ impl EvictReason {
             Self::Surplus => "surplus",
             Self::Reconnect => "reconnect",
             Self::RoleChanged => "role_changed",
+            Self::FleetCap => "fleet_cap",
         }
     }
 

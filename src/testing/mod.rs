@@ -4,9 +4,13 @@
 //! the sidecar calls it.
 
 mod dial;
+mod fleet;
+mod kube_leases;
 mod postgres;
 mod redis;
 
 pub use dial::DialProbe;
+pub use fleet::{SimConfig, SimMember, kubeconfig};
+pub use kube_leases::{Leases as FakeLeases, Requests as LeaseRequests};
 pub use postgres::{PgReport, PgTracker};
 pub use redis::RedisTracker;

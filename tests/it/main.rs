@@ -9,6 +9,7 @@ mod conformance;
 mod discovery;
 mod failover;
 mod faults;
+mod fleet;
 mod leak;
 mod ops;
 mod pg;

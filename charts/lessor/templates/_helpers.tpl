@@ -75,7 +75,28 @@ from sidecar.ports unless config sets them. */}}
 {{- $_ := set $admin "listen" (printf "0.0.0.0:%v" .Values.sidecar.ports.admin) -}}
 {{- end -}}
 {{- $_ := set $config "admin" $admin -}}
+{{- $fleet := .Values.fleet | default dict -}}
+{{- if and $fleet.enabled $fleet.budget -}}
+{{- $block := dict "budget" (int $fleet.budget) "renew_interval" ($fleet.renewInterval | default "5s") "lease_duration" ($fleet.leaseDuration | default "15s") -}}
+{{- if $fleet.group -}}{{- $_ := set $block "group" $fleet.group -}}{{- end -}}
+{{- $found := false -}}
+{{- range $i, $up := ($config.upstreams | default list) -}}
+{{- if or (eq $up.name $fleet.upstream) (and (not $fleet.upstream) (eq $i 0)) -}}
+{{- $_ := set $up "fleet" $block -}}
+{{- $found = true -}}
+{{- end -}}
+{{- end -}}
+{{- if not $found -}}
+{{- fail (printf "fleet.upstream %q is not the name of any config.upstreams entry" $fleet.upstream) -}}
+{{- end -}}
+{{- end -}}
 {{- toYaml $config -}}
+{{- end -}}
+
+{{/* Whether lessor talks to the Kubernetes API (discovery or the fleet
+budget): the service account token is mounted then. */}}
+{{- define "lessor.needsApi" -}}
+{{- or .Values.discovery.enabled (.Values.fleet | default dict).enabled -}}
 {{- end -}}
 
 {{/* For the pod template's annotations: a config change rolls the pods. */}}

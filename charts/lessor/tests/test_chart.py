@@ -97,6 +97,7 @@ VARIANTS = {
         "app": {"env": [{"name": "MODE", "value": "prod"}], "ports": [{"name": "http", "containerPort": 8080}]},
     },
     "library only": {"app": {"enabled": False}, "discovery": {"enabled": True}},
+    "fleet budget": {"replicaCount": 4, "fleet": {"enabled": True, "budget": 200, "group": "orders"}},
 }
 
 
@@ -584,3 +585,69 @@ def test_dashboard_queries_parse_and_use_exported_metrics():
     ]:
         assert needed in used, f"no panel shows {needed}"
     assert len(titles) == len(set(titles))
+
+
+def test_fleet_budget_rbac_token_pod_name_and_config():
+    values = {"fleet": {"enabled": True, "budget": 40, "group": "cache-a", "renewInterval": "2s", "leaseDuration": "10s"}}
+    docs = render(values)
+    role = one(docs, "Role", "shop-lessor-leases")
+    assert role["metadata"]["namespace"] == "prod"
+    assert role["rules"] == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "list", "watch", "create", "update", "delete"],
+        }
+    ]
+    binding = one(docs, "RoleBinding", "shop-lessor-leases")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "shop-lessor", "namespace": "prod"}]
+    assert binding["roleRef"]["name"] == "shop-lessor-leases"
+    assert one(docs, "ServiceAccount")["automountServiceAccountToken"] is True
+    spec = pod_spec(docs)
+    assert spec["automountServiceAccountToken"] is True
+    env = {e["name"]: e for e in sidecar(spec)["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    config = yaml.safe_load(one(docs, "ConfigMap")["data"]["lessor.yaml"])
+    assert config["upstreams"][0]["fleet"] == {
+        "budget": 40,
+        "group": "cache-a",
+        "renew_interval": "2s",
+        "lease_duration": "10s",
+    }
+    # Off by default: no Lease RBAC, no token, no fleet block.
+    plain = render()
+    assert not [d for d in plain if d["kind"] == "Role"]
+    assert pod_spec(plain)["automountServiceAccountToken"] is False
+    assert "fleet" not in yaml.safe_load(one(plain, "ConfigMap")["data"]["lessor.yaml"])["upstreams"][0]
+
+
+def test_fleet_budget_goes_to_the_named_upstream():
+    values = {
+        "config": {
+            "upstreams": [
+                {"name": "cache", "address": "redis:6379"},
+                {"name": "db", "address": "pg:5432"},
+            ]
+        },
+        "fleet": {"enabled": True, "budget": 90, "upstream": "db"},
+    }
+    config = yaml.safe_load(one(render(values), "ConfigMap")["data"]["lessor.yaml"])
+    assert "fleet" not in config["upstreams"][0]
+    assert config["upstreams"][1]["fleet"]["budget"] == 90
+    with pytest.raises(Exception, match="not the name of any config.upstreams entry"):
+        render({**values, "fleet": {"enabled": True, "budget": 90, "upstream": "nope"}})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"fleet": {"budget": -1}},
+        {"fleet": {"group": "Orders"}},
+        {"fleet": {"enabled": "yes"}},
+        {"fleet": {"size": 3}},
+    ],
+)
+def test_schema_rejects_bad_fleet_values(bad):
+    with pytest.raises(Exception):
+        render(bad)

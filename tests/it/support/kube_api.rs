@@ -37,6 +37,8 @@ pub struct FakeApi {
     inner: Arc<Mutex<Inner>>,
     changed: Arc<Notify>,
     stop: CancellationToken,
+    /// `coordination.k8s.io/v1` Leases (the fleet budget's).
+    pub leases: super::kube_leases::Leases,
 }
 
 impl Drop for FakeApi {
@@ -81,12 +83,14 @@ impl FakeApi {
             inner: Arc::default(),
             changed: Arc::new(Notify::new()),
         };
+        let leases = super::kube_leases::Leases::default();
         let app = axum::Router::new()
             .route(
                 "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices",
                 axum::routing::get(endpointslices),
             )
-            .with_state(shared.clone());
+            .with_state(shared.clone())
+            .merge(leases.routes());
         let stop = CancellationToken::new();
         let done = stop.clone().cancelled_owned();
         tokio::spawn(async move {
@@ -99,6 +103,7 @@ impl FakeApi {
             inner: shared.inner,
             changed: shared.changed,
             stop,
+            leases,
         }
     }
 

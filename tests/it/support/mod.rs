@@ -3,6 +3,7 @@
 
 pub mod http;
 pub mod kube_api;
+pub mod kube_leases;
 pub mod netns;
 pub mod otlp;
 pub mod ports;
