@@ -117,15 +117,27 @@ async fn stall_shutdown_revokes_a_stalled_lease(engine: EngineKind) {
     // revoke reached the lease although nobody polled it.
     lessor.stopped().await.unwrap();
     eventually("every upstream socket closed", || async { up.open() == 0 }).await;
+    // What was already sent arrives, then the Ended. Unless the transport
+    // resets first: the sidecar is gone, and the window updates this
+    // client sends as it reads now reach a closed socket, whose kernel
+    // answers with a reset that may overtake the last frames (seen on a
+    // loaded machine). The revoke itself is proven above.
     let mut got = 0;
+    let mut reset = false;
     loop {
         match lease.recv().await {
             Ok(Some(bytes)) => got += bytes.len(),
             Ok(None) => break,
+            Err(e) if got > 0 && format!("{e:?}").contains("ConnectionReset") => {
+                reset = true;
+                break;
+            }
             Err(e) => panic!("after {got} bytes: {e:?}"),
         }
     }
     assert!(got > 0);
-    let ended = lease.ended().cloned().expect("an Ended after the data");
-    assert_eq!(ended.reason(), EndReason::Shutdown, "{ended:?}");
+    if !reset {
+        let ended = lease.ended().cloned().expect("an Ended after the data");
+        assert_eq!(ended.reason(), EndReason::Shutdown, "{ended:?}");
+    }
 }
