@@ -625,3 +625,42 @@ async fn dials(r: &Redis) -> u64 {
         .await
         .unwrap()
 }
+
+/// Where the pool's user may not run `ROLE` (here the command is renamed
+/// away, as some managed Redis offerings do), the role comes from `INFO
+/// replication`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_redis_without_role_reads_info_replication() {
+    let Some(a) = Redis::start_with(&["--rename-command", "ROLE", ""]).await else {
+        return;
+    };
+    let b = Redis::start_with(&["--rename-command", "ROLE", ""])
+        .await
+        .unwrap();
+    b.command(replicaof(&a).as_bytes()).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&a.command(b"ROLE\r\n").await.unwrap()).starts_with("-ERR"),
+        "ROLE is not available"
+    );
+    let lessor = Lessor::start(&config(
+        EngineKind::Bb8,
+        &[b.addr(), a.addr()],
+        "redis",
+        "100ms",
+    ))
+    .await;
+    lessor
+        .wait_for("both roles known from INFO", |s| {
+            role_of(s, &a.addr()) == "primary" && role_of(s, &b.addr()) == "replica"
+        })
+        .await;
+    let reply = lessor
+        .client
+        .exchange("up", &b"SET k v\r\n"[..], None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (&reply.reply[..], reply.endpoint.as_str()),
+        (&b"+OK\r\n"[..], a.addr().as_str())
+    );
+}
