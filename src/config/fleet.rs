@@ -121,5 +121,10 @@ fn check_group(group: &str) -> Result<(), &'static str> {
     if !ends(group.bytes().next()) || !ends(group.bytes().last()) {
         return Err("must start and end with a letter or digit");
     }
+    // Each `.`-separated part of a Lease name must itself start and end
+    // with a letter or digit (a DNS subdomain).
+    if group.contains("..") || group.contains(".-") || group.contains("-.") {
+        return Err("must not have `..`, `.-` or `-.` (the Lease name is a DNS subdomain)");
+    }
     Ok(())
 }

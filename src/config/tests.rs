@@ -618,4 +618,15 @@ fn fleet_block_defaults_and_errors_name_the_field() {
         with("{ budget: 5, size: 3 }")
     );
     assert!(with("{ group: x }").contains("missing field `budget`"));
+    assert!(with("{ budget: 5, group: a..b }").contains("DNS subdomain"));
+    let twice = err(
+        "upstreams:\n  - name: cache\n    address: 127.0.0.1:6379\n    fleet: { budget: 10 }\n  \
+         - name: Cache_\n    address: 127.0.0.1:6379\n    fleet: { budget: 10, group: cache }\n",
+    );
+    assert!(
+        twice.starts_with(
+            "upstreams[1].fleet.group: `cache` is already the fleet group of upstreams[0]"
+        ),
+        "{twice}"
+    );
 }

@@ -51,6 +51,23 @@ impl Config {
                     format!("`{}` is already the name of upstreams[{j}]", up.name),
                 ));
             }
+            // Two budgets of one group would write the same Lease, each
+            // unaware of the other's connections.
+            if let Some(fleet) = &up.fleet {
+                let group = fleet.group_for(&up.name);
+                if let Some(j) = self.upstreams[..i].iter().position(|u| {
+                    u.fleet
+                        .as_ref()
+                        .is_some_and(|f| f.group_for(&u.name) == group)
+                }) {
+                    return Err(invalid(
+                        format!("upstreams[{i}].fleet.group"),
+                        format!(
+                            "`{group}` is already the fleet group of upstreams[{j}]; give each budget a group of its own"
+                        ),
+                    ));
+                }
+            }
             let address = |u: &UpstreamConfig| u.listen.as_ref().and_then(|l| l.address);
             if let Some(addr) = address(up)
                 && addr.port() != 0

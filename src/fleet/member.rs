@@ -226,26 +226,31 @@ impl Member {
         let mut retry = Duration::from_millis(200);
         loop {
             let fresh = lease::build(&group, &pod, config.lease_duration, 0, SystemTime::now());
+            // Each call bounded on its own: a slow API makes joining slow,
+            // not impossible.
             let limit = (config.renew_interval / 2).max(Duration::from_millis(200));
-            let created = bounded(limit, async {
-                match api.create(&PostParams::default(), &fresh).await {
-                    Err(kube::Error::Api(e)) if e.code == 409 => match api.get(&name).await {
-                        // Ours from a previous run of this pod: we hold nothing
-                        // now, so claiming 0 is safe.
-                        Ok(mut old) => {
-                            lease::stamp(&mut old, 0, SystemTime::now());
-                            if let Some(spec) = old.spec.as_mut() {
-                                spec.holder_identity = Some(pod.clone());
-                                spec.lease_duration_seconds =
-                                    fresh.spec.as_ref().and_then(|s| s.lease_duration_seconds);
+            let created = async {
+                match bounded(limit, api.create(&PostParams::default(), &fresh)).await {
+                    Err(kube::Error::Api(e)) if e.code == 409 => {
+                        match bounded(limit, api.get(&name)).await {
+                            // Ours from a previous run of this pod: we hold nothing
+                            // now, so claiming 0 is safe.
+                            Ok(mut old) => {
+                                lease::stamp(&mut old, 0, SystemTime::now());
+                                if let Some(spec) = old.spec.as_mut() {
+                                    spec.holder_identity = Some(pod.clone());
+                                    spec.lease_duration_seconds =
+                                        fresh.spec.as_ref().and_then(|s| s.lease_duration_seconds);
+                                }
+                                bounded(limit, api.replace(&name, &PostParams::default(), &old))
+                                    .await
                             }
-                            api.replace(&name, &PostParams::default(), &old).await
+                            Err(e) => Err(e),
                         }
-                        Err(e) => Err(e),
-                    },
+                    }
                     other => other,
                 }
-            })
+            }
             .await;
             match created {
                 Ok(lease) => {
@@ -340,7 +345,11 @@ impl Member {
         if floor < self.published && (held <= self.accepted || fenced) {
             let _ = self.write(floor).await;
         }
-        let others: u32 = peers.iter().map(|p| p.claim).sum();
+        // Claims are whatever the Leases say: a hostile or broken writer's
+        // huge number must not overflow the sum.
+        let others = peers
+            .iter()
+            .fold(0u32, |sum, p| sum.saturating_add(p.claim));
         self.gate.update_view(|v| {
             v.claim = self.published;
             v.claimed_total = others.saturating_add(self.published);
@@ -362,10 +371,11 @@ impl Member {
             return;
         }
         let selector = format!("{}={}", lease::GROUP_LABEL, self.group);
-        let fresh = match self
-            .api
-            .list(&ListParams::default().labels(&selector))
-            .await
+        let fresh = match bounded(
+            self.call_limit(),
+            self.api.list(&ListParams::default().labels(&selector)),
+        )
+        .await
         {
             Ok(list) => list.items,
             Err(e) => {
@@ -408,10 +418,11 @@ impl Member {
         for _ in 0..2 {
             let mut next = self.lease.clone();
             lease::stamp(&mut next, claim, SystemTime::now());
-            let written = self
-                .api
-                .replace(&self.name, &PostParams::default(), &next)
-                .await;
+            let written = bounded(
+                self.call_limit(),
+                self.api.replace(&self.name, &PostParams::default(), &next),
+            )
+            .await;
             match written {
                 Ok(lease) => {
                     self.lease = lease;
@@ -425,7 +436,23 @@ impl Member {
                 }
                 Err(kube::Error::Api(e)) if e.code == 409 => {
                     match bounded(self.call_limit(), self.api.get(&self.name)).await {
-                        Ok(current) => self.lease = current,
+                        Ok(current) => {
+                            let found = lease::claim(&current);
+                            if found != self.published && found != claim {
+                                // Not a write of ours we missed the answer
+                                // to: another process writes this Lease (two
+                                // pods of one name?), and its connections
+                                // are invisible to the group.
+                                self.note_error(format!(
+                                    "Lease {} was written by someone else (claim {} where we published {}): is another pod named {}?",
+                                    self.name,
+                                    found,
+                                    self.published,
+                                    self.pod
+                                ));
+                            }
+                            self.lease = current;
+                        }
                         Err(e) => {
                             self.note_error(format!("read Lease after a conflict: {e}"));
                             return Err(());
