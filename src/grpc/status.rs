@@ -11,9 +11,9 @@ use crate::pool::CheckoutError;
 /// The status code a checkout error ends a lease with.
 pub(crate) fn checkout_code(e: &CheckoutError) -> Code {
     match e {
-        CheckoutError::Exhausted { .. } | CheckoutError::TooManyWaiters(_) => {
-            Code::ResourceExhausted
-        }
+        CheckoutError::Exhausted { .. }
+        | CheckoutError::FleetCap { .. }
+        | CheckoutError::TooManyWaiters(_) => Code::ResourceExhausted,
         CheckoutError::Unavailable(_) | CheckoutError::Closed => Code::Unavailable,
         CheckoutError::DeadlineExceeded { .. } | CheckoutError::Paused { .. } => {
             Code::DeadlineExceeded

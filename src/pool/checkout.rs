@@ -96,10 +96,11 @@ impl Pool {
         {
             // Waiting on the fleet budget, not on the pool's own size.
             fleet.timeouts.fetch_add(1, Ordering::Relaxed);
-            return CheckoutError::Exhausted {
+            return CheckoutError::FleetCap {
                 waited,
                 leased: self.counters.leased.load(Ordering::Relaxed),
-                max_size: fleet.cap(),
+                cap: fleet.cap(),
+                share: fleet.snapshot().view.share,
             };
         }
         let max_size = self.config.pool.max_size;

@@ -17,6 +17,21 @@ pub enum CheckoutError {
         /// The pool's `max_size`.
         max_size: u32,
     },
+    /// The fleet budget's cap stayed full (or 0) until the deadline: the
+    /// pool had room, the group's budget did not.
+    #[error(
+        "fleet budget: no connection came free within {waited:?} ({leased} leased under this sidecar's fleet cap of {cap}; its share of the group's budget is {share})"
+    )]
+    FleetCap {
+        /// How long the checkout waited.
+        waited: Duration,
+        /// Leased connections at the deadline.
+        leased: u32,
+        /// This sidecar's cap under the fleet budget.
+        cap: u32,
+        /// Its fair share of the budget, as it last saw the group.
+        share: u32,
+    },
     /// `max_waiters` checkouts were already waiting.
     #[error("pool exhausted: {0} checkouts already waiting (pool.max_waiters)")]
     TooManyWaiters(u32),

@@ -384,6 +384,32 @@ async fn fleet_without_the_api_the_budget_is_a_local_cap() {
         .matches("the fleet budget acts as a local cap")
         .count();
     assert_eq!(said, 1, "{}", served.stdout());
+    // At the cap, a checkout times out naming the fleet budget, not the
+    // pool (which has room for 12 more).
+    let client = served.client().await;
+    let mut held = Vec::new();
+    for _ in 0..BUDGET {
+        held.push(
+            client
+                .lease("cache", &LeaseOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let options = LeaseOptions {
+        checkout_timeout: Some(Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let err = client
+        .lease("cache", &options)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("fleet budget") && err.contains("fleet cap of 20"),
+        "{err}"
+    );
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
