@@ -21,6 +21,7 @@ mod protocol;
 mod redis;
 mod redis_diff;
 mod redis_listen;
+mod redis_listen_diff;
 mod resp;
 mod server;
 mod shutdown;

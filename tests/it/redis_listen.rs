@@ -16,14 +16,14 @@ use crate::support::{Lessor, PATIENCE, config_one, eventually, http, ports};
 
 for_both_engines!(redis_listen_state_follows_each_client_over_one_connection);
 
-const PASSWORD: &str = "upstream-pw";
+pub(crate) const PASSWORD: &str = "upstream-pw";
 
 /// A redis-server with a password, and lessor in front of it with a
 /// listener (`listen_extra` inside its block) and a pool of `max_size`.
-struct Fixture {
-    redis: Redis,
-    lessor: Lessor,
-    port: u16,
+pub(crate) struct Fixture {
+    pub(crate) redis: Redis,
+    pub(crate) lessor: Lessor,
+    pub(crate) port: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -37,7 +37,7 @@ async fn fixture(
 }
 
 /// [`fixture`] with more lines of the upstream's config (`lease: ...`).
-async fn fixture_with(
+pub(crate) async fn fixture_with(
     engine: EngineKind,
     max_size: u32,
     listen_extra: &str,
