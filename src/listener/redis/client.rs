@@ -15,6 +15,7 @@ use tracing::field::Empty;
 
 use super::Listener;
 use super::local::{Answer, ClientState, Door, NOAUTH, valid_name};
+use super::shared;
 use crate::config::{ClientAuth, OnAbort, PoolMode, UpstreamConfig};
 use crate::lease::guard::LeaseGuard;
 use crate::lease::registry::{LiveLease, Printable};
@@ -203,6 +204,9 @@ where
                 while n < self.ready.len() && matches!(self.classify(n), Class::Batch) {
                     n += 1;
                 }
+                if let Some(next) = self.shared_batch(n).await {
+                    return next;
+                }
                 self.hold(n, None).await
             }
         }
@@ -387,6 +391,60 @@ where
                 }
             },
         }
+    }
+
+    /// Sends the first `n` ready commands on the listener's shared lane
+    /// when they may go there (see `shared`): the client is on its
+    /// upstream's defaults and every command is one that changes nothing
+    /// and gets one reply. `None`: they need a hold of their own.
+    async fn shared_batch(&mut self, n: usize) -> Option<Next> {
+        if self.sticky || n > shared::MAX_COMMANDS || self.ready[n - 1].end > shared::MAX_BYTES {
+            return None;
+        }
+        let listener = self.listener.clone();
+        let pool = listener.shared.pools.get(&listener.upstream)?;
+        let defaults = &pool.config().redis;
+        if self.state.db != defaults.db || self.state.name.is_some() || self.state.readonly {
+            return None;
+        }
+        if !self
+            .ready
+            .iter()
+            .take(n)
+            .all(|c| c.argc > 0 && shared::shareable(&c.name()))
+        {
+            return None;
+        }
+        let (done, answered) = tokio::sync::oneshot::channel();
+        let job = shared::Job {
+            bytes: bytes::Bytes::copy_from_slice(&self.buf[..self.ready[n - 1].end]),
+            replies: n,
+            done,
+        };
+        listener.lanes.submit(&listener, job).ok()?;
+        self.consume(n);
+        let revoke = self.revoke.clone();
+        let replies = tokio::select! {
+            biased;
+            () = revoke.cancelled() => return Some(Next::Close),
+            replies = answered => replies,
+        };
+        let Ok(shared::Answer { replies, close }) = replies else {
+            // The lane was stopped (the grace is over).
+            return Some(Next::Close);
+        };
+        // Most replies fit the socket at once: no timer for them.
+        let written = match self.wr.write(&replies).now_or_never() {
+            Some(Ok(n)) => n,
+            Some(Err(_)) => return Some(Next::Close),
+            None => 0,
+        };
+        let next = if written == replies.len() {
+            Next::Go
+        } else {
+            self.reply(&replies[written..]).await
+        };
+        Some(if close { Next::Close } else { next })
     }
 
     /// Answers the first `n` ready commands with the same error (no

@@ -14,10 +14,12 @@
 //! is answered. `AUTH`, `HELLO`, `QUIT` and `RESET` are answered by lessor.
 //!
 //! - `client`: one client's life: batches, holds, pinned sessions;
-//! - `local`: the commands lessor answers itself.
+//! - `local`: the commands lessor answers itself;
+//! - `shared`: plain batches of many clients pipelined on one connection.
 
 mod client;
 mod local;
+mod shared;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +44,8 @@ pub(crate) struct Listener {
     next_client: AtomicU64,
     /// The upstream's `redis_version`, for `HELLO`, once learned.
     version: std::sync::OnceLock<String>,
+    /// Where plain batches of many clients share one connection.
+    lanes: shared::Lanes,
     shared: Shared,
 }
 
@@ -62,6 +66,7 @@ impl Listener {
             password,
             next_client: AtomicU64::new(1),
             version: std::sync::OnceLock::new(),
+            lanes: shared::Lanes::default(),
             shared,
         });
         listener.learn_version();
