@@ -376,8 +376,8 @@ differential! {
     redis_hostile_vanishing_clients => vanishing_clients, 3;
     redis_hostile_diverges_half_close => half_close, 1;
     redis_hostile_diverges_hello_setname_while_pinned => hello_setname_while_pinned, 1;
-    redis_hostile_diverges_auth_while_replies_off => auth_while_replies_off, 1;
-    redis_hostile_diverges_auth_while_subscribed => auth_while_subscribed, 1;
+    redis_hostile_auth_while_replies_off => auth_while_replies_off, 1;
+    redis_hostile_auth_while_subscribed => auth_while_subscribed, 1;
 }
 
 async fn pubsub_resp2(w: &mut World) {
@@ -744,8 +744,10 @@ async fn hello_setname_while_pinned(w: &mut World) {
     w.sync(0).await;
 }
 
-/// DIVERGES: under `CLIENT REPLY OFF` (or after `SKIP`) Redis answers
-/// nothing, `AUTH` included; the listener answers `AUTH` while pinned.
+/// Under `CLIENT REPLY OFF` (or after `SKIP`) Redis answers nothing, `AUTH`
+/// included, and the SKIP is spent on it (the `PING` after it is
+/// answered). The listener used to answer the `AUTH` and leave the SKIP to
+/// silence the `PING`.
 async fn auth_while_replies_off(w: &mut World) {
     w.send(
         0,
@@ -762,9 +764,9 @@ async fn auth_while_replies_off(w: &mut World) {
     w.sync(0).await;
 }
 
-/// DIVERGES: a RESP2 subscriber's `AUTH` is refused by Redis (only
-/// (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed);
-/// the listener answers it `+OK`.
+/// A RESP2 subscriber's `AUTH` is refused by Redis (only (P|S)SUBSCRIBE /
+/// (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed); the listener used
+/// to answer it `+OK`.
 async fn auth_while_subscribed(w: &mut World) {
     w.step(0, b"SUBSCRIBE s\r\n", 1).await;
     w.step(0, format!("AUTH {PASSWORD}\r\n").as_bytes(), 1)
