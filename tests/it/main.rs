@@ -22,6 +22,7 @@ mod redis;
 mod redis_diff;
 mod redis_listen;
 mod redis_listen_diff;
+mod redis_listen_hostile;
 mod resp;
 mod server;
 mod shutdown;

@@ -642,8 +642,35 @@ where
                     // AUTH, HELLO or a refusal, in its place: everything
                     // before it is answered, nothing after it was sent.
                     hold.local = false;
-                    let (reply, _) = self.answer_front();
-                    self.to_client.extend_from_slice(&reply);
+                    let name = self.ready[0].name();
+                    let reply = if session.resp2_pubsub()
+                        && matches!(name.as_str(), "AUTH" | "HELLO")
+                    {
+                        // As Redis refuses it in RESP2's pub/sub context.
+                        self.consume(1);
+                        format!(
+                            "-ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n",
+                            name.to_ascii_lowercase()
+                        )
+                        .into_bytes()
+                    } else {
+                        self.answer_front().0
+                    };
+                    if session.skipping() {
+                        // Redis's SKIP silences this request: an empty one
+                        // ends the SKIP on the server too, as this would.
+                        let empty = Command {
+                            end: 0,
+                            argc: 0,
+                            args: Vec::new(),
+                        };
+                        session.command_sent(&empty);
+                        self.to_server.extend_from_slice(b"\r\n");
+                        continue;
+                    }
+                    if !session.silenced() {
+                        self.to_client.extend_from_slice(&reply);
+                    }
                     continue;
                 }
                 let binds = session.binds();

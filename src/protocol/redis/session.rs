@@ -344,6 +344,24 @@ impl RedisSession {
             && (self.commands.at_boundary() || self.carry == Carry::Drop)
     }
 
+    /// Whether Redis would send no reply to the next request (`CLIENT
+    /// REPLY OFF`, or a `SKIP` just before it).
+    pub(crate) fn silenced(&self) -> bool {
+        self.reply_off || self.skip
+    }
+
+    /// Whether the next request is the one a `CLIENT REPLY SKIP` silences
+    /// (replies otherwise on).
+    pub(crate) fn skipping(&self) -> bool {
+        self.skip && !self.reply_off
+    }
+
+    /// Whether the connection is in RESP2's pub/sub context, where Redis
+    /// refuses all but the subscribe family, `PING`, `QUIT` and `RESET`.
+    pub(crate) fn resp2_pubsub(&self) -> bool {
+        self.subscribed && self.resp == 2
+    }
+
     /// Whether the bytes so far end between commands.
     pub(crate) fn at_boundary(&self) -> bool {
         self.commands.at_boundary()
