@@ -548,6 +548,8 @@ where
             follow,
             prefix_failed: false,
             gone: false,
+            eof: false,
+            blocking,
             quit: false,
             yielding: false,
             local: false,
@@ -630,7 +632,10 @@ where
             }
             let flushed = self.to_server.is_empty() && self.to_client.is_empty();
             if flushed && session.settled() {
-                if hold.quit || hold.gone {
+                if hold.quit
+                    || hold.gone
+                    || (hold.eof && self.ready.is_empty() && !hold.local && !hold.yielding)
+                {
                     return (End::Release(Disposition::Return), Next::Close);
                 }
                 if hold.yielding {
@@ -654,7 +659,14 @@ where
                         )
                         .into_bytes()
                     } else {
-                        self.answer_front().0
+                        let before = self.state.name.clone();
+                        let (reply, _) = self.answer_front();
+                        if self.state.name != before && session.answers_in_band() {
+                            // `HELLO ... SETNAME`: the name applies on this
+                            // connection now, as on Redis.
+                            self.apply_name(session, hold);
+                        }
+                        reply
                     };
                     if session.skipping() {
                         // Redis's SKIP silences this request: an empty one
@@ -715,6 +727,7 @@ where
             let deadline =
                 (last + config.lease.idle_timeout).min(started + config.lease.max_duration);
             let read_client = !hold.gone
+                && !hold.eof
                 && !hold.quit
                 && self.broken.is_none()
                 && (self.buf.len() < BUFFERED_MAX || self.ready.is_empty());
@@ -765,9 +778,15 @@ where
                     tracing::info!(upstream = %self.listener.upstream, holder = %Printable(&self.holder), "listener client stalled its connection past lease.idle_timeout; closed");
                     return (End::Idle, Next::Close);
                 }
+                Event::ClientRead(Ok(0)) if !hold.blocking => {
+                    // Half-closed: as Redis does, everything it sent is
+                    // run and answered, then it is closed.
+                    hold.eof = true;
+                }
                 Event::ClientRead(Ok(0) | Err(_)) => {
-                    // Gone: its replies go nowhere; the tracker decides
-                    // whether the connection can go back.
+                    // Gone (or half-closed while blocked, which Redis
+                    // answers by closing): its replies go nowhere; the
+                    // tracker decides whether the connection can go back.
                     hold.gone = true;
                     self.to_client.clear();
                     if !session.settled() || pinned {
@@ -919,6 +938,7 @@ where
                 "SELECT" | "READONLY" | "READWRITE" => self.sticky = true,
                 "CLIENT" if c.arg(0).as_deref() == Some("SETNAME") => self.sticky = true,
                 "QUIT" => hold.quit = true,
+                _ if blocks(&name) => hold.blocking = true,
                 _ => {}
             }
             let end = c.end;
@@ -975,6 +995,25 @@ where
         }
     }
 
+    /// Sends the client's name (just set by a `HELLO` lessor answered) on
+    /// the connection it is pinned to; its reply is lessor's to take.
+    fn apply_name(&mut self, session: &mut RedisSession, hold: &mut Hold) {
+        let name = self.state.name.clone().unwrap_or_default();
+        let args: [&[u8]; 3] = [b"CLIENT", b"SETNAME", &name];
+        let mut out = Vec::new();
+        encode_command(&mut out, &args);
+        session.command_sent(&Command {
+            end: 0,
+            argc: 3,
+            args: args.iter().map(|a| a.to_vec()).collect(),
+        });
+        self.to_server.extend_from_slice(&out);
+        hold.skip += 1;
+        if hold.side.is_none() {
+            hold.side = Some(Scanner::new(self.max_frame));
+        }
+    }
+
     /// Redis accepted a command whose effect follows the client.
     fn followed(&mut self, follow: Follow) {
         match follow {
@@ -1017,6 +1056,11 @@ struct Hold {
     prefix_failed: bool,
     /// The client went away.
     gone: bool,
+    /// The client half-closed: nothing more is read from it; what it sent
+    /// is answered, then it is closed.
+    eof: bool,
+    /// A command that may block was sent in this hold.
+    blocking: bool,
     /// The client sent `QUIT` (pinned: the tracker answers it).
     quit: bool,
     /// Pinned: a `RESET` waits at the front of the client's commands.

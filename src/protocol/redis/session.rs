@@ -356,6 +356,18 @@ impl RedisSession {
         self.skip && !self.reply_off
     }
 
+    /// Whether a command sent now gets exactly one reply, in band and in
+    /// order: no transaction queues it, no subscription or MONITOR
+    /// interleaves, and replies are on.
+    pub(crate) fn answers_in_band(&self) -> bool {
+        !self.multi
+            && !self.subscribed
+            && !self.reply_off
+            && !self.skip
+            && !self.skip_next
+            && self.unknown.is_none()
+    }
+
     /// Whether the connection is in RESP2's pub/sub context, where Redis
     /// refuses all but the subscribe family, `PING`, `QUIT` and `RESET`.
     pub(crate) fn resp2_pubsub(&self) -> bool {
