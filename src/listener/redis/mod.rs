@@ -5,7 +5,10 @@
 //! The commands ready in a client's buffer form a batch, written on one
 //! pooled connection that the client holds until every reply of the batch
 //! has been relayed; then the connection goes back (restored first, when
-//! the batch changed what a restore undoes). What a client sets for
+//! the batch changed what a restore undoes). A batch of plain commands
+//! (ones that change nothing, never block, get one reply) from a client on
+//! the upstream's defaults instead joins a lane that pipelines such batches
+//! of all clients on one connection. What a client sets for
 //! itself (`SELECT`, `CLIENT SETNAME`, `READONLY`) follows it to whichever
 //! connection serves its next batch. What binds a client to one connection
 //! (MULTI, WATCH, subscriptions, CLIENT TRACKING, CLIENT REPLY, MONITOR)
