@@ -49,6 +49,9 @@ impl Pool {
         let probing = AtomicBool::new(false);
         // Fast path: a warm idle connection that needs no probe is vetted
         // with one peek, without arming a timer or subscribing to anything.
+        // The slow path is boxed: inline, its state (dial, probe, role and
+        // fleet waits) would size every future that awaits a checkout,
+        // each idle listener client's task included, by its largest case.
         let outcome = match self
             .engine
             .try_get_idle(&self.counters)
@@ -56,10 +59,12 @@ impl Pool {
         {
             Some(Vetted::Ready(conn)) => Ok(Ok(conn)),
             Some(Vetted::NeedsProbe(conn)) => {
-                tokio::time::timeout(timeout, self.checkout_loop(Some(conn), &probing)).await
+                let slow = Box::pin(self.checkout_loop(Some(conn), &probing));
+                tokio::time::timeout(timeout, slow).await
             }
             Some(Vetted::Evicted) | None => {
-                tokio::time::timeout(timeout, self.checkout_loop(None, &probing)).await
+                let slow = Box::pin(self.checkout_loop(None, &probing));
+                tokio::time::timeout(timeout, slow).await
             }
         };
         drop(waiting);
