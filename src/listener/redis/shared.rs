@@ -175,6 +175,9 @@ impl Lanes {
 struct InFlight {
     left: usize,
     replies: BytesMut,
+    /// How much of `replies` is whole frames (the rest is the start of
+    /// one not yet read whole).
+    whole: usize,
     done: oneshot::Sender<Answer>,
 }
 
@@ -397,6 +400,7 @@ impl Lane {
         self.inflight.push_back(InFlight {
             left: job.replies,
             replies: BytesMut::new(),
+            whole: 0,
             done: job.done,
         });
     }
@@ -439,6 +443,7 @@ impl Lane {
                 let _ = f.done.send(Answer::open(whole));
             } else {
                 front.replies.extend_from_slice(&piece);
+                front.whole = front.replies.len();
             }
         }
         if let Err(e) = scanned {
@@ -460,6 +465,8 @@ impl Lane {
     fn fail(&mut self, front: Option<String>, others: &[u8]) {
         let mut first = front;
         for mut f in self.inflight.drain(..) {
+            // A reply cut short is dropped: the client gets whole frames.
+            f.replies.truncate(f.whole);
             let close = match first.take() {
                 Some(line) => {
                     f.replies.extend_from_slice(line.as_bytes());
