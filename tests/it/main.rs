@@ -24,6 +24,7 @@ mod redis_listen;
 mod redis_listen_diff;
 mod redis_listen_hostile;
 mod redis_listen_lane_attack;
+mod redis_listen_lane_attack2;
 mod redis_listen_shared;
 mod resp;
 mod server;
