@@ -362,12 +362,14 @@ pub async fn run_with(
             background.clone(),
         ));
     }
+    let listener_stats = Arc::new(crate::listener::stats::ListenerStats::default());
     let admin_state = AdminState {
         readiness: readiness.clone(),
         registry: Arc::new(admin::metrics::registry(
             pools.clone(),
             options.spans,
             reloads.clone(),
+            listener_stats.clone(),
         )),
         leases: leases.clone(),
     };
@@ -437,6 +439,7 @@ pub async fn run_with(
         revoke: revoke.clone(),
         open: open_tx.clone(),
         tracker: tracker.clone(),
+        stats: listener_stats.clone(),
     };
     for bound in native {
         tracing::info!(listener = %bound.describe(), "native listener serving");

@@ -55,8 +55,10 @@ pub(crate) fn registry(
     pools: Arc<PoolSet>,
     spans: Arc<SpanCounters>,
     reloads: Arc<crate::reload::Reloads>,
+    listeners: Arc<crate::listener::stats::ListenerStats>,
 ) -> Registry {
     let mut registry = Registry::default();
+    registry.register_collector(Box::new(ListenerCollector { listeners }));
     registry.register_collector(Box::new(ReloadCollector { reloads }));
     registry.register_collector(Box::new(super::fleet_metrics::FleetCollector {
         pools: pools.clone(),
@@ -92,6 +94,69 @@ impl Collector for ReloadCollector {
             "lessor_config_info",
             "1, labelled with the hash of the config running now.",
             [([("hash", r.hash())], ConstGauge::new(1i64))],
+        )
+    }
+}
+
+/// The native listeners: clients connected and accepted, and (Redis) how
+/// batches went, on the shared lane or on a connection of their own.
+#[derive(Debug)]
+struct ListenerCollector {
+    listeners: Arc<crate::listener::stats::ListenerStats>,
+}
+
+impl Collector for ListenerCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let all = self.listeners.snapshot();
+        if all.is_empty() {
+            return Ok(());
+        }
+        let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
+        family(
+            &mut e,
+            "lessor_listener_clients",
+            "Clients connected to a native listener now.",
+            all.iter().map(|(upstream, c)| {
+                (
+                    [("upstream", upstream.as_str())],
+                    ConstGauge::new(i64::try_from(load(&c.clients)).unwrap_or(i64::MAX)),
+                )
+            }),
+        )?;
+        family(
+            &mut e,
+            "lessor_listener_connections",
+            "Clients a native listener accepted.",
+            all.iter().map(|(upstream, c)| {
+                (
+                    [("upstream", upstream.as_str())],
+                    ConstCounter::new(load(&c.connections)),
+                )
+            }),
+        )?;
+        let redis: Vec<_> = all
+            .iter()
+            .filter(|(_, c)| c.redis.load(Ordering::Relaxed))
+            .collect();
+        if redis.is_empty() {
+            return Ok(());
+        }
+        family(
+            &mut e,
+            "lessor_listener_batches",
+            "Redis listener batches, by route: shared (pipelined on the lane's connection with other clients' batches) or held (a connection of their own).",
+            redis.iter().flat_map(|(upstream, c)| {
+                [
+                    (
+                        [("route", "shared"), ("upstream", upstream.as_str())],
+                        ConstCounter::new(load(&c.shared_batches)),
+                    ),
+                    (
+                        [("route", "held"), ("upstream", upstream.as_str())],
+                        ConstCounter::new(load(&c.held_batches)),
+                    ),
+                ]
+            }),
         )
     }
 }

@@ -12,6 +12,7 @@
 
 pub(crate) mod postgres;
 pub(crate) mod redis;
+pub(crate) mod stats;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,8 @@ pub(crate) struct Shared {
     pub open: watch::Sender<()>,
     /// Every client task belongs to it.
     pub tracker: TaskTracker,
+    /// What the listeners count, for `/metrics`.
+    pub stats: Arc<stats::ListenerStats>,
 }
 
 /// Why a listener could not start.
@@ -118,10 +121,12 @@ where
 {
     // Held while the client is connected: the drain waits for it.
     let open = listener.shared().open.subscribe();
+    let counted = listener.shared().stats.of(listener.upstream()).client();
     let id = listener.next_id();
     let tracker = listener.shared().tracker.clone();
     tracker.spawn(async move {
         listener.run(stream, peer, id).await;
+        drop(counted);
         drop(open);
     });
 }

@@ -30,6 +30,15 @@ async fn call(stream: &mut BufReader<TcpStream>, request: &[u8]) -> String {
     line
 }
 
+/// One sample of `/metrics` (`name{labels}` exactly), or 0.
+async fn sample(admin: &str, key: &str) -> f64 {
+    let got = fetch(admin, "/metrics", None).await.unwrap();
+    got.body
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// `lessor_leases_total` over every upstream.
 async fn leases(admin: &str) -> f64 {
     let got = fetch(admin, "/metrics", None).await.unwrap();
@@ -91,6 +100,27 @@ async fn redis_listen_shared_lane_carries_many_clients_and_survives_a_restart() 
         taken < f64::from(batches),
         "{taken} leases for {batches} batches: the lane carried none"
     );
+    // The listener's own counts say so too: every batch counted once, on
+    // its route (a client's write may arrive in two reads: two batches).
+    let admin = fx.lessor.admin.clone();
+    let shared = sample(
+        &admin,
+        r#"lessor_listener_batches_total{route="shared",upstream="up"}"#,
+    )
+    .await;
+    let held = sample(
+        &admin,
+        r#"lessor_listener_batches_total{route="held",upstream="up"}"#,
+    )
+    .await;
+    assert!(
+        shared > 0.0,
+        "no batch on the lane: {shared} shared, {held} held"
+    );
+    assert!(
+        shared + held >= f64::from(batches),
+        "{shared} + {held} < {batches}"
+    );
 
     // A restart under load: each client keeps going; a batch in flight
     // gets an error in place of its reply, and no client is closed.
@@ -125,6 +155,13 @@ async fn redis_listen_shared_lane_carries_many_clients_and_survives_a_restart() 
         leases(&fx.lessor.admin).await > before + taken
     })
     .await;
+    eventually("the listener counts its twenty clients", || {
+        let admin = admin.clone();
+        async move {
+            sample(&admin, r#"lessor_listener_clients{upstream="up"}"#).await == CLIENTS as f64
+        }
+    })
+    .await;
     fx.redis.restart().await;
     restarted.store(true, Ordering::SeqCst);
     eventually("every client is answered again after the restart", || {
@@ -141,4 +178,15 @@ async fn redis_listen_shared_lane_carries_many_clients_and_survives_a_restart() 
             );
         }
     }
+    eventually("the clients are counted out", || {
+        let admin = admin.clone();
+        async move { sample(&admin, r#"lessor_listener_clients{upstream="up"}"#).await == 0.0 }
+    })
+    .await;
+    let accepted = sample(
+        &admin,
+        r#"lessor_listener_connections_total{upstream="up"}"#,
+    )
+    .await;
+    assert!(accepted >= 2.0 * CLIENTS as f64, "{accepted} accepted");
 }

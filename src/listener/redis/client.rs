@@ -422,6 +422,10 @@ where
             done,
         };
         listener.lanes.submit(&listener, job).ok()?;
+        listener
+            .counts
+            .shared_batches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.consume(n);
         let revoke = self.revoke.clone();
         let replies = tokio::select! {
@@ -499,6 +503,10 @@ where
         let config = pool.config();
         let timeout = config.pool.checkout_timeout;
         self.holds += 1;
+        listener
+            .counts
+            .held_batches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let span = tracing::info_span!(
             target: TARGET,
             "pipeline",

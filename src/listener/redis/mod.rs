@@ -49,6 +49,8 @@ pub(crate) struct Listener {
     version: std::sync::OnceLock<String>,
     /// Where plain batches of many clients share one connection.
     lanes: shared::Lanes,
+    /// This listener's counts (`/metrics`).
+    counts: Arc<super::stats::Counts>,
     shared: Shared,
 }
 
@@ -61,6 +63,8 @@ impl Listener {
         password: Option<String>,
         shared: Shared,
     ) -> Arc<Self> {
+        let counts = shared.stats.of(&upstream);
+        counts.redis.store(true, Ordering::Relaxed);
         let listener = Arc::new(Self {
             upstream,
             clients: Arc::new(Semaphore::new(listen.max_clients as usize)),
@@ -70,6 +74,7 @@ impl Listener {
             next_client: AtomicU64::new(1),
             version: std::sync::OnceLock::new(),
             lanes: shared::Lanes::default(),
+            counts,
             shared,
         });
         listener.learn_version();
