@@ -25,7 +25,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ClientAuth, NativeListen, Protocol, UpstreamConfig};
+use crate::config::{ClientAuth, NativeListen, OnAbort, Protocol, UpstreamConfig};
+use crate::lease::guard::LeaseGuard;
 use crate::lease::registry::Leases;
 use crate::pool::PoolSet;
 
@@ -47,6 +48,45 @@ pub(crate) struct Shared {
     pub tracker: TaskTracker,
     /// What the listeners count, for `/metrics`.
     pub stats: Arc<stats::ListenerStats>,
+}
+
+/// Why a listener's checkout gave no connection.
+pub(crate) enum NoConnection {
+    /// The grace is over: the client is to be closed.
+    Revoked,
+    /// None within `pool.checkout_timeout`: why, in the words every
+    /// listener's clients get.
+    Refused(String),
+}
+
+/// A listener's checkout: the pool's own (timeout, fair waiting, metrics),
+/// traced on `span` (its `lessor.connection.id` and `otel.status_code` are
+/// recorded here), given up when the grace ends.
+pub(crate) async fn checkout(
+    pool: &Arc<crate::pool::Pool>,
+    upstream: &str,
+    revoke: &CancellationToken,
+    span: &tracing::Span,
+) -> Result<LeaseGuard, NoConnection> {
+    use tracing::Instrument;
+    let timeout = pool.config().pool.checkout_timeout;
+    let got = tokio::select! {
+        biased;
+        () = revoke.cancelled() => return Err(NoConnection::Revoked),
+        got = pool.checkout(timeout).instrument(span.clone()) => got,
+    };
+    match got {
+        Ok(leased) => {
+            span.record("lessor.connection.id", leased.conn().id() as i64);
+            Ok(LeaseGuard::new(leased, OnAbort::Evict))
+        }
+        Err(e) => {
+            span.record("otel.status_code", "ERROR");
+            Err(NoConnection::Refused(format!(
+                "no server connection for upstream `{upstream}` within {timeout:?}: {e}"
+            )))
+        }
+    }
 }
 
 /// Why a listener could not start.

@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use tokio_postgres::NoTls;
 
 use super::CompareOptions;
-use super::postgres::{BIN, as_server, run_tool, server_dir, wait_for};
+use super::postgres::{BIN, as_server, initdb, run_tool, server_dir, wait_for};
 use super::setup::{ChildGuard, Lessor, free_port, start_redis_server};
 use crate::load::BenchError;
 
@@ -503,21 +503,9 @@ fn pg_config(port: u16) -> tokio_postgres::Config {
 }
 
 async fn postgres_drill(opts: &CompareOptions) -> Result<(Vec<DrillRow>, f64, f64), BenchError> {
-    if !Path::new(BIN).join("initdb").exists() {
-        return Err(BenchError::Sidecar(format!(
-            "--failover needs PostgreSQL 15 ({BIN}/initdb; Debian package postgresql-15)"
-        )));
-    }
     let dir = server_dir()?;
     let primary_data = dir.path().join("primary");
-    run_tool(
-        as_server(Command::new(Path::new(BIN).join("initdb")))
-            .arg("-D")
-            .arg(&primary_data)
-            .args(["-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"])
-            .args(["--auth-host=trust", "--auth-local=trust"]),
-        "initdb",
-    )?;
+    initdb("--failover", &primary_data)?;
     let primary_port = free_port()?;
     let mut primary = start_postgres(&primary_data, primary_port)?;
     wait_for(&pg_config(primary_port), "postgres").await?;

@@ -419,21 +419,9 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> Result<Self, BenchError> {
-        if !Path::new(BIN).join("initdb").exists() {
-            return Err(BenchError::Sidecar(format!(
-                "--postgres needs PostgreSQL 15 ({BIN}/initdb; Debian package postgresql-15)"
-            )));
-        }
         let dir = server_dir()?;
         let data = dir.path().join("data");
-        run_tool(
-            as_server(Command::new(Path::new(BIN).join("initdb")))
-                .arg("-D")
-                .arg(&data)
-                .args(["-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"])
-                .args(["--auth-host=trust", "--auth-local=trust"]),
-            "initdb",
-        )?;
+        initdb("--postgres", &data)?;
         let port = free_port()?;
         let child = as_server(Command::new(Path::new(BIN).join("postgres")))
             .arg("-D")
@@ -592,6 +580,24 @@ pub(crate) fn chown_to_server(path: &Path) -> Result<(), BenchError> {
         }
     }
     Ok(())
+}
+
+/// A new cluster in `data` (`trust` for every connection), for the part of
+/// the bench named `flag`, which needs PostgreSQL 15 installed.
+pub(crate) fn initdb(flag: &str, data: &Path) -> Result<(), BenchError> {
+    if !Path::new(BIN).join("initdb").exists() {
+        return Err(BenchError::Sidecar(format!(
+            "{flag} needs PostgreSQL 15 ({BIN}/initdb; Debian package postgresql-15)"
+        )));
+    }
+    run_tool(
+        as_server(Command::new(Path::new(BIN).join("initdb")))
+            .arg("-D")
+            .arg(data)
+            .args(["-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .args(["--auth-host=trust", "--auth-local=trust"]),
+        "initdb",
+    )
 }
 
 pub(crate) fn run_tool(cmd: &mut Command, what: &str) -> Result<(), BenchError> {

@@ -22,7 +22,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::postgres::{BIN, NOBODY, as_server, is_root, run_tool, server_dir, wait_for};
+use super::postgres::{BIN, NOBODY, as_server, initdb, is_root, server_dir, wait_for};
 use super::setup::{ChildGuard, Lessor, free_port};
 use super::{CompareOptions, Samples, rate, wait_warm};
 use crate::load::{BenchError, Percentiles, histogram, record};
@@ -126,21 +126,9 @@ async fn start_redis(dir: &Path) -> Result<(ChildGuard, u16, u16), BenchError> {
 /// A PostgreSQL 15 cluster with `ssl=on` (the `trust` rules of initdb match
 /// TLS and plain connections alike).
 async fn start_postgres(pki: &Pki) -> Result<(tempfile::TempDir, ChildGuard, u16), BenchError> {
-    if !Path::new(BIN).join("initdb").exists() {
-        return Err(BenchError::Sidecar(format!(
-            "--tls needs PostgreSQL 15 ({BIN}/initdb)"
-        )));
-    }
     let dir = server_dir()?;
     let data = dir.path().join("data");
-    run_tool(
-        as_server(Command::new(Path::new(BIN).join("initdb")))
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"])
-            .args(["--auth-host=trust", "--auth-local=trust"]),
-        "initdb",
-    )?;
+    initdb("--tls", &data)?;
     for (name, contents) in [("server.crt", &pki.cert), ("server.key", &pki.key)] {
         let path = data.join(name);
         std::fs::write(&path, contents)?;

@@ -16,10 +16,11 @@ use super::messages::{self, Severity};
 use super::prepared::{Prepared, RewriteError};
 use super::startup::{self, Hello};
 use super::{Listener, Slot};
-use crate::config::{ClientAuth, OnAbort, PoolMode, UpstreamConfig};
+use crate::config::{ClientAuth, PoolMode, UpstreamConfig};
 use crate::lease::guard::LeaseGuard;
 use crate::lease::registry::{CancelTarget, LiveLease};
 use crate::lease::state::{Direction, End};
+use crate::listener::{NoConnection, checkout};
 use crate::protocol::{Session, SessionError, note_reported};
 use crate::telemetry::TARGET;
 use lessor_client::pb::Disposition;
@@ -396,7 +397,6 @@ where
             return Next::Close;
         };
         let config = pool.config().clone();
-        let timeout = config.pool.checkout_timeout;
         self.holds += 1;
         let span = tracing::info_span!(
             target: TARGET,
@@ -422,26 +422,21 @@ where
             let _ = span.set_parent(parent);
             trace_id = id;
         }
-        let checked_out = tokio::select! {
-            biased;
-            () = shared.revoke.cancelled() => {
-                self.fatal("57P01", "terminating connection due to administrator command (lessor is shutting down)").await;
+        let mut guard = match checkout(&pool, &listener.upstream, &shared.revoke, &span).await {
+            Ok(guard) => guard,
+            Err(NoConnection::Revoked) => {
+                self.fatal(
+                    "57P01",
+                    "terminating connection due to administrator command (lessor is shutting down)",
+                )
+                .await;
                 return Next::Close;
             }
-            got = pool.checkout(timeout).instrument(span.clone()) => got,
-        };
-        let leased = match checked_out {
-            Ok(leased) => leased,
-            Err(e) => {
-                span.record("otel.status_code", "ERROR");
-                let why = format!(
-                    "lessor: no server connection for upstream `{}` within {:?}: {e}",
-                    listener.upstream, timeout
-                );
-                return self.refuse_request(&why).await;
+            Err(NoConnection::Refused(why)) => {
+                return self.refuse_request(&format!("lessor: {why}")).await;
             }
         };
-        span.record("lessor.connection.id", leased.conn().id() as i64);
+        let leased = guard.leased();
         let conn = leased.conn();
         let target = conn.backend.as_ref().and_then(|b| {
             b.secret_i32().map(|secret| CancelTarget {
@@ -461,7 +456,6 @@ where
             trace_id,
             target.clone(),
         ));
-        let mut guard = LeaseGuard::new(leased, OnAbort::Evict);
         self.slot.set(target).await;
         let mut session = Session::for_upstream(&config);
         self.prepared.begin_hold();

@@ -16,10 +16,11 @@ use tracing::field::Empty;
 use super::Listener;
 use super::local::{Answer, ClientState, Door, NOAUTH, valid_name};
 use super::shared;
-use crate::config::{ClientAuth, OnAbort, PoolMode, UpstreamConfig};
+use crate::config::{ClientAuth, PoolMode, UpstreamConfig};
 use crate::lease::guard::LeaseGuard;
 use crate::lease::registry::{LiveLease, Printable};
 use crate::lease::state::{Direction, End};
+use crate::listener::{NoConnection, checkout};
 use crate::protocol::redis::command::{
     Command, CommandReader, ProtocolError, full_args, string2ll,
 };
@@ -401,18 +402,19 @@ where
         if self.sticky || n > shared::MAX_COMMANDS || self.ready[n - 1].end > shared::MAX_BYTES {
             return None;
         }
-        let listener = self.listener.clone();
-        let pool = listener.shared.pools.get(&listener.upstream)?;
-        let defaults = &pool.config().redis;
-        if self.state.db != defaults.db || self.state.name.is_some() || self.state.readonly {
+        if self.state.name.is_some()
+            || self.state.readonly
+            || !self
+                .ready
+                .iter()
+                .take(n)
+                .all(|c| c.argc > 0 && shared::shareable(&c.name()))
+        {
             return None;
         }
-        if !self
-            .ready
-            .iter()
-            .take(n)
-            .all(|c| c.argc > 0 && shared::shareable(&c.name()))
-        {
+        let listener = self.listener.clone();
+        let pool = listener.shared.pools.get(&listener.upstream)?;
+        if self.state.db != pool.config().redis.db {
             return None;
         }
         let (done, answered) = tokio::sync::oneshot::channel();
@@ -501,7 +503,6 @@ where
             return self.refuse(n, "the upstream is no longer configured").await;
         };
         let config = pool.config();
-        let timeout = config.pool.checkout_timeout;
         self.holds += 1;
         listener
             .counts
@@ -519,24 +520,11 @@ where
             lessor.connection.id = Empty,
         );
         let revoke = self.revoke.clone();
-        let checked_out = tokio::select! {
-            biased;
-            () = revoke.cancelled() => return Next::Close,
-            got = pool.checkout(timeout).instrument(span.clone()) => got,
+        let mut guard = match checkout(&pool, &listener.upstream, &revoke, &span).await {
+            Ok(guard) => guard,
+            Err(NoConnection::Revoked) => return Next::Close,
+            Err(NoConnection::Refused(why)) => return self.refuse(n, &why).await,
         };
-        let leased = match checked_out {
-            Ok(leased) => leased,
-            Err(e) => {
-                span.record("otel.status_code", "ERROR");
-                let why = format!(
-                    "no server connection for upstream `{}` within {timeout:?}: {e}",
-                    listener.upstream
-                );
-                return self.refuse(n, &why).await;
-            }
-        };
-        span.record("lessor.connection.id", leased.conn().id() as i64);
-        let mut guard = LeaseGuard::new(leased, OnAbort::Evict);
         let mut session = RedisSession::new(self.max_frame, config.redis.resp);
         let skip = self.prefix(&mut session, config);
         // A blocking command may hold the connection for long: listed

@@ -32,9 +32,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use super::Listener;
-use crate::config::OnAbort;
 use crate::lease::guard::LeaseGuard;
 use crate::lease::state::{Direction, End};
+use crate::listener::{NoConnection, checkout};
 use crate::protocol::redis::resp::{RespError, Scanner};
 use crate::telemetry::TARGET;
 use lessor_client::pb::Disposition;
@@ -232,7 +232,6 @@ async fn serve(listener: &Arc<Listener>, rx: &mut mpsc::Receiver<Job>, first: Jo
         return;
     };
     let config = pool.config();
-    let timeout = config.pool.checkout_timeout;
     let span = tracing::info_span!(
         target: TARGET,
         "shared pipeline",
@@ -244,26 +243,15 @@ async fn serve(listener: &Arc<Listener>, rx: &mut mpsc::Receiver<Job>, first: Jo
         lessor.connection.id = tracing::field::Empty,
     );
     let revoke = listener.shared.revoke.clone();
-    let checked_out = tokio::select! {
-        biased;
+    let mut guard = match checkout(&pool, &listener.upstream, &revoke, &span).await {
+        Ok(guard) => guard,
         // The grace is over: the clients waiting are closed.
-        () = revoke.cancelled() => return,
-        got = pool.checkout(timeout).instrument(span.clone()) => got,
-    };
-    let leased = match checked_out {
-        Ok(leased) => leased,
-        Err(e) => {
-            span.record("otel.status_code", "ERROR");
-            let why = format!(
-                "no server connection for upstream `{}` within {timeout:?}: {e}",
-                listener.upstream
-            );
+        Err(NoConnection::Revoked) => return,
+        Err(NoConnection::Refused(why)) => {
             refuse(first, rx, &why);
             return;
         }
     };
-    span.record("lessor.connection.id", leased.conn().id() as i64);
-    let mut guard = LeaseGuard::new(leased, OnAbort::Evict);
     let mut lane = Lane {
         scanner: Scanner::new(config.redis.max_frame.as_u64()),
         out: BytesMut::new(),
